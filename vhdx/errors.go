@@ -1,0 +1,31 @@
+package vhdx
+
+import "errors"
+
+// Sentinel errors. Every error the package returns wraps exactly one of these
+// (test with errors.Is) plus context naming the structure, the rule broken and
+// the file offset involved.
+var (
+	// ErrNotVHDX: the file does not start with the "vhdxfile" identifier.
+	ErrNotVHDX = errors.New("vhdx: not a VHDX file")
+	// ErrCorrupt: a structure violates MS-VHDX (checksum, signature, overlap,
+	// a BAT entry outside the file, ...).
+	ErrCorrupt = errors.New("vhdx: image is corrupt")
+	// ErrUnsupported: valid per the spec but beyond this implementation
+	// (an unknown required region or metadata item, a parent we cannot open).
+	ErrUnsupported = errors.New("vhdx: unsupported image feature")
+	// ErrDirtyLog: a read-only open found a log that must be replayed.
+	ErrDirtyLog = errors.New("vhdx: image has a log that must be replayed")
+	// ErrReadOnly: a write or flush on an image opened read-only.
+	ErrReadOnly = errors.New("vhdx: image is opened read-only")
+	// ErrInUse: another process holds the image open for writing.
+	ErrInUse = errors.New("vhdx: image is in use")
+	// ErrOutOfRange: I/O beyond the virtual disk size.
+	ErrOutOfRange = errors.New("vhdx: access beyond the end of the virtual disk")
+	// ErrUnaligned: offset or length not a multiple of the logical sector size.
+	ErrUnaligned = errors.New("vhdx: offset or length not aligned to the logical sector size")
+	// ErrInvalidArgument: a bad create option or API argument.
+	ErrInvalidArgument = errors.New("vhdx: invalid argument")
+	// ErrClosed: use of an image after Close.
+	ErrClosed = errors.New("vhdx: image is closed")
+)

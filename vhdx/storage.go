@@ -1,0 +1,54 @@
+package vhdx
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Storage is what the engine needs from the file holding an image. *os.File
+// satisfies it through osStorage; tests substitute a fault-injecting layer
+// that drops or tears writes not yet made durable by Sync.
+//
+// ReadAt and WriteAt carry their own offset (pread/pwrite): there is no shared
+// file position, so I/O to different blocks can run in parallel.
+type Storage interface {
+	io.ReaderAt
+	io.WriterAt
+	// Sync makes every completed write durable (fdatasync).
+	Sync() error
+	// Size returns the current file size in bytes.
+	Size() (int64, error)
+	// Truncate sets the file size (used to extend the file).
+	Truncate(size int64) error
+}
+
+// osStorage adapts *os.File to Storage with fdatasync semantics.
+type osStorage struct{ f *os.File }
+
+func (s osStorage) ReadAt(p []byte, off int64) (int, error)  { return s.f.ReadAt(p, off) }
+func (s osStorage) WriteAt(p []byte, off int64) (int, error) { return s.f.WriteAt(p, off) }
+func (s osStorage) Truncate(size int64) error                { return s.f.Truncate(size) }
+
+func (s osStorage) Sync() error {
+	for {
+		err := unix.Fdatasync(int(s.f.Fd()))
+		if !errors.Is(err, unix.EINTR) {
+			if err != nil {
+				return fmt.Errorf("fdatasync: %w", err)
+			}
+			return nil
+		}
+	}
+}
+
+func (s osStorage) Size() (int64, error) {
+	fi, err := s.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
