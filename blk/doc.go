@@ -1,6 +1,7 @@
 // Package blk implements virtio-blk request handling over lists of guest
 // buffers. It knows nothing of descriptors or sockets: the caller hands it the
-// device-readable and device-writable buffers of one request.
+// device-readable and device-writable buffers of one request, the way QEMU's
+// block/export/virtio-blk-handler.c takes iovecs.
 //
 // Contract used by the other packages (owners keep it stable):
 //
@@ -12,18 +13,25 @@
 //	    LogicalSectorSize() uint32               // 512 or 4096
 //	    PhysicalSectorSize() uint32              // 512 or 4096
 //	}
+//	// Optional upgrades found by type assertion; DISCARD / WRITE_ZEROES are
+//	// offered and executed only when the Disk has them.
+//	type Discarder interface{ Discard(off, n int64) error }
+//	type WriteZeroer interface{ WriteZeroes(off, n int64, unmap bool) error }
 //	type Options struct {
 //	    ReadOnly  bool
-//	    Serial    string // GET_ID, at most 20 bytes
-//	    NumQueues uint16
-//	    SegMax    uint32
-//	    SizeMax   uint32
+//	    Serial    string // GET_ID, at most 20 bytes (longer is truncated)
+//	    NumQueues uint16 // 0 means 1
+//	    SegMax    uint32 // 0 means DefaultSegMax
+//	    SizeMax   uint32 // 0 means DefaultSizeMax
 //	}
-//	func Features(o Options) uint64 // virtio-blk device feature bits to offer (without transport bits)
-//	func Config(d Disk, o Options) []byte // struct virtio_blk_config, little-endian
-//	type Handler struct{ ... }         // one per queue worker; not safe for concurrent use
+//	func Features(d Disk, o Options) uint64 // virtio-blk device feature bits to offer (without transport bits)
+//	func Config(d Disk, o Options) []byte   // struct virtio_blk_config, little-endian, ConfigSize bytes
+//	type Handler struct{ ... }              // one per queue worker; not safe for concurrent use
 //	func NewHandler(d Disk, o Options) *Handler
 //	func (h *Handler) Handle(readable, writable [][]byte) (written uint32)
-//	    // parses, executes, writes the status byte; written counts bytes written to the guest
+//	    // parses, executes, writes the status byte; written counts bytes written
+//	    // to the guest including the status byte; 0 when there is no writable
+//	    // byte to carry a status (complete the chain with used length 0)
+//	func (h *Handler) Err() error // why the last Handle did not complete OK; for logging
 //	func Status(err error) uint8 // the only error -> VIRTIO_BLK_S_* mapping
 package blk

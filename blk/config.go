@@ -1,0 +1,112 @@
+package blk
+
+import (
+	"encoding/binary"
+	"math/bits"
+)
+
+// Offsets in struct virtio_blk_config (VIRTIO 1.2 §5.2.4; verified against
+// <linux/virtio_blk.h>, see docs/vhost-user.md §4.3).
+const (
+	cfgCapacity               = 0  // le64, 512-byte sectors
+	cfgSizeMax                = 8  // le32
+	cfgSegMax                 = 12 // le32
+	cfgGeometry               = 16 // cylinders le16, heads u8, sectors u8: left zero
+	cfgBlkSize                = 20 // le32
+	cfgPhysicalBlockExp       = 24 // u8
+	cfgAlignmentOffset        = 25 // u8
+	cfgMinIOSize              = 26 // le16, logical blocks
+	cfgOptIOSize              = 28 // le32, logical blocks
+	cfgWriteback              = 32 // u8
+	cfgNumQueues              = 34 // le16
+	cfgMaxDiscardSectors      = 36 // le32
+	cfgMaxDiscardSeg          = 40 // le32
+	cfgDiscardSectorAlignment = 44 // le32, 512-byte sectors
+	cfgMaxWriteZeroesSectors  = 48 // le32
+	cfgMaxWriteZeroesSeg      = 52 // le32
+	cfgWriteZeroesMayUnmap    = 56 // u8
+
+	// ConfigSize is the whole struct up to and including the zoned fields.
+	// QEMU reads at most 57 bytes from a vhost-user-blk back-end (it never
+	// passes SECURE_ERASE or ZONED through, docs/vhost-user.md §1.11); the
+	// rest is zero padding so any in-struct GET_CONFIG range can be served.
+	ConfigSize = 96
+)
+
+// Discard and write-zeroes limits. One segment per request, like QEMU's
+// handler: the spec lets the device bound max_*_seg, and one segment keeps
+// parsing allocation-free. 65536 sectors is 32 MiB, the default VHDX block
+// size, so a whole block can be released in one request.
+const (
+	maxDiscardSectors     = 1 << 16
+	maxWriteZeroesSectors = 1 << 16
+	maxSegments           = 1
+)
+
+// Features returns the virtio-blk device feature bits to offer for d.
+// VIRTIO_F_VERSION_1 and ring features are transport bits and are added by
+// the vhost-user layer.
+func Features(d Disk, o Options) uint64 {
+	o = o.withDefaults()
+	f := uint64(1)<<FeatureSizeMax |
+		uint64(1)<<FeatureSegMax |
+		uint64(1)<<FeatureBlkSize |
+		uint64(1)<<FeatureFlush | // VIRTIO 1.2 §5.2.5: without FLUSH no write is guaranteed stable
+		uint64(1)<<FeatureTopology
+	if o.NumQueues > 1 {
+		f |= 1 << FeatureMQ
+	}
+	if o.ReadOnly {
+		f |= 1 << FeatureRO
+	} else {
+		// Discard and write-zeroes modify the disk, so a read-only device
+		// does not offer them.
+		if _, ok := d.(Discarder); ok {
+			f |= 1 << FeatureDiscard
+		}
+		if _, ok := d.(WriteZeroer); ok {
+			f |= 1 << FeatureWriteZeroes
+		}
+	}
+	return f
+}
+
+// Config returns struct virtio_blk_config for d, little-endian, ConfigSize
+// bytes. Fields of features not offered by Features stay zero
+// (VIRTIO 1.2 §5.2.4: padding and unused fields are zero).
+func Config(d Disk, o Options) []byte {
+	o = o.withDefaults()
+	c := make([]byte, ConfigSize)
+	le := binary.LittleEndian
+	logical := sectorSizeOf(d)
+	physical := physicalSizeOf(d, logical)
+	perPhysical := physical / logical // power of two, >= 1
+
+	le.PutUint64(c[cfgCapacity:], capacitySectors(d))
+	le.PutUint32(c[cfgSizeMax:], o.SizeMax)
+	le.PutUint32(c[cfgSegMax:], o.SegMax)
+	le.PutUint32(c[cfgBlkSize:], uint32(logical))
+	// Topology is in logical blocks (VIRTIO 1.2 §5.2.4). I/O smaller than a
+	// physical sector costs a read-modify-write in the image, so the
+	// physical sector is both the minimum and the optimal I/O size, as QEMU
+	// derives them from the physical block size.
+	c[cfgPhysicalBlockExp] = uint8(bits.TrailingZeros64(perPhysical))
+	c[cfgAlignmentOffset] = 0
+	le.PutUint16(c[cfgMinIOSize:], uint16(perPhysical))
+	le.PutUint32(c[cfgOptIOSize:], uint32(perPhysical))
+	c[cfgWriteback] = 0 // CONFIG_WCE is not offered; VIRTIO 1.2 §5.2.5 wants 0
+	le.PutUint16(c[cfgNumQueues:], o.NumQueues)
+
+	f := Features(d, o)
+	if f&(1<<FeatureDiscard) != 0 {
+		le.PutUint32(c[cfgMaxDiscardSectors:], maxDiscardSectors)
+		le.PutUint32(c[cfgMaxDiscardSeg:], maxSegments)
+		le.PutUint32(c[cfgDiscardSectorAlignment:], uint32(logical>>sectorShift))
+	}
+	if f&(1<<FeatureWriteZeroes) != 0 {
+		le.PutUint32(c[cfgMaxWriteZeroesSectors:], maxWriteZeroesSectors)
+		le.PutUint32(c[cfgMaxWriteZeroesSeg:], maxSegments)
+		c[cfgWriteZeroesMayUnmap] = 1
+	}
+	return c
+}
