@@ -1,0 +1,154 @@
+package vhdx
+
+import (
+	"bytes"
+	"compress/bzip2"
+	"io"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+// memStorage is an in-memory Storage for tests and fuzzing.
+type memStorage struct {
+	mu   sync.Mutex
+	data []byte
+}
+
+func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
+
+func (m *memStorage) ReadAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if off < 0 {
+		return 0, os.ErrInvalid
+	}
+	if off >= int64(len(m.data)) {
+		return 0, io.EOF
+	}
+	n := copy(p, m.data[off:])
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (m *memStorage) WriteAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if off < 0 || off > 1<<34 {
+		return 0, os.ErrInvalid
+	}
+	if end := off + int64(len(p)); end > int64(len(m.data)) {
+		m.grow(end)
+	}
+	return copy(m.data[off:], p), nil
+}
+
+func (m *memStorage) grow(n int64) {
+	if n <= int64(cap(m.data)) {
+		m.data = m.data[:n]
+		return
+	}
+	nd := make([]byte, n)
+	copy(nd, m.data)
+	m.data = nd
+}
+
+func (m *memStorage) Sync() error { return nil }
+func (m *memStorage) Size() (int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return int64(len(m.data)), nil
+}
+
+func (m *memStorage) Truncate(n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if n < 0 || n > 1<<34 {
+		return os.ErrInvalid
+	}
+	if n < int64(len(m.data)) {
+		clear(m.data[n:])
+		m.data = m.data[:n]
+		return nil
+	}
+	m.grow(n)
+	return nil
+}
+
+func (m *memStorage) bytes() []byte {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return bytes.Clone(m.data)
+}
+
+// createMem builds an image in memory with Create's defaults overridden by o.
+func createMem(t testing.TB, o CreateOptions) *memStorage {
+	t.Helper()
+	s := newMemStorage(nil)
+	if err := CreateStorage(s, o); err != nil {
+		t.Fatalf("CreateStorage(%+v): %v", o, err)
+	}
+	return s
+}
+
+// createFile creates an image in a temp dir and returns its path.
+func createFile(t testing.TB, o CreateOptions) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "img.vhdx")
+	if err := Create(p, o); err != nil {
+		t.Fatalf("Create(%+v): %v", o, err)
+	}
+	return p
+}
+
+// pattern returns n bytes of deterministic pseudo-random data.
+func pattern(seed int64, n int) []byte {
+	b := make([]byte, n)
+	rand.New(rand.NewSource(seed)).Read(b)
+	return b
+}
+
+// sample decompresses a shared sample image into a temp dir.
+func sample(t testing.TB, name string) string {
+	t.Helper()
+	src := filepath.Join("/work/shared/samples", name+".bz2")
+	f, err := os.Open(src)
+	if err != nil {
+		t.Skipf("sample %s not available: %v", src, err)
+	}
+	defer f.Close()
+	dst := filepath.Join(t.TempDir(), name)
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	if _, err := io.Copy(out, bzip2.NewReader(f)); err != nil {
+		t.Fatalf("decompress %s: %v", src, err)
+	}
+	return dst
+}
+
+// needQEMU skips the test when qemu-img/qemu-io are not installed.
+func needQEMU(t testing.TB) {
+	t.Helper()
+	for _, b := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(b); err != nil {
+			t.Skipf("%s not installed", b)
+		}
+	}
+}
+
+func run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}

@@ -1,0 +1,333 @@
+package vhdx
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
+)
+
+// ImageType is the kind of VHDX image.
+type ImageType int
+
+const (
+	Dynamic ImageType = iota
+	Fixed
+	Differencing
+)
+
+func (t ImageType) String() string {
+	switch t {
+	case Dynamic:
+		return "dynamic"
+	case Fixed:
+		return "fixed"
+	case Differencing:
+		return "differencing"
+	}
+	return fmt.Sprintf("ImageType(%d)", int(t))
+}
+
+// MarshalText makes Info.Type appear as "dynamic"/"fixed" in JSON.
+func (t ImageType) MarshalText() ([]byte, error) { return []byte(t.String()), nil }
+
+// OpenOptions control Open and OpenStorage.
+type OpenOptions struct {
+	ReadOnly bool
+	NoLock   bool // skip the file lock (inspection tools, tests)
+}
+
+// Image is an open VHDX image. ReadAt/WriteAt/ReadVec/WriteVec and Flush are
+// safe for concurrent use; Close must not race with them.
+type Image struct {
+	s        Storage
+	f        *os.File // nil for OpenStorage
+	readOnly bool
+	closed   atomic.Bool
+
+	l           layout
+	bat         []atomic.Uint64 // indexed by BAT entry index; read without locks
+	logReplayed bool
+	allocated   atomic.Uint64 // FULLY_PRESENT payload blocks, for Info
+
+	// mu serialises block allocation, header updates and Close. Data I/O to
+	// allocated blocks never takes it.
+	mu       sync.Mutex
+	session  atomic.Bool // headers updated for this session (§2.2.2.1); set under mu
+	journal  *journal    // created with the session's log GUID; under mu
+	fileEnd  uint64      // next free 1 MiB-aligned offset; under mu
+	modified bool        // any write happened this session; under mu
+}
+
+func isCorrupt(err error) bool { return errors.Is(err, ErrCorrupt) }
+
+// Open opens the image at path. A read-write open takes an exclusive OFD lock
+// on the whole file and a read-only open a shared one, unless NoLock is set.
+func Open(path string, opts OpenOptions) (*Image, error) {
+	flag := os.O_RDWR
+	if opts.ReadOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	if !opts.NoLock {
+		if err := lockFile(f, !opts.ReadOnly); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	im, err := openStorage(osStorage{f}, opts, nil)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	im.f = f
+	return im, nil
+}
+
+// lockFile takes an OFD lock (F_OFD_SETLK) over the whole file: write for
+// read-write opens, read for read-only ones. QEMU uses OFD locks too, so the
+// two exclude each other. The lock goes away when the file is closed.
+func lockFile(f *os.File, exclusive bool) error {
+	lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: 0, Len: 0}
+	if exclusive {
+		lk.Type = unix.F_WRLCK
+	}
+	for {
+		err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EACCES):
+			return fmt.Errorf("image is in use by another process: %w", ErrInUse)
+		}
+		return fmt.Errorf("lock image: %w", err)
+	}
+}
+
+// OpenStorage opens an image on s without locking (tests, fault injection).
+func OpenStorage(s Storage, opts OpenOptions) (*Image, error) {
+	return openStorage(s, opts, nil)
+}
+
+func fileSizeOf(s Storage) (uint64, error) {
+	sz, err := s.Size()
+	if err != nil {
+		return 0, fmt.Errorf("file size: %w", err)
+	}
+	if sz < 0 {
+		return 0, fmt.Errorf("file size %d is negative: %w", sz, ErrCorrupt)
+	}
+	return uint64(sz), nil
+}
+
+// openStorage runs every validation of MS-VHDX §2 in order. With a
+// collecting checker (Check) it records what it can and continues; it still
+// stops when the next step would depend on a broken structure.
+func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
+	im := &Image{s: s, readOnly: opts.ReadOnly}
+	l := &im.l
+	var err error
+	if l.fileSize, err = fileSizeOf(s); err != nil {
+		return nil, err
+	}
+	if l.creator, err = readFileID(s); err != nil {
+		return nil, err
+	}
+	if l.hdr, l.hdrSlot, err = readHeaders(s, c); err != nil {
+		return nil, err
+	}
+	if err := validateHeader(l.hdr, l.hdrSlot, l.fileSize); err != nil {
+		return nil, err
+	}
+
+	// §2.3.3: the log must be replayed before any other structure is read.
+	if l.hdr.logGUID != uuid.Nil {
+		if err := im.handleLog(c); err != nil {
+			return nil, err
+		}
+		if l.fileSize, err = fileSizeOf(s); err != nil {
+			return nil, err
+		}
+	}
+
+	if err := readRegionTables(s, l, c); err != nil {
+		return nil, err
+	}
+	if err := readMetadata(s, l); err != nil {
+		return nil, err
+	}
+	res, err := loadBAT(s, l, c)
+	if err != nil {
+		return nil, err
+	}
+	im.bat = res.entries
+	im.allocated.Store(res.allocated)
+	im.fileEnd = roundUp(max(l.fileSize, res.usedEnd), alignment)
+	if c != nil {
+		c.usedEnd = res.usedEnd
+	}
+	return im, nil
+}
+
+func (im *Image) logRegion() logRegion {
+	return logRegion{offset: im.l.hdr.logOffset, length: im.l.hdr.logLength, guid: im.l.hdr.logGUID}
+}
+
+// handleLog deals with a non-zero LogGuid at open (§2.3.3). Read-only opens
+// refuse an active log, as QEMU does; read-write opens replay it after giving
+// the file a new FileWriteGuid (§2.2.2: before any modification, including
+// log playback) and then clear LogGuid so the image reads as clean.
+func (im *Image) handleLog(c *checker) error {
+	lr := im.logRegion()
+	off := headerOffset(im.l.hdrSlot)
+	if im.readOnly {
+		active, err := hasActiveLog(im.s, lr)
+		if err != nil {
+			return err
+		}
+		if active {
+			err := errAt(ErrDirtyLog, off, headerName(im.l.hdrSlot),
+				"log %v holds updates that were not applied; run `vhost-vhdx check --repair IMAGE` to replay it", lr.guid)
+			if c != nil && c.collect {
+				c.dirtyLog = true
+			}
+			return err
+		}
+		return nil
+	}
+	if err := im.updateHeaders(func(h *header) { h.fileWriteGUID = uuid.New() }); err != nil {
+		return err
+	}
+	replayed, err := replayLog(im.s, lr)
+	if err != nil {
+		return err
+	}
+	im.logReplayed = replayed
+	return im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
+}
+
+// updateHeaders applies mut to the current header and writes it twice as
+// §2.2.2.1 describes: first over the non-current header with SequenceNumber
+// + 1, flushed, which makes it current; then over the other one, flushed, so
+// both copies are up to date. Callers hold im.mu (or are still in open).
+func (im *Image) updateHeaders(mut func(*header)) error {
+	h := im.l.hdr
+	mut(&h)
+	for range 2 {
+		if im.l.hdr.seq == math.MaxUint64 {
+			return errAt(ErrUnsupported, headerOffset(im.l.hdrSlot), headerName(im.l.hdrSlot),
+				"sequence number %d cannot be incremented", im.l.hdr.seq)
+		}
+		h.seq = im.l.hdr.seq + 1
+		slot := 1 - im.l.hdrSlot
+		if _, err := im.s.WriteAt(h.encode(), int64(headerOffset(slot))); err != nil {
+			return fmt.Errorf("write %s at offset %#x: %w", headerName(slot), headerOffset(slot), err)
+		}
+		if err := im.s.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", headerName(slot), err)
+		}
+		im.l.hdr, im.l.hdrSlot = h, slot
+	}
+	return nil
+}
+
+// beginSession runs once before the first modification of a read-write
+// session (§2.2.2, §2.2.2.1): new FileWriteGuid and DataWriteGuid, and a new
+// non-zero LogGuid, which the log needs before its space may be overwritten.
+func (im *Image) beginSession() error {
+	if im.session.Load() {
+		return nil
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.beginSessionLocked()
+}
+
+func (im *Image) beginSessionLocked() error {
+	if im.session.Load() {
+		return nil
+	}
+	if im.closed.Load() {
+		return fmt.Errorf("write: %w", ErrClosed)
+	}
+	logGUID := uuid.New()
+	err := im.updateHeaders(func(h *header) {
+		h.fileWriteGUID = uuid.New()
+		h.dataWriteGUID = uuid.New()
+		h.logGUID = logGUID
+	})
+	if err != nil {
+		return err
+	}
+	im.journal = newJournal(im.s, im.logRegion())
+	im.modified = true
+	im.session.Store(true)
+	return nil
+}
+
+// Flush makes every completed write and every journaled metadata update
+// durable (fdatasync).
+func (im *Image) Flush() error {
+	if im.closed.Load() {
+		return fmt.Errorf("flush: %w", ErrClosed)
+	}
+	if im.readOnly {
+		return fmt.Errorf("flush: %w", ErrReadOnly)
+	}
+	return im.s.Sync()
+}
+
+// Close flushes, clears LogGuid if this session modified the image (so a
+// cleanly closed image needs no replay, and qemu-img sees it clean), and
+// releases the lock.
+func (im *Image) Close() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed.Swap(true) {
+		return fmt.Errorf("close: %w", ErrClosed)
+	}
+	var err error
+	if !im.readOnly && im.session.Load() {
+		if err = im.s.Sync(); err == nil {
+			err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
+		}
+	}
+	if im.f != nil {
+		if cerr := im.f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("close: %w", cerr)
+		}
+	}
+	return err
+}
+
+// Size is the virtual disk size in bytes.
+func (im *Image) Size() int64 { return int64(im.l.size) }
+
+// LogicalSectorSize is the sector size exposed to the guest (§2.6.2.4).
+func (im *Image) LogicalSectorSize() uint32 { return im.l.logicalSector }
+
+// PhysicalSectorSize is the physical sector size hint (§2.6.2.5).
+func (im *Image) PhysicalSectorSize() uint32 { return im.l.physicalSector }
+
+// BlockSize is the payload block size (§2.6.2.1).
+func (im *Image) BlockSize() uint32 { return im.l.blockSize }
+
+// DiskID is the page 83 identifier (§2.6.2.3).
+func (im *Image) DiskID() uuid.UUID { return im.l.diskID }
+
+func (im *Image) imageType() ImageType {
+	if im.l.leaveAllocated {
+		return Fixed
+	}
+	return Dynamic
+}

@@ -1,0 +1,254 @@
+package vhdx
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+)
+
+const batSectorSize = 4 * kib // the log journals whole 4 KiB sectors (§2.3.1)
+
+// checkRange validates an I/O request: sector-aligned offset and length, and
+// [off, off+n) inside the virtual disk without overflowing.
+func (im *Image) checkRange(op string, off int64, n uint64) error {
+	if im.closed.Load() {
+		return fmt.Errorf("%s: %w", op, ErrClosed)
+	}
+	lss := uint64(im.l.logicalSector)
+	if off < 0 {
+		return fmt.Errorf("%s at offset %d: negative offset: %w", op, off, ErrOutOfRange)
+	}
+	if uint64(off)%lss != 0 || n%lss != 0 {
+		return fmt.Errorf("%s of %d bytes at offset %#x: not a multiple of the %d-byte sector: %w", op, n, off, lss, ErrUnaligned)
+	}
+	if uint64(off) > im.l.size || n > im.l.size-uint64(off) {
+		return fmt.Errorf("%s of %d bytes at offset %#x: disk size is %#x: %w", op, n, off, im.l.size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// locate returns the BAT entry index for virtual offset pos, the entry, the
+// offset within the block and the bytes left in the block.
+func (im *Image) locate(pos uint64) (idx, entry, in, left uint64) {
+	bs := uint64(im.l.blockSize)
+	b := pos / bs
+	idx = batIndex(b, im.l.chunkRatio)
+	in = pos % bs
+	return idx, im.bat[idx].Load(), in, bs - in
+}
+
+// readPayload reads from an allocated block, turning a short read into an
+// error that names the block.
+func (im *Image) readPayload(p []byte, fileOff uint64) error {
+	n, err := im.s.ReadAt(p, int64(fileOff))
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		return errAt(ErrCorrupt, fileOff, "payload block data", "file ends after %d of %d bytes", n, len(p))
+	}
+	return fmt.Errorf("read payload at offset %#x: %w", fileOff, err)
+}
+
+func (im *Image) writePayload(p []byte, fileOff uint64) error {
+	if _, err := im.s.WriteAt(p, int64(fileOff)); err != nil {
+		return fmt.Errorf("write payload at offset %#x: %w", fileOff, err)
+	}
+	return nil
+}
+
+// ReadAt reads len(p) bytes at virtual offset off; both must be multiples of
+// the logical sector size. Blocks in any state but FULLY_PRESENT read as
+// zeros (§2.5.1.1: NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED and the v0.95
+// UNMAPPED value 5). No lock is taken.
+func (im *Image) ReadAt(p []byte, off int64) (int, error) {
+	if err := im.checkRange("read", off, uint64(len(p))); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		_, e, in, left := im.locate(uint64(off) + uint64(done))
+		n := int(min(uint64(len(p)-done), left))
+		chunk := p[done : done+n]
+		if batState(e) == stateFullyPresent {
+			if err := im.readPayload(chunk, batFileOffset(e)+in); err != nil {
+				return done, err
+			}
+		} else {
+			clear(chunk)
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// WriteAt writes p at virtual offset off (sector aligned). Writes to
+// allocated blocks go straight to the file without a lock; the first write
+// to an unallocated block allocates it (see allocate).
+func (im *Image) WriteAt(p []byte, off int64) (int, error) {
+	if im.readOnly {
+		return 0, fmt.Errorf("write: %w", ErrReadOnly)
+	}
+	if err := im.checkRange("write", off, uint64(len(p))); err != nil {
+		return 0, err
+	}
+	if err := im.beginSession(); err != nil {
+		return 0, err
+	}
+	done := 0
+	for done < len(p) {
+		pos := uint64(off) + uint64(done)
+		idx, e, in, left := im.locate(pos)
+		n := int(min(uint64(len(p)-done), left))
+		if err := im.writeChunk(p[done:done+n], idx, e, in); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+func (im *Image) writeChunk(p []byte, idx, e, in uint64) error {
+	if batState(e) == stateFullyPresent {
+		return im.writePayload(p, batFileOffset(e)+in)
+	}
+	return im.allocate(p, idx, in)
+}
+
+// allocate handles the first write to block idx. Under im.mu it re-checks
+// the entry, reserves a fresh block at the 1 MiB-aligned end of the file,
+// writes p there (the rest of the block reads as zeros because the space is
+// new), journals the BAT sector holding the entry (§2.3: metadata changes go
+// through the log), and only then publishes the entry in memory. On failure
+// the in-memory BAT is unchanged; the reserved range is never reused, so a
+// half-done attempt cannot alias a later block (Check reports it as leaked).
+// Stale-data states (UNDEFINED, UNMAPPED) and ZERO get a fresh block too.
+func (im *Image) allocate(p []byte, idx, in uint64) error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed.Load() {
+		return fmt.Errorf("write: %w", ErrClosed)
+	}
+	e := im.bat[idx].Load()
+	if batState(e) == stateFullyPresent { // another writer won the race
+		return im.writePayload(p, batFileOffset(e)+in)
+	}
+	bs := uint64(im.l.blockSize)
+	newOff := im.fileEnd
+	if newOff > maxFileOffset-bs {
+		return fmt.Errorf("allocate block for BAT entry %d: file would exceed %#x bytes: %w", idx, uint64(maxFileOffset), ErrUnsupported)
+	}
+	newEnd := newOff + bs
+	im.fileEnd = newEnd
+	if err := im.s.Truncate(int64(newEnd)); err != nil {
+		return fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, err)
+	}
+	if err := im.writePayload(p, newOff+in); err != nil {
+		return err
+	}
+	newEntry := makeBATEntry(stateFullyPresent, newOff)
+	if err := im.journalBATEntry(idx, newEntry, newEnd); err != nil {
+		return err
+	}
+	im.bat[idx].Store(newEntry)
+	im.allocated.Add(1)
+	return nil
+}
+
+// maxFileOffset keeps file offsets representable as int64 and in the 44-bit
+// FileOffsetMB field (§2.5.1).
+const maxFileOffset = 1 << 62
+
+// journalBATEntry commits the 4 KiB BAT sector holding entry idx, with idx
+// set to newEntry, through the log. The sector is read from disk first so
+// that entries beyond the ones kept in memory are preserved; entries held in
+// memory are then written from memory, which is authoritative. Caller holds
+// im.mu, so no other BAT update races with this one.
+func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
+	secByte := (idx * 8) &^ (batSectorSize - 1)
+	secOff := im.l.bat.offset + secByte
+	buf := make([]byte, batSectorSize)
+	if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
+		return err
+	}
+	first := secByte / 8
+	for i := uint64(0); i < batSectorSize/8; i++ {
+		j := first + i
+		if j >= uint64(len(im.bat)) {
+			break
+		}
+		v := im.bat[j].Load()
+		if j == idx {
+			v = newEntry
+		}
+		binary.LittleEndian.PutUint64(buf[i*8:], v)
+	}
+	if err := im.journal.commit([]logUpdate{{offset: secOff, data: buf}}, fileEnd, fileEnd); err != nil {
+		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
+	}
+	return nil
+}
+
+// vecLen sums the buffer lengths.
+func vecLen(bufs [][]byte) uint64 {
+	var n uint64
+	for _, b := range bufs {
+		n += uint64(len(b))
+	}
+	return n
+}
+
+// ReadVec reads into bufs (scatter) starting at virtual offset off. Only the
+// total length needs to be sector aligned. Each (buffer ∩ block) run is one
+// pread, or a clear for unallocated blocks; no heap allocation per call.
+func (im *Image) ReadVec(bufs [][]byte, off int64) error {
+	if err := im.checkRange("read", off, vecLen(bufs)); err != nil {
+		return err
+	}
+	pos := uint64(off)
+	for _, buf := range bufs {
+		for len(buf) > 0 {
+			_, e, in, left := im.locate(pos)
+			n := min(uint64(len(buf)), left)
+			if batState(e) == stateFullyPresent {
+				if err := im.readPayload(buf[:n], batFileOffset(e)+in); err != nil {
+					return err
+				}
+			} else {
+				clear(buf[:n])
+			}
+			buf = buf[n:]
+			pos += n
+		}
+	}
+	return nil
+}
+
+// WriteVec writes bufs (gather) starting at virtual offset off. Each
+// (buffer ∩ block) run is one pwrite; the first run landing in an
+// unallocated block allocates it and later runs find it allocated.
+func (im *Image) WriteVec(bufs [][]byte, off int64) error {
+	if im.readOnly {
+		return fmt.Errorf("write: %w", ErrReadOnly)
+	}
+	if err := im.checkRange("write", off, vecLen(bufs)); err != nil {
+		return err
+	}
+	if err := im.beginSession(); err != nil {
+		return err
+	}
+	pos := uint64(off)
+	for _, buf := range bufs {
+		for len(buf) > 0 {
+			idx, e, in, left := im.locate(pos)
+			n := min(uint64(len(buf)), left)
+			if err := im.writeChunk(buf[:n], idx, e, in); err != nil {
+				return err
+			}
+			buf = buf[n:]
+			pos += n
+		}
+	}
+	return nil
+}
