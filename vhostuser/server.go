@@ -1,0 +1,196 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhost-vhdx/vhost-vhdx/blk"
+)
+
+// Events receives what happens on the server, so that the caller can log
+// it. Methods are called from the connection goroutine and from queue
+// workers concurrently and must not block for long.
+type Events interface {
+	// ConnOpened: a front-end connected; id numbers connections.
+	ConnOpened(id uint64)
+	// ConnClosed: the connection ended. err is nil for an orderly
+	// disconnect or shutdown, otherwise the reason (wrapping one of the
+	// package's sentinel errors).
+	ConnClosed(id uint64, err error)
+	// QueueBroken: a ring-level error (guest broke the ring, memory fault);
+	// the queue does no more work until it is stopped or reset. Reported
+	// once per start of the queue.
+	QueueBroken(conn uint64, queue int, err error)
+	// RequestFailed: one request completed with an error status or a
+	// malformed descriptor chain; the queue keeps working. A hostile guest
+	// can make this frequent: rate-limit any logging.
+	RequestFailed(conn uint64, queue int, err error)
+}
+
+// NopEvents ignores all events.
+type NopEvents struct{}
+
+func (NopEvents) ConnOpened(uint64)                {}
+func (NopEvents) ConnClosed(uint64, error)         {}
+func (NopEvents) QueueBroken(uint64, int, error)   {}
+func (NopEvents) RequestFailed(uint64, int, error) {}
+
+// Options configure a server.
+type Options struct {
+	// Disk is the storage served; it must be safe for concurrent use by
+	// the queue workers.
+	Disk blk.Disk
+	// Blk configures the virtio-blk device. Blk.NumQueues is set from
+	// NumQueues when zero, and must match it otherwise.
+	Blk blk.Options
+	// NumQueues is the number of request queues offered (GET_QUEUE_NUM),
+	// 1..MaxQueues; 0 means 1.
+	NumQueues int
+	// Events receives connection and queue events; nil means NopEvents.
+	Events Events
+}
+
+func (o Options) normalize() (Options, error) {
+	if o.Disk == nil {
+		return o, fmt.Errorf("Disk is nil: %w", ErrInvalidOptions)
+	}
+	if o.NumQueues == 0 {
+		o.NumQueues = 1
+	}
+	if o.NumQueues < 1 || o.NumQueues > MaxQueues {
+		return o, fmt.Errorf("NumQueues %d not in 1..%d: %w", o.NumQueues, MaxQueues, ErrInvalidOptions)
+	}
+	if o.Blk.NumQueues == 0 {
+		o.Blk.NumQueues = uint16(o.NumQueues)
+	} else if int(o.Blk.NumQueues) != o.NumQueues {
+		return o, fmt.Errorf("Blk.NumQueues %d != NumQueues %d: %w", o.Blk.NumQueues, o.NumQueues, ErrInvalidOptions)
+	}
+	if o.Events == nil {
+		o.Events = NopEvents{}
+	}
+	return o, nil
+}
+
+var connIDs atomic.Uint64
+
+// Serve accepts front-ends on ln one at a time: while a connection is
+// served, the next one waits in the listen backlog; when it ends (orderly,
+// or because the front-end broke the protocol) Serve accepts again, as
+// QEMU's reconnect=1 expects (vhost-user.md §1.13 item 7).
+//
+// When ctx is cancelled Serve stops accepting, stops the queue workers
+// after their in-flight requests complete, unmaps guest memory and returns
+// nil. Serve closes ln before it returns. Any other return is an accept
+// error.
+func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
+	defer ln.Close()
+	opts, err := opts.normalize()
+	if err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("vhostuser: accept: %w", err)
+		}
+		// Errors are reported through Events.ConnClosed; the server lives on.
+		_ = serveConn(ctx, c, opts)
+		if ctx.Err() != nil {
+			return nil
+		}
+	}
+}
+
+// ServeConn serves one front-end on c until it disconnects, breaks the
+// protocol, or ctx is cancelled, then releases everything the session held
+// (workers, fds, mappings) and closes c. It returns nil for an orderly end
+// and otherwise the error that ended the session (also passed to
+// Events.ConnClosed).
+func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error {
+	opts, err := opts.normalize()
+	if err != nil {
+		c.Close()
+		return err
+	}
+	return serveConn(ctx, c, opts)
+}
+
+func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
+	id := connIDs.Add(1)
+	opts.Events.ConnOpened(id)
+	s := newSession(id, c, opts)
+	// Cancellation interrupts the blocked read; the request being handled,
+	// if any, completes first.
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+	err := s.run()
+	stop()
+	s.teardown()
+	c.Close()
+	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {
+		err = nil
+	}
+	opts.Events.ConnClosed(id, err)
+	return err
+}
+
+// Listen creates a listening socket at path. A stale socket file left by a
+// previous run is removed first; any other kind of file at path is an
+// error, so Listen never deletes a regular file by mistake.
+func Listen(path string) (*net.UnixListener, error) {
+	fi, err := os.Lstat(path)
+	switch {
+	case err == nil && fi.Mode()&fs.ModeSocket == 0:
+		return nil, fmt.Errorf("vhostuser: %s exists and is not a socket: %w", path, fs.ErrExist)
+	case err == nil:
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("vhostuser: removing stale socket: %w", err)
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("vhostuser: %w", err)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("vhostuser: %w", err)
+	}
+	return ln, nil
+}
+
+// FromFD turns an inherited listening unix stream socket (--fd N, vhost-user
+// spec "Backend program conventions") into a listener. It takes ownership
+// of fd: fd is closed whether or not FromFD succeeds.
+func FromFD(fd int) (*net.UnixListener, error) {
+	if fd < 0 {
+		return nil, fmt.Errorf("vhostuser: fd %d: %w", fd, ErrInvalidOptions)
+	}
+	f := os.NewFile(uintptr(fd), "vhost-user-listener")
+	defer f.Close()
+	if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {
+		return nil, fmt.Errorf("vhostuser: fd %d is not a stream socket (type %d, %v): %w", fd, typ, err, ErrInvalidOptions)
+	}
+	if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 1 {
+		return nil, fmt.Errorf("vhostuser: fd %d is not listening (%v): %w", fd, err, ErrInvalidOptions)
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("vhostuser: fd %d: %w", fd, err)
+	}
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, fmt.Errorf("vhostuser: fd %d is not a unix socket: %w", fd, ErrInvalidOptions)
+	}
+	return ul, nil
+}

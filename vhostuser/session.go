@@ -1,0 +1,536 @@
+package vhostuser
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
+)
+
+// session is the state of one front-end connection.
+//
+// Locking model (go-fuse dispatchMu, virtiofsd vu_dispatch_rwlock): one
+// goroutine (run) reads the socket and handles messages one at a time, so
+// control state needs no lock against itself. mu is the dispatch lock:
+// the control goroutine takes it for writing while it changes anything a
+// queue worker reads (guest memory, a ring's queue, call/err fds); workers
+// take it for reading while they drain a batch. Request processing thus
+// never shares a lock across queues on the data path, and a mapping is
+// unmapped only after every worker has left it.
+type session struct {
+	id     uint64
+	opts   Options
+	ev     Events
+	w      *wireConn
+	config []byte // virtio_blk_config, fixed for the session
+
+	offered    uint64 // virtio features offered
+	acked      uint64 // virtio features from SET_FEATURES
+	featuresOK bool   // SET_FEATURES received
+	protoAcked uint64 // protocol features from SET_PROTOCOL_FEATURES
+	status     uint8  // SET_STATUS
+
+	mu    sync.RWMutex
+	mem   *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
+	rings []*ring
+}
+
+// ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
+type ring struct {
+	index   int
+	num     uint16 // 0 until SET_VRING_NUM
+	addr    VringAddr
+	addrSet bool
+	base    uint16 // next avail index to use at the next start
+
+	enabled atomic.Bool // SET_VRING_ENABLE, or SET_FEATURES without bit 30
+
+	// Written under mu (write), read by the worker under mu (read).
+	q      *virtqueue.SplitQueue // non-nil while started
+	callFD int                   // -1: none
+	errFD  int                   // -1: none
+
+	w *worker // non-nil while started; control goroutine only
+}
+
+func newSession(id uint64, c *net.UnixConn, opts Options) *session {
+	s := &session{
+		id:      id,
+		opts:    opts,
+		ev:      opts.Events,
+		w:       newWireConn(c),
+		config:  blk.Config(opts.Disk, opts.Blk),
+		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureProtocolFeatures,
+	}
+	s.rings = make([]*ring, opts.NumQueues)
+	for i := range s.rings {
+		s.rings[i] = &ring{index: i, callFD: -1, errFD: -1}
+	}
+	return s
+}
+
+// run handles messages until the connection ends. io.EOF between messages
+// is an orderly end (nil).
+func (s *session) run() error {
+	for {
+		m, err := s.w.readMessage()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		reply, err := s.handle(m)
+		m.closeFDs()
+		ackWanted := s.protoAcked&ProtoReplyAck != 0 && m.hdr.Flags&FlagNeedReply != 0
+		if err != nil && !errors.Is(err, errRefused) {
+			if ackWanted && !m.spec.reply {
+				// Best effort: tell the front-end why it is being dropped.
+				_ = s.w.writeReply(m.hdr.Request, le.AppendUint64(nil, 1))
+			}
+			return err
+		}
+		switch {
+		case m.spec.reply:
+			err = s.w.writeReply(m.hdr.Request, reply)
+		case ackWanted:
+			// REPLY_ACK: u64 0 on success, non-zero on failure, only for
+			// requests without an explicit reply (spec "REPLY_ACK").
+			var status uint64
+			if err != nil {
+				status = 1
+			}
+			err = s.w.writeReply(m.hdr.Request, le.AppendUint64(nil, status))
+		default:
+			err = nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// teardown stops every worker (after its in-flight requests complete),
+// closes every fd and unmaps guest memory.
+func (s *session) teardown() {
+	for _, r := range s.rings {
+		s.stopRing(r)
+	}
+	s.mu.Lock()
+	mem := s.mem
+	s.mem = nil
+	for _, r := range s.rings {
+		closeFD(&r.callFD)
+		closeFD(&r.errFD)
+	}
+	s.mu.Unlock()
+	mem.unmap()
+}
+
+func closeFD(fd *int) {
+	if *fd >= 0 {
+		unix.Close(*fd)
+		*fd = -1
+	}
+}
+
+// handle executes one validated request and returns the reply body for
+// requests that have one.
+func (s *session) handle(m *message) ([]byte, error) {
+	name := m.spec.name
+	if m.spec.proto != 0 && s.protoAcked&m.spec.proto == 0 {
+		return nil, fmt.Errorf("%s: protocol feature %#x not negotiated: %w", name, m.spec.proto, ErrState)
+	}
+	p := m.payload
+	switch m.hdr.Request {
+	case ReqGetFeatures:
+		return le.AppendUint64(nil, s.offered), nil
+	case ReqSetFeatures:
+		return nil, s.setFeatures(le.Uint64(p))
+	case ReqGetProtocolFeatures:
+		return le.AppendUint64(nil, ProtocolFeatures), nil
+	case ReqSetProtocolFeatures:
+		v := le.Uint64(p)
+		if v&^uint64(ProtocolFeatures) != 0 {
+			return nil, fmt.Errorf("%s: bits %#x not offered: %w", name, v&^uint64(ProtocolFeatures), ErrUnsupported)
+		}
+		s.protoAcked = v
+		return nil, nil
+	case ReqSetOwner:
+		// Session start; nothing to allocate (spec: "issued when a new
+		// connection is established").
+		return nil, nil
+	case ReqResetOwner, ReqResetDevice:
+		// RESET_OWNER is deprecated; both disable all rings and return
+		// the device to its initial state. Memory and protocol features
+		// survive: ownership is retained (spec "RESET_DEVICE").
+		s.reset()
+		return nil, nil
+	case ReqSetMemTable:
+		return nil, s.setMemTable(m)
+	case ReqGetQueueNum:
+		return le.AppendUint64(nil, uint64(s.opts.NumQueues)), nil
+	case ReqSetVringNum:
+		return nil, s.setVringNum(p)
+	case ReqSetVringAddr:
+		return nil, s.setVringAddr(p)
+	case ReqSetVringBase:
+		st, _ := ParseVringState(p)
+		r, err := s.ring(name, st.Index)
+		if err != nil {
+			return nil, err
+		}
+		if r.w != nil {
+			return nil, fmt.Errorf("%s: ring %d is started: %w", name, st.Index, ErrState)
+		}
+		// Split rings: the next avail index is 16 bits (spec "Vring
+		// descriptor indices").
+		if st.Num > 0xffff {
+			return nil, fmt.Errorf("%s: ring %d base %d > 65535: %w", name, st.Index, st.Num, ErrInvalidMessage)
+		}
+		r.base = uint16(st.Num)
+		return nil, nil
+	case ReqGetVringBase:
+		st, _ := ParseVringState(p)
+		r, err := s.ring(name, st.Index)
+		if err != nil {
+			return nil, err
+		}
+		// Stops the ring after its in-flight requests complete (spec
+		// "GET_VRING_BASE"; vhost-user.md §1.7 drain rule).
+		s.stopRing(r)
+		return AppendVringState(nil, VringState{Index: st.Index, Num: uint32(r.base)}), nil
+	case ReqSetVringKick:
+		return nil, s.setVringKick(m)
+	case ReqSetVringCall, ReqSetVringErr:
+		return nil, s.setVringFD(m)
+	case ReqSetVringEnable:
+		st, _ := ParseVringState(p)
+		r, err := s.ring(name, st.Index)
+		if err != nil {
+			return nil, err
+		}
+		if st.Num > 1 {
+			return nil, fmt.Errorf("%s: ring %d num %d not 0 or 1: %w", name, st.Index, st.Num, ErrInvalidMessage)
+		}
+		r.enabled.Store(st.Num == 1)
+		if st.Num == 1 && r.w != nil {
+			r.w.wake()
+		}
+		return nil, nil
+	case ReqGetConfig:
+		c, _ := ParseConfig(p)
+		end := uint64(c.Offset) + uint64(c.Size)
+		if c.Size == 0 || end > uint64(len(s.config)) {
+			// An empty payload signals failure (spec "GET_CONFIG").
+			return nil, nil
+		}
+		return AppendConfig(nil, ConfigMsg{Offset: c.Offset, Flags: c.Flags, Data: s.config[c.Offset:end]}), nil
+	case ReqSetConfig:
+		// The virtio-blk config space is read-only for this device; QEMU
+		// only ever writes `writeback` (vhost-user.md §1.11). A write that
+		// changes nothing is accepted; any other is refused without
+		// ending the session.
+		c, _ := ParseConfig(p)
+		end := uint64(c.Offset) + uint64(c.Size)
+		if c.Flags != 0 || end > uint64(len(s.config)) || !bytes.Equal(s.config[c.Offset:end], c.Data) {
+			return nil, fmt.Errorf("%s: offset %d size %d flags %d: %w", name, c.Offset, c.Size, c.Flags, errRefused)
+		}
+		return nil, nil
+	case ReqSetStatus:
+		v := le.Uint64(p)
+		if v > 0xff {
+			return nil, fmt.Errorf("%s: status %#x > 0xff: %w", name, v, ErrInvalidMessage)
+		}
+		s.status = uint8(v)
+		return nil, nil
+	case ReqGetStatus:
+		return le.AppendUint64(nil, uint64(s.status)), nil
+	}
+	// Unreachable: checkHeader only admits requests in msgTable.
+	return nil, fmt.Errorf("%s: no handler: %w", name, ErrUnsupported)
+}
+
+// ring range-checks a wire ring index (style.md §12 item 5).
+func (s *session) ring(name string, idx uint32) (*ring, error) {
+	if idx >= uint32(len(s.rings)) {
+		return nil, fmt.Errorf("%s: ring index %d >= %d queues: %w", name, idx, len(s.rings), ErrInvalidMessage)
+	}
+	return s.rings[idx], nil
+}
+
+func (s *session) anyStarted() bool {
+	for _, r := range s.rings {
+		if r.w != nil {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *session) setFeatures(v uint64) error {
+	if v&^s.offered != 0 {
+		return fmt.Errorf("SET_FEATURES: bits %#x not offered: %w", v&^s.offered, ErrUnsupported)
+	}
+	// Legacy (pre-1.0) drivers are not supported (libvhost-user
+	// vu_set_features_exec: "virtio legacy devices aren't supported").
+	if v&FeatureVersion1 == 0 {
+		return fmt.Errorf("SET_FEATURES: VIRTIO_F_VERSION_1 not set in %#x: %w", v, ErrUnsupported)
+	}
+	// EVENT_IDX changes how a running ring is driven; QEMU only sets
+	// features while the rings are stopped.
+	if s.anyStarted() {
+		return fmt.Errorf("SET_FEATURES: a ring is started: %w", ErrState)
+	}
+	s.acked = v
+	s.featuresOK = true
+	if v&FeatureProtocolFeatures == 0 {
+		// Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled
+		// (spec "Ring states").
+		for _, r := range s.rings {
+			r.enabled.Store(true)
+		}
+	}
+	return nil
+}
+
+// reset stops every ring and forgets ring and feature state.
+func (s *session) reset() {
+	for _, r := range s.rings {
+		s.stopRing(r)
+	}
+	s.mu.Lock()
+	for i, r := range s.rings {
+		closeFD(&r.callFD)
+		closeFD(&r.errFD)
+		s.rings[i] = &ring{index: i, callFD: -1, errFD: -1}
+	}
+	s.mu.Unlock()
+	s.acked, s.featuresOK, s.status = 0, false, 0
+}
+
+func (s *session) setMemTable(m *message) error {
+	regions, err := ParseMemTable(m.payload)
+	if err != nil {
+		return err
+	}
+	g, err := mapRegions(regions, m.fds)
+	// The fds are closed by the dispatcher right after this returns: the
+	// mappings keep the memory alive.
+	if err != nil {
+		return err
+	}
+	// Quiesce the workers: they drain under the read lock, so once the
+	// write lock is held none of them touches the old mappings.
+	s.mu.Lock()
+	prev := s.mem
+	s.mem = g
+	// Started rings re-translate their addresses in the new table, keeping
+	// their position (libvhost-user re-maps rings after every table). All
+	// or nothing: on failure the old table stays in force.
+	qs := make([]*virtqueue.SplitQueue, len(s.rings))
+	for i, r := range s.rings {
+		if r.q == nil {
+			continue
+		}
+		q, err := s.newQueue(r, r.q.NextAvail())
+		if err != nil {
+			s.mem = prev
+			s.mu.Unlock()
+			g.unmap()
+			return fmt.Errorf("SET_MEM_TABLE: ring %d: %w", r.index, err)
+		}
+		qs[i] = q
+	}
+	for i, q := range qs {
+		if q != nil {
+			s.rings[i].q = q
+		}
+	}
+	s.mu.Unlock()
+	prev.unmap()
+	return nil
+}
+
+func (s *session) setVringNum(p []byte) error {
+	st, _ := ParseVringState(p)
+	r, err := s.ring("SET_VRING_NUM", st.Index)
+	if err != nil {
+		return err
+	}
+	// VIRTIO 1.2 §2.7: "Queue Size ... a power of 2 ... maximum 32768".
+	if st.Num == 0 || st.Num > MaxQueueSize || bits.OnesCount32(st.Num) != 1 {
+		return fmt.Errorf("SET_VRING_NUM: ring %d num %d not a power of two in 1..%d: %w", st.Index, st.Num, MaxQueueSize, ErrInvalidMessage)
+	}
+	if r.w != nil {
+		return fmt.Errorf("SET_VRING_NUM: ring %d is started: %w", st.Index, ErrState)
+	}
+	r.num = uint16(st.Num) // 32768 fits
+	return nil
+}
+
+func (s *session) setVringAddr(p []byte) error {
+	a, _ := ParseVringAddr(p)
+	r, err := s.ring("SET_VRING_ADDR", a.Index)
+	if err != nil {
+		return err
+	}
+	if a.Flags&vringFlagLog != 0 {
+		// Dirty logging needs LOG_SHMFD, which is not offered.
+		return fmt.Errorf("SET_VRING_ADDR: ring %d VHOST_VRING_F_LOG: %w", a.Index, ErrUnsupported)
+	}
+	if a.Flags != 0 {
+		return fmt.Errorf("SET_VRING_ADDR: ring %d flags %#x: %w", a.Index, a.Flags, ErrInvalidMessage)
+	}
+	// VIRTIO 1.2 §2.7 alignment: descriptor table 16, avail 2, used 4.
+	if a.Desc%16 != 0 || a.Avail%2 != 0 || a.Used%4 != 0 {
+		return fmt.Errorf("SET_VRING_ADDR: ring %d misaligned desc %#x avail %#x used %#x: %w", a.Index, a.Desc, a.Avail, a.Used, ErrInvalidMessage)
+	}
+	if r.w != nil {
+		return fmt.Errorf("SET_VRING_ADDR: ring %d is started: %w", a.Index, ErrState)
+	}
+	r.addr, r.addrSet = a, true
+	// Check the placement now when we can, so the error names this
+	// message; SET_VRING_KICK checks again.
+	if s.mem != nil && r.num != 0 {
+		if err := checkRingPlacement(s.mem.mem, r); err != nil {
+			return fmt.Errorf("SET_VRING_ADDR: ring %d: %w", a.Index, err)
+		}
+	}
+	return nil
+}
+
+// checkRingPlacement requires the three ring parts to lie inside one
+// region each (VIRTIO 1.2 §2.7 sizes).
+func checkRingPlacement(mem *virtqueue.Memory, r *ring) error {
+	n := uint64(r.num)
+	parts := [...]struct {
+		name      string
+		uva, size uint64
+	}{
+		{"descriptor table", r.addr.Desc, 16 * n},
+		{"avail ring", r.addr.Avail, 6 + 2*n},
+		{"used ring", r.addr.Used, 6 + 8*n},
+	}
+	for _, pt := range parts {
+		if _, err := mem.UserSlice(pt.uva, pt.size); err != nil {
+			return fmt.Errorf("%s at %#x+%d outside guest memory: %v: %w", pt.name, pt.uva, pt.size, err, ErrGuestMemory)
+		}
+	}
+	return nil
+}
+
+// newQueue builds a SplitQueue for r on the current memory.
+// Preconditions: s.mem != nil; if workers may run, mu is held for writing.
+func (s *session) newQueue(r *ring, nextAvail uint16) (q *virtqueue.SplitQueue, err error) {
+	if err := checkRingPlacement(s.mem.mem, r); err != nil {
+		return nil, err
+	}
+	err = guardFault(func() error {
+		var e error
+		q, e = virtqueue.NewSplitQueue(s.mem.mem, virtqueue.QueueConfig{
+			Size:          r.num,
+			DescUserAddr:  r.addr.Desc,
+			AvailUserAddr: r.addr.Avail,
+			UsedUserAddr:  r.addr.Used,
+			EventIdx:      s.acked&FeatureEventIdx != 0,
+			NextAvail:     nextAvail,
+		})
+		return e
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%v: %w", err, ErrGuestMemory)
+	}
+	return q, nil
+}
+
+func (s *session) setVringKick(m *message) error {
+	v := le.Uint64(m.payload)
+	r, err := s.ring("SET_VRING_KICK", uint32(v&VringIndexMask))
+	if err != nil {
+		return err
+	}
+	if v&VringNoFDFlag != 0 {
+		return fmt.Errorf("SET_VRING_KICK: ring %d without fd (polling): %w", r.index, ErrUnsupported)
+	}
+	// A new kick fd for a started ring restarts it with the new fd.
+	s.stopRing(r)
+	if s.mem == nil || r.num == 0 || !r.addrSet {
+		return fmt.Errorf("SET_VRING_KICK: ring %d not configured (memory %t, num %d, addr %t): %w",
+			r.index, s.mem != nil, r.num, r.addrSet, ErrState)
+	}
+	q, err := s.newQueue(r, r.base)
+	if err != nil {
+		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
+	}
+	fd := m.takeFD(0)
+	// Non-blocking, so os.NewFile returns a pollable File: Read parks the
+	// goroutine and Close unblocks it (style.md §10.5).
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("SET_VRING_KICK: ring %d: fd: %v: %w", r.index, err, ErrInvalidMessage)
+	}
+	kick := os.NewFile(uintptr(fd), fmt.Sprintf("vhost-user-kick-%d", r.index))
+	if s.featuresOK && s.acked&FeatureProtocolFeatures == 0 {
+		r.enabled.Store(true)
+	}
+	s.mu.Lock()
+	r.q = q
+	s.mu.Unlock()
+	r.w = startWorker(s, r, kick)
+	return nil
+}
+
+func (s *session) setVringFD(m *message) error {
+	name := m.spec.name
+	v := le.Uint64(m.payload)
+	r, err := s.ring(name, uint32(v&VringIndexMask))
+	if err != nil {
+		return err
+	}
+	fd := -1
+	if v&VringNoFDFlag == 0 {
+		fd = m.takeFD(0)
+		// A full pipe posing as an eventfd must not block a worker that
+		// holds the dispatch lock; a failed write is a dropped
+		// notification, which the guest tolerates.
+		_ = unix.SetNonblock(fd, true)
+	}
+	s.mu.Lock()
+	slot := &r.callFD
+	if m.hdr.Request == ReqSetVringErr {
+		slot = &r.errFD
+	}
+	old := *slot
+	*slot = fd
+	s.mu.Unlock()
+	if old >= 0 {
+		unix.Close(old)
+	}
+	return nil
+}
+
+// stopRing stops r's worker, if any, after its in-flight requests complete
+// and records where the ring stopped. Preconditions: mu not held (the
+// worker may be waiting for the read lock).
+func (s *session) stopRing(r *ring) {
+	if r.w == nil {
+		return
+	}
+	r.w.stopAndWait()
+	r.w = nil
+	s.mu.Lock()
+	r.base = r.q.NextAvail()
+	r.q = nil
+	s.mu.Unlock()
+}
