@@ -239,6 +239,17 @@ func (q *SplitQueue) loadAvailIdx() uint16 {
 	return uint16(atomicLoadLE32(q.availIdxWord) >> q.availIdxShift)
 }
 
+// loadAvailFlags reads avail.flags. When the avail ring is 4-aligned the
+// flags share the atomic word with avail.idx, and reading the word keeps the
+// access identical to the one the idx read uses; otherwise the flags are a
+// lone 16-bit field read with a single 16-bit load (see doc.go).
+func (q *SplitQueue) loadAvailFlags() uint16 {
+	if q.availIdxShift == 16 {
+		return uint16(atomicLoadLE32(q.availIdxWord))
+	}
+	return loadLE16(q.avail[availFlags:])
+}
+
 // markBroken records a ring-level error. After this no method touches guest
 // memory (libvhost-user dev->broken; openvmm #4045: never spin on an error
 // that cannot clear).
@@ -510,7 +521,7 @@ func (q *SplitQueue) NeedsNotification() bool {
 	}
 	q.fullFence()
 	if !q.eventIdx {
-		return loadLE16(q.avail[availFlags:])&AvailFlagNoInterrupt == 0
+		return q.loadAvailFlags()&AvailFlagNoInterrupt == 0
 	}
 	event := loadLE16(q.avail[availRing+2*int(q.size):])
 	old, valid := q.signalled, q.signalledValid
