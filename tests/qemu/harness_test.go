@@ -1,0 +1,673 @@
+package qemu_test
+
+// The harness: it finds the assets built by setup.sh, starts a vhost-user-blk
+// backend on a unix socket, boots a small TCG guest whose /test.sh is given
+// by each test, and checks the image on the host afterwards.
+//
+// Environment:
+//
+//	VHOST_VHDX_QEMU_TESTS=1       run these tests (otherwise they skip); when
+//	                              set, missing assets or binaries FAIL the tests
+//	VHOST_VHDX_TEST_BACKEND       vhost-vhdx (default) or qsd (qemu-storage-daemon)
+//	VHOST_VHDX_BIN                the daemon binary (default <repo>/bin/vhost-vhdx)
+//	VHOST_VHDX_ASSETS             asset cache (default <repo>/.cache/qemu-assets)
+//	VHOST_VHDX_QEMU_ACCEL         QEMU accelerator (default tcg)
+//	VHOST_VHDX_QEMU_TIMEOUT       hard limit for one guest boot (default 180s)
+//	VHOST_VHDX_QEMU_KEEP=1        keep every work directory (failed ones are always kept)
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vhost-vhdx/vhost-vhdx/tests/qemu/pattern"
+)
+
+const (
+	envEnable   = "VHOST_VHDX_QEMU_TESTS"
+	envBackend  = "VHOST_VHDX_TEST_BACKEND"
+	envBin      = "VHOST_VHDX_BIN"
+	envAssets   = "VHOST_VHDX_ASSETS"
+	envAccel    = "VHOST_VHDX_QEMU_ACCEL"
+	envTimeout  = "VHOST_VHDX_QEMU_TIMEOUT"
+	envKeep     = "VHOST_VHDX_QEMU_KEEP"
+	resultMark  = "VHOSTVHDX-RESULT: "
+	guestMemory = "512M"
+	mib         = int64(1) << 20
+)
+
+// Backend kinds.
+const (
+	backendVhostVHDX = "vhost-vhdx"
+	backendQSD       = "qsd"
+)
+
+var (
+	toolsOnce sync.Once
+	toolsErr  error
+	toolsDir  string // holds the guestcmd binary built for the guest
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if toolsDir != "" {
+		os.RemoveAll(toolsDir)
+	}
+	os.Exit(code)
+}
+
+// env is what a test needs to boot guests.
+type env struct {
+	root     string // repository root
+	assets   string
+	kernel   string
+	initrd   string // base initramfs from setup.sh
+	guestcmd string
+	backend  string // backendVhostVHDX or backendQSD
+	daemon   string // bin/vhost-vhdx, for backendVhostVHDX
+	accel    string
+	timeout  time.Duration
+	work     string // this test's work directory
+	// cmds collects the command lines run, printed on failure as a reproducer.
+	mu   sync.Mutex
+	cmds []string
+}
+
+// newEnv gates the test on VHOST_VHDX_QEMU_TESTS and checks every
+// prerequisite. Once the tests are enabled a missing prerequisite is a
+// failure, not a skip, so a broken CI setup cannot pass silently.
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	if os.Getenv(envEnable) != "1" {
+		t.Skipf("QEMU tests are off: set %s=1 (make test does) after running tests/qemu/setup.sh", envEnable)
+	}
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{root: root, backend: backendVhostVHDX, accel: "tcg", timeout: 180 * time.Second}
+	if b := os.Getenv(envBackend); b != "" {
+		e.backend = b
+	}
+	if e.backend != backendVhostVHDX && e.backend != backendQSD {
+		t.Fatalf("%s=%q: want %q or %q", envBackend, e.backend, backendVhostVHDX, backendQSD)
+	}
+	if a := os.Getenv(envAccel); a != "" {
+		e.accel = a
+	}
+	if s := os.Getenv(envTimeout); s != "" {
+		if e.timeout, err = time.ParseDuration(s); err != nil {
+			t.Fatalf("%s: %v", envTimeout, err)
+		}
+	}
+	e.assets = os.Getenv(envAssets)
+	if e.assets == "" {
+		e.assets = filepath.Join(root, ".cache", "qemu-assets")
+	}
+	e.kernel = filepath.Join(e.assets, "vmlinuz")
+	e.initrd = filepath.Join(e.assets, "initramfs.cpio.gz")
+	for _, f := range []string{e.kernel, e.initrd} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("guest asset missing: %v\nrun tests/qemu/setup.sh (make test does)", err)
+		}
+	}
+	if err := assetsCurrent(root, e.assets); err != nil {
+		t.Fatalf("%v\nrun tests/qemu/setup.sh (make test does)", err)
+	}
+	for _, tool := range []string{"qemu-system-x86_64", "qemu-img"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s not found: run tests/qemu/setup.sh", tool)
+		}
+	}
+	switch e.backend {
+	case backendQSD:
+		if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
+			t.Fatal("qemu-storage-daemon not found: run tests/qemu/setup.sh")
+		}
+	case backendVhostVHDX:
+		e.daemon = os.Getenv(envBin)
+		if e.daemon == "" {
+			e.daemon = filepath.Join(root, "bin", "vhost-vhdx")
+		}
+		if st, err := os.Stat(e.daemon); err != nil || st.IsDir() {
+			t.Fatalf("bin/vhost-vhdx not built (%s missing): run `make build`, "+
+				"or set %s=%s to run these tests against qemu-storage-daemon", e.daemon, envBackend, backendQSD)
+		}
+	}
+
+	toolsOnce.Do(func() { toolsErr = buildGuestTools(root) })
+	if toolsErr != nil {
+		t.Fatal(toolsErr)
+	}
+	e.guestcmd = filepath.Join(toolsDir, "guestcmd")
+
+	// The work directory survives a failed test so the reproducer works.
+	e.work, err = os.MkdirTemp("", "vhost-vhdx-qemu-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() || os.Getenv(envKeep) == "1" {
+			t.Logf("work directory kept: %s", e.work)
+			e.logReproducer(t)
+			return
+		}
+		os.RemoveAll(e.work)
+	})
+	t.Logf("backend %s, accel %s, work %s", e.backend, e.accel, e.work)
+	return e
+}
+
+// assetsCurrent reports whether the assets were built from the current
+// setup.sh and guest files: setup.sh records the same hash in its manifest.
+func assetsCurrent(root, assets string) error {
+	h := sha256.New()
+	for _, f := range []string{"setup.sh", "guest/init", "guest/testlib.sh"} {
+		b, err := os.ReadFile(filepath.Join(root, "tests", "qemu", f))
+		if err != nil {
+			return err
+		}
+		h.Write(b)
+	}
+	want := fmt.Sprintf("setup=%x", h.Sum(nil))[:len("setup=")+16]
+	manifest, err := os.ReadFile(filepath.Join(assets, "manifest"))
+	if err != nil {
+		return fmt.Errorf("guest assets missing: %v", err)
+	}
+	for _, line := range strings.Split(string(manifest), "\n") {
+		if line == want {
+			return nil
+		}
+	}
+	return fmt.Errorf("guest assets in %s are stale (built from other tests/qemu files; want %s)", assets, want)
+}
+
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// buildGuestTools builds guestcmd as a static binary for the guest.
+func buildGuestTools(root string) error {
+	dir, err := os.MkdirTemp("", "vhost-vhdx-guesttools-")
+	if err != nil {
+		return err
+	}
+	toolsDir = dir
+	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "guestcmd"), "./tests/qemu/guestcmd")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building guestcmd: %v\n%s", err, out)
+	}
+	return nil
+}
+
+// record remembers a command line for the reproducer.
+func (e *env) record(dir string, args []string) {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = shellQuote(a)
+	}
+	line := strings.Join(q, " ")
+	if dir != "" {
+		line = "(cd " + shellQuote(dir) + " && " + line + ")"
+	}
+	e.mu.Lock()
+	e.cmds = append(e.cmds, line)
+	e.mu.Unlock()
+}
+
+func (e *env) logReproducer(t *testing.T) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var b strings.Builder
+	b.WriteString("reproducer (commands in the order the test ran them; the backend runs in the background):\n")
+	for _, c := range e.cmds {
+		b.WriteString("  " + c + "\n")
+	}
+	t.Log(b.String())
+}
+
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=,:+@%", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// run runs a host command and fails the test if it does not exit 0.
+func (e *env) run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := e.runErr(name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func (e *env) runErr(name string, args ...string) (string, error) {
+	e.record("", append([]string{name}, args...))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// ---- images ----
+
+// image describes a VHDX image under test.
+type image struct {
+	path string
+	size int64
+}
+
+// newImage creates an empty dynamic VHDX. With logicalSector 512 it is made
+// by qemu-img with 1 MiB blocks, so offsets in the tests straddle real block
+// boundaries for either backend. A 4096-byte-sector image can only be made
+// by vhost-vhdx create (QEMU's vhdx driver always writes 512).
+func (e *env) newImage(t *testing.T, name string, size int64, logicalSector int) *image {
+	t.Helper()
+	img := &image{path: filepath.Join(e.work, name), size: size}
+	switch logicalSector {
+	case 512:
+		e.run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "subformat=dynamic,block_size=1M", img.path, strconv.FormatInt(size, 10))
+	case 4096:
+		if e.backend != backendVhostVHDX {
+			t.Fatalf("a %d-byte-sector image needs vhost-vhdx create", logicalSector)
+		}
+		e.run(t, e.daemon, "create", "--size", strconv.FormatInt(size, 10), "--logical-sector", "4096", img.path)
+	default:
+		t.Fatalf("unsupported logical sector size %d", logicalSector)
+	}
+	return img
+}
+
+// check runs qemu-img check, which must find no errors and no leaks.
+func (e *env) check(t *testing.T, img *image) {
+	t.Helper()
+	out := e.run(t, "qemu-img", "check", "-f", "vhdx", img.path)
+	t.Logf("qemu-img check %s: %s", filepath.Base(img.path), strings.TrimSpace(out))
+}
+
+// compare runs qemu-img compare of the image against the expected raw disk.
+func (e *env) compare(t *testing.T, img *image, want *expected) {
+	t.Helper()
+	out, err := e.runErr("qemu-img", "compare", "-f", "vhdx", "-F", "raw", img.path, want.path)
+	if err != nil {
+		t.Fatalf("image %s differs from the expected contents %s: %v\n%s", img.path, want.path, err, out)
+	}
+	t.Logf("qemu-img compare: %s", strings.TrimSpace(out))
+}
+
+// expected is a sparse raw file holding what the disk should contain.
+type expected struct {
+	path string
+	f    *os.File
+}
+
+func (e *env) newExpected(t *testing.T, img *image) *expected {
+	t.Helper()
+	p := filepath.Join(e.work, filepath.Base(img.path)+".expected.raw")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Truncate(img.size); err != nil {
+		t.Fatal(err)
+	}
+	return &expected{path: p, f: f}
+}
+
+// write records that the guest wrote stream seed at [off, off+n).
+func (x *expected) write(t *testing.T, seed uint64, off, n int64) {
+	t.Helper()
+	buf := make([]byte, min(n, 4*mib))
+	for done := int64(0); done < n; {
+		c := min(int64(len(buf)), n-done)
+		pattern.Fill(buf[:c], seed, off+done)
+		if _, err := x.f.WriteAt(buf[:c], off+done); err != nil {
+			t.Fatal(err)
+		}
+		done += c
+	}
+}
+
+// region is one pattern write: the guest writes it, the host expects it.
+type region struct {
+	seed     uint64
+	off, len int64
+}
+
+// guestWrite and guestVerify render guestcmd invocations for a region.
+func (r region) guestWrite(dev string, bs int64) string {
+	return fmt.Sprintf("guestcmd write -dev %s -seed %d -off %d -len %d -bs %d -direct", dev, r.seed, r.off, r.len, bs)
+}
+
+func (r region) guestVerify(dev string, bs int64) string {
+	return fmt.Sprintf("guestcmd verify -dev %s -seed %d -off %d -len %d -bs %d -direct", dev, r.seed, r.off, r.len, bs)
+}
+
+// ---- backends ----
+
+type backendOpts struct {
+	readOnly  bool
+	numQueues int
+	// logicalBlockSize is passed to qemu-storage-daemon's export; vhost-vhdx
+	// takes the logical sector size from the image itself.
+	logicalBlockSize int
+}
+
+type backend struct {
+	args []string
+	sock string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error // Wait's result, valid after done is closed
+}
+
+// startBackend starts the configured backend serving img and waits until
+// its socket exists.
+func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
+	t.Helper()
+	if o.numQueues == 0 {
+		o.numQueues = 1
+	}
+	b := &backend{sock: filepath.Join(e.work, "vhost.sock")}
+	os.Remove(b.sock)
+	switch e.backend {
+	case backendQSD:
+		ro := "off"
+		writable := "on"
+		if o.readOnly {
+			ro, writable = "on", "off"
+		}
+		export := fmt.Sprintf("type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path=%s,writable=%s,num-queues=%d",
+			b.sock, writable, o.numQueues)
+		if o.logicalBlockSize != 0 {
+			export += fmt.Sprintf(",logical-block-size=%d", o.logicalBlockSize)
+		}
+		b.args = []string{"qemu-storage-daemon",
+			"--blockdev", fmt.Sprintf("driver=file,node-name=file,filename=%s,read-only=%s", img.path, ro),
+			"--blockdev", fmt.Sprintf("driver=vhdx,node-name=disk,file=file,read-only=%s", ro),
+			"--export", export}
+	case backendVhostVHDX:
+		b.args = []string{e.daemon, "serve", "--socket", b.sock}
+		if o.readOnly {
+			b.args = append(b.args, "--read-only")
+		}
+		if o.numQueues != 1 {
+			b.args = append(b.args, "--num-queues", strconv.Itoa(o.numQueues))
+		}
+		b.args = append(b.args, img.path)
+	}
+	e.record("", append(b.args, "&"))
+
+	logf, err := os.CreateTemp(e.work, "backend-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.log = logf.Name()
+	b.cmd = exec.Command(b.args[0], b.args[1:]...)
+	b.cmd.Stdout, b.cmd.Stderr = logf, logf
+	if err := b.cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatalf("starting backend: %v", err)
+	}
+	logf.Close()
+	b.done = make(chan struct{})
+	go func() { b.err = b.cmd.Wait(); close(b.done) }()
+	t.Cleanup(func() {
+		select {
+		case <-b.done:
+		default:
+			b.cmd.Process.Kill()
+			<-b.done
+		}
+	})
+
+	// Wait for the socket; a backend that dies first fails the test.
+	deadline := time.After(30 * time.Second)
+	for {
+		if st, err := os.Stat(b.sock); err == nil && st.Mode()&os.ModeSocket != 0 {
+			return b
+		}
+		select {
+		case <-b.done:
+			t.Fatalf("backend exited before listening: %v\n%s", b.err, tail(b.log, 40))
+		case <-deadline:
+			t.Fatalf("backend did not create %s within 30s\n%s", b.sock, tail(b.log, 40))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// stop sends SIGTERM and requires a clean exit, as a service manager would.
+func (b *backend) stop(t *testing.T) {
+	t.Helper()
+	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		t.Fatalf("SIGTERM to backend: %v", err)
+	}
+	select {
+	case <-b.done:
+	case <-time.After(30 * time.Second):
+		b.cmd.Process.Kill()
+		<-b.done
+		t.Fatalf("backend did not exit within 30s of SIGTERM\n%s", tail(b.log, 40))
+	}
+	if b.err != nil {
+		t.Fatalf("backend exit after SIGTERM: %v (want status 0)\n%s", b.err, tail(b.log, 40))
+	}
+}
+
+// ---- guests ----
+
+type vmOpts struct {
+	cpus      int
+	numQueues int
+	// script is the body of /test.sh. It runs under `set -e` after
+	// /etc/testlib.sh is sourced; the guest passes when it exits 0.
+	script string
+}
+
+// boot runs one guest against the backend and returns its console log. The
+// test fails unless the guest prints the PASS marker and QEMU exits.
+func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
+	t.Helper()
+	if o.cpus == 0 {
+		o.cpus = 1
+	}
+	if o.numQueues == 0 {
+		o.numQueues = 1
+	}
+	start := time.Now()
+	dir := filepath.Join(e.work, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	initrd := filepath.Join(dir, "initrd")
+	if err := e.writeInitrd(initrd, o.script); err != nil {
+		t.Fatal(err)
+	}
+	console := filepath.Join(dir, "console.log")
+	args := []string{"qemu-system-x86_64",
+		"-accel", e.accel,
+		"-m", guestMemory,
+		"-smp", strconv.Itoa(o.cpus),
+		"-object", "memory-backend-memfd,id=mem,size=" + guestMemory + ",share=on",
+		"-numa", "node,memdev=mem",
+		"-nodefaults", "-display", "none", "-no-reboot",
+		"-serial", "file:" + console,
+		"-monitor", "none",
+		"-kernel", e.kernel,
+		"-initrd", initrd,
+		"-append", "console=ttyS0 panic=-1 quiet",
+		"-chardev", "socket,id=c0,path=" + b.sock,
+		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues),
+	}
+	e.record("", args)
+
+	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stderr, &stderr
+	err := cmd.Run()
+	logText, _ := os.ReadFile(console)
+	out := string(logText)
+	t.Logf("guest %s finished in %.1fs", name, time.Since(start).Seconds())
+
+	fail := func(why string) {
+		t.Helper()
+		t.Fatalf("guest %s: %s\n--- QEMU output ---\n%s\n--- console (last 60 lines of %s) ---\n%s\n--- backend log (last 30 lines) ---\n%s",
+			name, why, strings.TrimSpace(stderr.String()), console, tailString(out, 60), tail(b.log, 30))
+	}
+	if ctx.Err() != nil {
+		fail(fmt.Sprintf("no poweroff within %v; QEMU killed (hang?)", e.timeout))
+	}
+	if err != nil {
+		fail(fmt.Sprintf("qemu-system-x86_64: %v", err))
+	}
+	m := regexp.MustCompile(resultMark + `(PASS|FAIL[^\r\n]*)`).FindStringSubmatch(out)
+	switch {
+	case m == nil:
+		fail("no result marker on the console")
+	case m[1] != "PASS":
+		fail("test script failed: " + m[1])
+	}
+	return out
+}
+
+// writeInitrd writes the base initramfs followed by a second cpio archive
+// with /test.sh and /bin/guestcmd; the kernel unpacks both in order.
+func (e *env) writeInitrd(path, script string) error {
+	base, err := os.ReadFile(e.initrd)
+	if err != nil {
+		return err
+	}
+	guestcmd, err := os.ReadFile(e.guestcmd)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	buf.Write(base)
+	// An uncompressed archive must start on a 4-byte boundary; the kernel
+	// skips zero padding between archives.
+	for buf.Len()%4 != 0 {
+		buf.WriteByte(0)
+	}
+	test := "set -e\n. /etc/testlib.sh\nwait_dev /dev/vda\n" + script + "\n"
+	w := cpioWriter{w: &buf}
+	w.file("test.sh", 0o755, []byte(test))
+	w.file("bin/guestcmd", 0o755, guestcmd)
+	w.trailer()
+	return os.WriteFile(path, buf.Bytes(), 0o644)
+}
+
+// cpioWriter writes the "newc" format the kernel's initramfs unpacker reads.
+type cpioWriter struct {
+	w   *bytes.Buffer
+	ino int
+}
+
+func (c *cpioWriter) entry(name string, mode uint32, data []byte) {
+	c.ino++
+	fields := []uint32{uint32(c.ino), mode, 0, 0, 1, 0, uint32(len(data)), 0, 0, 0, 0, uint32(len(name) + 1), 0}
+	c.w.WriteString("070701")
+	for _, f := range fields {
+		fmt.Fprintf(c.w, "%08X", f)
+	}
+	c.w.WriteString(name)
+	c.w.WriteByte(0)
+	c.pad()
+	c.w.Write(data)
+	c.pad()
+}
+
+func (c *cpioWriter) pad() {
+	for c.w.Len()%4 != 0 {
+		c.w.WriteByte(0)
+	}
+}
+
+func (c *cpioWriter) file(name string, perm uint32, data []byte) {
+	c.entry(name, syscall.S_IFREG|perm, data)
+}
+
+func (c *cpioWriter) trailer() { c.entry("TRAILER!!!", 0, nil) }
+
+// ---- small helpers ----
+
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	return tailString(string(b), n)
+}
+
+func tailString(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// consoleValue returns the value printed by the guest as "KEY=value".
+func consoleValue(t *testing.T, console, key string) string {
+	t.Helper()
+	sc := bufio.NewScanner(strings.NewReader(console))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), key+"="); ok {
+			return v
+		}
+	}
+	t.Fatalf("guest printed no %s= line", key)
+	return ""
+}
+
+// fileSum returns the SHA-256 of a file's bytes.
+func fileSum(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}
