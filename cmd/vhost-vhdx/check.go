@@ -1,0 +1,79 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+)
+
+const checkUsage = `Usage: vhost-vhdx check [--repair] IMAGE
+
+Check an image against MS-VHDX: headers, region table, metadata, BAT and
+log. Every problem found is printed on its own line.
+
+Options:
+  --repair   open read-write, replay a pending log and truncate leaked space
+             at the end of the file (only when nothing else is wrong)
+
+Exit status:
+  0  no problems, or every problem was repaired
+  1  the check could not run (file missing, in use, unsupported image)
+  2  usage error
+  3  the image is damaged: problems remain
+`
+
+func runCheck(args []string, stdout, _ io.Writer) error {
+	fs := newFlagSet("check")
+	repair := fs.Bool("repair", false, "")
+	pos, err := parseArgs(fs, args, checkUsage, stdout, 1, 1)
+	if err != nil {
+		return err
+	}
+	path := pos[0]
+	rep, err := vhdx.Check(path, *repair)
+	if rep == nil {
+		return fmt.Errorf("check %s: %s", path, cause(err, path))
+	}
+	for _, p := range rep.Problems {
+		where := ""
+		if p.Offset >= 0 {
+			where = fmt.Sprintf("offset %#x: ", p.Offset)
+		}
+		state := ""
+		if p.Repaired {
+			state = " (repaired)"
+		}
+		fmt.Fprintf(stdout, "%s%s%s\n", where, p.What, state)
+	}
+	if err != nil {
+		// The check stopped at a structure the rest depends on. A broken
+		// structure is damage; anything else (I/O, unsupported feature)
+		// means we could not tell.
+		code := exitFailure
+		if errors.Is(err, vhdx.ErrCorrupt) || errors.Is(err, vhdx.ErrNotVHDX) || errors.Is(err, vhdx.ErrDirtyLog) {
+			code = exitDamaged
+		}
+		return &exitStatusError{code, fmt.Errorf("check %s: %s", path, cause(err, path))}
+	}
+	if rep.Damaged() {
+		n := 0
+		for _, p := range rep.Problems {
+			if !p.Repaired {
+				n++
+			}
+		}
+		hint := ""
+		if !*repair {
+			hint = "; try --repair"
+		}
+		return &exitStatusError{exitDamaged, fmt.Errorf("check %s: %d problem(s) remain%s", path, n, hint)}
+	}
+	if len(rep.Problems) == 0 {
+		fmt.Fprintln(stdout, "No errors found")
+	} else {
+		fmt.Fprintln(stdout, "All problems were repaired")
+	}
+	return nil
+}
