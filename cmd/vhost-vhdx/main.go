@@ -57,7 +57,7 @@ func main() {
 // one line on stderr.
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, mainUsage())
+		fmt.Fprintf(stderr, "%s: missing command (see '%s help')\n", prog, prog)
 		return exitUsage
 	}
 	switch args[0] {
