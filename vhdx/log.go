@@ -470,22 +470,26 @@ func replayLog(s Storage, lr logRegion) (replayed bool, err error) {
 		return false, errAt(ErrCorrupt, lr.offset+uint64(head.e.pos), "log entry", "LastFileOffset %#x is beyond any possible file", head.e.last)
 	}
 	ap := logApplier{s: s, lr: lr, size: uint64(size)}
-	n := tail
-	for i := uint32(0); ; i++ {
-		if i > sc.sectors {
-			return false, errAt(ErrCorrupt, lr.offset+uint64(tail.e.pos), "log entry", "active sequence longer than the log has sectors")
-		}
-		if err := ap.replayEntry(&sc.r, n.e); err != nil {
-			return false, err
-		}
-		if n == head {
-			break
-		}
-		if n, err = sc.succ(n); err != nil {
-			return false, err
-		}
-		if n == nil { // cannot happen: the chain was resolved through head
-			return false, errAt(ErrCorrupt, lr.offset+uint64(tail.e.pos), "log entry", "active sequence changed during replay")
+	// Two passes: the first only checks every descriptor's target, so that a
+	// refused log leaves the file untouched; the second writes.
+	for _, dry := range []bool{true, false} {
+		n := tail
+		for i := uint32(0); ; i++ {
+			if i > sc.sectors {
+				return false, errAt(ErrCorrupt, lr.offset+uint64(tail.e.pos), "log entry", "active sequence longer than the log has sectors")
+			}
+			if err := ap.replayEntry(&sc.r, n.e, dry); err != nil {
+				return false, err
+			}
+			if n == head {
+				break
+			}
+			if n, err = sc.succ(n); err != nil {
+				return false, err
+			}
+			if n == nil { // cannot happen: the chain was resolved through head
+				return false, errAt(ErrCorrupt, lr.offset+uint64(tail.e.pos), "log entry", "active sequence changed during replay")
+			}
 		}
 	}
 	// §2.3.3: "expand the file size to be at least as large as the
@@ -571,8 +575,9 @@ func (ap *logApplier) extend(size uint64) error {
 // replayEntry applies every descriptor of e in order (§2.3.3), restoring
 // each data sector's leading and trailing bytes from its descriptor
 // (§2.3.1.3, §2.3.1.4). Sectors are re-read and re-checked, so a log that
-// changed since the scan fails instead of replaying garbage.
-func (ap *logApplier) replayEntry(r *logReader, e logEntry) error {
+// changed since the scan fails instead of replaying garbage. With dry set it
+// only checks the descriptors' targets and writes nothing.
+func (ap *logApplier) replayEntry(r *logReader, e logEntry, dry bool) error {
 	le := binary.LittleEndian
 	b, dat := r.sec[:], r.dat[:]
 	changed := func(off uint64, what string) error {
@@ -607,6 +612,10 @@ func (ap *logApplier) replayEntry(r *logReader, e logEntry) error {
 				if uint64(ds) >= uint64(e.length/logSectorSize) {
 					return changed(dOff, "data descriptor count")
 				}
+				dataIdx++
+				if dry {
+					break
+				}
 				datOff, err := r.readSector(dat, e.pos, ds)
 				if err != nil {
 					return err
@@ -619,11 +628,13 @@ func (ap *logApplier) replayEntry(r *logReader, e logEntry) error {
 				if err := ap.writeSector(dat, fileOff); err != nil {
 					return err
 				}
-				dataIdx++
 			case logSigZero:
 				zl := le.Uint64(d[logDescOffZeroLen:])
 				if _, why := checkTarget(ap.lr, fileOff, zl); why != "" {
 					return errAt(ErrCorrupt, dOff, "log zero descriptor", "target [%#x, +%#x): %s", fileOff, zl, why)
+				}
+				if dry {
+					break
 				}
 				if err := ap.zeroRange(fileOff, zl); err != nil {
 					return err

@@ -1,0 +1,478 @@
+package vhdx
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"math"
+	"strings"
+	"testing"
+
+	"github.com/google/uuid"
+)
+
+// The fixtures below encode log entries independently of log.go, straight
+// from the field offsets of MS-VHDX §2.3.1, so that parser and writer are
+// each checked against the spec rather than against each other.
+
+const (
+	tLogOff   = 1 << 20 // the log region of every fixture
+	tLogLen   = 1 << 20
+	tFileSize = 4 << 20
+	tMeta     = 2 << 20 // fixtures' "metadata" targets live in [2 MiB, 3 MiB)
+)
+
+var (
+	tGUID  = uuid.MustParse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+	tOther = uuid.MustParse("11111111-2222-3333-4444-555555555555")
+	tLR    = logRegion{offset: tLogOff, length: tLogLen, guid: tGUID}
+)
+
+type tDesc struct {
+	zero    bool
+	off     uint64
+	zeroLen uint64
+	data    []byte // 4096 bytes for a data descriptor
+}
+
+type tEntry struct {
+	guid    uuid.UUID // zero: tGUID
+	seq     uint64
+	tail    uint32
+	flushed uint64 // zero: 1 MiB
+	last    uint64 // zero: tFileSize
+	descs   []tDesc
+}
+
+// encodeTestEntry lays out e per §2.3.1: header + descriptors (126 in the
+// first sector, 128 in each further one), then one data sector per data
+// descriptor, CRC-32C over the whole entry with the checksum field zeroed.
+func encodeTestEntry(e tEntry) []byte {
+	le := binary.LittleEndian
+	if e.guid == uuid.Nil {
+		e.guid = tGUID
+	}
+	if e.flushed == 0 {
+		e.flushed = 1 << 20
+	}
+	if e.last == 0 {
+		e.last = tFileSize
+	}
+	descSectors := (len(e.descs) + 2 + 127) / 128
+	var data [][]byte
+	for _, d := range e.descs {
+		if !d.zero {
+			data = append(data, d.data)
+		}
+	}
+	b := make([]byte, (descSectors+len(data))*4096)
+	copy(b[0:], "loge")
+	le.PutUint32(b[8:], uint32(len(b)))
+	le.PutUint32(b[12:], e.tail)
+	le.PutUint64(b[16:], e.seq)
+	le.PutUint32(b[24:], uint32(len(e.descs)))
+	guidToDisk(b[32:], e.guid)
+	le.PutUint64(b[48:], e.flushed)
+	le.PutUint64(b[56:], e.last)
+	di := 0
+	for i, d := range e.descs {
+		p := b[(i+2)*32:]
+		if d.zero {
+			copy(p[0:], "zero")
+			le.PutUint64(p[8:], d.zeroLen)
+		} else {
+			copy(p[0:], "desc")
+			copy(p[4:8], d.data[4092:])
+			copy(p[8:16], d.data[:8])
+			s := b[(descSectors+di)*4096:][:4096]
+			copy(s[0:], "data")
+			le.PutUint32(s[4:], uint32(e.seq>>32))
+			copy(s[8:4092], d.data[8:4092])
+			le.PutUint32(s[4092:], uint32(e.seq))
+			di++
+		}
+		le.PutUint64(p[16:], d.off)
+		le.PutUint64(p[24:], e.seq)
+	}
+	fixTestCRC(b)
+	return b
+}
+
+// fixTestCRC recomputes the entry checksum over all of b.
+func fixTestCRC(b []byte) {
+	binary.LittleEndian.PutUint32(b[4:], 0)
+	binary.LittleEndian.PutUint32(b[4:], crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)))
+}
+
+// sectorOf returns a 4 KiB sector filled with a pattern derived from seed,
+// with distinct first 8 and last 4 bytes so that a lost leading/trailing
+// restore shows.
+func sectorOf(seed byte) []byte {
+	b := bytes.Repeat([]byte{seed}, 4096)
+	copy(b, "LEAD"+string([]byte{seed, seed ^ 1, seed ^ 2, seed ^ 3}))
+	copy(b[4092:], "TRL"+string([]byte{seed}))
+	return b
+}
+
+// newLogFixture returns a 4 MiB file whose log region (1 MiB at 1 MiB) is
+// empty and whose "metadata" area [2 MiB, 3 MiB) is filled with 0xEE.
+func newLogFixture() *faultStorage {
+	img := make([]byte, tFileSize)
+	copy(img, "vhdxfile")
+	for i := tMeta; i < tMeta+(1<<20); i++ {
+		img[i] = 0xEE
+	}
+	return newFaultStorage(img)
+}
+
+// putTestEntry writes b into the log at pos, wrapping at the end of the log
+// as a ring.
+func putTestEntry(t *testing.T, s Storage, pos uint32, b []byte) {
+	t.Helper()
+	for i := 0; i < len(b); i += 4096 {
+		off := tLogOff + (uint64(pos)+uint64(i))%tLogLen
+		if _, err := s.WriteAt(b[i:i+4096], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func oneDataEntry(seq uint64, tail uint32) tEntry {
+	return tEntry{seq: seq, tail: tail, descs: []tDesc{
+		{off: tMeta, data: sectorOf(byte(seq))},
+		{zero: true, off: tMeta + 8192, zeroLen: 8192},
+	}}
+}
+
+func TestParseEntryRejectsEachBrokenRule(t *testing.T) {
+	le := binary.LittleEndian
+	tests := []struct {
+		name   string
+		mutate func(b []byte) // applied to the encoded one-data, one-zero entry
+		refix  bool           // recompute the checksum so only the named rule is broken
+		want   string
+	}{
+		{"checksum does not match", func(b []byte) { b[4096+100] ^= 1 }, false, "checksum"},
+		{"signature is not loge", func(b []byte) { copy(b, "logf") }, true, "signature"},
+		{"EntryLength beyond the log", func(b []byte) { le.PutUint32(b[8:], tLogLen+4096) }, true, "EntryLength"},
+		{"EntryLength not a 4 KiB multiple", func(b []byte) { le.PutUint32(b[8:], 8192+512) }, true, "EntryLength"},
+		{"EntryLength zero", func(b []byte) { le.PutUint32(b[8:], 0) }, true, "EntryLength"},
+		{"Tail outside the log", func(b []byte) { le.PutUint32(b[12:], tLogLen) }, true, "Tail"},
+		{"Tail not a 4 KiB multiple", func(b []byte) { le.PutUint32(b[12:], 512) }, true, "Tail"},
+		{"SequenceNumber zero", func(b []byte) { le.PutUint64(b[16:], 0) }, true, "SequenceNumber is 0"},
+		{"LogGuid of another log", func(b []byte) { guidToDisk(b[32:], tOther) }, true, "LogGuid"},
+		{"FlushedFileOffset not 1 MiB aligned", func(b []byte) { le.PutUint64(b[48:], 4096) }, true, "FlushedFileOffset"},
+		{"LastFileOffset not 1 MiB aligned", func(b []byte) { le.PutUint64(b[56:], tFileSize+4096) }, true, "LastFileOffset"},
+		{"DescriptorCount needs more sectors than EntryLength", func(b []byte) { le.PutUint32(b[24:], 1000) }, true, "DescriptorCount"},
+		{"DescriptorCount huge", func(b []byte) { le.PutUint32(b[24:], math.MaxUint32) }, true, "DescriptorCount"},
+		{"more data descriptors than data sectors", func(b []byte) { copy(b[96:], "desc") }, true, "data descriptors"},
+		{"descriptor SequenceNumber mismatch", func(b []byte) { le.PutUint64(b[64+24:], 2) }, true, "descriptor 0 SequenceNumber"},
+		{"zero descriptor SequenceNumber mismatch", func(b []byte) { le.PutUint64(b[96+24:], 2) }, true, "descriptor 1 SequenceNumber"},
+		{"descriptor signature unknown", func(b []byte) { copy(b[64:], "dexc") }, true, "neither"},
+		{"data descriptor FileOffset unaligned", func(b []byte) { le.PutUint64(b[64+16:], tMeta+512) }, true, "FileOffset"},
+		{"zero descriptor ZeroLength unaligned", func(b []byte) { le.PutUint64(b[96+8:], 100) }, true, "ZeroLength"},
+		{"data sector signature", func(b []byte) { copy(b[4096:], "date") }, true, "data sector 0: signature"},
+		{"data sector SequenceHigh mismatch", func(b []byte) { le.PutUint32(b[4096+4:], 1) }, true, "SequenceHigh"},
+		{"data sector SequenceLow mismatch", func(b []byte) { le.PutUint32(b[8192-4:], 2) }, true, "SequenceHigh/Low"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := encodeTestEntry(oneDataEntry(1, 0))
+			tt.mutate(b)
+			if tt.refix {
+				fixTestCRC(b)
+			}
+			s := newLogFixture()
+			putTestEntry(t, s, 0, b)
+			r := logReader{s: s, lr: tLR}
+			_, err := r.parseEntry(0)
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("parseEntry = %v, want ErrCorrupt mentioning %q", err, tt.want)
+			}
+			if active, err := hasActiveLog(s, tLR); active || err != nil {
+				t.Errorf("hasActiveLog = %v, %v; want false, nil: the only entry is invalid", active, err)
+			}
+			before := s.current()
+			if replayed, err := replayLog(s, tLR); replayed || err != nil {
+				t.Errorf("replayLog = %v, %v; want false, nil", replayed, err)
+			}
+			if !bytes.Equal(before, s.current()) {
+				t.Error("replayLog changed the file although nothing was valid")
+			}
+		})
+	}
+}
+
+func TestParseEntryAcceptsWellFormedEntries(t *testing.T) {
+	many := tEntry{seq: 9, tail: 0}
+	for i := range 300 { // three descriptor sectors: 126 + 128 + 46
+		if i%3 == 0 {
+			many.descs = append(many.descs, tDesc{off: tMeta + uint64(i)*4096, data: sectorOf(byte(i))})
+		} else {
+			many.descs = append(many.descs, tDesc{zero: true, off: tMeta + uint64(i)*4096, zeroLen: 4096})
+		}
+	}
+	tests := []struct {
+		name        string
+		e           tEntry
+		descSectors uint32
+	}{
+		{"no descriptors", tEntry{seq: 1}, 1},
+		{"one data one zero", oneDataEntry(1, 0), 1},
+		{"126 descriptors fill the first sector", tEntry{seq: 3, descs: make([]tDesc, 126)}, 1},
+		{"127 descriptors need a second sector", tEntry{seq: 3, descs: make([]tDesc, 127)}, 2},
+		{"300 mixed descriptors", many, 3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for i := range tt.e.descs {
+				if tt.e.descs[i].data == nil && !tt.e.descs[i].zero {
+					tt.e.descs[i] = tDesc{zero: true, off: tMeta, zeroLen: 4096}
+				}
+			}
+			b := encodeTestEntry(tt.e)
+			s := newLogFixture()
+			putTestEntry(t, s, 0, b)
+			r := logReader{s: s, lr: tLR}
+			e, err := r.parseEntry(0)
+			if err != nil {
+				t.Fatalf("parseEntry: %v", err)
+			}
+			if e.seq != tt.e.seq || e.length != uint32(len(b)) || e.descCount != uint32(len(tt.e.descs)) || e.descSectors != tt.descSectors {
+				t.Errorf("parsed %+v; want seq %d, length %d, %d descriptors in %d sectors",
+					e, tt.e.seq, len(b), len(tt.e.descs), tt.descSectors)
+			}
+		})
+	}
+}
+
+// placed is an entry at a position in the log.
+type placed struct {
+	pos   uint32
+	entry tEntry
+	raw   []byte // used instead of encoding entry when set
+}
+
+func TestActiveSequenceSearch(t *testing.T) {
+	const L = tLogLen
+	e := func(seq uint64, tail uint32) tEntry { return oneDataEntry(seq, tail) } // 8 KiB each
+	tests := []struct {
+		name     string
+		log      []placed
+		wantHead uint64 // sequence number of the active head; 0: none
+		wantTail uint32
+	}{
+		{"empty log", nil, 0, 0},
+		{"single self-tailed entry", []placed{{pos: 0x3000, entry: e(5, 0x3000)}}, 5, 0x3000},
+		{"two chained entries, tail at the first",
+			[]placed{{pos: 0, entry: e(1, 0)}, {pos: 8192, entry: e(2, 0)}}, 2, 0},
+		{"chain whose head's tail is its own entry replays only the head",
+			[]placed{{pos: 0, entry: e(1, 0)}, {pos: 8192, entry: e(2, 8192)}}, 2, 8192},
+		{"sequence gap: the later entry is not chained, its tail is not in its sequence",
+			[]placed{{pos: 0, entry: e(1, 0)}, {pos: 8192, entry: e(3, 0)}}, 1, 0},
+		{"tail outside the sequence invalidates the whole chain",
+			[]placed{{pos: 0, entry: e(1, 0)}, {pos: 8192, entry: e(2, 0x10000)}}, 0, 0},
+		{"the sequence with the higher head wins",
+			[]placed{{pos: 0, entry: e(7, 0)}, {pos: 0x40000, entry: e(3, 0x40000)}, {pos: 0x42000, entry: e(4, 0x40000)}}, 7, 0},
+		{"stale entry of another log is ignored",
+			[]placed{{pos: 0, entry: tEntry{guid: tOther, seq: 99, descs: oneDataEntry(99, 0).descs}}, {pos: 0x8000, entry: e(2, 0x8000)}}, 2, 0x8000},
+		{"sequence wraps around the end of the log",
+			[]placed{{pos: L - 8192, entry: e(10, L-8192)}, {pos: 0, entry: e(11, L-8192)}}, 11, L - 8192},
+		{"entry straddles the end of the log",
+			[]placed{{pos: L - 0x3000, entry: e(20, L-0x3000)}, {pos: L - 0x1000, entry: e(21, L-0x3000)}, {pos: 0x1000, entry: e(22, L-0x3000)}}, 22, L - 0x3000},
+		{"whole-log entry does not chain to itself",
+			[]placed{{pos: 0, entry: tEntry{seq: 4, descs: wholeLogDescs()}}}, 4, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newLogFixture()
+			for _, p := range tt.log {
+				b := p.raw
+				if b == nil {
+					b = encodeTestEntry(p.entry)
+				}
+				putTestEntry(t, s, p.pos, b)
+			}
+			sc, err := newLogScan(s, tLR)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tail, head, err := sc.findActive()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var gotHead uint64
+			var gotTail uint32
+			if head != nil {
+				gotHead, gotTail = head.e.seq, tail.e.pos
+			}
+			if gotHead != tt.wantHead || gotTail != tt.wantTail {
+				t.Errorf("active sequence head seq %d tail %#x; want %d, %#x", gotHead, gotTail, tt.wantHead, tt.wantTail)
+			}
+			active, err := hasActiveLog(s, tLR)
+			if err != nil || active != (tt.wantHead != 0) {
+				t.Errorf("hasActiveLog = %v, %v; want %v", active, err, tt.wantHead != 0)
+			}
+		})
+	}
+}
+
+// wholeLogDescs makes an entry exactly as long as the log.
+func wholeLogDescs() []tDesc {
+	d := make([]tDesc, tLogLen/4096-2) // two descriptor sectors + 254 data sectors
+	for i := range d {
+		d[i] = tDesc{off: tMeta + uint64(i)*4096, data: sectorOf(byte(i))}
+	}
+	return d
+}
+
+func TestReplayAppliesEntriesInOrderFromTheTail(t *testing.T) {
+	const L = tLogLen
+	s := newLogFixture()
+	// Three entries, the middle one straddling the end of the log. Later
+	// entries overwrite the same sector, so order matters; each entry also
+	// writes a sector of its own.
+	entries := []placed{
+		{pos: L - 0x5000, entry: tEntry{seq: 20, tail: L - 0x5000, descs: []tDesc{
+			{off: tMeta, data: sectorOf(1)}}}},
+		{pos: L - 0x3000, entry: tEntry{seq: 21, tail: L - 0x5000, descs: []tDesc{
+			{off: tMeta, data: sectorOf(3)}, {off: tMeta + 0x1000, data: sectorOf(2)},
+			{zero: true, off: tMeta + 0x4000, zeroLen: 0x2000}, {off: tMeta + 0x3000, data: sectorOf(6)}}}},
+		{pos: 0x1000, entry: tEntry{seq: 22, tail: L - 0x5000, last: 6 << 20, descs: []tDesc{
+			{off: tMeta + 0x2000, data: sectorOf(4)}, {off: 5<<20 + 0x1000, data: sectorOf(5)}}}},
+	}
+	for _, p := range entries {
+		putTestEntry(t, s, p.pos, encodeTestEntry(p.entry))
+	}
+	want := s.current()
+	copy(want[tMeta:], sectorOf(3))
+	copy(want[tMeta+0x1000:], sectorOf(2))
+	copy(want[tMeta+0x2000:], sectorOf(4))
+	copy(want[tMeta+0x3000:], sectorOf(6))
+	clear(want[tMeta+0x4000 : tMeta+0x6000])
+	want = append(want, make([]byte, 6<<20-len(want))...) // LastFileOffset of the head
+	copy(want[5<<20+0x1000:], sectorOf(5))                // beyond the old end of file
+
+	replayed, err := replayLog(s, tLR)
+	if err != nil || !replayed {
+		t.Fatalf("replayLog = %v, %v; want true, nil", replayed, err)
+	}
+	got := s.current()
+	if len(got) != len(want) {
+		t.Fatalf("file size %#x after replay, want %#x", len(got), len(want))
+	}
+	if i := firstDiff(got, want); i >= 0 {
+		t.Fatalf("replayed image differs at offset %#x: got %#x want %#x", i, got[i], want[i])
+	}
+	// Replay is idempotent: a crash during replay is repaired by replaying
+	// again on the next open.
+	if _, err := replayLog(s, tLR); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(s.current(), want) {
+		t.Error("second replay changed the image")
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
+}
+
+func TestReplayZeroDescriptorPastEndOfFileExtendsIt(t *testing.T) {
+	s := newLogFixture()
+	putTestEntry(t, s, 0, encodeTestEntry(tEntry{seq: 1, descs: []tDesc{
+		{zero: true, off: tFileSize - 0x1000, zeroLen: 0x3000}}}))
+	if _, err := replayLog(s, tLR); err != nil {
+		t.Fatal(err)
+	}
+	got := s.current()
+	if len(got) != tFileSize+0x2000 {
+		t.Fatalf("size %#x, want %#x", len(got), tFileSize+0x2000)
+	}
+	if !bytes.Equal(got[tFileSize-0x1000:], make([]byte, 0x3000)) {
+		t.Error("zeroed range is not zero")
+	}
+}
+
+func TestReplayRefusesUnsafeOrImpossibleLogs(t *testing.T) {
+	tests := []struct {
+		name string
+		e    tEntry
+		want string
+	}{
+		{"data descriptor over the file identifier", tEntry{seq: 1, descs: []tDesc{{off: 0, data: sectorOf(1)}}}, "identifier or the headers"},
+		{"data descriptor over header 2", tEntry{seq: 1, descs: []tDesc{{off: 128 << 10, data: sectorOf(1)}}}, "identifier or the headers"},
+		{"zero descriptor reaching into the headers", tEntry{seq: 1, descs: []tDesc{{zero: true, off: 0, zeroLen: 1 << 20}}}, "identifier or the headers"},
+		{"data descriptor into the log", tEntry{seq: 1, descs: []tDesc{{off: tLogOff + 0x8000, data: sectorOf(1)}}}, "overlaps the log"},
+		{"zero descriptor covering the log", tEntry{seq: 1, descs: []tDesc{{zero: true, off: 1 << 20, zeroLen: 2 << 20}}}, "overlaps the log"},
+		{"zero descriptor whose end overflows", tEntry{seq: 1, descs: []tDesc{{zero: true, off: tMeta, zeroLen: math.MaxUint64 - 4095}}}, "beyond any possible file"},
+		{"file shorter than FlushedFileOffset", tEntry{seq: 1, flushed: 8 << 20, descs: oneDataEntry(1, 0).descs}, "truncated"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newLogFixture()
+			putTestEntry(t, s, 0, encodeTestEntry(tt.e))
+			if active, err := hasActiveLog(s, tLR); !active || err != nil {
+				t.Fatalf("hasActiveLog = %v, %v; the entry itself is well-formed", active, err)
+			}
+			before := s.current()
+			_, err := replayLog(s, tLR)
+			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("replayLog = %v, want ErrCorrupt mentioning %q", err, tt.want)
+			}
+			if !bytes.Equal(before[:tLogOff+tLogLen], s.current()[:tLogOff+tLogLen]) {
+				t.Error("refused replay wrote to the header section or the log")
+			}
+		})
+	}
+}
+
+func TestReplayAllowsRegionTableUpdates(t *testing.T) {
+	// §2.2.3: region table updates go through the log; 192 KiB is the lowest
+	// offset a descriptor may target.
+	s := newLogFixture()
+	putTestEntry(t, s, 0, encodeTestEntry(tEntry{seq: 1, descs: []tDesc{{off: 192 << 10, data: sectorOf(9)}}}))
+	if _, err := replayLog(s, tLR); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.current()[192<<10:][:4096]; !bytes.Equal(got, sectorOf(9)) {
+		t.Error("region table sector not replayed")
+	}
+}
+
+func TestLogWithZeroGUIDOrLengthIsEmpty(t *testing.T) {
+	s := newLogFixture()
+	putTestEntry(t, s, 0, encodeTestEntry(oneDataEntry(1, 0)))
+	for _, lr := range []logRegion{{offset: tLogOff, length: tLogLen}, {offset: tLogOff, guid: tGUID}} {
+		if active, err := hasActiveLog(s, lr); active || err != nil {
+			t.Errorf("hasActiveLog(%+v) = %v, %v; want false, nil", lr, active, err)
+		}
+		if replayed, err := replayLog(s, lr); replayed || err != nil {
+			t.Errorf("replayLog(%+v) = %v, %v; want false, nil", lr, replayed, err)
+		}
+	}
+}
+
+func TestLogRegionOutsideTheFileIsCorrupt(t *testing.T) {
+	s := newLogFixture()
+	for _, lr := range []logRegion{
+		{offset: tFileSize - tLogLen/2, length: tLogLen, guid: tGUID},        // not 1 MiB aligned
+		{offset: tFileSize, length: tLogLen, guid: tGUID},                    // past the end
+		{offset: 0, length: tLogLen, guid: tGUID},                            // in the header section
+		{offset: tLogOff, length: tLogLen + 4096, guid: tGUID},               // length not 1 MiB multiple
+		{offset: math.MaxUint64 - tLogLen + 1, length: tLogLen, guid: tGUID}, // overflow
+	} {
+		if _, err := hasActiveLog(s, lr); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("hasActiveLog(%+v) = %v, want ErrCorrupt", lr, err)
+		}
+	}
+}
