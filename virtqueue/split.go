@@ -146,7 +146,11 @@ type SplitQueue struct {
 //
 // The used index is read from the used ring, since after a reconnect it is
 // whatever the previous back-end left there (vhost-user spec
-// "GET_VRING_BASE": the used index "is in guest memory").
+// "GET_VRING_BASE": the used index "is in guest memory"). The chains between
+// used.idx and cfg.NextAvail count as in flight: they can be completed with
+// PushUsed on the new queue, so re-creating a queue with
+// NextAvail = old.NextAvail() (after a memory table change) keeps requests
+// in progress completable. More than Size of them is rejected.
 func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 	if mem == nil {
 		return nil, fmt.Errorf("%w: no memory table", ErrInvalidQueue)
@@ -204,6 +208,16 @@ func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 	word := atomicLoadLE32(used[usedFlags : usedFlags+4])
 	q.usedPublished = uint16(word >> 16)
 	q.usedShadow = q.usedPublished
+	// Chains between used.idx and NextAvail were taken by a previous
+	// queue object or back-end and may still be completed through this
+	// one (a queue re-created after a memory table change, or requests
+	// resubmitted from the inflight region after a reconnect).
+	inflight := cfg.NextAvail - q.usedPublished
+	if inflight > size {
+		return nil, fmt.Errorf("%w: next avail index %d is %d entries past used.idx %d, queue size %d",
+			ErrInvalidQueue, cfg.NextAvail, inflight, q.usedPublished, size)
+	}
+	q.inflight = uint64(inflight)
 	if !cfg.EventIdx {
 		// Keep whatever suppression state a previous back-end left;
 		// the worker re-arms with EnableNotifications before it sleeps.

@@ -85,6 +85,47 @@ func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 	}
 }
 
+func TestRecreatedQueueCompletesChainsInFlight(t *testing.T) {
+	d, q := newDriver(t, vqt.Config{Size: 8})
+	var c virtqueue.Chain
+	var heads []uint16
+	for i := 0; i < 3; i++ {
+		if _, err := d.AddChain(vqt.Buffer{Len: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if ok, err := q.Next(&c); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+		heads = append(heads, c.Head)
+	}
+	if err := q.PushUsed(heads[0], 0); err != nil {
+		t.Fatal(err)
+	}
+	// As after SET_MEM_TABLE: a new queue object resuming at NextAvail.
+	cfg := d.QueueConfig()
+	cfg.NextAvail = q.NextAvail()
+	q2, err := virtqueue.NewSplitQueue(d.Mem, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range heads[1:] {
+		if err := q2.PushUsed(h, 0); err != nil {
+			t.Fatalf("completing head %d on the new queue: %v", h, err)
+		}
+	}
+	if err := q2.PushUsed(0, 0); !errors.Is(err, virtqueue.ErrInvalidUsed) {
+		t.Errorf("a fourth completion was accepted: %v", err)
+	}
+	if d.UsedIdx() != 3 {
+		t.Errorf("used.idx = %d, want 3", d.UsedIdx())
+	}
+
+	cfg.NextAvail = d.UsedIdx() + 9 // more than Size chains in flight
+	if _, err := virtqueue.NewSplitQueue(d.Mem, cfg); !errors.Is(err, virtqueue.ErrInvalidQueue) {
+		t.Errorf("NextAvail 9 past used.idx in a queue of 8: err = %v", err)
+	}
+}
+
 func TestNewSplitQueueRejectsMisalignedHostMapping(t *testing.T) {
 	// The user address is aligned, but the mapping starts one byte into a
 	// buffer, so the host address of the used ring is not: atomic 32-bit
