@@ -2,6 +2,7 @@ package virtqueue_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"strings"
 	"testing"
@@ -803,5 +804,56 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestChainHostSegmentsAreBounded(t *testing.T) {
+	// Region 0 holds the rings of a 2-entry queue; 508 tiny regions follow,
+	// contiguous in guest-physical space, so one descriptor can cover 508
+	// regions and yield 508 host slices. Two such descriptors exceed the
+	// per-chain bound of Size+MaxRegions = 511 slices.
+	const tiny, n = 16, virtqueue.MaxRegions - 1
+	rings := make([]byte, 4096)
+	regions := []virtqueue.Region{{GuestPhysAddr: 0, UserAddr: 0x100000, Data: rings}}
+	for i := 0; i < n; i++ {
+		regions = append(regions, virtqueue.Region{
+			GuestPhysAddr: 0x10000 + uint64(i*tiny),
+			UserAddr:      0x200000 + uint64(i*0x1000),
+			Data:          make([]byte, tiny),
+		})
+	}
+	m, err := virtqueue.NewMemory(regions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := virtqueue.NewSplitQueue(m, virtqueue.QueueConfig{
+		Size: 2, DescUserAddr: 0x100000, AvailUserAddr: 0x100100, UsedUserAddr: 0x100200,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	putDesc := func(i int, addr uint64, n uint32, flags, next uint16) {
+		b := rings[16*i:]
+		binary.LittleEndian.PutUint64(b[0:], addr)
+		binary.LittleEndian.PutUint32(b[8:], n)
+		binary.LittleEndian.PutUint16(b[12:], flags)
+		binary.LittleEndian.PutUint16(b[14:], next)
+	}
+	putDesc(0, 0x10000, n*tiny, fNext, 1)
+	putDesc(1, 0x10000, n*tiny, fWrite, 0)
+	// avail.ring[0] = 0 already; publish avail.idx = 1 (no driver runs
+	// concurrently, so a plain store is enough here).
+	binary.LittleEndian.PutUint16(rings[0x100+2:], 1)
+
+	var c virtqueue.Chain
+	ok, err := q.Next(&c)
+	if !ok || err != nil {
+		t.Fatalf("Next = %v, %v", ok, err)
+	}
+	if !errors.Is(c.Err, virtqueue.ErrInvalidChain) || !strings.Contains(c.Err.Error(), "more than 511 host segments") {
+		t.Fatalf("c.Err = %v, want the segment bound", c.Err)
+	}
+	if cap(c.Readable) > 2*(2+virtqueue.MaxRegions) || cap(c.Writable) > 2*(2+virtqueue.MaxRegions) {
+		t.Errorf("slices grew to cap %d/%d", cap(c.Readable), cap(c.Writable))
 	}
 }
