@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 )
@@ -37,9 +38,10 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 		return fmt.Errorf("check %s: %s", path, cause(err, path))
 	}
 	for _, p := range rep.Problems {
+		// vhdx usually names the offset in What already; say it once.
 		where := ""
-		if p.Offset >= 0 {
-			where = fmt.Sprintf("offset %#x: ", p.Offset)
+		if off := fmt.Sprintf("%#x", p.Offset); p.Offset >= 0 && !strings.Contains(p.What, off) {
+			where = "offset " + off + ": "
 		}
 		state := ""
 		if p.Repaired {
