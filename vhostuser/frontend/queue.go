@@ -18,14 +18,13 @@ var (
 	noDeadline   = time.Time{}
 )
 
-// Split ring layout (VIRTIO 1.2 §2.7): descriptor flags and offsets.
+// Split ring flags (VIRTIO 1.2 §2.7.5, §2.7.10), for RawDesc.
 const (
-	descNext     = 1
-	descWrite    = 2
-	descIndirect = 4
+	DescFlagNext     = 1
+	DescFlagWrite    = 2
+	DescFlagIndirect = 4
 
-	availFlagNoInterrupt = 1
-	usedFlagNoNotify     = 1
+	usedFlagNoNotify = 1
 )
 
 // virtio-blk request types and status (VIRTIO 1.2 §5.2.6).
@@ -199,10 +198,10 @@ func (q *Queue) Publish(chain []Desc) (uint16, error) {
 	for i, d := range chain {
 		var flags, next uint16
 		if d.Write {
-			flags |= descWrite
+			flags |= DescFlagWrite
 		}
 		if i+1 < len(chain) {
-			flags |= descNext
+			flags |= DescFlagNext
 			next = idx[i+1]
 		}
 		q.SetDesc(idx[i], RawDesc{Addr: d.Addr, Len: d.Len, Flags: flags, Next: next})

@@ -1,0 +1,100 @@
+// Package vhostuser is the vhost-user back-end: it speaks the vhost-user
+// protocol (QEMU docs/interop/vhost-user.rst) on a unix socket, maps the
+// front-end's guest memory, and runs one worker goroutine per started
+// virtqueue that hands virtio-blk requests to blk.Handler.
+//
+// # API
+//
+//	type Options struct {
+//	    Disk      blk.Disk    // served storage, safe for concurrent use
+//	    Blk       blk.Options // Blk.NumQueues defaults to NumQueues
+//	    NumQueues int         // 1..MaxQueues; 0 means 1
+//	    Events    Events      // nil: NopEvents
+//	}
+//	type Events interface {
+//	    ConnOpened(id uint64)
+//	    ConnClosed(id uint64, err error)               // nil err: orderly end
+//	    QueueBroken(conn uint64, queue int, err error) // once per queue start
+//	    RequestFailed(conn uint64, queue int, err error)
+//	}
+//	func Listen(path string) (*net.UnixListener, error) // replaces a stale socket only
+//	func FromFD(fd int) (*net.UnixListener, error)      // --fd N; takes ownership
+//	func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error
+//	func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error
+//
+// Serve handles one front-end at a time and accepts the next when a
+// connection ends for any reason, so QEMU's reconnect=1 works after a
+// protocol error. Cancelling ctx ends Serve: workers finish their in-flight
+// requests, memory is unmapped, fds are closed, ln is closed.
+//
+// The wire format is exported too (Header, VringState, VringAddr,
+// MemRegion, ConfigMsg with Append*/Parse* functions, request and feature
+// constants) for the test front-end in vhostuser/frontend.
+//
+// # Offered features
+//
+// Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
+// RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
+// blk.Features. Protocol: MQ, REPLY_ACK, CONFIG, RESET_DEVICE, STATUS;
+// never a bit >= 20, whose meaning has moved between spec revisions.
+//
+// # Message handling
+//
+// One table (msgTable) describes every accepted request: name, exact
+// payload size or a variable-size validator, fd rule, required protocol
+// feature, explicit reply. The reader checks the header against it before
+// reading the payload (payload ≤ 4096 bytes, so no allocation is sized by
+// the peer), then the payload and the fd count, all before dispatch.
+// Received fds are closed on every error path. Any malformed, unknown or
+// out-of-state request ends the connection and the session's resources are
+// released; only a refused SET_CONFIG keeps the session (non-zero
+// REPLY_ACK status). Replies carry flags VERSION|REPLY exactly; REPLY_ACK
+// acks are sent only when negotiated and requested with NEED_REPLY.
+//
+// # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
+//
+//	stopped ──SET_VRING_KICK──▶ started ──GET_VRING_BASE──▶ stopped
+//	(needs memory, NUM, ADDR)   │  worker goroutine runs       (reply: next avail)
+//	                            └─SET_VRING_KICK again: restart with the new fd
+//
+//	disabled ──SET_VRING_ENABLE 1──▶ enabled ──SET_VRING_ENABLE 0──▶ disabled
+//	(SET_FEATURES without PROTOCOL_FEATURES enables every ring)
+//
+// A started ring is processed as soon as it starts, without waiting for a
+// first kick; it is processed only while enabled. SET_VRING_NUM/ADDR/BASE
+// are refused on a started ring. RESET_DEVICE and RESET_OWNER stop every
+// ring and forget ring and feature state, keeping memory and protocol
+// features.
+//
+// # Workers and locking
+//
+// Each started ring has one worker goroutine that owns its blk.Handler. The
+// kick eventfd is made non-blocking and wrapped with os.NewFile, so a
+// parked Read costs no thread and Close unblocks it. The loop: drain (disable
+// notifications; Next → Handle → PushUsed, up to 64 chains per batch;
+// re-enable notifications and look again), signal the call eventfd when
+// NeedsNotification says so, wait for a kick.
+//
+// The session goroutine handles control messages one at a time. The
+// session's dispatch RWMutex is held for writing by the control path when it
+// changes anything a worker reads (memory table, a ring's queue, call/err
+// fds) and for reading by a worker while it drains one batch, so
+// SET_MEM_TABLE swaps mappings only when no worker is inside the old ones,
+// and unmaps them after. There is no lock shared between sessions or on the
+// request path beyond that read lock.
+//
+// A malformed descriptor chain is completed with used length 0 and reported
+// through RequestFailed; the queue goes on. A ring-level error (guest broke
+// the ring, or a SIGBUS from guest memory — workers run with
+// debug.SetPanicOnFault and recover only runtime errors carrying a fault
+// address) marks the queue broken: it is reported once through QueueBroken
+// and the err eventfd, and the worker idles until the ring is stopped or
+// reset.
+//
+// # Not implemented
+//
+// Packed rings, inflight tracking (INFLIGHT_SHMFD), dirty logging
+// (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, the back-end
+// request channel (BACKEND_REQ; so no config-change message on resize),
+// polling mode (SET_VRING_KICK with the no-fd flag is refused).
+package vhostuser
