@@ -230,15 +230,20 @@ func buildGuestTools(root string) error {
 }
 
 // record remembers a command line for the reproducer.
-func (e *env) record(dir string, args []string) {
+func (e *env) record(args []string, background bool) {
 	q := make([]string, len(args))
 	for i, a := range args {
 		q[i] = shellQuote(a)
 	}
 	line := strings.Join(q, " ")
-	if dir != "" {
-		line = "(cd " + shellQuote(dir) + " && " + line + ")"
+	if background {
+		line += " &"
 	}
+	e.note(line)
+}
+
+// note adds a raw shell line to the reproducer.
+func (e *env) note(line string) {
 	e.mu.Lock()
 	e.cmds = append(e.cmds, line)
 	e.mu.Unlock()
@@ -248,7 +253,7 @@ func (e *env) logReproducer(t *testing.T) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var b strings.Builder
-	b.WriteString("reproducer (commands in the order the test ran them; the backend runs in the background):\n")
+	b.WriteString("reproducer (the commands in the order the test ran them):\n")
 	for _, c := range e.cmds {
 		b.WriteString("  " + c + "\n")
 	}
@@ -275,7 +280,7 @@ func (e *env) run(t *testing.T, name string, args ...string) string {
 }
 
 func (e *env) runErr(name string, args ...string) (string, error) {
-	e.record("", append([]string{name}, args...))
+	e.record(append([]string{name}, args...), false)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
@@ -389,6 +394,7 @@ type backendOpts struct {
 }
 
 type backend struct {
+	env  *env
 	args []string
 	sock string
 	log  string
@@ -404,7 +410,7 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 	if o.numQueues == 0 {
 		o.numQueues = 1
 	}
-	b := &backend{sock: filepath.Join(e.work, "vhost.sock")}
+	b := &backend{env: e, sock: filepath.Join(e.work, "vhost.sock")}
 	os.Remove(b.sock)
 	switch e.backend {
 	case backendQSD:
@@ -432,7 +438,7 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		b.args = append(b.args, img.path)
 	}
-	e.record("", append(b.args, "&"))
+	e.record(b.args, true)
 
 	logf, err := os.CreateTemp(e.work, "backend-*.log")
 	if err != nil {
@@ -476,6 +482,7 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 // stop sends SIGTERM and requires a clean exit, as a service manager would.
 func (b *backend) stop(t *testing.T) {
 	t.Helper()
+	b.env.note("kill -TERM $!; wait $!  # stop the backend")
 	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		t.Fatalf("SIGTERM to backend: %v", err)
 	}
@@ -536,14 +543,29 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		"-chardev", "socket,id=c0,path=" + b.sock,
 		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues),
 	}
-	e.record("", args)
+	e.record(args, false)
 
 	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	var stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting qemu-system-x86_64: %v", err)
+	}
+	qemuDone := make(chan error, 1)
+	go func() { qemuDone <- cmd.Wait() }()
+	var err error
+	backendDied := false
+	select {
+	case err = <-qemuDone:
+	case <-b.done:
+		// A guest whose backend is gone would wait for its I/O until the
+		// timeout; stop it now and report the backend's end instead.
+		backendDied = true
+		cmd.Process.Kill()
+		err = <-qemuDone
+	}
 	logText, _ := os.ReadFile(console)
 	out := string(logText)
 	t.Logf("guest %s finished in %.1fs", name, time.Since(start).Seconds())
@@ -552,6 +574,9 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		t.Helper()
 		t.Fatalf("guest %s: %s\n--- QEMU output ---\n%s\n--- console (last 60 lines of %s) ---\n%s\n--- backend log (last 30 lines) ---\n%s",
 			name, why, strings.TrimSpace(stderr.String()), console, tailString(out, 60), tail(b.log, 30))
+	}
+	if backendDied {
+		fail(fmt.Sprintf("the backend exited while the guest ran (%v); QEMU killed", b.err))
 	}
 	if ctx.Err() != nil {
 		fail(fmt.Sprintf("no poweroff within %v; QEMU killed (hang?)", e.timeout))

@@ -53,7 +53,7 @@ guest_modules=(virtio_pci virtio_blk ext4 crc32c_generic)
 # Host tools copied (with their shared libraries) into the initramfs.
 guest_host_tools=(/usr/sbin/mke2fs /usr/sbin/e2fsck)
 
-packages=(qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt)
+packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt)
 
 as_root() {
 	if [ "$(id -u)" = 0 ]; then
@@ -86,7 +86,7 @@ install_packages() {
 	fi
 	apt_update
 	log "installing ${missing[*]}"
-	as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+	as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # The manifest records the inputs; when it matches, the assets are current.
