@@ -11,21 +11,21 @@ import (
 
 // Layout of the base image built by corruptBase (see CreateStorage).
 const (
-	tLogOff  = 1 * mib
-	tMetaOff = 2 * mib
-	tBATOff  = 3 * mib
-	tData    = 4 * mib
+	imgLogOff  = 1 * mib
+	imgMetaOff = 2 * mib
+	imgBATOff  = 3 * mib
+	imgData    = 4 * mib
 	// Metadata entries in creation order.
-	tMDFileParams = 0
-	tMDSize       = 1
-	tMDLogical    = 3
-	tMDPhysical   = 4
+	imgMDFileParams = 0
+	imgMDSize       = 1
+	imgMDLogical    = 3
+	imgMDPhysical   = 4
 	// Region table entries in creation order.
-	tRTMeta = 0
-	tRTBAT  = 1
+	imgRTMeta = 0
+	imgRTBAT  = 1
 )
 
-var le = binary.LittleEndian
+var le = binary.LittleEndian // shorthand for the corruption tables
 
 // corruptBase returns a valid 64 MiB dynamic image with 1 MiB blocks in which
 // payload blocks 0 and 1 are allocated at 4 MiB and 5 MiB.
@@ -66,11 +66,11 @@ func editRegionTables(b []byte, f func(rt []byte)) {
 }
 
 func rtEntry(rt []byte, i int) []byte { return rt[rtHeaderSize+i*rtEntrySize:] }
-func mdEntry(b []byte, i int) []byte  { return b[tMetaOff+mdHeaderSize+i*mdEntrySize:] }
+func mdEntry(b []byte, i int) []byte  { return b[imgMetaOff+mdHeaderSize+i*mdEntrySize:] }
 func mdItem(b []byte, i int) []byte {
-	return b[tMetaOff+int(le.Uint32(mdEntry(b, i)[mdeOffOffset:])):]
+	return b[imgMetaOff+int(le.Uint32(mdEntry(b, i)[mdeOffOffset:])):]
 }
-func batEntryAt(b []byte, i int) []byte { return b[tBATOff+8*i:] }
+func batEntryAt(b []byte, i int) []byte { return b[imgBATOff+8*i:] }
 
 func TestOpenRefusesEachBrokenRule(t *testing.T) {
 	tests := []struct {
@@ -128,34 +128,34 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 			editRegionTables(b, func(rt []byte) { le.PutUint32(rt[rtOffEntryCount:], 2048) })
 		}, ErrCorrupt, "entry count 2048 exceeds 2047"},
 		{"RegionOffsetBelow1MiB", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, tRTBAT)[rteOffFileOff:], 64*kib) })
+			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, imgRTBAT)[rteOffFileOff:], 64*kib) })
 		}, ErrCorrupt, "file offset 0x10000 is not a multiple of 1 MiB"},
 		{"RegionOffsetUnaligned", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, tRTBAT)[rteOffFileOff:], tBATOff+4096) })
+			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, imgRTBAT)[rteOffFileOff:], imgBATOff+4096) })
 		}, ErrCorrupt, "file offset 0x301000"},
 		{"RegionLengthUnaligned", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint32(rtEntry(rt, tRTBAT)[rteOffLength:], 4096) })
+			editRegionTables(b, func(rt []byte) { le.PutUint32(rtEntry(rt, imgRTBAT)[rteOffLength:], 4096) })
 		}, ErrCorrupt, "length 0x1000 is not a multiple of 1 MiB"},
 		{"RegionOverflows", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, tRTBAT)[rteOffFileOff:], ^uint64(mib-1)) })
+			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, imgRTBAT)[rteOffFileOff:], ^uint64(mib-1)) })
 		}, ErrCorrupt, "overflows"},
 		{"RegionOverlapsLog", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, tRTMeta)[rteOffFileOff:], tLogOff) })
+			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, imgRTMeta)[rteOffFileOff:], imgLogOff) })
 		}, ErrCorrupt, "metadata region [0x100000, 0x200000) overlaps log"},
 		{"RegionsOverlapEachOther", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint32(rtEntry(rt, tRTMeta)[rteOffLength:], 2*mib) })
+			editRegionTables(b, func(rt []byte) { le.PutUint32(rtEntry(rt, imgRTMeta)[rteOffLength:], 2*mib) })
 		}, ErrCorrupt, "metadata region [0x200000, 0x400000) overlaps BAT region"},
 		{"RegionPastEndOfFile", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, tRTBAT)[rteOffFileOff:], 1<<40) })
+			editRegionTables(b, func(rt []byte) { le.PutUint64(rtEntry(rt, imgRTBAT)[rteOffFileOff:], 1<<40) })
 		}, ErrCorrupt, "BAT region [0x10000000000, 0x10000100000) extends past the end of the file"},
 		{"NoBATRegion", CreateOptions{}, func(b []byte) {
 			editRegionTables(b, func(rt []byte) {
-				guidToDisk(rtEntry(rt, tRTBAT)[rteOffGUID:], uuid.New())
-				le.PutUint32(rtEntry(rt, tRTBAT)[rteOffRequired:], 0)
+				guidToDisk(rtEntry(rt, imgRTBAT)[rteOffGUID:], uuid.New())
+				le.PutUint32(rtEntry(rt, imgRTBAT)[rteOffRequired:], 0)
 			})
 		}, ErrCorrupt, "no BAT region"},
 		{"DuplicateRegion", CreateOptions{}, func(b []byte) {
-			editRegionTables(b, func(rt []byte) { guidToDisk(rtEntry(rt, tRTMeta)[rteOffGUID:], RegionBAT) })
+			editRegionTables(b, func(rt []byte) { guidToDisk(rtEntry(rt, imgRTMeta)[rteOffGUID:], RegionBAT) })
 		}, ErrCorrupt, "GUID appears more than once"},
 		{"UnknownRequiredRegion", CreateOptions{}, func(b []byte) {
 			editRegionTables(b, func(rt []byte) {
@@ -167,38 +167,38 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 				le.PutUint32(e[rteOffRequired:], 1)
 			})
 		}, ErrUnsupported, "unknown region is marked required"},
-		{"MetadataSignature", CreateOptions{}, func(b []byte) { copy(b[tMetaOff:], "METADATA") }, ErrCorrupt, "metadata table at offset 0x200000: signature"},
-		{"MetadataEntryCount", CreateOptions{}, func(b []byte) { le.PutUint16(b[tMetaOff+mdOffEntryCount:], 2048) }, ErrCorrupt, "entry count 2048 exceeds 2047"},
+		{"MetadataSignature", CreateOptions{}, func(b []byte) { copy(b[imgMetaOff:], "METADATA") }, ErrCorrupt, "metadata table at offset 0x200000: signature"},
+		{"MetadataEntryCount", CreateOptions{}, func(b []byte) { le.PutUint16(b[imgMetaOff+mdOffEntryCount:], 2048) }, ErrCorrupt, "entry count 2048 exceeds 2047"},
 		{"MetadataItemBelow64KiB", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdEntry(b, tMDSize)[mdeOffOffset:], 4096)
+			le.PutUint32(mdEntry(b, imgMDSize)[mdeOffOffset:], 4096)
 		}, ErrCorrupt, "offset 0x1000 is below 64 KiB"},
 		{"MetadataItemTooLong", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdEntry(b, tMDSize)[mdeOffLength:], mib+1)
+			le.PutUint32(mdEntry(b, imgMDSize)[mdeOffLength:], mib+1)
 		}, ErrCorrupt, "length 0x100001 exceeds 1 MiB"},
 		{"MetadataItemPastRegion", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdEntry(b, tMDSize)[mdeOffOffset:], mib-4)
+			le.PutUint32(mdEntry(b, imgMDSize)[mdeOffOffset:], mib-4)
 		}, ErrCorrupt, "extends past the metadata region"},
 		{"MetadataItemsOverlap", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdEntry(b, tMDSize)[mdeOffOffset:], 64*kib+4)
+			le.PutUint32(mdEntry(b, imgMDSize)[mdeOffOffset:], 64*kib+4)
 		}, ErrCorrupt, "overlaps item"},
 		{"MetadataZeroLengthWithOffset", CreateOptions{}, func(b []byte) {
-			le.PutUint16(b[tMetaOff+mdOffEntryCount:], 6)
+			le.PutUint16(b[imgMetaOff+mdOffEntryCount:], 6)
 			e := mdEntry(b, 5)
 			guidToDisk(e[mdeOffItemID:], uuid.New())
 			le.PutUint32(e[mdeOffOffset:], 128*kib)
 		}, ErrCorrupt, "length is zero but offset is 0x20000"},
 		{"MetadataRequiredItemMissing", CreateOptions{}, func(b []byte) {
-			guidToDisk(mdEntry(b, tMDFileParams)[mdeOffItemID:], uuid.New())
-			le.PutUint32(mdEntry(b, tMDFileParams)[mdeOffFlags:], 0)
+			guidToDisk(mdEntry(b, imgMDFileParams)[mdeOffItemID:], uuid.New())
+			le.PutUint32(mdEntry(b, imgMDFileParams)[mdeOffFlags:], 0)
 		}, ErrCorrupt, "required file parameters item is missing"},
 		{"MetadataItemWrongLength", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdEntry(b, tMDSize)[mdeOffLength:], 4)
+			le.PutUint32(mdEntry(b, imgMDSize)[mdeOffLength:], 4)
 		}, ErrCorrupt, "virtual disk size metadata entry at offset 0x200040: length 4 is not 8"},
 		{"MetadataDuplicateItem", CreateOptions{}, func(b []byte) {
-			guidToDisk(mdEntry(b, tMDPhysical)[mdeOffItemID:], MetaLogicalSectorSize)
+			guidToDisk(mdEntry(b, imgMDPhysical)[mdeOffItemID:], MetaLogicalSectorSize)
 		}, ErrCorrupt, "item ID appears more than once"},
 		{"UnknownRequiredMetadata", CreateOptions{}, func(b []byte) {
-			le.PutUint16(b[tMetaOff+mdOffEntryCount:], 6)
+			le.PutUint16(b[imgMetaOff+mdOffEntryCount:], 6)
 			e := mdEntry(b, 5)
 			guidToDisk(e[mdeOffItemID:], uuid.New())
 			le.PutUint32(e[mdeOffOffset:], 128*kib)
@@ -206,23 +206,23 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 			le.PutUint32(e[mdeOffFlags:], mdFlagIsRequired)
 		}, ErrUnsupported, "unknown metadata item is marked required"},
 		{"BlockSizeNotPowerOfTwo", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdItem(b, tMDFileParams), 3*mib)
+			le.PutUint32(mdItem(b, imgMDFileParams), 3*mib)
 		}, ErrCorrupt, "block size 0x300000 is not a power of two"},
 		{"BlockSizeTooLarge", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdItem(b, tMDFileParams), 512*mib)
+			le.PutUint32(mdItem(b, imgMDFileParams), 512*mib)
 		}, ErrCorrupt, "block size 0x20000000"},
 		{"BlockSizeTooSmall", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdItem(b, tMDFileParams), 512*kib)
+			le.PutUint32(mdItem(b, imgMDFileParams), 512*kib)
 		}, ErrCorrupt, "block size 0x80000"},
 		{"HasParent", CreateOptions{}, func(b []byte) {
-			le.PutUint32(mdItem(b, tMDFileParams)[4:], fpFlagHasParent)
+			le.PutUint32(mdItem(b, imgMDFileParams)[4:], fpFlagHasParent)
 		}, ErrUnsupported, "differencing images are not supported yet"},
-		{"LogicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, tMDLogical), 1024) }, ErrCorrupt, "logical sector size 1024 is not 512 or 4096"},
-		{"PhysicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, tMDPhysical), 2048) }, ErrCorrupt, "physical sector size 2048 is not 512 or 4096"},
-		{"VirtualSizeZero", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, tMDSize), 0) }, ErrCorrupt, "virtual disk size 0 is not"},
-		{"VirtualSizeNotSectorMultiple", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, tMDSize), 64*mib-100) }, ErrCorrupt, "virtual disk size 67108764"},
-		{"VirtualSizeOver64TiB", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, tMDSize), 64*tib+512) }, ErrCorrupt, "at most 64 TiB"},
-		{"BATRegionTooSmall", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, tMDSize), 1*tib) }, ErrCorrupt, "BAT region at offset 0x300000: length 0x100000 holds 131072 entries"},
+		{"LogicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, imgMDLogical), 1024) }, ErrCorrupt, "logical sector size 1024 is not 512 or 4096"},
+		{"PhysicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, imgMDPhysical), 2048) }, ErrCorrupt, "physical sector size 2048 is not 512 or 4096"},
+		{"VirtualSizeZero", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, imgMDSize), 0) }, ErrCorrupt, "virtual disk size 0 is not"},
+		{"VirtualSizeNotSectorMultiple", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, imgMDSize), 64*mib-100) }, ErrCorrupt, "virtual disk size 67108764"},
+		{"VirtualSizeOver64TiB", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, imgMDSize), 64*tib+512) }, ErrCorrupt, "at most 64 TiB"},
+		{"BATRegionTooSmall", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, imgMDSize), 1*tib) }, ErrCorrupt, "BAT region at offset 0x300000: length 0x100000 holds 131072 entries"},
 		{"BATReservedBits", CreateOptions{}, func(b []byte) { batEntryAt(b, 0)[1] |= 0x10 }, ErrCorrupt, "BAT entry 0 at offset 0x300000: reserved bits"},
 		{"BATBlockInHeaderSection", CreateOptions{}, func(b []byte) {
 			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, 0))
@@ -234,16 +234,16 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, ^uint64(0)))
 		}, ErrCorrupt, "extends past the end of the file"},
 		{"BATBlockOverlapsLog", CreateOptions{}, func(b []byte) {
-			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, tLogOff))
+			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, imgLogOff))
 		}, ErrCorrupt, "BAT entry 1 at offset 0x300008: block [0x100000, 0x200000) overlaps log"},
 		{"BATBlockOverlapsMetadata", CreateOptions{}, func(b []byte) {
-			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, tMetaOff))
+			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, imgMetaOff))
 		}, ErrCorrupt, "overlaps metadata region"},
 		{"BATBlockOverlapsBAT", CreateOptions{}, func(b []byte) {
-			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, tBATOff))
+			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, imgBATOff))
 		}, ErrCorrupt, "overlaps BAT region"},
 		{"BATBlocksShareSpace", CreateOptions{}, func(b []byte) {
-			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, tData))
+			le.PutUint64(batEntryAt(b, 1), makeBATEntry(stateFullyPresent, imgData))
 		}, ErrCorrupt, "overlaps payload block of BAT entry"},
 		{"BATPartiallyPresent", CreateOptions{}, func(b []byte) {
 			le.PutUint64(batEntryAt(b, 2), makeBATEntry(statePartiallyPresent, 0))
@@ -254,7 +254,7 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 		{"SectorBitmapPresent", CreateOptions{Size: 6 * gib, BlockSize: mib}, func(b []byte) {
 			// 512-byte sectors, 1 MiB blocks: chunk ratio 4096, so entry
 			// 4096 is the first sector bitmap entry.
-			le.PutUint64(batEntryAt(b, 4096), makeBATEntry(stateFullyPresent, tData))
+			le.PutUint64(batEntryAt(b, 4096), makeBATEntry(stateFullyPresent, imgData))
 		}, ErrCorrupt, "BAT entry 4096 at offset 0x308000: sector bitmap entry has state 6"},
 	}
 	for _, tt := range tests {

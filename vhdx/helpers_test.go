@@ -152,3 +152,8 @@ func run(t testing.TB, name string, args ...string) string {
 	}
 	return string(out)
 }
+
+func execOut(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
