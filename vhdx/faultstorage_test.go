@@ -134,7 +134,9 @@ func (f *faultStorage) Sync() error {
 	if err := f.step(); err != nil {
 		return err
 	}
-	f.durable = bytes.Clone(f.cur)
+	for _, op := range f.pending { // cheaper than copying the whole image
+		f.durable = applyFaultOp(f.durable, op)
+	}
 	f.pending = nil
 	return nil
 }

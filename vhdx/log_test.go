@@ -6,6 +6,9 @@ import (
 	"errors"
 	"hash/crc32"
 	"math"
+	"math/rand"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -19,7 +22,7 @@ import (
 const (
 	tLogOff   = 1 << 20 // the log region of every fixture
 	tLogLen   = 1 << 20
-	tFileSize = 4 << 20
+	tFileSize = 3 << 20
 	tMeta     = 2 << 20 // fixtures' "metadata" targets live in [2 MiB, 3 MiB)
 )
 
@@ -115,7 +118,7 @@ func sectorOf(seed byte) []byte {
 	return b
 }
 
-// newLogFixture returns a 4 MiB file whose log region (1 MiB at 1 MiB) is
+// newLogFixture returns a 3 MiB file whose log region (1 MiB at 1 MiB) is
 // empty and whose "metadata" area [2 MiB, 3 MiB) is filled with 0xEE.
 func newLogFixture() *faultStorage {
 	img := make([]byte, tFileSize)
@@ -376,6 +379,9 @@ func TestReplayAppliesEntriesInOrderFromTheTail(t *testing.T) {
 }
 
 func firstDiff(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
 	for i := range min(len(a), len(b)) {
 		if a[i] != b[i] {
 			return i
@@ -474,5 +480,296 @@ func TestLogRegionOutsideTheFileIsCorrupt(t *testing.T) {
 		if _, err := hasActiveLog(s, lr); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("hasActiveLog(%+v) = %v, want ErrCorrupt", lr, err)
 		}
+	}
+}
+
+// logTargets lists the [offset, end) ranges the active sequence writes.
+func logTargets(t *testing.T, s Storage, lr logRegion) [][2]uint64 {
+	t.Helper()
+	sc, err := newLogScan(s, lr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tail, head, err := sc.findActive()
+	if err != nil || head == nil {
+		t.Fatalf("no active sequence: %v", err)
+	}
+	var out [][2]uint64
+	b := make([]byte, 4096)
+	for n := tail; ; {
+		for i := uint32(0); i < n.e.descCount; i++ {
+			slot := i + 2
+			if _, err := sc.r.readSector(b, n.e.pos, slot/128); err != nil {
+				t.Fatal(err)
+			}
+			d := b[(slot%128)*32:]
+			off, length := binary.LittleEndian.Uint64(d[16:]), uint64(4096)
+			if string(d[:4]) == "zero" {
+				length = binary.LittleEndian.Uint64(d[8:])
+			}
+			out = append(out, [2]uint64{off, off + length})
+		}
+		if n == head {
+			return out
+		}
+		if n, err = sc.succ(n); err != nil || n == nil {
+			t.Fatalf("chain broken: %v", err)
+		}
+	}
+}
+
+// TestReplayLogOnDirtySampleMatchesQEMU replays the dirty sample with
+// replayLog alone and compares the result with QEMU's replay (qemu-img
+// check -r all): every byte the log wrote, and in fact every byte outside
+// the two headers (QEMU rewrites them to clear LogGuid), must agree.
+func TestReplayLogOnDirtySampleMatchesQEMU(t *testing.T) {
+	ours := sample(t, "iotest-dirtylog-10G-4M.vhdx")
+	orig, err := os.ReadFile(ours)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(ours, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s := osStorage{f}
+	h, _, err := readHeaders(s, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lr := logRegion{offset: h.logOffset, length: h.logLength, guid: h.logGUID}
+	if active, err := hasActiveLog(s, lr); !active || err != nil {
+		t.Fatalf("hasActiveLog = %v, %v; want true", active, err)
+	}
+	targets := logTargets(t, s, lr)
+	if replayed, err := replayLog(s, lr); !replayed || err != nil {
+		t.Fatalf("replayLog = %v, %v; want true, nil", replayed, err)
+	}
+	got, err := os.ReadFile(ours)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := 0
+	for _, r := range targets {
+		if r[1] > uint64(len(got)) {
+			t.Fatalf("target %#x beyond the replayed file", r)
+		}
+		if !bytes.Equal(orig[r[0]:r[1]], got[r[0]:r[1]]) {
+			changed++
+		}
+	}
+	if changed == 0 {
+		t.Fatalf("replay changed none of the %d targets %#x; the sample's log should matter", len(targets), targets)
+	}
+
+	needQEMU(t)
+	theirs := filepath.Join(t.TempDir(), "theirs.vhdx")
+	if err := os.WriteFile(theirs, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "qemu-img", "check", "-q", "-r", "all", "-f", "vhdx", theirs)
+	want, err := os.ReadFile(theirs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range targets {
+		if !bytes.Equal(got[r[0]:r[1]], want[r[0]:r[1]]) {
+			t.Errorf("log target [%#x, %#x) differs from QEMU's replay", r[0], r[1])
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("file size %#x, QEMU's %#x", len(got), len(want))
+	}
+	const hdrStart, hdrEnd = 64 << 10, 192 << 10
+	if i := firstDiff(got[:hdrStart], want[:hdrStart]); i >= 0 {
+		t.Errorf("differs from QEMU's replay at %#x", i)
+	}
+	if i := firstDiff(got[hdrEnd:], want[hdrEnd:]); i >= 0 {
+		t.Errorf("differs from QEMU's replay at %#x", hdrEnd+i)
+	}
+}
+
+// applyUpdates is the reference meaning of a commit: each update written in
+// order onto img.
+func applyUpdates(img []byte, updates []logUpdate) []byte {
+	img = bytes.Clone(img)
+	for _, u := range updates {
+		if u.data != nil {
+			copy(img[u.offset:], u.data)
+		} else {
+			clear(img[u.offset : u.offset+u.zeroLength])
+		}
+	}
+	return img
+}
+
+// randomCommit returns n data updates at random sectors of the metadata
+// area, plus one zero update when withZero is set.
+func randomCommit(rng *rand.Rand, n int, withZero bool) []logUpdate {
+	var us []logUpdate
+	for range n {
+		d := make([]byte, 4096)
+		rng.Read(d)
+		us = append(us, logUpdate{offset: tMeta + uint64(rng.Intn(256))*4096, data: d})
+	}
+	if withZero {
+		us = append(us, logUpdate{offset: tMeta + uint64(rng.Intn(240))*4096, zeroLength: uint64(1+rng.Intn(16)) * 4096})
+	}
+	return us
+}
+
+// TestJournalRoundTrip commits a run of entries of varied sizes (small ones
+// that wrap around the ring, large ones that need bridge entries) and checks
+// after each commit that (1) the file holds exactly the updates, (2) the
+// log's active sequence is this commit's single self-tailed entry, and (3)
+// replaying the log onto the image as it was before the commit reproduces
+// the committed image byte for byte, as recovery after a crash between
+// "entry flushed" and "updates applied" would.
+func TestJournalRoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewSource(1))
+	s := newLogFixture()
+	j := newJournal(s, tLR)
+	sizes := []int{1, 3, 0, 130, 131, 20, 200, 1, 5, 126, 127}
+	for range 25 {
+		sizes = append(sizes, rng.Intn(40))
+	}
+	sizes = append(sizes, 140, 141, 142)
+	var wraps, bridges int
+	var lastPos uint32
+	for i, n := range sizes {
+		updates := randomCommit(rng, n, i%2 == 0)
+		pre := s.current()
+		seqBefore := j.seq
+		if err := j.commit(updates, 1<<20, tFileSize); err != nil {
+			t.Fatalf("commit %d (%d updates): %v", i, n, err)
+		}
+		post := s.current()
+		if j.seq > seqBefore+1 {
+			bridges++
+		}
+		if j.prevPos < lastPos {
+			wraps++
+		}
+		lastPos = j.prevPos
+		want := applyUpdates(pre, updates)
+		copy(want[tLogOff:tLogOff+tLogLen], post[tLogOff:tLogOff+tLogLen])
+		if k := firstDiff(post, want); k >= 0 {
+			t.Fatalf("commit %d: image differs from the updates at %#x", i, k)
+		}
+
+		sc, err := newLogScan(s, tLR)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tail, head, err := sc.findActive()
+		if err != nil || head == nil || head != tail || head.e.seq != j.seq || head.e.pos != j.prevPos {
+			t.Fatalf("commit %d: active sequence %+v..%+v (%v); want the single entry seq %d at %#x", i, tail, head, err, j.seq, j.prevPos)
+		}
+
+		fresh := bytes.Clone(pre)
+		copy(fresh[tLogOff:tLogOff+tLogLen], post[tLogOff:tLogOff+tLogLen])
+		fs := newFaultStorage(fresh)
+		if replayed, err := replayLog(fs, tLR); !replayed || err != nil {
+			t.Fatalf("commit %d: replayLog = %v, %v", i, replayed, err)
+		}
+		if k := firstDiff(fs.current(), post); k >= 0 {
+			t.Fatalf("commit %d: replay onto the pre-commit image differs at %#x", i, k)
+		}
+	}
+	if wraps == 0 || bridges == 0 {
+		t.Errorf("run saw %d wraps and %d bridge entries; the test must exercise both", wraps, bridges)
+	}
+}
+
+func TestJournalRefusesBadCommitsWithoutBreaking(t *testing.T) {
+	sec := sectorOf(1)
+	tests := []struct {
+		name          string
+		updates       []logUpdate
+		flushed, last uint64
+		lr            *logRegion
+	}{
+		{name: "unaligned offset", updates: []logUpdate{{offset: tMeta + 512, data: sec}}},
+		{name: "short data", updates: []logUpdate{{offset: tMeta, data: sec[:512]}}},
+		{name: "zero update of length 0", updates: []logUpdate{{offset: tMeta}}},
+		{name: "zero update not 4 KiB", updates: []logUpdate{{offset: tMeta, zeroLength: 100}}},
+		{name: "data and zero length both set", updates: []logUpdate{{offset: tMeta, data: sec, zeroLength: 4096}}},
+		{name: "target in a header", updates: []logUpdate{{offset: 64 << 10, data: sec}}},
+		{name: "target in the log", updates: []logUpdate{{offset: tLogOff, data: sec}}},
+		{name: "entry larger than the log", updates: make([]logUpdate, 300)},
+		{name: "FlushedFileOffset beyond the file", flushed: 8 << 20},
+		{name: "LastFileOffset not 1 MiB aligned", last: tFileSize + 4096},
+		{name: "zero log GUID", lr: &logRegion{offset: tLogOff, length: tLogLen}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newLogFixture()
+			lr := tLR
+			if tt.lr != nil {
+				lr = *tt.lr
+			}
+			if tt.name == "entry larger than the log" {
+				for i := range tt.updates {
+					tt.updates[i] = logUpdate{offset: tMeta + uint64(i%200)*4096, data: sec}
+				}
+			}
+			if tt.flushed == 0 {
+				tt.flushed = 1 << 20
+			}
+			if tt.last == 0 {
+				tt.last = tFileSize
+			}
+			j := newJournal(s, lr)
+			before := s.current()
+			if err := j.commit(tt.updates, tt.flushed, tt.last); !errors.Is(err, ErrInvalidArgument) {
+				t.Fatalf("commit = %v, want ErrInvalidArgument", err)
+			}
+			if !bytes.Equal(before, s.current()) || s.opCount() != 0 {
+				t.Fatal("refused commit touched the file")
+			}
+			if tt.lr == nil {
+				if err := j.commit([]logUpdate{{offset: tMeta, data: sec}}, 1<<20, tFileSize); err != nil {
+					t.Errorf("valid commit after a refused one: %v", err)
+				}
+			}
+		})
+	}
+}
+
+// TestJournalFailureIsSticky: after an I/O error the outcome on disk is
+// unknown, so the journal refuses further commits rather than build on it.
+func TestJournalFailureIsSticky(t *testing.T) {
+	for op := 1; op <= 4; op++ { // write entry, sync, apply, sync
+		s := newLogFixture()
+		j := newJournal(s, tLR)
+		s.failAfter(op)
+		err := j.commit([]logUpdate{{offset: tMeta, data: sectorOf(1)}}, 1<<20, tFileSize)
+		if !errors.Is(err, errFault) {
+			t.Fatalf("op %d: commit = %v, want the injected error", op, err)
+		}
+		err = j.commit([]logUpdate{{offset: tMeta, data: sectorOf(2)}}, 1<<20, tFileSize)
+		if !errors.Is(err, errFault) || !strings.Contains(err.Error(), "earlier failure") {
+			t.Errorf("op %d: next commit = %v, want the earlier failure", op, err)
+		}
+	}
+}
+
+// TestJournalContinuesAfterExistingEntries: should the caller reuse a
+// LogGuid whose entries are still in the log, the journal numbers its
+// entries after the newest one and does not overwrite it, so its own entry
+// becomes the active sequence.
+func TestJournalContinuesAfterExistingEntries(t *testing.T) {
+	s := newLogFixture()
+	putTestEntry(t, s, 0x10000, encodeTestEntry(oneDataEntry(50, 0x10000)))
+	putTestEntry(t, s, 0x30000, encodeTestEntry(oneDataEntry(40, 0x30000)))
+	j := newJournal(s, tLR)
+	if err := j.commit([]logUpdate{{offset: tMeta + 0x8000, data: sectorOf(7)}}, 1<<20, tFileSize); err != nil {
+		t.Fatal(err)
+	}
+	sc, _ := newLogScan(s, tLR)
+	_, head, err := sc.findActive()
+	if err != nil || head == nil || head.e.seq != 51 || head.e.pos != 0x12000 {
+		t.Fatalf("active head %+v (%v); want seq 51 right after the seq-50 entry", head, err)
 	}
 }
