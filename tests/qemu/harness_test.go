@@ -368,6 +368,14 @@ func (x *expected) write(t *testing.T, seed uint64, off, n int64) {
 	}
 }
 
+// zero records that the guest zeroed [off, off+n).
+func (x *expected) zero(t *testing.T, off, n int64) {
+	t.Helper()
+	if _, err := x.f.WriteAt(make([]byte, n), off); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // region is one pattern write: the guest writes it, the host expects it.
 type region struct {
 	seed     uint64
@@ -391,6 +399,7 @@ type backendOpts struct {
 	// logicalBlockSize is passed to qemu-storage-daemon's export; vhost-vhdx
 	// takes the logical sector size from the image itself.
 	logicalBlockSize int
+	serial           string // vhost-vhdx only
 }
 
 type backend struct {
@@ -421,6 +430,9 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		export := fmt.Sprintf("type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path=%s,writable=%s,num-queues=%d",
 			b.sock, writable, o.numQueues)
+		if o.serial != "" {
+			t.Fatal("qemu-storage-daemon's vhost-user-blk export has no serial option")
+		}
 		if o.logicalBlockSize != 0 {
 			export += fmt.Sprintf(",logical-block-size=%d", o.logicalBlockSize)
 		}
@@ -435,6 +447,9 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		if o.numQueues != 1 {
 			b.args = append(b.args, "--num-queues", strconv.Itoa(o.numQueues))
+		}
+		if o.serial != "" {
+			b.args = append(b.args, "--serial", o.serial)
 		}
 		b.args = append(b.args, img.path)
 	}

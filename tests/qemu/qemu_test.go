@@ -297,3 +297,46 @@ func TestFourKiBSectorImageHas4096ByteLogicalBlocks(t *testing.T) {
 func expect(what, got, want string) string {
 	return fmt.Sprintf("expect_eq %s \"%s\" %s", shellQuote(what), got, shellQuote(want))
 }
+
+// BLKZEROOUT over a written range, including two whole 1 MiB blocks, reads
+// back as zeroes while the data around it stays; the host image matches.
+// The kernel uses WRITE_ZEROES requests when the backend offers them.
+func TestZeroOutRangeReadsBackZeroes(t *testing.T) {
+	e := newEnv(t)
+	img := e.newImage(t, "zero.vhdx", 64*mib, 512)
+	data := region{seed: 91, off: 0, len: 8 * mib}
+	zoff, zlen := mib-4096, 2*mib+8192
+	want := e.newExpected(t, img)
+	want.write(t, data.seed, data.off, data.len)
+	want.zero(t, zoff, zlen)
+
+	b := e.startBackend(t, img, backendOpts{})
+	e.boot(t, b, "boot1", vmOpts{script: script(
+		`echo "write_zeroes_max_bytes=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"`,
+		writes(mib, data),
+		fmt.Sprintf("guestcmd zeroout -dev /dev/vda -off %d -len %d", zoff, zlen),
+		fmt.Sprintf("guestcmd zeroout -dev /dev/vda -off %d -len %d", 20*mib, 2*mib), // never written
+		"echo 3 > /proc/sys/vm/drop_caches",
+		zeroes(zoff, zlen),
+		zeroes(20*mib, 2*mib),
+		verifies(mib,
+			region{seed: 91, off: 0, len: zoff},
+			region{seed: 91, off: zoff + zlen, len: data.len - zoff - zlen}),
+	)})
+	b.stop(t)
+	e.check(t, img)
+	e.compare(t, img, want)
+}
+
+// The --serial string reaches the guest as the virtio-blk device ID.
+func TestSerialIsTheGuestDeviceID(t *testing.T) {
+	e := newEnv(t)
+	if e.backend == backendQSD {
+		t.Skip("qemu-storage-daemon's vhost-user-blk export cannot set a serial")
+	}
+	img := e.newImage(t, "serial.vhdx", 16*mib, 512)
+	b := e.startBackend(t, img, backendOpts{serial: "vhdx-test-0001"})
+	e.boot(t, b, "boot1", vmOpts{script: expect("serial", "$(cat /sys/block/vda/serial)", "vhdx-test-0001")})
+	b.stop(t)
+	e.check(t, img)
+}

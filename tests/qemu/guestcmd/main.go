@@ -8,6 +8,7 @@
 //	guestcmd write  -dev /dev/vda -seed 1 -off 1048064 -len 8192 -direct
 //	guestcmd verify -dev /dev/vda -seed 1 -off 1048064 -len 8192 -direct
 //	guestcmd verify -dev /dev/vda -zero -off 0 -len 4096 -direct
+//	guestcmd zeroout -dev /dev/vda -off 1044480 -len 2105344
 //
 // Exit status 0 means the operation completed and (for verify) matched.
 package main
@@ -19,13 +20,14 @@ import (
 	"io"
 	"os"
 	"syscall"
+	"unsafe"
 
 	"github.com/vhost-vhdx/vhost-vhdx/tests/qemu/pattern"
 )
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: guestcmd write|verify [flags]")
+		fmt.Fprintln(os.Stderr, "usage: guestcmd write|verify|zeroout [flags]")
 		os.Exit(2)
 	}
 	cmd := os.Args[1]
@@ -47,6 +49,8 @@ func main() {
 		err = write(*dev, *seed, *off, *length, *bs, *direct, *create)
 	case "verify":
 		err = verify(*dev, *seed, *off, *length, *bs, *direct, *zero)
+	case "zeroout":
+		err = zeroout(*dev, *off, *length)
 	default:
 		err = fmt.Errorf("unknown command %q", cmd)
 	}
@@ -137,4 +141,24 @@ func verify(path string, seed uint64, off, length int64, bs int, direct, zero bo
 		done += int64(n)
 	}
 	return nil
+}
+
+// blkZeroout is BLKZEROOUT, _IO(0x12, 127): the kernel zeroes the range with
+// WRITE_ZEROES requests when the device offers them, else with plain writes.
+const blkZeroout = 0x127f
+
+func zeroout(path string, off, length int64) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	r := [2]uint64{uint64(off), uint64(length)}
+	if _, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), blkZeroout, uintptr(unsafe.Pointer(&r))); errno != 0 {
+		return fmt.Errorf("BLKZEROOUT: %w", errno)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync: %w", err)
+	}
+	return f.Close()
 }
