@@ -14,8 +14,16 @@ import (
 
 // memStorage is an in-memory Storage for tests and fuzzing.
 type memStorage struct {
-	mu   sync.Mutex
-	data []byte
+	mu    sync.Mutex
+	data  []byte
+	limit int64 // largest size the storage may grow to; 0: 16 GiB
+}
+
+func (m *memStorage) max() int64 {
+	if m.limit > 0 {
+		return m.limit
+	}
+	return 1 << 34
 }
 
 func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
@@ -39,7 +47,7 @@ func (m *memStorage) ReadAt(p []byte, off int64) (int, error) {
 func (m *memStorage) WriteAt(p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if off < 0 || off > 1<<34 {
+	if off < 0 || off+int64(len(p)) > m.max() {
 		return 0, os.ErrInvalid
 	}
 	if end := off + int64(len(p)); end > int64(len(m.data)) {
@@ -68,7 +76,7 @@ func (m *memStorage) Size() (int64, error) {
 func (m *memStorage) Truncate(n int64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if n < 0 || n > 1<<34 {
+	if n < 0 || n > m.max() {
 		return os.ErrInvalid
 	}
 	if n < int64(len(m.data)) {
