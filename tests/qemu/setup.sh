@@ -2,7 +2,8 @@
 # tests/qemu/setup.sh — prepare everything the QEMU integration tests need.
 #
 #   1. installs the Debian packages the tests run (qemu-system-x86, qemu-utils,
-#      busybox-static, cpio, kmod, e2fsprogs, ...) when any is missing;
+#      busybox-static, cpio, kmod, e2fsprogs, ..., and gcc for go test -race)
+#      when any is missing;
 #   2. downloads Debian's cloud kernel (the real linux-image-*-cloud-amd64
 #      behind the linux-image-cloud-amd64 metapackage) and extracts it;
 #   3. builds a busybox initramfs whose /init loads the virtio modules, runs
@@ -53,7 +54,8 @@ guest_modules=(virtio_pci virtio_blk ext4 crc32c_generic)
 # Host tools copied (with their shared libraries) into the initramfs.
 guest_host_tools=(/usr/sbin/mke2fs /usr/sbin/e2fsck)
 
-packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt)
+# gcc and libc6-dev are not for the guest: `go test -race` (make test) needs cgo.
+packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt gcc libc6-dev)
 
 as_root() {
 	if [ "$(id -u)" = 0 ]; then
