@@ -46,13 +46,14 @@ const (
 	crashKeep                       // every unsynced operation reached the disk
 	crashTear                       // each unsynced write keeps only the first half of its 512-byte sectors
 	crashAlternate                  // every other unsynced operation is lost, starting with the first
+	crashLast                       // only the newest unsynced operation reached the disk
 )
 
 func (m crashMode) String() string {
-	return [...]string{"drop", "keep", "tear", "alternate"}[m]
+	return [...]string{"drop", "keep", "tear", "alternate", "last"}[m]
 }
 
-var allCrashModes = []crashMode{crashDrop, crashKeep, crashTear, crashAlternate}
+var allCrashModes = []crashMode{crashDrop, crashKeep, crashTear, crashAlternate, crashLast}
 
 var (
 	errCrashed = errors.New("faultstorage: crashed")
@@ -188,6 +189,10 @@ func (f *faultStorage) crashImage(mode crashMode) []byte {
 			if i%2 == 0 {
 				continue
 			}
+		case crashLast:
+			if i != len(f.pending)-1 {
+				continue
+			}
 		case crashTear:
 			if !op.truncate {
 				keep := len(op.data) / faultTearSector / 2 * faultTearSector
@@ -250,6 +255,7 @@ func TestFaultStorageCrashKeepsOnlyWhatTheModeAllows(t *testing.T) {
 		{crashKeep, 0xBB, 0xAA, 0xAA, 0xAA},
 		{crashTear, 0, 0xAA, 0, 0xAA}, // one sector: half is nothing; four sectors: two kept
 		{crashAlternate, 0, 0xAA, 0xAA, 0xAA},
+		{crashLast, 0, 0xAA, 0xAA, 0xAA},
 	}
 	for _, tt := range tests {
 		t.Run(tt.mode.String(), func(t *testing.T) {

@@ -530,7 +530,7 @@ func checkTarget(lr logRegion, off, n uint64) (uint64, string) {
 	return end, ""
 }
 
-// writeSector writes one 4 KiB sector at off (already checked).
+// writeSector writes whole sectors at off (already checked).
 func (ap *logApplier) writeSector(b []byte, off uint64) error {
 	if _, err := ap.s.WriteAt(b, int64(off)); err != nil {
 		return fmt.Errorf("log: write sector at offset %#x: %w", off, err)
@@ -657,7 +657,8 @@ type logUpdate struct {
 }
 
 // journal writes metadata updates through the log (§2.3: write the entry,
-// flush, apply to the final offsets, flush).
+// flush, apply to the final offsets, flush), preceded by a flush of earlier
+// writes (see doCommit).
 //
 // Each commit writes one entry whose Tail points to itself. That is correct
 // because commit applies and flushes the entry's updates before returning:
@@ -701,6 +702,7 @@ type journal struct {
 	prevLen uint32
 
 	buf []byte // entry under construction, reused across commits
+	run []byte // consecutive sectors being applied with one write, reused
 	ap  logApplier
 	err error // sticky failure
 }
@@ -783,6 +785,13 @@ func (j *journal) checkCommit(updates []logUpdate, flushed, last uint64) (uint64
 }
 
 func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64) error {
+	// Flush first, as QEMU does before every log write: the entry must not
+	// become durable before the file size it records as FlushedFileOffset
+	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
+	// before payload data that the updated metadata will point to.
+	if err := j.s.Sync(); err != nil {
+		return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
+	}
 	if !j.scanned {
 		if err := j.scan(); err != nil {
 			return err
@@ -802,15 +811,34 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		return fmt.Errorf("log: commit: file size: %w", err)
 	}
 	j.ap.size = uint64(size)
-	for _, u := range updates {
-		if u.data != nil {
-			err = j.ap.writeSector(u.data, u.offset)
-		} else {
-			err = j.ap.zeroRange(u.offset, u.zeroLength)
+	for i := 0; i < len(updates); {
+		u := updates[i]
+		if u.data == nil {
+			if err := j.ap.zeroRange(u.offset, u.zeroLength); err != nil {
+				return err
+			}
+			i++
+			continue
 		}
-		if err != nil {
+		// Consecutive data updates to consecutive sectors go out as one
+		// write. Order is kept: only neighbours in the list are merged, and
+		// a run of ascending sectors cannot overlap itself.
+		k := i + 1
+		for k < len(updates) && updates[k].data != nil && updates[k].offset == updates[k-1].offset+logSectorSize {
+			k++
+		}
+		w := u.data
+		if k > i+1 {
+			w = j.run[:0]
+			for _, v := range updates[i:k] {
+				w = append(w, v.data...)
+			}
+			j.run = w
+		}
+		if err := j.ap.writeSector(w, u.offset); err != nil {
 			return err
 		}
+		i = k
 	}
 	if err := j.ap.extend(last); err != nil {
 		return err
@@ -884,11 +912,8 @@ func (j *journal) place(n uint32, flushed, last uint64) (uint32, error) {
 			return 0, errAt(ErrCorrupt, j.lr.offset, "log", "the newest entry fills the whole log")
 		}
 		b := j.buildEntry(nil, at, logSectorSize, 0, flushed, last)
-		if err := j.writeEntry(b, at); err != nil {
+		if err := j.writeEntry(b, at); err != nil { // flushed before the real entry may overwrite the previous one
 			return 0, err
-		}
-		if err := j.s.Sync(); err != nil {
-			return 0, fmt.Errorf("log: commit: sync bridge entry: %w", err)
 		}
 	}
 }

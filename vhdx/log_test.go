@@ -640,13 +640,17 @@ func TestJournalRoundTrip(t *testing.T) {
 	for i, n := range sizes {
 		updates := randomCommit(rng, n, i%2 == 0)
 		pre := s.current()
-		seqBefore := j.seq
+		seqBefore, prevPos, prevLen := j.seq, j.prevPos, j.prevLen
 		if err := j.commit(updates, 1<<20, tFileSize); err != nil {
 			t.Fatalf("commit %d (%d updates): %v", i, n, err)
 		}
 		post := s.current()
 		if j.seq > seqBefore+1 {
 			bridges++
+		} else if seqBefore > 0 && prevPos < j.prevPos+j.prevLen && j.prevPos < prevPos+prevLen {
+			// Without a bridge in between, overwriting the previous entry
+			// could let a torn write resurrect an older one.
+			t.Fatalf("commit %d: entry [%#x, +%#x) overlaps the previous entry [%#x, +%#x)", i, j.prevPos, j.prevLen, prevPos, prevLen)
 		}
 		if j.prevPos < lastPos {
 			wraps++
@@ -740,7 +744,7 @@ func TestJournalRefusesBadCommitsWithoutBreaking(t *testing.T) {
 // TestJournalFailureIsSticky: after an I/O error the outcome on disk is
 // unknown, so the journal refuses further commits rather than build on it.
 func TestJournalFailureIsSticky(t *testing.T) {
-	for op := 1; op <= 4; op++ { // write entry, sync, apply, sync
+	for op := 1; op <= 5; op++ { // sync, write entry, sync, apply, sync
 		s := newLogFixture()
 		j := newJournal(s, tLR)
 		s.failAfter(op)
