@@ -40,7 +40,7 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"serve", "serve an image over vhost-user-blk", "", func(args []string, _, _ io.Writer) error { return runServe(args) }},
+		{"serve", "serve an image over vhost-user-blk", serveUsage, runServe},
 		{"create", "create a new image", createUsage, runCreate},
 		{"info", "show an image's geometry, GUIDs and allocation", infoUsage, runInfo},
 		{"check", "check an image for damage, optionally repair it", checkUsage, runCheck},

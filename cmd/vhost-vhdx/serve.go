@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+)
+
+// maxQueues bounds --num-queues; QEMU's vhost-user-blk accepts up to 1024
+// virtqueues but one worker goroutine per queue makes more than a few dozen
+// pointless.
+const maxQueues = 64
+
+// capabilities is what --print-capabilities prints, per the vhost-user
+// "Backend program conventions" (type "block", the optional features we
+// support).
+const capabilities = `{"type":"block","features":["read-only","blk-file"]}`
+
+const serveUsage = `Usage: vhost-vhdx serve [--socket-path PATH | --fd N] [--read-only]
+                        [--num-queues N] [--serial S] [--log-level L] IMAGE
+       vhost-vhdx serve --print-capabilities
+
+Serve IMAGE to one vhost-user front-end (QEMU) at a time. When a front-end
+disconnects the daemon listens again, so QEMU's reconnect=1 works. SIGINT or
+SIGTERM stops accepting, finishes in-flight requests, flushes and closes the
+image cleanly.
+
+Options:
+  --socket-path PATH    create and listen on this unix socket (alias: --socket)
+  --fd N                serve on an inherited listening socket instead
+  --blk-file IMAGE      the image (instead of the IMAGE argument)
+  --read-only           open the image read-only; the guest sees a read-only disk
+  --num-queues N        request queues, one worker each (default 1, at most 64)
+  --serial S            GET_ID serial, at most 20 bytes (default: from the
+                        image's Virtual Disk ID)
+  --log-level L         debug, info, warn or error (default info)
+  --print-capabilities  print the vhost-user backend capabilities JSON and exit
+`
+
+type serveConfig struct {
+	socketPath string
+	fd         int
+	readOnly   bool
+	numQueues  int
+	serial     string
+	logLevel   string
+	image      string
+	printCaps  bool
+}
+
+func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
+	cfg := serveConfig{fd: -1}
+	fs := newFlagSet("serve")
+	fs.StringVar(&cfg.socketPath, "socket-path", "", "")
+	fs.StringVar(&cfg.socketPath, "socket", "", "")
+	fs.IntVar(&cfg.fd, "fd", -1, "")
+	fs.StringVar(&cfg.image, "blk-file", "", "")
+	fs.BoolVar(&cfg.readOnly, "read-only", false, "")
+	fs.IntVar(&cfg.numQueues, "num-queues", 1, "")
+	fs.StringVar(&cfg.serial, "serial", "", "")
+	fs.StringVar(&cfg.logLevel, "log-level", "info", "")
+	fs.BoolVar(&cfg.printCaps, "print-capabilities", false, "")
+	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
+	if err != nil {
+		return cfg, err
+	}
+	if cfg.printCaps {
+		return cfg, nil
+	}
+	switch {
+	case len(pos) == 1 && cfg.image == "":
+		cfg.image = pos[0]
+	case len(pos) == 0 && cfg.image != "":
+	default:
+		return cfg, usagef("serve", "give the image either as IMAGE or as --blk-file, exactly once")
+	}
+	if (cfg.socketPath == "") == (cfg.fd < 0) {
+		return cfg, usagef("serve", "give exactly one of --socket-path and --fd")
+	}
+	if cfg.numQueues < 1 || cfg.numQueues > maxQueues {
+		return cfg, usagef("serve", "--num-queues %d out of range 1..%d", cfg.numQueues, maxQueues)
+	}
+	if len(cfg.serial) > 20 {
+		return cfg, usagef("serve", "--serial %q is longer than the 20 bytes virtio-blk GET_ID returns", cfg.serial)
+	}
+	if _, err := logrus.ParseLevel(cfg.logLevel); err != nil {
+		return cfg, usagef("serve", "--log-level: %v", err)
+	}
+	return cfg, nil
+}
+
+// defaultSerial derives a stable 20-character serial from the image's
+// Virtual Disk ID (the page 83 identifier, MS-VHDX §2.6.2.3), so the guest
+// sees the same /dev/disk/by-id name across restarts.
+func defaultSerial(im *vhdx.Image) string {
+	id := im.DiskID()
+	return strings.ToUpper(hex.EncodeToString(id[:10]))
+}
+
+func runServe(args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseServeFlags(args, stdout)
+	if err != nil {
+		return err
+	}
+	if cfg.printCaps {
+		fmt.Fprintln(stdout, capabilities)
+		return nil
+	}
+	log := logrus.New()
+	log.SetOutput(stderr)
+	level, _ := logrus.ParseLevel(cfg.logLevel) // validated by parseServeFlags
+	log.SetLevel(level)
+
+	im, err := vhdx.Open(cfg.image, vhdx.OpenOptions{ReadOnly: cfg.readOnly})
+	if err != nil {
+		return fmt.Errorf("serve %s: %w", cfg.image, err)
+	}
+	serial := cfg.serial
+	if serial == "" {
+		serial = defaultSerial(im)
+	}
+
+	var ln *net.UnixListener
+	if cfg.fd >= 0 {
+		ln, err = vhostuser.FromFD(cfg.fd)
+	} else {
+		ln, err = vhostuser.Listen(cfg.socketPath)
+	}
+	if err != nil {
+		im.Close()
+		return fmt.Errorf("serve: %w", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	entry := log.WithFields(logrus.Fields{"image": cfg.image})
+	entry.WithFields(logrus.Fields{
+		"socket":       ln.Addr().String(),
+		"virtual_size": im.Size(),
+		"read_only":    cfg.readOnly,
+		"num_queues":   cfg.numQueues,
+		"serial":       serial,
+	}).Info("serving VHDX image over vhost-user-blk")
+
+	serveErr := vhostuser.Serve(ctx, ln, vhostuser.Options{
+		Disk:      im,
+		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues)},
+		NumQueues: cfg.numQueues,
+		Events:    logEvents{entry},
+	})
+	if cfg.socketPath != "" {
+		os.Remove(cfg.socketPath)
+	}
+	closeErr := im.Close()
+	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
+		return fmt.Errorf("serve: %w", serveErr)
+	}
+	if closeErr != nil {
+		return fmt.Errorf("serve: closing %s: %w", cfg.image, closeErr)
+	}
+	entry.Info("stopped; image flushed and closed")
+	return nil
+}
+
+// logEvents turns vhostuser's events into log lines with connection and
+// queue fields; it is the only place the daemon's data path logs.
+type logEvents struct{ log *logrus.Entry }
+
+func (e logEvents) ConnOpened(id uint64) {
+	e.log.WithField("conn", id).Info("front-end connected")
+}
+
+func (e logEvents) ConnClosed(id uint64, err error) {
+	l := e.log.WithField("conn", id)
+	if err != nil {
+		l.WithError(err).Warn("front-end connection ended")
+		return
+	}
+	l.Info("front-end disconnected")
+}
+
+func (e logEvents) QueueBroken(conn uint64, queue int, err error) {
+	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Error("queue broken; it stays stopped until the front-end resets it")
+}
+
+func (e logEvents) RequestFailed(conn uint64, queue int, err error) {
+	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Warn("request failed")
+}
