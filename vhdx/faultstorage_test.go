@@ -29,6 +29,9 @@ type faultStorage struct {
 	crashAt int
 	failAt  int
 	maxSize int64
+	// volatile: no durable image is tracked (crashImage is meaningless);
+	// for fuzzing, where copying the image per operation would dominate.
+	volatile bool
 }
 
 // faultOp is one operation not yet made durable by Sync.
@@ -72,6 +75,12 @@ func newFaultStorage(img []byte) *faultStorage {
 	}
 }
 
+// newVolatileStorage uses img in place (no copy) and keeps no durable
+// image, with writes limited to maxSize bytes.
+func newVolatileStorage(img []byte, maxSize int64) *faultStorage {
+	return &faultStorage{cur: img, maxSize: maxSize, volatile: true}
+}
+
 // step counts one state-changing operation and reports whether it may run.
 func (f *faultStorage) step() error {
 	f.ops++
@@ -110,7 +119,9 @@ func (f *faultStorage) WriteAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("faultstorage: write [%d, +%d) beyond the %d-byte limit", off, len(p), f.maxSize)
 	}
 	f.cur = applyFaultOp(f.cur, faultOp{off: off, data: p})
-	f.pending = append(f.pending, faultOp{off: off, data: bytes.Clone(p)})
+	if !f.volatile {
+		f.pending = append(f.pending, faultOp{off: off, data: bytes.Clone(p)})
+	}
 	return len(p), nil
 }
 
@@ -125,7 +136,9 @@ func (f *faultStorage) Truncate(size int64) error {
 	}
 	op := faultOp{truncate: true, off: size}
 	f.cur = applyFaultOp(f.cur, op)
-	f.pending = append(f.pending, op)
+	if !f.volatile {
+		f.pending = append(f.pending, op)
+	}
 	return nil
 }
 
