@@ -517,6 +517,16 @@ func (s *session) setVringFD(m *message) error {
 	if old >= 0 {
 		unix.Close(old)
 	}
+	// QEMU sends SET_VRING_CALL after SET_VRING_KICK (vhost-user.md §1.13
+	// item 5), so a started ring may already have completed requests whose
+	// notification had no fd to go to. Signal the new fd once, as
+	// libvhost-user does; a spurious interrupt is harmless (VIRTIO 1.2
+	// §2.7.10), a lost one hangs the driver.
+	if m.hdr.Request == ReqSetVringCall && fd >= 0 && r.w != nil {
+		var one [8]byte
+		le.PutUint64(one[:], 1)
+		_, _ = unix.Write(fd, one[:])
+	}
 	return nil
 }
 
