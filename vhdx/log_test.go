@@ -864,3 +864,18 @@ func FuzzReplayLog(f *testing.F) {
 		}
 	})
 }
+
+func TestJournalCommitDoesNotAllocateInSteadyState(t *testing.T) {
+	s := newMemStorage(newLogFixture().current())
+	j := newJournal(s, tLR)
+	run := []logUpdate{{offset: tMeta, data: sectorOf(1)}, {offset: tMeta + 4096, data: sectorOf(2)}, {offset: tMeta + 0x10000, zeroLength: 8192}}
+	commit := func() {
+		if err := j.commit(run, 1<<20, tFileSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commit() // first commit scans the log and sizes the buffers
+	if n := testing.AllocsPerRun(50, commit); n != 0 {
+		t.Errorf("commit allocates %v times per call, want 0", n)
+	}
+}
