@@ -879,3 +879,39 @@ func TestJournalCommitDoesNotAllocateInSteadyState(t *testing.T) {
 		t.Errorf("commit allocates %v times per call, want 0", n)
 	}
 }
+
+// countingStorage counts ReadAt calls.
+type countingStorage struct {
+	Storage
+	reads int
+}
+
+func (c *countingStorage) ReadAt(p []byte, off int64) (int, error) {
+	c.reads++
+	return c.Storage.ReadAt(p, off)
+}
+
+// TestActiveSequenceSearchReadsEachSectorOnce: a log packed with 255
+// chained entries whose head names a tail outside the chain makes the
+// literal §2.3.3 walk re-validate the remaining chain from every one of the
+// 255 tails (about 32,000 entry validations). The memoised search reads each
+// log sector a bounded number of times and finds no active sequence.
+func TestActiveSequenceSearchReadsEachSectorOnce(t *testing.T) {
+	s := newLogFixture()
+	const n = tLogLen/4096 - 1
+	for i := range uint32(n) {
+		tail := i * 4096
+		if i == n-1 {
+			tail = n * 4096 // the empty last sector: never part of the chain
+		}
+		putTestEntry(t, s, i*4096, encodeTestEntry(tEntry{seq: uint64(i) + 1, tail: tail}))
+	}
+	cs := &countingStorage{Storage: s}
+	active, err := hasActiveLog(cs, tLR)
+	if err != nil || active {
+		t.Fatalf("hasActiveLog = %v, %v; want false: the only chain's head names a tail outside it", active, err)
+	}
+	if cs.reads > 2*tLogLen/4096 {
+		t.Errorf("search read %d sectors of a %d-sector log; want each read about once", cs.reads, tLogLen/4096)
+	}
+}
