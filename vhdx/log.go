@@ -56,7 +56,7 @@ const (
 	logHdrOffTail        = 12
 	logHdrOffSequence    = 16
 	logHdrOffDescCount   = 24
-	logHdrOffReserved    = 28
+	logHdrOffReserved    = 28 // written as 0, not checked on read (QEMU ignores it too)
 	logHdrOffLogGUID     = 32
 	logHdrOffFlushed     = 48
 	logHdrOffLast        = 56
