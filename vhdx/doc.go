@@ -6,6 +6,7 @@
 //	type OpenOptions struct {
 //	    ReadOnly bool
 //	    NoLock   bool // skip the file lock (inspection tools, tests)
+//	    ReplayLogInMemory bool // read-only: replay a pending log in memory instead of refusing
 //	}
 //	func Open(path string, opts OpenOptions) (*Image, error)
 //	func OpenStorage(s Storage, opts OpenOptions) (*Image, error) // no locking; tests, fault injection

@@ -40,6 +40,11 @@ func (t ImageType) MarshalText() ([]byte, error) { return []byte(t.String()), ni
 type OpenOptions struct {
 	ReadOnly bool
 	NoLock   bool // skip the file lock (inspection tools, tests)
+	// ReplayLogInMemory: a read-only open of an image whose log holds
+	// updates replays them in memory instead of refusing with ErrDirtyLog.
+	// The file is not modified. For inspection tools (info, map) looking at
+	// an image a daemon is serving, or at a dirty image.
+	ReplayLogInMemory bool
 }
 
 // Image is an open VHDX image. ReadAt/WriteAt/ReadVec/WriteVec and Flush are
@@ -152,9 +157,12 @@ func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 
 	// §2.3.3: the log must be replayed before any other structure is read.
 	if l.hdr.logGUID != uuid.Nil {
-		if err := im.handleLog(c); err != nil {
+		if err := im.handleLog(opts, c); err != nil {
 			return nil, err
 		}
+		// An in-memory replay swaps im.s for an overlay; everything after
+		// the log reads through it.
+		s = im.s
 		if l.fileSize, err = fileSizeOf(s); err != nil {
 			return nil, err
 		}
@@ -187,13 +195,24 @@ func (im *Image) logRegion() logRegion {
 // refuse an active log, as QEMU does; read-write opens replay it after giving
 // the file a new FileWriteGuid (§2.2.2: before any modification, including
 // log playback) and then clear LogGuid so the image reads as clean.
-func (im *Image) handleLog(c *checker) error {
+func (im *Image) handleLog(opts OpenOptions, c *checker) error {
 	lr := im.logRegion()
 	off := headerOffset(im.l.hdrSlot)
 	if im.readOnly {
 		active, err := hasActiveLog(im.s, lr)
 		if err != nil {
 			return err
+		}
+		if active && opts.ReplayLogInMemory {
+			ov, err := newOverlayStorage(im.s)
+			if err != nil {
+				return err
+			}
+			if im.logReplayed, err = replayLog(ov, lr); err != nil {
+				return err
+			}
+			im.s = ov
+			return nil
 		}
 		if active {
 			err := errAt(ErrDirtyLog, off, headerName(im.l.hdrSlot),

@@ -49,7 +49,7 @@ func runInfo(args []string, stdout, _ io.Writer) error {
 // so a running server does not stop it. The read-only open never modifies
 // the file; a dirty log makes it fail (vhdx.ErrDirtyLog) instead.
 func openInspect(path string) (*vhdx.Image, error) {
-	return vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true, NoLock: true})
+	return vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true})
 }
 
 func printInfo(w io.Writer, path string, in vhdx.Info) error {
