@@ -77,7 +77,7 @@ func printInfo(w io.Writer, path string, in vhdx.Info) error {
 		logState = fmt.Sprintf("in use (log guid %s)", in.LogGUID)
 	}
 	if in.LogReplayed {
-		logState += ", replayed by this open"
+		logState += ", pending updates replayed in memory for this report (the file is unchanged; `check --repair` replays them into it)"
 	}
 	row("log", "%s, %s at offset %#x", logState, formatSize(uint64(in.LogLength)), in.LogOffset)
 	if in.Creator != "" {
