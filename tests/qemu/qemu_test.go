@@ -186,7 +186,7 @@ func TestReadOnlyBackendRefusesWritesAndServesReads(t *testing.T) {
 		{seed: 61, off: 0, len: 4 * mib},
 		{seed: 62, off: 10*mib + 512, len: 5120},
 	}
-	img := &image{path: filepath.Join(e.work, "ro.vhdx"), size: size}
+	img := &image{path: filepath.Join(e.work, "ro.vhdx"), size: size, logicalSector: 512}
 	want := e.newExpected(t, img)
 	for _, r := range data {
 		want.write(t, r.seed, r.off, r.len)
