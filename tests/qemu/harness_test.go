@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -584,6 +585,66 @@ type vmOpts struct {
 	// script is the body of /test.sh. It runs under `set -e` after
 	// /etc/testlib.sh is sourced; the guest passes when it exits 0.
 	script string
+	// reconnect makes QEMU reconnect to the backend socket (chardev
+	// reconnect=1), so a backend may restart while the guest runs.
+	reconnect bool
+	// control gives the guest a second serial port, /dev/ttyS1, on which
+	// guestRun.send delivers lines (testlib's wait_host reads them).
+	control bool
+	// during, if set, runs while the guest runs and returns the backend
+	// serving it afterwards (it may have stopped b and started another).
+	during func(g *guestRun) *backend
+}
+
+// guestRun is a running guest, for vmOpts.during.
+type guestRun struct {
+	t         *testing.T
+	console   string
+	qemuDone  chan error
+	exited    bool
+	exitErr   error
+	deadline  time.Time
+	failGuest func(why string)
+	ctlSock   string
+	ctl       net.Conn
+}
+
+// send writes one line to the guest's /dev/ttyS1 (vmOpts.control).
+func (g *guestRun) send(line string) {
+	g.t.Helper()
+	if g.ctl == nil {
+		c, err := net.Dial("unix", g.ctlSock)
+		if err != nil {
+			g.failGuest(fmt.Sprintf("control serial port: %v", err))
+		}
+		g.ctl = c // closed when boot returns
+	}
+	if _, err := io.WriteString(g.ctl, line+"\n"); err != nil {
+		g.failGuest(fmt.Sprintf("control serial port: %v", err))
+	}
+}
+
+// waitFor waits until the guest has printed marker on its console. The
+// guest's own hang timeout bounds the wait; a guest that exits first fails
+// the test.
+func (g *guestRun) waitFor(marker string) {
+	g.t.Helper()
+	for {
+		if b, _ := os.ReadFile(g.console); strings.Contains(string(b), marker) {
+			return
+		}
+		if g.exited {
+			g.failGuest(fmt.Sprintf("guest exited (%v) before printing %q", g.exitErr, marker))
+		}
+		if time.Now().After(g.deadline) {
+			g.failGuest(fmt.Sprintf("guest printed no %q before the timeout", marker))
+		}
+		select {
+		case g.exitErr = <-g.qemuDone:
+			g.exited = true
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // boot runs one guest against the backend and returns its console log. The
@@ -618,8 +679,12 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		"-kernel", e.kernel,
 		"-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 quiet",
-		"-chardev", "socket,id=c0,path=" + b.sock,
+		"-chardev", "socket,id=c0,path=" + b.sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
 		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues),
+	}
+	ctlSock := filepath.Join(dir, "ctl.sock")
+	if o.control {
+		args = append(args, "-chardev", "socket,id=ctl,server=on,wait=off,path="+ctlSock, "-serial", "chardev:ctl")
 	}
 	e.record(args, false)
 
@@ -635,6 +700,28 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 	go func() { qemuDone <- cmd.Wait() }()
 	var err error
 	backendDied := false
+	if o.during != nil {
+		g := &guestRun{t: t, console: console, qemuDone: qemuDone, deadline: start.Add(e.timeout), ctlSock: ctlSock}
+		defer func() {
+			if g.ctl != nil {
+				g.ctl.Close()
+			}
+		}()
+		g.failGuest = func(why string) {
+			t.Helper()
+			cmd.Process.Kill()
+			if !g.exited {
+				<-qemuDone
+			}
+			logText, _ := os.ReadFile(console)
+			t.Fatalf("guest %s: %s\n--- QEMU output ---\n%s\n--- console (last 60 lines of %s) ---\n%s\n--- backend log (last 30 lines) ---\n%s",
+				name, why, strings.TrimSpace(stderr.String()), console, tailString(string(logText), 60), tail(b.log, 30))
+		}
+		b = o.during(g)
+		if g.exited {
+			qemuDone <- g.exitErr // hand QEMU's result to the select below
+		}
+	}
 	select {
 	case err = <-qemuDone:
 	case <-b.done:

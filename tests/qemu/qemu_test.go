@@ -340,3 +340,42 @@ func TestSerialIsTheGuestDeviceID(t *testing.T) {
 	b.stop(t)
 	e.check(t, img)
 }
+
+// The backend is stopped with SIGTERM and started again while the guest
+// runs; QEMU (chardev reconnect=1) reconnects and the guest's I/O, issued
+// only once the new process listens, completes against it. Both phases'
+// data is on the disk afterwards.
+func TestBackendRestartWhileGuestRunsWithReconnect(t *testing.T) {
+	e := newEnv(t)
+	img := e.newImage(t, "reconnect.vhdx", 64*mib, 512)
+	before := region{seed: 101, off: 0, len: 4*mib + 4096}
+	after := region{seed: 102, off: 8*mib - 512, len: 4 * mib}
+	want := e.newExpected(t, img)
+	want.write(t, before.seed, before.off, before.len)
+	want.write(t, after.seed, after.off, after.len)
+
+	b := e.startBackend(t, img, backendOpts{})
+	e.boot(t, b, "boot1", vmOpts{
+		reconnect: true,
+		control:   true,
+		script: script(
+			writes(mib, before),
+			"echo PHASE1-DONE",
+			"wait_host RESTARTED",
+			verifies(mib, before),
+			writes(mib, after),
+			verifies(mib, after),
+		),
+		during: func(g *guestRun) *backend {
+			g.waitFor("PHASE1-DONE")
+			b.stop(t)
+			t.Log("backend stopped while the guest runs; starting it again")
+			b = e.startBackend(t, img, backendOpts{})
+			g.send("RESTARTED")
+			return b
+		},
+	})
+	b.stop(t)
+	e.check(t, img)
+	e.compare(t, img, want)
+}

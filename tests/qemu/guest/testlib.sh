@@ -45,3 +45,13 @@ irqs() {
 		}
 		END { print found ? s + 0 : -1 }' /proc/interrupts
 }
+
+# wait_host WORD blocks until the host sends the line WORD on /dev/ttyS1
+# (the harness's vmOpts.control port).
+wait_host() {
+	echo "waiting for the host to send $1"
+	while read -r line; do
+		[ "$line" = "$1" ] && { echo "host sent $1"; return 0; }
+	done </dev/ttyS1
+	fail "/dev/ttyS1 closed before the host sent $1"
+}
