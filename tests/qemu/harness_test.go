@@ -542,20 +542,40 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 	})
 
-	// Wait for the socket; a backend that dies first fails the test.
+	// Wait until the socket listens (without connecting to it, which would
+	// take the backend's one front-end slot); a backend that dies first
+	// fails the test.
 	deadline := time.After(30 * time.Second)
 	for {
-		if st, err := os.Stat(b.sock); err == nil && st.Mode()&os.ModeSocket != 0 {
+		if listening(t, b.sock) {
 			return b
 		}
 		select {
 		case <-b.done:
 			t.Fatalf("backend exited before listening: %v\n%s", b.err, tail(b.log, 40))
 		case <-deadline:
-			t.Fatalf("backend did not create %s within 30s\n%s", b.sock, tail(b.log, 40))
+			t.Fatalf("backend did not listen on %s within 30s\n%s", b.sock, tail(b.log, 40))
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// listening reports whether a unix socket bound to path is in the listening
+// state, from /proc/net/unix: "Num RefCount Protocol Flags Type St Inode
+// Path", where Flags 00010000 is __SO_ACCEPTCON.
+func listening(t *testing.T, path string) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) == 8 && f[7] == path && f[3] == "00010000" {
+			return true
+		}
+	}
+	return false
 }
 
 // stop sends SIGTERM and requires a clean exit, as a service manager would.

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -75,5 +76,30 @@ func TestOverlayArchiveIsReadableNewcCpio(t *testing.T) {
 		if st.Mode().Perm() != 0o755 {
 			t.Errorf("%s mode = %v, want 0755", name, st.Mode().Perm())
 		}
+	}
+}
+
+func TestListeningSeesOnlyAListeningUnixSocket(t *testing.T) {
+	dir := t.TempDir()
+	bound := filepath.Join(dir, "bound.sock")
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: bound}); err != nil {
+		t.Fatal(err)
+	}
+	if listening(t, bound) {
+		t.Errorf("a bound socket that does not listen counts as listening")
+	}
+	if err := syscall.Listen(fd, 1); err != nil {
+		t.Fatal(err)
+	}
+	if !listening(t, bound) {
+		t.Errorf("a listening socket does not count as listening")
+	}
+	if listening(t, filepath.Join(dir, "absent.sock")) {
+		t.Errorf("a path with no socket counts as listening")
 	}
 }
