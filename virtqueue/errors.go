@@ -33,4 +33,10 @@ var (
 	// ErrInvalidUsed: the caller tried to complete a head that is out of
 	// range or more chains than it took with Next.
 	ErrInvalidUsed = errors.New("virtqueue: invalid used element")
+
+	// ErrInvalidInflight: a queue's inflight region (vhost-user "Inflight
+	// I/O tracking") holds values no back-end following the spec could
+	// have left there: an unknown version, a size that is not the queue's,
+	// a flag other than 0 or 1, a last batch that does not fit the queue.
+	ErrInvalidInflight = errors.New("virtqueue: invalid inflight region")
 )

@@ -78,6 +78,11 @@ type QueueConfig struct {
 	DescUserAddr, AvailUserAddr, UsedUserAddr uint64 // front-end virtual addresses (SET_VRING_ADDR)
 	EventIdx                                  bool   // VIRTIO_RING_F_EVENT_IDX negotiated
 	NextAvail                                 uint16 // from SET_VRING_BASE
+
+	// Inflight is this queue's split inflight region (at least
+	// InflightMinSize(Size) bytes), or nil for no tracking. See
+	// NewSplitQueue for how it overrides NextAvail.
+	Inflight []byte
 }
 
 // Chain is one descriptor chain taken from the available ring, converted to
@@ -126,6 +131,8 @@ type SplitQueue struct {
 
 	broken error // sticky ring-level error; non-nil means never touch the ring again
 
+	inf *inflightRegion // nil without an inflight region
+
 	// fenceWord is the target of the atomic read-modify-write used as a
 	// full barrier (fullFence). Per queue, so workers do not share a cache
 	// line.
@@ -151,6 +158,15 @@ type SplitQueue struct {
 // PushUsed on the new queue, so re-creating a queue with
 // NextAvail = old.NextAvail() (after a memory table change) keeps requests
 // in progress completable. More than Size of them is rejected.
+//
+// With cfg.Inflight the queue tracks every chain in that region (vhost-user
+// spec, "Inflight I/O tracking", split layout; see inflight.go). A fresh
+// region (version 0) is initialised and NextAvail is used as given. A
+// region in use is validated and recovered instead: the last published
+// batch is cleared, NextAvail becomes used.idx plus the chains still marked
+// in flight, and Next returns those chains first, in the order they were
+// popped. A region that fails validation, or claims more chains in flight
+// than the driver published, is rejected with ErrInvalidInflight.
 func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 	if mem == nil {
 		return nil, fmt.Errorf("%w: no memory table", ErrInvalidQueue)
@@ -212,10 +228,30 @@ func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 	// queue object or back-end and may still be completed through this
 	// one (a queue re-created after a memory table change, or requests
 	// resubmitted from the inflight region after a reconnect).
-	inflight := cfg.NextAvail - q.usedPublished
+	if cfg.Inflight != nil {
+		q.inf = &inflightRegion{b: cfg.Inflight}
+		inuse, fresh, err := q.inf.recover(size, q.usedPublished)
+		if err != nil {
+			return nil, err
+		}
+		if !fresh {
+			// The region, not SET_VRING_BASE, says where the previous
+			// back-end stopped: after a crash QEMU sends used.idx as the
+			// base (vhost-user.md §1.7), and the inuse requests popped
+			// beyond it are resubmitted, not popped again.
+			q.nextAvail = q.usedPublished + inuse
+			q.shadowAvail = q.nextAvail
+			// The driver published at least every chain that was popped.
+			if idx := q.loadAvailIdx(); idx-q.nextAvail > size {
+				return nil, fmt.Errorf("%w: %d requests in flight past used.idx %d, but avail.idx is %d",
+					ErrInvalidInflight, inuse, q.usedPublished, idx)
+			}
+		}
+	}
+	inflight := q.nextAvail - q.usedPublished
 	if inflight > size {
 		return nil, fmt.Errorf("%w: next avail index %d is %d entries past used.idx %d, queue size %d",
-			ErrInvalidQueue, cfg.NextAvail, inflight, q.usedPublished, size)
+			ErrInvalidQueue, q.nextAvail, inflight, q.usedPublished, size)
 	}
 	q.inflight = uint64(inflight)
 	if !cfg.EventIdx {
@@ -295,6 +331,21 @@ func (q *SplitQueue) Next(c *Chain) (bool, error) {
 	if q.broken != nil {
 		return false, q.broken
 	}
+	if q.inf != nil && len(q.inf.resubmit) > 0 {
+		// Requests a previous back-end popped and never completed go
+		// first, in the order it popped them (vhost-user spec, "Inflight
+		// I/O tracking"). They are already counted in flight and still
+		// marked in the region.
+		head := q.inf.resubmit[0]
+		q.inf.resubmit = q.inf.resubmit[1:]
+		c.Head = head
+		c.Err = q.walk(c, head)
+		if c.Err != nil {
+			c.Readable = c.Readable[:0]
+			c.Writable = c.Writable[:0]
+		}
+		return true, nil
+	}
 	if q.shadowAvail == q.nextAvail {
 		idx := q.loadAvailIdx()
 		if err := q.checkAvail(idx); err != nil {
@@ -313,6 +364,9 @@ func (q *SplitQueue) Next(c *Chain) (bool, error) {
 	}
 	q.nextAvail++
 	q.inflight++
+	if q.inf != nil {
+		q.inf.pop(head)
+	}
 	c.Head = head
 	c.Err = q.walk(c, head)
 	if c.Err != nil {
@@ -471,6 +525,9 @@ func (q *SplitQueue) AddUsed(head uint16, written uint32) error {
 		return fmt.Errorf("%w: head %d completed but no chain is in flight", ErrInvalidUsed, head)
 	}
 	q.inflight--
+	if q.inf != nil {
+		q.inf.add(head)
+	}
 	off := usedRing + int(q.usedShadow&q.mask)*usedElemSize
 	e := q.used[off : off+usedElemSize]
 	// VIRTIO 1.2 §2.7.8.2: the device MUST set len prior to updating the
@@ -492,6 +549,9 @@ func (q *SplitQueue) Publish() {
 	}
 	q.usedPublished = q.usedShadow
 	q.storeUsedWord()
+	if q.inf != nil {
+		q.inf.published(q.usedPublished)
+	}
 }
 
 func (q *SplitQueue) storeUsedWord() {
