@@ -82,7 +82,7 @@ func (f *inflightRegion) desc(i uint16) []byte {
 	return f.b[off : off+InflightDescSize]
 }
 
-func (f *inflightRegion) u16(off int) uint16     { return binary.LittleEndian.Uint16(f.b[off:]) }
+func (f *inflightRegion) u16(off int) uint16      { return binary.LittleEndian.Uint16(f.b[off:]) }
 func (f *inflightRegion) put16(off int, v uint16) { binary.LittleEndian.PutUint16(f.b[off:], v) }
 
 // pop records that head was taken from the avail ring (spec: "Set

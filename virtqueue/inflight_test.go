@@ -31,7 +31,7 @@ func hdr16(r []byte, off int) uint16 { return binary.LittleEndian.Uint16(r[off:]
 
 func TestInflightRegionSizeMatchesLibvhostUserAndDPDK(t *testing.T) {
 	for qs := 1; qs <= virtqueue.MaxQueueSize; qs++ {
-		lib := (uint64(16*qs+2) + 63) &^ 63  // libvhost-user vu_inflight_queue_size
+		lib := (uint64(16*qs+2) + 63) &^ 63   // libvhost-user vu_inflight_queue_size
 		dpdk := (uint64(16*qs+16) + 63) &^ 63 // DPDK get_pervq_shm_size_split
 		got := virtqueue.InflightRegionSize(uint16(qs))
 		if got != lib || got != dpdk {
