@@ -166,9 +166,24 @@ func (w *wireConn) readMessage() (m *message, err error) {
 // writeReply sends a reply: same request code, flags exactly VERSION|REPLY
 // (QEMU rejects anything else, vhost-user.md §1.1).
 func (w *wireConn) writeReply(req Request, payload []byte) error {
+	return w.writeReplyFD(req, payload, -1)
+}
+
+// writeReplyFD is writeReply with fd (if >= 0) attached to the sendmsg
+// carrying the header's first byte (spec "Communication"). It does not
+// close fd.
+func (w *wireConn) writeReplyFD(req Request, payload []byte, fd int) error {
 	w.out = AppendHeader(w.out[:0], Header{Request: req, Flags: FlagVersion | FlagReply, Size: uint32(len(payload))})
 	w.out = append(w.out, payload...)
-	if _, err := w.c.Write(w.out); err != nil {
+	var oob []byte
+	if fd >= 0 {
+		oob = unix.UnixRights(fd)
+	}
+	n, _, err := w.c.WriteMsgUnix(w.out, oob, nil)
+	if err == nil && n < len(w.out) {
+		_, err = w.c.Write(w.out[n:])
+	}
+	if err != nil {
 		return fmt.Errorf("%s reply: %v: %w", req, err, ErrDisconnected)
 	}
 	return nil

@@ -175,6 +175,37 @@ func ParseConfig(p []byte) (ConfigMsg, error) {
 	return c, nil
 }
 
+// InflightMsg is the payload of GET_INFLIGHT_FD and SET_INFLIGHT_FD
+// (vhost-user spec, "Inflight description").
+type InflightMsg struct {
+	MmapSize, MmapOffset uint64
+	NumQueues, QueueSize uint16
+}
+
+// AppendInflight appends the wire form of m to b (with the 4 padding
+// bytes).
+func AppendInflight(b []byte, m InflightMsg) []byte {
+	b = le.AppendUint64(b, m.MmapSize)
+	b = le.AppendUint64(b, m.MmapOffset)
+	b = le.AppendUint16(b, m.NumQueues)
+	b = le.AppendUint16(b, m.QueueSize)
+	return append(b, 0, 0, 0, 0)
+}
+
+// ParseInflight decodes an InflightMsgSize payload. It does no semantic
+// validation.
+func ParseInflight(p []byte) (InflightMsg, error) {
+	if len(p) != InflightMsgSize {
+		return InflightMsg{}, fmt.Errorf("inflight: %d bytes: %w", len(p), ErrInvalidMessage)
+	}
+	return InflightMsg{
+		MmapSize:   le.Uint64(p[ifMmapSizeOff:]),
+		MmapOffset: le.Uint64(p[ifMmapOffsetOff:]),
+		NumQueues:  le.Uint16(p[ifNumQueuesOff:]),
+		QueueSize:  le.Uint16(p[ifQueueSizeOff:]),
+	}, nil
+}
+
 // ParseU64 decodes a u64 payload.
 func ParseU64(p []byte) (uint64, error) {
 	if len(p) != U64Size {
@@ -190,6 +221,7 @@ const (
 	fdNone      fdRule = iota // no fds
 	fdPerRegion               // SET_MEM_TABLE: exactly nregions
 	fdVring                   // SET_VRING_KICK/CALL/ERR: one, or none with VringNoFDFlag
+	fdOne                     // SET_INFLIGHT_FD: exactly one
 )
 
 // msgSpec is the syntax of one request, checked before dispatch (rust-vmm
@@ -231,6 +263,8 @@ var msgTable = map[Request]msgSpec{
 	ReqSetVringEnable:      {name: "SET_VRING_ENABLE", size: VringStateSize},
 	ReqGetConfig:           {name: "GET_CONFIG", minSize: ConfigHeaderSize, maxSize: ConfigHeaderSize + MaxConfigSize, variable: checkConfig, proto: ProtoConfig, reply: true},
 	ReqSetConfig:           {name: "SET_CONFIG", minSize: ConfigHeaderSize, maxSize: ConfigHeaderSize + MaxConfigSize, variable: checkConfig, proto: ProtoConfig},
+	ReqGetInflightFD:       {name: "GET_INFLIGHT_FD", size: InflightMsgSize, proto: ProtoInflightShmfd, reply: true},
+	ReqSetInflightFD:       {name: "SET_INFLIGHT_FD", size: InflightMsgSize, fds: fdOne, proto: ProtoInflightShmfd},
 	ReqResetDevice:         {name: "RESET_DEVICE", proto: ProtoResetDevice},
 	ReqSetStatus:           {name: "SET_STATUS", size: U64Size, proto: ProtoStatus},
 	ReqGetStatus:           {name: "GET_STATUS", proto: ProtoStatus, reply: true},
@@ -275,6 +309,10 @@ func checkBody(spec msgSpec, p []byte, nfds int) error {
 		}
 	}
 	switch spec.fds {
+	case fdOne:
+		if nfds != 1 {
+			return fmt.Errorf("%s: %d fds, want 1: %w", spec.name, nfds, ErrInvalidMessage)
+		}
 	case fdPerRegion:
 		// ParseMemTable has checked len(p) >= 8.
 		if n := le.Uint32(p[mtNumOff:]); uint32(nfds) != n {

@@ -56,6 +56,8 @@ const (
 	ReqSetVringEnable      Request = 18 // VHOST_USER_SET_VRING_ENABLE
 	ReqGetConfig           Request = 24 // VHOST_USER_GET_CONFIG
 	ReqSetConfig           Request = 25 // VHOST_USER_SET_CONFIG
+	ReqGetInflightFD       Request = 31 // VHOST_USER_GET_INFLIGHT_FD
+	ReqSetInflightFD       Request = 32 // VHOST_USER_SET_INFLIGHT_FD
 	ReqResetDevice         Request = 34 // VHOST_USER_RESET_DEVICE
 	ReqSetStatus           Request = 39 // VHOST_USER_SET_STATUS
 	ReqGetStatus           Request = 40 // VHOST_USER_GET_STATUS
@@ -124,6 +126,15 @@ const (
 
 	// VHOST_VRING_F_LOG in SET_VRING_ADDR flags.
 	vringFlagLog = 0x1
+
+	// GET/SET_INFLIGHT_FD: u64 mmap_size, u64 mmap_offset, u16
+	// num_queues, u16 queue_size, 4 bytes of padding (vhost-user.md
+	// §1.2; libvhost-user checks size == sizeof = 24).
+	InflightMsgSize = 24
+	ifMmapSizeOff   = 0
+	ifMmapOffsetOff = 8
+	ifNumQueuesOff  = 16
+	ifQueueSizeOff  = 18
 )
 
 // Virtio feature bits (VIRTIO 1.2 §6 "Reserved Feature Bits"; bit 30 is
@@ -138,14 +149,15 @@ const (
 // Protocol feature bits (vhost-user spec, "Protocol features"). Bits >= 20
 // have moved between spec revisions and are never offered (vhost-user.md §1.5).
 const (
-	ProtoMQ          = 1 << 0  // VHOST_USER_PROTOCOL_F_MQ
-	ProtoReplyAck    = 1 << 3  // VHOST_USER_PROTOCOL_F_REPLY_ACK
-	ProtoConfig      = 1 << 9  // VHOST_USER_PROTOCOL_F_CONFIG
-	ProtoResetDevice = 1 << 13 // VHOST_USER_PROTOCOL_F_RESET_DEVICE
-	ProtoStatus      = 1 << 16 // VHOST_USER_PROTOCOL_F_STATUS
+	ProtoMQ            = 1 << 0  // VHOST_USER_PROTOCOL_F_MQ
+	ProtoReplyAck      = 1 << 3  // VHOST_USER_PROTOCOL_F_REPLY_ACK
+	ProtoConfig        = 1 << 9  // VHOST_USER_PROTOCOL_F_CONFIG
+	ProtoInflightShmfd = 1 << 12 // VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+	ProtoResetDevice   = 1 << 13 // VHOST_USER_PROTOCOL_F_RESET_DEVICE
+	ProtoStatus        = 1 << 16 // VHOST_USER_PROTOCOL_F_STATUS
 
 	// ProtocolFeatures is what the back-end offers in GET_PROTOCOL_FEATURES.
-	ProtocolFeatures = ProtoMQ | ProtoReplyAck | ProtoConfig | ProtoResetDevice | ProtoStatus
+	ProtocolFeatures = ProtoMQ | ProtoReplyAck | ProtoConfig | ProtoInflightShmfd | ProtoResetDevice | ProtoStatus
 )
 
 // MaxQueueSize is the largest split ring (VIRTIO 1.2 §2.7 "Queue Size ...

@@ -40,9 +40,17 @@ type session struct {
 	protoAcked uint64 // protocol features from SET_PROTOCOL_FEATURES
 	status     uint8  // SET_STATUS
 
+	// replyFD is an fd to attach to the reply being built (GET_INFLIGHT_FD),
+	// owned by the session until run has sent and closed it.
+	replyFD int
+
 	mu    sync.RWMutex
 	mem   *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
 	rings []*ring
+	// inflight is the buffer from SET_INFLIGHT_FD, nil without one. Only
+	// the control goroutine reads it; queues hold their region's slice,
+	// so it is replaced only while no ring is started.
+	inflight *inflightMap
 }
 
 // ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
@@ -71,6 +79,7 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		w:       newWireConn(c),
 		config:  blk.Config(opts.Disk, opts.Blk),
 		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureProtocolFeatures,
+		replyFD: -1,
 	}
 	s.rings = make([]*ring, opts.NumQueues)
 	for i := range s.rings {
@@ -92,8 +101,11 @@ func (s *session) run() error {
 		}
 		reply, err := s.handle(m)
 		m.closeFDs()
+		fd := s.replyFD
+		s.replyFD = -1
 		ackWanted := s.protoAcked&ProtoReplyAck != 0 && m.hdr.Flags&FlagNeedReply != 0
 		if err != nil && !errors.Is(err, errRefused) {
+			closeFD(&fd)
 			if ackWanted && !m.spec.reply {
 				// Best effort: tell the front-end why it is being dropped.
 				_ = s.w.writeReply(m.hdr.Request, le.AppendUint64(nil, 1))
@@ -102,7 +114,8 @@ func (s *session) run() error {
 		}
 		switch {
 		case m.spec.reply:
-			err = s.w.writeReply(m.hdr.Request, reply)
+			err = s.w.writeReplyFD(m.hdr.Request, reply, fd)
+			closeFD(&fd)
 		case ackWanted:
 			// REPLY_ACK: u64 0 on success, non-zero on failure, only for
 			// requests without an explicit reply (spec "REPLY_ACK").
@@ -127,14 +140,15 @@ func (s *session) teardown() {
 		s.stopRing(r)
 	}
 	s.mu.Lock()
-	mem := s.mem
-	s.mem = nil
+	mem, inf := s.mem, s.inflight
+	s.mem, s.inflight = nil, nil
 	for _, r := range s.rings {
 		closeFD(&r.callFD)
 		closeFD(&r.errFD)
 	}
 	s.mu.Unlock()
 	mem.unmap()
+	inf.unmap()
 }
 
 func closeFD(fd *int) {
@@ -247,6 +261,16 @@ func (s *session) handle(m *message) ([]byte, error) {
 			return nil, fmt.Errorf("%s: offset %d size %d flags %d: %w", name, c.Offset, c.Size, c.Flags, errRefused)
 		}
 		return nil, nil
+	case ReqGetInflightFD:
+		req, _ := ParseInflight(p)
+		fd, reply, err := newInflightFD(req, len(s.rings))
+		if err != nil {
+			return nil, err
+		}
+		s.replyFD = fd
+		return AppendInflight(nil, reply), nil
+	case ReqSetInflightFD:
+		return nil, s.setInflightFD(m)
 	case ReqSetStatus:
 		v := le.Uint64(p)
 		if v > 0xff {
@@ -430,10 +454,15 @@ func checkRingPlacement(mem *virtqueue.Memory, r *ring) error {
 	return nil
 }
 
-// newQueue builds a SplitQueue for r on the current memory.
+// newQueue builds a SplitQueue for r on the current memory, tracking its
+// requests in r's inflight region if the front-end set one.
 // Preconditions: s.mem != nil; if workers may run, mu is held for writing.
 func (s *session) newQueue(r *ring, nextAvail uint16) (q *virtqueue.SplitQueue, err error) {
 	if err := checkRingPlacement(s.mem.mem, r); err != nil {
+		return nil, err
+	}
+	region, err := s.inflight.queue(r.index, r.num)
+	if err != nil {
 		return nil, err
 	}
 	err = guardFault(func() error {
@@ -445,13 +474,36 @@ func (s *session) newQueue(r *ring, nextAvail uint16) (q *virtqueue.SplitQueue, 
 			UsedUserAddr:  r.addr.Used,
 			EventIdx:      s.acked&FeatureEventIdx != 0,
 			NextAvail:     nextAvail,
+			Inflight:      region,
 		})
 		return e
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%v: %w", err, ErrGuestMemory)
+		return nil, fmt.Errorf("%w: %w", err, ErrGuestMemory)
 	}
 	return q, nil
+}
+
+// setInflightFD maps the front-end's inflight buffer (vhost-user.md
+// §1.10). QEMU sends it before starting the rings, on the first start with
+// the buffer GET_INFLIGHT_FD just created and after every reconnect with
+// the one it kept; the rings read it when they start.
+func (s *session) setInflightFD(m *message) error {
+	req, _ := ParseInflight(m.payload)
+	if s.anyStarted() {
+		return fmt.Errorf("SET_INFLIGHT_FD: a ring is started: %w", ErrState)
+	}
+	im, err := mapInflight(req, m.fds[0], len(s.rings))
+	if err != nil {
+		return err
+	}
+	// The dispatcher closes the fd: the mapping keeps the buffer.
+	s.mu.Lock()
+	old := s.inflight
+	s.inflight = im
+	s.mu.Unlock()
+	old.unmap()
+	return nil
 }
 
 func (s *session) setVringKick(m *message) error {
