@@ -5,6 +5,8 @@
 #                gofmt check, go test -race, a short fuzz smoke, the QEMU tests
 #   make run     serve ./disk.vhdx on /tmp/vhdx.sock and print the QEMU command
 #   make fuzz    every Fuzz target for FUZZTIME (default 60s) each
+#   make bench   vhost-vhdx serve against qemu-storage-daemon; writes
+#                docs/benchmarks/README.md (a few minutes; not part of test)
 #   make clean   remove build and test outputs (make distclean: also .cache/)
 
 SHELL := /bin/bash
@@ -26,7 +28,7 @@ FUZZ_SMOKE_TIME ?= 5s
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test vet fmt-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run fuzz clean distclean
+.PHONY: all build test vet fmt-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run fuzz bench clean distclean
 
 all: build
 
@@ -75,6 +77,11 @@ run: build
 
 fuzz:
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME)
+
+# Load generator runs against both back-ends: see scripts/bench.sh for
+# RUNS, RUNTIME, SWEEP_RUNTIME, BENCH_DIR and OUT.
+bench:
+	scripts/bench.sh
 
 clean:
 	rm -rf bin/ *.test *.out *.prof
