@@ -35,8 +35,32 @@
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
 // RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
-// blk.Features. Protocol: MQ, REPLY_ACK, CONFIG, RESET_DEVICE, STATUS;
-// never a bit >= 20, whose meaning has moved between spec revisions.
+// blk.Features. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
+// RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
+// spec revisions.
+//
+// # Inflight tracking (reconnect after a back-end crash)
+//
+// GET_INFLIGHT_FD creates a memfd of num_queues regions of the split
+// layout (virtqueue/inflight.go: 16-byte header, 16 bytes per
+// descriptor, each region padded to 64 bytes as libvhost-user and DPDK
+// do), seals it against growing and shrinking, sends it with mmap_offset 0
+// and keeps nothing. SET_INFLIGHT_FD (QEMU re-sends the same fd on every
+// reconnect) is refused while a ring runs, and is mapped only after
+// num_queues (1..queues offered), queue_size (1..32768), mmap_size (≥ the
+// regions), mmap_offset+mmap_size (inside the file, no wrap) and the
+// F_SEAL_SHRINK seal (so the mapping can never SIGBUS) check out. A ring
+// that starts while a buffer is set tracks its requests in its region:
+// marked with a counter when popped, linked into last_batch_head before
+// used.idx is published, cleared after. If the region was in use, the
+// ring first validates and recovers it (spec reconnect algorithm); the
+// next avail index becomes used.idx plus the requests still marked, so
+// SET_VRING_BASE = used.idx (what QEMU sends when GET_VRING_BASE failed)
+// is fine, and those requests are redone, in counter order, before any
+// new avail entry. A region no spec-following back-end could have left
+// (unknown version, wrong desc_num, flags other than 0/1, a last batch
+// longer than the ring or leaving it, more in flight than published) ends
+// the connection with virtqueue.ErrInvalidInflight.
 //
 // # Message handling
 //
@@ -93,7 +117,7 @@
 //
 // # Not implemented
 //
-// Packed rings, inflight tracking (INFLIGHT_SHMFD), dirty logging
+// Packed rings (so no packed inflight layout), dirty logging
 // (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, the back-end
 // request channel (BACKEND_REQ; so no config-change message on resize),
 // polling mode (SET_VRING_KICK with the no-fd flag is refused).
