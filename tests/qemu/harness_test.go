@@ -484,7 +484,8 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		o.numQueues = 1
 	}
 	b := &backend{env: e, sock: filepath.Join(e.work, "vhost.sock")}
-	os.Remove(b.sock)
+	// A socket file left by an earlier backend stays: a restarted daemon
+	// must cope with it, as after a crash under a service manager.
 	switch e.backend {
 	case backendQSD:
 		ro := "off"
@@ -576,6 +577,14 @@ func listening(t *testing.T, path string) bool {
 		}
 	}
 	return false
+}
+
+// kill ends the backend with SIGKILL, as a crash would.
+func (b *backend) kill(t *testing.T) {
+	t.Helper()
+	b.env.note("kill -KILL $!  # crash the backend")
+	b.cmd.Process.Kill()
+	<-b.done
 }
 
 // stop sends SIGTERM and requires a clean exit, as a service manager would.
