@@ -11,6 +11,10 @@ type Problem struct {
 	Offset   int64  // file offset of the offending structure, -1 if none
 	What     string // the rule broken, naming the structure
 	Repaired bool
+	// Leak marks unused space at the end of the file. It is not damage:
+	// nothing references it, new blocks are allocated after it, and
+	// qemu-img creates images with such a tail. --repair truncates it.
+	Leak bool
 }
 
 // CheckReport is the result of Check.
@@ -20,10 +24,11 @@ type CheckReport struct {
 	LeakedBytes int64 // file bytes past the last used structure (rounded to 1 MiB)
 }
 
-// Damaged reports whether any problem remains unrepaired.
+// Damaged reports whether any problem other than leaked space remains
+// unrepaired.
 func (r *CheckReport) Damaged() bool {
 	for _, p := range r.Problems {
-		if !p.Repaired {
+		if !p.Repaired && !p.Leak {
 			return true
 		}
 	}
@@ -78,6 +83,7 @@ func Check(path string, repair bool) (*CheckReport, error) {
 			Offset: int64(usedEnd),
 			What: fmt.Sprintf("%d bytes at offset %#x past the last used structure are leaked",
 				rep.LeakedBytes, usedEnd),
+			Leak: true,
 		}
 		// Truncate only an otherwise sound image: a BAT entry we refused
 		// may still point into the tail.

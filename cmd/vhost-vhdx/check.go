@@ -18,8 +18,11 @@ Options:
   --repair   open read-write, replay a pending log and truncate leaked space
              at the end of the file (only when nothing else is wrong)
 
+Leaked space (unused bytes at the end of the file, e.g. after a failed
+allocation, or the tail qemu-img leaves) is reported but is not damage.
+
 Exit status:
-  0  no problems, or every problem was repaired
+  0  no problems, only leaked space, or every problem was repaired
   1  the check could not run (file missing, in use, unsupported image)
   2  usage error
   3  the image is damaged: problems remain
@@ -44,8 +47,11 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 			where = "offset " + off + ": "
 		}
 		state := ""
-		if p.Repaired {
+		switch {
+		case p.Repaired:
 			state = " (repaired)"
+		case p.Leak:
+			state = " (harmless; --repair truncates it)"
 		}
 		fmt.Fprintf(stdout, "%s%s%s\n", where, p.What, state)
 	}
@@ -62,7 +68,7 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 	if rep.Damaged() {
 		n := 0
 		for _, p := range rep.Problems {
-			if !p.Repaired {
+			if !p.Repaired && !p.Leak {
 				n++
 			}
 		}
@@ -72,9 +78,12 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 		}
 		return &exitStatusError{exitDamaged, fmt.Errorf("check %s: %d problem(s) remain%s", path, n, hint)}
 	}
-	if len(rep.Problems) == 0 {
+	switch {
+	case len(rep.Problems) == 0:
 		fmt.Fprintln(stdout, "No errors found")
-	} else {
+	case rep.LeakedBytes > 0 && !*repair:
+		fmt.Fprintln(stdout, "No errors found; the leaked space is harmless")
+	default:
 		fmt.Fprintln(stdout, "All problems were repaired")
 	}
 	return nil
