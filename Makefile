@@ -4,6 +4,7 @@
 #   make test    everything CI runs: installs the QEMU test assets, go vet,
 #                gofmt check, go test -race, a short fuzz smoke, the QEMU tests
 #   make run     serve ./disk.vhdx on /tmp/vhdx.sock and print the QEMU command
+#   make guest   boot a small Linux guest with a shell against make run
 #   make fuzz    every Fuzz target for FUZZTIME (default 60s) each
 #   make bench   vhost-vhdx serve against qemu-storage-daemon; writes
 #                docs/benchmarks/README.md (a few minutes; not part of test)
@@ -28,7 +29,7 @@ FUZZ_SMOKE_TIME ?= 5s
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test vet fmt-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run fuzz bench clean distclean
+.PHONY: all build test vet fmt-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
 
 all: build
 
@@ -64,16 +65,38 @@ test-qemu: qemu-assets
 test-qemu-qsd:
 	$(MAKE) test-qemu QEMU_BACKEND=qsd
 
+# The QEMU options that attach a guest to the daemon: guest RAM shared
+# through memfd (its size must match -m), the socket, the device.
+GUEST_MEM ?= 512M
+ASSETS ?= .cache/qemu-assets
+QEMU_ATTACH = -object memory-backend-memfd,id=mem,size=$(GUEST_MEM),share=on -numa node,memdev=mem \
+	-chardev socket,id=c0,path=$(SOCKET) -device vhost-user-blk-pci,chardev=c0
+# TCG works everywhere and boots this small guest in seconds; ACCEL=kvm on a
+# host with working KVM.
+ACCEL ?= tcg
+QEMU_GUEST = qemu-system-x86_64 -accel $(ACCEL) -m $(GUEST_MEM) $(QEMU_ATTACH) \
+	-kernel $(ASSETS)/vmlinuz -initrd $(ASSETS)/initramfs.cpio.gz \
+	-append "console=ttyS0 quiet vhostvhdx.shell" -nographic -no-reboot
+
 run: build
 	@test -e $(IMAGE) || $(BIN) create --size $(SIZE) $(IMAGE)
-	@echo "Serving $(IMAGE) on $(SOCKET). Attach a guest with, for example:"
+	@echo "Serving $(IMAGE) on $(SOCKET). In another terminal, attach a guest."
 	@echo
-	@echo "  qemu-system-x86_64 -machine accel=kvm:tcg -m 1G \\"
-	@echo "    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\"
-	@echo "    -chardev socket,id=c0,path=$(SOCKET) -device vhost-user-blk-pci,chardev=c0 \\"
-	@echo "    ... your usual boot disk, kernel or installer options ..."
+	@echo "A small ready-made Linux guest with a shell (the disk is /dev/vda):"
+	@echo "  make guest"
+	@echo "which installs QEMU and a Debian kernel if needed, then runs:"
+	@echo '  $(QEMU_GUEST)'
+	@echo
+	@echo "Or your own guest: add these options to its QEMU command line (-m must be $(GUEST_MEM)):"
+	@echo '  $(QEMU_ATTACH)'
 	@echo
 	exec $(BIN) serve --socket $(SOCKET) $(IMAGE)
+
+# Boots the test kernel and initramfs with an interactive shell against a
+# running `make run` (or any vhost-user-blk backend on $(SOCKET)).
+guest: qemu-assets
+	@test -S $(SOCKET) || { echo "no backend listening on $(SOCKET): start 'make run' first"; exit 1; }
+	$(QEMU_GUEST)
 
 fuzz:
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME)
