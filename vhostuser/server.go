@@ -98,14 +98,28 @@ func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	var backoff time.Duration
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
+			// Running out of fds or memory is a passing condition: wait
+			// and accept again rather than taking the daemon down, as
+			// net/http's server does.
+			if temporaryAcceptError(err) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-time.After(backoff):
+				}
+				continue
+			}
 			return fmt.Errorf("vhostuser: accept: %w", err)
 		}
+		backoff = 0
 		// Errors are reported through Events.ConnClosed; the server lives on.
 		_ = serveConn(ctx, c, opts)
 		if ctx.Err() != nil {
@@ -193,4 +207,16 @@ func FromFD(fd int) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("vhostuser: fd %d is not a unix socket: %w", fd, ErrInvalidOptions)
 	}
 	return ul, nil
+}
+
+// temporaryAcceptError reports whether an accept failure may clear by itself
+// (accept(2): EMFILE, ENFILE, ENOBUFS, ENOMEM; ECONNABORTED for a peer that
+// left the backlog).
+func temporaryAcceptError(err error) bool {
+	for _, e := range []error{unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM, unix.ECONNABORTED} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
