@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -160,7 +162,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		Disk:      im,
 		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues)},
 		NumQueues: cfg.numQueues,
-		Events:    logEvents{entry},
+		Events:    newLogEvents(entry),
 	})
 	if cfg.socketPath != "" {
 		os.Remove(cfg.socketPath)
@@ -178,7 +180,14 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 
 // logEvents turns vhostuser's events into log lines with connection and
 // queue fields; it is the only place the daemon's data path logs.
-type logEvents struct{ log *logrus.Entry }
+type logEvents struct {
+	log     *logrus.Entry
+	limiter *logLimiter
+}
+
+func newLogEvents(log *logrus.Entry) logEvents {
+	return logEvents{log: log, limiter: newLogLimiter(requestLogBurst, time.Second)}
+}
 
 func (e logEvents) ConnOpened(id uint64) {
 	e.log.WithField("conn", id).Info("front-end connected")
@@ -197,6 +206,53 @@ func (e logEvents) QueueBroken(conn uint64, queue int, err error) {
 	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Error("queue broken; it stays stopped until the front-end resets it")
 }
 
+// RequestFailed is rate-limited: a guest can fail requests as fast as it
+// can submit them, and the log must not become the bottleneck or fill the
+// disk. Lines dropped in one interval are counted in the next one logged.
 func (e logEvents) RequestFailed(conn uint64, queue int, err error) {
-	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Warn("request failed")
+	ok, dropped := e.limiter.allow()
+	if !ok {
+		return
+	}
+	l := e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue})
+	if dropped > 0 {
+		l = l.WithField("suppressed", dropped)
+	}
+	l.WithError(err).Warn("request failed")
+}
+
+// requestLogBurst is how many failed requests are logged per second.
+const requestLogBurst = 10
+
+// logLimiter allows burst events per interval and counts the rest.
+type logLimiter struct {
+	mu      sync.Mutex
+	burst   int
+	every   time.Duration
+	start   time.Time
+	used    int
+	dropped uint64
+	now     func() time.Time
+}
+
+func newLogLimiter(burst int, every time.Duration) *logLimiter {
+	return &logLimiter{burst: burst, every: every, now: time.Now}
+}
+
+// allow reports whether to log this event and how many were dropped since
+// the last one logged.
+func (l *logLimiter) allow() (bool, uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if t := l.now(); t.Sub(l.start) >= l.every {
+		l.start, l.used = t, 0
+	}
+	if l.used >= l.burst {
+		l.dropped++
+		return false, 0
+	}
+	l.used++
+	d := l.dropped
+	l.dropped = 0
+	return true, d
 }
