@@ -17,6 +17,9 @@
 //	    QueueBroken(conn uint64, queue int, err error) // once per queue start
 //	    RequestFailed(conn uint64, queue int, err error)
 //	}
+//	type RecoveryEvents interface { // optional, by type assertion on Events
+//	    QueueRecovered(conn uint64, queue int, n int) // n requests redone from the inflight region
+//	}
 //	func Listen(path string) (*net.UnixListener, error) // replaces a stale socket only
 //	func FromFD(fd int) (*net.UnixListener, error)      // --fd N; takes ownership
 //	func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error

@@ -81,6 +81,8 @@ type recorder struct {
 	closed chan closedEvent
 	broken chan brokenEvent
 	failed chan error
+	// recovered gets {queue, n} for every QueueRecovered.
+	recovered chan [2]int
 }
 
 func newRecorder() *recorder {
@@ -89,6 +91,8 @@ func newRecorder() *recorder {
 		closed: make(chan closedEvent, 1000),
 		broken: make(chan brokenEvent, 100),
 		failed: make(chan error, 1000),
+
+		recovered: make(chan [2]int, 100),
 	}
 }
 
@@ -96,6 +100,9 @@ func (r *recorder) ConnOpened(id uint64)            { r.opened <- id }
 func (r *recorder) ConnClosed(id uint64, err error) { r.closed <- closedEvent{id, err} }
 func (r *recorder) QueueBroken(_ uint64, q int, err error) {
 	r.broken <- brokenEvent{q, err}
+}
+func (r *recorder) QueueRecovered(_ uint64, q int, n int) {
+	r.recovered <- [2]int{q, n}
 }
 func (r *recorder) RequestFailed(_ uint64, _ int, err error) {
 	select {

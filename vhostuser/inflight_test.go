@@ -247,6 +247,9 @@ func TestRequestsLeftInFlightByDeadBackendAreRedoneInPopOrder(t *testing.T) {
 	if err := f.StartAt(); err != nil { // SET_VRING_BASE = used.idx = 0
 		t.Fatal(err)
 	}
+	if rec := <-s.ev.recovered; rec != [2]int{0, 3} {
+		t.Errorf("QueueRecovered(queue %d, %d requests), want queue 0 with 3", rec[0], rec[1])
+	}
 	var order []uint16
 	var readData []byte
 	for range 4 {

@@ -35,6 +35,14 @@ type Events interface {
 	RequestFailed(conn uint64, queue int, err error)
 }
 
+// RecoveryEvents is an optional extension of Events, found by type
+// assertion: QueueRecovered reports a ring that started from an inflight
+// region in which a previous back-end (or connection) left n requests in
+// flight; they are redone before any new request.
+type RecoveryEvents interface {
+	QueueRecovered(conn uint64, queue int, n int)
+}
+
 // NopEvents ignores all events.
 type NopEvents struct{}
 

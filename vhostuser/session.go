@@ -536,6 +536,11 @@ func (s *session) setVringKick(m *message) error {
 	if s.featuresOK && s.acked&FeatureProtocolFeatures == 0 {
 		r.enabled.Store(true)
 	}
+	if n := q.Resubmits(); n > 0 {
+		if re, ok := s.ev.(RecoveryEvents); ok {
+			re.QueueRecovered(s.id, r.index, n)
+		}
+	}
 	s.mu.Lock()
 	r.q = q
 	s.mu.Unlock()

@@ -263,6 +263,15 @@ func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 	return q, nil
 }
 
+// Resubmits returns how many chains recovered from the inflight region
+// Next has still to return (all of them right after NewSplitQueue).
+func (q *SplitQueue) Resubmits() int {
+	if q.inf == nil {
+		return 0
+	}
+	return len(q.inf.resubmit)
+}
+
 // Size returns the queue size.
 func (q *SplitQueue) Size() uint16 { return q.size }
 
