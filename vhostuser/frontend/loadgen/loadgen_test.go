@@ -161,7 +161,7 @@ func (d *memDisk) LogicalSectorSize() uint32  { return 512 }
 func (d *memDisk) PhysicalSectorSize() uint32 { return 512 }
 
 // serve runs an in-process vhost-vhdx back-end on a fresh socket.
-func serve(t *testing.T, d blk.Disk, queues int) string {
+func serve(t testing.TB, d blk.Disk, queues int) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "loadgen")
 	if err != nil {
