@@ -18,6 +18,7 @@ func TestDecodeMessageAppliesTheMessageTable(t *testing.T) {
 	cfg := AppendConfig(nil, ConfigMsg{Offset: 0, Data: make([]byte, 60)})
 	badCfg := append([]byte(nil), cfg...)
 	le.PutUint32(badCfg[cfgSizeOff:], 61)
+	inflight := AppendInflight(nil, InflightMsg{MmapSize: 4224, NumQueues: 2, QueueSize: 128})
 	const v = FlagVersion
 	cases := []struct {
 		name string
@@ -33,6 +34,8 @@ func TestDecodeMessageAppliesTheMessageTable(t *testing.T) {
 		{"SET_VRING_KICK with fd", msg(ReqSetVringKick, v, u64(3)), 1, nil},
 		{"SET_VRING_CALL no-fd flag and no fd", msg(ReqSetVringCall, v, u64(VringNoFDFlag|1)), 0, nil},
 		{"GET_CONFIG 60 bytes", msg(ReqGetConfig, v, cfg), 0, nil},
+		{"GET_INFLIGHT_FD", msg(ReqGetInflightFD, v, inflight), 0, nil},
+		{"SET_INFLIGHT_FD with one fd", msg(ReqSetInflightFD, v, inflight), 1, nil},
 
 		{"short header", msg(ReqGetFeatures, v, nil)[:11], 0, ErrInvalidMessage},
 		{"unknown request 0", msg(0, v, nil), 0, ErrInvalidMessage},
@@ -49,6 +52,10 @@ func TestDecodeMessageAppliesTheMessageTable(t *testing.T) {
 		{"SET_VRING_ERR no fd without flag", msg(ReqSetVringErr, v, u64(0)), 0, ErrInvalidMessage},
 		{"GET_CONFIG size field too big", msg(ReqGetConfig, v, badCfg), 0, ErrInvalidMessage},
 		{"GET_CONFIG size above 256", msg(ReqGetConfig, v, AppendConfig(nil, ConfigMsg{Data: make([]byte, 257)})), 0, ErrInvalidMessage},
+		{"GET_INFLIGHT_FD 20 bytes", msg(ReqGetInflightFD, v, inflight[:20]), 0, ErrInvalidMessage},
+		{"GET_INFLIGHT_FD with an fd", msg(ReqGetInflightFD, v, inflight), 1, ErrInvalidMessage},
+		{"SET_INFLIGHT_FD without fd", msg(ReqSetInflightFD, v, inflight), 0, ErrInvalidMessage},
+		{"SET_INFLIGHT_FD with two fds", msg(ReqSetInflightFD, v, inflight), 2, ErrInvalidMessage},
 		{"payload shorter than size", msg(ReqSetFeatures, v, u64(1))[:15], 0, ErrDisconnected},
 	}
 	for _, tc := range cases {
