@@ -1,0 +1,84 @@
+package vhostuser_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+)
+
+// FuzzServeConn feeds an arbitrary byte stream (any sequence of messages,
+// valid or not, without fds) to a whole session: the server must neither
+// panic nor hang, must end the connection when the stream ends, and must
+// release what the session allocated (GET_INFLIGHT_FD memfds included:
+// their fds arrive here and are closed).
+func FuzzServeConn(f *testing.F) {
+	const v = vhostuser.FlagVersion
+	m := func(req vhostuser.Request, flags uint32, p []byte) []byte {
+		return append(vhostuser.AppendHeader(nil, vhostuser.Header{Request: req, Flags: flags, Size: uint32(len(p))}), p...)
+	}
+	var seed []byte
+	seed = append(seed, m(vhostuser.ReqGetFeatures, v, nil)...)
+	seed = append(seed, m(vhostuser.ReqGetProtocolFeatures, v, nil)...)
+	seed = append(seed, m(vhostuser.ReqSetProtocolFeatures, v, u64(vhostuser.ProtocolFeatures))...)
+	seed = append(seed, m(vhostuser.ReqSetOwner, v|vhostuser.FlagNeedReply, nil)...)
+	seed = append(seed, m(vhostuser.ReqGetQueueNum, v, nil)...)
+	seed = append(seed, m(vhostuser.ReqGetConfig, v, vhostuser.AppendConfig(nil, vhostuser.ConfigMsg{Data: make([]byte, 60)}))...)
+	seed = append(seed, m(vhostuser.ReqSetFeatures, v, u64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures))...)
+	seed = append(seed, m(vhostuser.ReqGetInflightFD, v, vhostuser.AppendInflight(nil, vhostuser.InflightMsg{NumQueues: 1, QueueSize: 128}))...)
+	seed = append(seed, m(vhostuser.ReqSetVringNum, v, vs(0, 128))...)
+	seed = append(seed, m(vhostuser.ReqSetVringBase, v, vs(0, 7))...)
+	seed = append(seed, m(vhostuser.ReqGetVringBase, v, vs(0, 0))...)
+	seed = append(seed, m(vhostuser.ReqSetVringEnable, v, vs(0, 1))...)
+	seed = append(seed, m(vhostuser.ReqSetStatus, v, u64(15))...)
+	seed = append(seed, m(vhostuser.ReqGetStatus, v, nil)...)
+	seed = append(seed, m(vhostuser.ReqResetDevice, v, nil)...)
+	f.Add(seed)
+	f.Add(m(vhostuser.ReqGetInflightFD, v, vhostuser.AppendInflight(nil, vhostuser.InflightMsg{NumQueues: 1, QueueSize: 32768})))
+	f.Fuzz(func(t *testing.T, stream []byte) {
+		if len(stream) > 1<<16 {
+			return
+		}
+		a, b := socketpair(t)
+		defer b.Close()
+		drained := make(chan struct{})
+		go func() {
+			// Read replies and close any fd they carry.
+			defer close(drained)
+			buf := make([]byte, 4096)
+			oob := make([]byte, unix.CmsgSpace(4*8))
+			for {
+				n, oobn, _, _, err := b.ReadMsgUnix(buf, oob)
+				if oobn > 0 {
+					if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
+						for _, cm := range cms {
+							if fds, err := unix.ParseUnixRights(&cm); err == nil {
+								for _, fd := range fds {
+									unix.Close(fd)
+								}
+							}
+						}
+					}
+				}
+				if err != nil || n == 0 {
+					return
+				}
+			}
+		}()
+		done := make(chan error, 1)
+		go func() {
+			done <- vhostuser.ServeConn(context.Background(), a, vhostuser.Options{Disk: newMemDisk(1 << 20)})
+		}()
+		if _, err := b.Write(stream); err != nil && !errors.Is(err, io.ErrClosedPipe) {
+			// The server may have hung up on a bad message already.
+			t.Logf("write: %v", err)
+		}
+		b.CloseWrite()
+		<-done // ServeConn closes a, which ends the drain
+		<-drained
+	})
+}
