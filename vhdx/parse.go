@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -239,15 +240,7 @@ func parseRegionTable(b []byte, tableOff uint64, h header, fileSize uint64) (reg
 	spans := make([]region, 0, len(regions)+1)
 	spans = append(spans, regions...)
 	spans = append(spans, region{guid: uuid.Nil, offset: h.logOffset, length: h.logLength})
-	slices.SortFunc(spans, func(a, b region) int {
-		switch {
-		case a.offset < b.offset:
-			return -1
-		case a.offset > b.offset:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(spans, func(a, b region) int { return cmp.Compare(a.offset, b.offset) })
 	for i := 1; i < len(spans); i++ {
 		if spans[i-1].end() > spans[i].offset {
 			return fail(ErrCorrupt, tableOff, "%s [%#x, %#x) overlaps %s [%#x, %#x)",
@@ -567,15 +560,7 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 		fixed = append(fixed, span{start: r.offset, end: r.end(), what: regionLabel(r.guid)})
 	}
 	all := append(blocks, fixed...)
-	slices.SortFunc(all, func(a, b span) int {
-		switch {
-		case a.start < b.start:
-			return -1
-		case a.start > b.start:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(all, func(a, b span) int { return cmp.Compare(a.start, b.start) })
 	var reach span // the span reaching furthest so far
 	for i, sp := range all {
 		if i > 0 && sp.start < reach.end {
