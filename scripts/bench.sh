@@ -251,6 +251,8 @@ re-run \`make bench\`. Profiling notes and proposed server changes are in
 - Allocating writes: a fresh empty 1 GiB dynamic VHDX with 1 MiB blocks and a freshly started
   back-end per run; ${blocks} 4K writes at the start of each block in random order
   (\`--stride 1M --randommap\`), so every write allocates a block.
+- The dd baseline (1 MiB reads of the image file with \`dd\`, page cache) runs right after each
+  pair of 1 MiB read runs, so it sees the same machine load.
 - Back-end CPU time per I/O is utime+stime from /proc/PID/stat (10 ms resolution) over the
   measured run, divided by the requests completed.
 - The machine has $(nproc) cores shared by the bench and the back-end: at high queue depth the
