@@ -103,7 +103,9 @@ fuzz:
 
 # Load generator runs against both back-ends: see scripts/bench.sh for
 # RUNS, RUNTIME, SWEEP_RUNTIME, BENCH_DIR and OUT.
-bench:
+# qemu-assets installs qemu-storage-daemon and qemu-img (the comparison and
+# the image tools) on a fresh machine.
+bench: qemu-assets
 	scripts/bench.sh
 
 clean:
