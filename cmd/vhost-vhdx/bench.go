@@ -38,6 +38,9 @@ Options:
   --pid PID         the back-end's process, to report its CPU time per request
   --no-event-idx    do not negotiate VIRTIO_RING_F_EVENT_IDX
   --json            print the result as one JSON object
+  --hostile         instead of a load, run the hostile front-end and guest
+                    suite: each malformed message or request on a fresh
+                    connection, then a normal connection that must work
 
 "bench report" reads JSON lines written by scripts/bench.sh and prints the
 Markdown tables of docs/benchmarks/README.md; --svg writes the IOPS against
@@ -61,9 +64,17 @@ type benchFlags struct {
 	pid        int
 	noEventIdx bool
 	json       bool
+	hostile    bool
 }
 
-func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, bool, error) {
+// benchOutput says what runBench does besides loading: the output format,
+// or the hostile suite instead of a load.
+type benchOutput struct {
+	json    bool
+	hostile bool
+}
+
+func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutput, error) {
 	var b benchFlags
 	fs := newFlagSet("bench")
 	fs.StringVar(&b.socket, "socket", "", "")
@@ -83,12 +94,14 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, bool, err
 	fs.IntVar(&b.pid, "pid", 0, "")
 	fs.BoolVar(&b.noEventIdx, "no-event-idx", false, "")
 	fs.BoolVar(&b.json, "json", false, "")
+	fs.BoolVar(&b.hostile, "hostile", false, "")
 	if _, err := parseArgs(fs, args, benchUsage, stdout, 0, 0); err != nil {
-		return loadgen.Config{}, false, err
+		return loadgen.Config{}, benchOutput{}, err
 	}
+	out := benchOutput{json: b.json, hostile: b.hostile}
 	mode, err := loadgen.ParseMode(b.rw)
 	if err != nil {
-		return loadgen.Config{}, false, usagef("bench", "--rw %q: want randread, randwrite, read, write or randrw", b.rw)
+		return loadgen.Config{}, out, usagef("bench", "--rw %q: want randread, randwrite, read, write or randrw", b.rw)
 	}
 	c := loadgen.Config{
 		Socket: b.socket, Queues: b.queues, IODepth: b.iodepth, BS: 4096, Mode: mode, RWMix: b.rwmix,
@@ -96,7 +109,7 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, bool, err
 		PID: b.pid, NoEventIdx: b.noEventIdx,
 	}
 	if b.socket == "" {
-		return c, false, usagef("bench", "--socket is required")
+		return c, out, usagef("bench", "--socket is required")
 	}
 	for _, s := range []struct {
 		name string
@@ -104,7 +117,7 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, bool, err
 		max  uint64
 	}{{"bs", &b.bs, loadgen.MaxBS}, {"range", &b.rangeSize, 1 << 62}, {"stride", &b.stride, 1 << 62}} {
 		if s.f.set && s.f.v > s.max {
-			return c, false, usagef("bench", "--%s %d is too large", s.name, s.f.v)
+			return c, out, usagef("bench", "--%s %d is too large", s.name, s.f.v)
 		}
 	}
 	if b.bs.set {
@@ -118,16 +131,22 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, bool, err
 	if c.Seed == 0 {
 		c.Seed = uint64(time.Now().UnixNano())
 	}
-	return c, b.json, nil
+	return c, out, nil
 }
 
 func runBench(args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "report" {
 		return runBenchReport(args[1:], stdout)
 	}
-	c, asJSON, err := parseBenchFlags(args, stdout)
+	c, out, err := parseBenchFlags(args, stdout)
 	if err != nil {
 		return err
+	}
+	asJSON := out.json
+	if out.hostile {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		defer stop()
+		return runBenchHostile(ctx, c.Socket, stdout)
 	}
 	if isTerminal(stderr) {
 		c.Progress = func(p loadgen.Progress) {

@@ -155,3 +155,21 @@ func TestBenchReportTakesMediansAndMarksTargets(t *testing.T) {
 		t.Errorf("bad record: status %d, %q", code, stderr)
 	}
 }
+
+// TestBenchHostileRunsEveryCaseAndTheServerSurvives: `bench --hostile`
+// against a served VHDX passes every case (each ends in an error status or a
+// clean disconnect, and a normal connection works afterwards).
+func TestBenchHostileRunsEveryCaseAndTheServerSurvives(t *testing.T) {
+	sock := serveImage(t, 8<<20, 1)
+	code, stdout, stderr := runCLI(t, "bench", "--hostile", "--socket", sock)
+	if code != 0 {
+		t.Fatalf("bench --hostile: status %d\nstdout:\n%s\nstderr: %s", code, stdout, stderr)
+	}
+	if !strings.Contains(stdout, "cases passed") || strings.Contains(stdout, "FAIL") {
+		t.Fatalf("bench --hostile output:\n%s", stdout)
+	}
+	// The server still serves a normal load afterwards.
+	if code, _, stderr := runCLI(t, "bench", "--socket", sock, "--ios", "64", "--verify", "--rw", "randrw"); code != 0 {
+		t.Fatalf("bench after the hostile suite: status %d: %s", code, stderr)
+	}
+}
