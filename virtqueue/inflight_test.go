@@ -330,3 +330,34 @@ func FuzzInflightRecovery(f *testing.F) {
 		}
 	})
 }
+
+func TestInflightResubmittedChainThatIsNowMalformedIsCompletedNotLost(t *testing.T) {
+	d, err := vqt.New(vqt.Config{Size: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	region := crashAfter(t, d, []uint16{3, 8}, 2, nil)
+	// While no back-end ran, descriptor 3 was rewritten to point outside
+	// guest memory.
+	d.SetDesc(3, vqt.Desc{Addr: 1 << 50, Len: 16})
+	q, err := inflightQueue(t, d, region, d.UsedIdx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c virtqueue.Chain
+	if ok, err := q.Next(&c); !ok || err != nil || c.Head != 3 || !errors.Is(c.Err, virtqueue.ErrInvalidChain) {
+		t.Fatalf("Next: ok %t err %v head %d chain err %v; want head 3 with ErrInvalidChain", ok, err, c.Head, c.Err)
+	}
+	if err := q.PushUsed(3, 0); err != nil {
+		t.Fatal(err)
+	}
+	if h := mustNext(t, q, &c); h != 8 {
+		t.Fatalf("second resubmitted head %d, want 8", h)
+	}
+	if err := q.PushUsed(8, 0); err != nil {
+		t.Fatal(err)
+	}
+	if ifFlag(region, 3) != 0 || ifFlag(region, 8) != 0 {
+		t.Error("completed heads still marked in flight")
+	}
+}
