@@ -1,11 +1,21 @@
 package qemu_test
 
-import "testing"
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
 
-// The backend is SIGKILLed in the middle of two guests writers' O_DIRECT
+// The backend is SIGKILLed in the middle of two guest writers' O_DIRECT
 // streams on two queues — positioned by a third, foreground writer that
-// finishes while the two are still going, not by a clock — and started
-// again on the same socket. QEMU (chardev reconnect=1) hands the restarted
+// finishes while the two are still going, not by a clock — at a moment when
+// its inflight buffer shows a request taken and not completed (the test
+// freezes it with SIGSTOP and reads the buffer from /proc until it does),
+// and is started again on the same socket. QEMU (chardev reconnect=1) hands the restarted
 // backend the inflight buffer the first one allocated (INFLIGHT_SHMFD) and
 // restarts each ring at its used index; the backend redoes the requests the
 // dead process had taken but not completed (vhost-user.md §1.10, §1.13
@@ -43,8 +53,8 @@ func TestBackendKilledMidStreamOnTwoQueuesLosesNothing(t *testing.T) {
 		),
 		during: func(g *guestRun) *backend {
 			g.waitFor("MIDSTREAM")
-			b.kill(t)
-			t.Log("backend killed in the middle of the guest's write streams; starting it again")
+			n := killWithRequestsInFlight(t, b, 2, 128) // QEMU's default queue-size
+			t.Logf("backend killed in the middle of the guest's write streams with %d requests in flight; starting it again", n)
 			b = e.startBackend(t, img, backendOpts{numQueues: 2})
 			return b
 		},
@@ -52,4 +62,87 @@ func TestBackendKilledMidStreamOnTwoQueuesLosesNothing(t *testing.T) {
 	b.stop(t)
 	e.check(t, img)
 	e.compare(t, img, want)
+}
+
+// inflightMarked returns how many requests the stopped process pid has
+// marked in flight in its inflight buffer (the SET_INFLIGHT_FD mapping,
+// "memfd:vhost-vhdx-inflight"), for numQueues split regions of queueSize
+// entries (layout: virtqueue/inflight.go). ok is false if it has none
+// mapped yet.
+func inflightMarked(pid, numQueues, queueSize int) (marked int, ok bool, err error) {
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return 0, false, err
+	}
+	var start uint64
+	for _, line := range strings.Split(string(maps), "\n") {
+		if strings.Contains(line, "memfd:vhost-vhdx-inflight") {
+			if _, err := fmt.Sscanf(line, "%x-", &start); err != nil {
+				return 0, false, fmt.Errorf("parsing %q: %w", line, err)
+			}
+		}
+	}
+	if start == 0 {
+		return 0, false, nil
+	}
+	regionSize := (16 + 16*queueSize + 63) &^ 63
+	buf := make([]byte, numQueues*regionSize)
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		return 0, false, err
+	}
+	defer mem.Close()
+	if _, err := mem.ReadAt(buf, int64(start)); err != nil {
+		return 0, false, err
+	}
+	for q := 0; q < numQueues; q++ {
+		for h := 0; h < queueSize; h++ {
+			if buf[q*regionSize+16+16*h] == 1 {
+				marked++
+			}
+		}
+	}
+	return marked, true, nil
+}
+
+// killWithRequestsInFlight stops the backend (SIGSTOP) over and over until
+// its inflight buffer shows at least one request taken but not completed,
+// then SIGKILLs it in that state, so the restarted backend has requests to
+// redo. It returns how many there were. It gives up (and fails the test)
+// if the guest stops issuing requests first.
+func killWithRequestsInFlight(t *testing.T, b *backend, numQueues, queueSize int) int {
+	t.Helper()
+	pid := b.cmd.Process.Pid
+	for probe := 0; probe < 100000; probe++ {
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatalf("SIGSTOP backend: %v", err)
+		}
+		for !processStopped(pid) {
+			runtime.Gosched()
+		}
+		marked, ok, err := inflightMarked(pid, numQueues, queueSize)
+		if err != nil {
+			t.Fatalf("reading the backend's inflight buffer: %v", err)
+		}
+		if ok && marked > 0 {
+			b.env.note(fmt.Sprintf("kill -KILL $!  # crash the backend with %d requests in flight", marked))
+			b.cmd.Process.Kill()
+			<-b.done
+			return marked
+		}
+		syscall.Kill(pid, syscall.SIGCONT)
+		time.Sleep(time.Millisecond) // let it run; not an assertion
+	}
+	t.Fatal("never caught the backend with a request in flight")
+	return 0
+}
+
+func processStopped(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true // gone: nothing to wait for
+	}
+	// Field 3, after "pid (comm)".
+	i := strings.LastIndexByte(string(stat), ')')
+	return i >= 0 && i+2 < len(stat) && (stat[i+2] == 'T' || stat[i+2] == 't')
 }
