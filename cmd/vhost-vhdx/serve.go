@@ -178,6 +178,8 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+var _ vhostuser.RecoveryEvents = logEvents{}
+
 // logEvents turns vhostuser's events into log lines with connection and
 // queue fields; it is the only place the daemon's data path logs.
 type logEvents struct {
@@ -204,6 +206,12 @@ func (e logEvents) ConnClosed(id uint64, err error) {
 
 func (e logEvents) QueueBroken(conn uint64, queue int, err error) {
 	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Error("queue broken; it stays stopped until the front-end resets it")
+}
+
+// QueueRecovered: a ring restarted from the inflight region and redoes the
+// requests a previous daemon (or connection) took but never completed.
+func (e logEvents) QueueRecovered(conn uint64, queue int, n int) {
+	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue, "requests": n}).Info("resubmitting requests left in flight by the previous back-end")
 }
 
 // RequestFailed is rate-limited: a guest can fail requests as fast as it
