@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"strings"
@@ -277,6 +278,19 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("error %q does not mention %q", err, tt.want)
+			}
+			// A read-write open is refused the same way and writes
+			// nothing to the refused file.
+			before := append([]byte(nil), b...)
+			ms := newMemStorage(b)
+			if im, err := OpenStorage(ms, OpenOptions{}); err == nil {
+				im.Close()
+				t.Fatalf("read-write OpenStorage succeeded, want %v", tt.sentinel)
+			} else if !errors.Is(err, tt.sentinel) {
+				t.Fatalf("read-write open: error %q does not wrap %v", err, tt.sentinel)
+			}
+			if !bytes.Equal(ms.bytes(), before) {
+				t.Fatal("a refused read-write open modified the file")
 			}
 		})
 	}

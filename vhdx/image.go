@@ -157,6 +157,16 @@ func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 
 	// §2.3.3: the log must be replayed before any other structure is read.
 	if l.hdr.logGUID != uuid.Nil {
+		// Replaying writes to the file; first make sure the image that
+		// replay produces passes every check, by replaying in memory and
+		// validating that. An image we refuse is left exactly as it was.
+		if !opts.ReadOnly && c == nil {
+			dry, err := openStorage(s, OpenOptions{ReadOnly: true, ReplayLogInMemory: true}, nil)
+			if err != nil {
+				return nil, err
+			}
+			dry.Close()
+		}
 		if err := im.handleLog(opts, c); err != nil {
 			return nil, err
 		}

@@ -109,3 +109,35 @@ func TestOverlayStorageLaterWritesWinAndExtensionReadsZero(t *testing.T) {
 		t.Fatal("overlay shrink accepted")
 	}
 }
+
+// TestReadWriteOpenOfDirtyImageThatFailsValidationWritesNothing: the dirty
+// sample with both region tables broken must be refused before its log is
+// replayed or its headers updated.
+func TestReadWriteOpenOfDirtyImageThatFailsValidationWritesNothing(t *testing.T) {
+	img := sample(t, "iotest-dirtylog-10G-4M.vhdx")
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{regionTable1Off + 1000, regionTable2Off + 1000} {
+		var b [1]byte
+		if _, err := f.ReadAt(b[:], off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0xFF
+		if _, err := f.WriteAt(b[:], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Close()
+	before := fileDigest(t, img)
+	if im, err := Open(img, OpenOptions{}); err == nil {
+		im.Close()
+		t.Fatal("read-write open of a dirty image with broken region tables succeeded")
+	} else if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("err = %v, want ErrCorrupt", err)
+	}
+	if fileDigest(t, img) != before {
+		t.Fatal("the refused read-write open modified the file (replayed the log or updated headers)")
+	}
+}
