@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/bzip2"
 	"encoding/binary"
+	"errors"
 	"io"
 	"os"
 	"testing"
@@ -106,6 +107,13 @@ func FuzzOpen(f *testing.F) {
 			s := &memStorage{data: bytes.Clone(data), limit: 2 * fuzzMaxFile}
 			im, err := OpenStorage(s, OpenOptions{ReadOnly: ro})
 			if err != nil {
+				// A file refused as invalid is left exactly as it was,
+				// read-write open included (the replay is validated in
+				// memory before it is written).
+				refused := errors.Is(err, ErrCorrupt) || errors.Is(err, ErrNotVHDX) || errors.Is(err, ErrUnsupported)
+				if refused && !bytes.Equal(s.data, data) {
+					t.Fatalf("open (read-only %v) refused the image (%v) but modified it", ro, err)
+				}
 				continue
 			}
 			lss := int64(im.LogicalSectorSize())
