@@ -12,7 +12,11 @@ import (
 
 // sampleHead returns the first n bytes of a shared sample, or nil.
 func sampleHead(name string, n int64) []byte {
-	f, err := os.Open("/work/shared/samples/" + name + ".bz2")
+	p := samplePath(name)
+	if p == "" {
+		return nil
+	}
+	f, err := os.Open(p)
 	if err != nil {
 		return nil
 	}
