@@ -154,9 +154,10 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	id := connIDs.Add(1)
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
-	// Cancellation interrupts the blocked read; the request being handled,
-	// if any, completes first.
-	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+	// Cancellation interrupts the blocked read, and a reply write blocked
+	// by a front-end that does not read; the request being handled, if
+	// any, completes first.
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	err := s.run()
 	stop()
 	s.teardown()

@@ -49,10 +49,23 @@ func (w *worker) stopAndWait() {
 // wake makes the worker look at the ring, as a guest kick would. Writing
 // our own kick eventfd is what libvhost-user does after recovery; the
 // front-end may write it too (vhost-user.md §1.6).
+//
+// The write is a single non-blocking write(2), not os.File.Write, which
+// parks until the fd is writable: a kick fd the worker no longer reads
+// (a broken ring, or a full pipe posing as an eventfd) would otherwise
+// wedge the control goroutine. EAGAIN means a wake-up is already pending;
+// any other failure leaves a ring that cannot be kicked anyway.
 func (w *worker) wake() {
 	var one [8]byte
 	le.PutUint64(one[:], 1)
-	_, _ = w.kick.Write(one[:]) // EAGAIN: the counter is already non-zero
+	rc, err := w.kick.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Write(func(fd uintptr) bool {
+		_, _ = unix.Write(int(fd), one[:])
+		return true // never wait for writability
+	})
 }
 
 func (w *worker) stopping() bool {

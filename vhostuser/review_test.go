@@ -1,0 +1,103 @@
+package vhostuser_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+)
+
+// A kick fd the worker cannot read (here the write end of a pipe: read
+// fails with EBADF) breaks the ring, and the worker stops reading it. If
+// the pipe is full, SET_VRING_ENABLE(1)'s own wake-up write must not park
+// the control goroutine: the session keeps answering, and ends when the
+// front-end leaves.
+func TestEnableWithFullUnreadableKickFDDoesNotWedgeControlPath(t *testing.T) {
+	s := startServer(t, 1)
+	f := s.connect(t, smallSetup)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if err := f.SetVringFD(vhostuser.ReqSetVringKick, 0, p[1]); err != nil {
+		t.Fatalf("SET_VRING_KICK: %v", err)
+	}
+	if b := <-s.ev.broken; b.queue != 0 {
+		t.Fatalf("QueueBroken on queue %d, want 0", b.queue)
+	}
+	chunk := make([]byte, 4096)
+	for {
+		if _, err := unix.Write(p[1], chunk); errors.Is(err, unix.EAGAIN) {
+			break
+		} else if err != nil {
+			t.Fatalf("filling the pipe: %v", err)
+		}
+	}
+	if err := f.SetVringEnable(0, true); err != nil {
+		t.Fatalf("SET_VRING_ENABLE: %v", err)
+	}
+	// Without the fix this reply never comes (the test binary times out).
+	if _, err := f.GetFeatures(); err != nil {
+		t.Fatalf("GET_FEATURES after SET_VRING_ENABLE: %v", err)
+	}
+	f.Close()
+	if c := s.waitClosed(t); c.err != nil {
+		t.Fatalf("connection ended with %v", c.err)
+	}
+}
+
+// A front-end that sends requests and never reads the replies blocks the
+// server's reply write. Cancelling the context must still end the session
+// (and so let Serve return, e.g. on SIGTERM).
+func TestCancelEndsSessionBlockedWritingAReply(t *testing.T) {
+	a, b := socketpair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- vhostuser.ServeConn(ctx, a, vhostuser.Options{Disk: newMemDisk(1 << 20)})
+	}()
+	// GET_FEATURES requests until the connection is closed; the replies
+	// are never read.
+	req := vhostuser.AppendHeader(nil, vhostuser.Header{Request: vhostuser.ReqGetFeatures, Flags: vhostuser.FlagVersion})
+	writer := make(chan struct{})
+	go func() {
+		defer close(writer)
+		for {
+			if _, err := b.Write(req); err != nil {
+				return
+			}
+		}
+	}()
+	// Wait, without a clock, until the server goroutine is parked writing
+	// a reply.
+	for !serverBlockedWriting() {
+		runtime.Gosched()
+	}
+	cancel()
+	// Without the fix this never returns (the test binary times out).
+	if err := <-done; err != nil {
+		t.Fatalf("ServeConn after cancel = %v, want nil", err)
+	}
+	b.Close()
+	<-writer
+}
+
+// serverBlockedWriting reports whether some goroutine is parked in the
+// server's reply write waiting for the socket to drain.
+func serverBlockedWriting() bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("waitWrite")) && bytes.Contains(g, []byte("vhostuser.(*wireConn).writeReplyFD")) {
+			return true
+		}
+	}
+	return false
+}
