@@ -101,3 +101,28 @@ func serverBlockedWriting() bool {
 	}
 	return false
 }
+
+// A kick fd that is always readable without anyone kicking (/dev/zero, a
+// regular file) would make the worker spin on a core for as long as the
+// front-end keeps the session open. Only eventfd-like fds (anonymous
+// inodes), pipes and sockets can be waited on; anything else is refused.
+func TestKickFDThatNeverBlocksIsRefused(t *testing.T) {
+	s := startServer(t, 1)
+	f := s.connect(t, smallSetup)
+	zero, err := unix.Open("/dev/zero", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(zero)
+	// Send, not Call: the session is expected to end without a reply.
+	if err := f.Send(vhostuser.ReqSetVringKick, vhostuser.FlagVersion, le.AppendUint64(nil, 0), zero); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.GetFeatures(); err == nil {
+		t.Fatal("session survived SET_VRING_KICK with /dev/zero; its worker spins")
+	}
+	if c := s.waitClosed(t); !errors.Is(c.err, vhostuser.ErrInvalidMessage) {
+		t.Fatalf("connection ended with %v, want ErrInvalidMessage", c.err)
+	}
+	s.checkServes(t)
+}

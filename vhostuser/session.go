@@ -515,6 +515,9 @@ func (s *session) setVringKick(m *message) error {
 	if v&VringNoFDFlag != 0 {
 		return fmt.Errorf("SET_VRING_KICK: ring %d without fd (polling): %w", r.index, ErrUnsupported)
 	}
+	if err := checkKickFD(m.fds[0]); err != nil {
+		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
+	}
 	// A new kick fd for a started ring restarts it with the new fd.
 	s.stopRing(r)
 	if s.mem == nil || r.num == 0 || !r.addrSet {
@@ -546,6 +549,24 @@ func (s *session) setVringKick(m *message) error {
 	s.mu.Unlock()
 	r.w = startWorker(s, r, kick)
 	return nil
+}
+
+// checkKickFD accepts only fds a worker can sleep on until the front-end
+// kicks: an eventfd (an anonymous inode, S_IFMT 0), or a pipe or socket. A
+// regular file, directory or device is refused: reading /dev/zero or a
+// file never blocks, so its worker would spin for as long as the session
+// lasts.
+func checkKickFD(fd int) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("kick fd: fstat: %v: %w", err, ErrInvalidMessage)
+	}
+	switch t := st.Mode & unix.S_IFMT; t {
+	case 0, unix.S_IFIFO, unix.S_IFSOCK:
+		return nil
+	default:
+		return fmt.Errorf("kick fd: file type %#o is not an eventfd, pipe or socket: %w", t, ErrInvalidMessage)
+	}
 }
 
 func (s *session) setVringFD(m *message) error {
