@@ -545,7 +545,11 @@ func (ap *logApplier) writeSector(b []byte, off uint64) error {
 // bounded by the real file size, never by ZeroLength alone.
 func (ap *logApplier) zeroRange(off, n uint64) error {
 	end := off + n
-	if off < ap.size {
+	if z, ok := ap.s.(rangeZeroer); ok && off < ap.size {
+		if err := z.zeroRange(int64(off), int64(min(end, ap.size)-off)); err != nil {
+			return fmt.Errorf("log: zero at offset %#x: %w", off, err)
+		}
+	} else if off < ap.size {
 		if ap.zero == nil {
 			ap.zero = make([]byte, logZeroChunk)
 		}
@@ -558,6 +562,14 @@ func (ap *logApplier) zeroRange(off, n uint64) error {
 		}
 	}
 	return ap.extend(end)
+}
+
+// rangeZeroer is a Storage that zeroes a range in one step without being
+// handed the zeros (the in-memory overlay): a zero descriptor may span the
+// whole of a large sparse file, and one record per 64 KiB chunk would cost
+// memory in proportion to the file's apparent size.
+type rangeZeroer interface {
+	zeroRange(off, n int64) error
 }
 
 // extend grows the file to at least size bytes.

@@ -13,8 +13,8 @@ import (
 //
 // Writes are kept as an ordered list and applied to each read in order, so
 // a later write wins. The list is bounded by the replay: at most one record
-// per data descriptor plus one per zeroing chunk inside the file, both
-// limited by the log and file sizes validated before the replay runs.
+// per data descriptor or run of them and one per zero descriptor (zeroRange),
+// limited by the log size validated before the replay runs.
 type overlayStorage struct {
 	base   Storage
 	size   int64
@@ -78,6 +78,16 @@ func (o *overlayStorage) WriteAt(p []byte, off int64) (int, error) {
 	o.writes = append(o.writes, w)
 	o.size = max(o.size, off+int64(len(p)))
 	return len(p), nil
+}
+
+// zeroRange records [off, off+n) as zeros with one record (rangeZeroer).
+func (o *overlayStorage) zeroRange(off, n int64) error {
+	if off < 0 || n < 0 || n > math.MaxInt64-off {
+		return fmt.Errorf("overlay zero at %#x+%#x: %w", off, n, ErrInvalidArgument)
+	}
+	o.writes = append(o.writes, overlayWrite{off: off, n: n})
+	o.size = max(o.size, off+n)
+	return nil
 }
 
 func allZero(p []byte) bool {

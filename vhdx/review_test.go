@@ -1,0 +1,82 @@
+package vhdx
+
+import (
+	"bytes"
+	"testing"
+)
+
+// sparseTail makes a Storage look like a larger sparse file: Size reports
+// size and reads past the backing data return zeros, as a file extended by
+// truncate(2) would. A hostile image can be such a file at no disk cost.
+type sparseTail struct {
+	Storage
+	size int64
+}
+
+func (s sparseTail) Size() (int64, error) { return s.size, nil }
+
+func (s sparseTail) ReadAt(p []byte, off int64) (int, error) {
+	n, err := s.Storage.ReadAt(p, off)
+	if n < len(p) && off >= 0 && off+int64(len(p)) <= s.size {
+		clear(p[n:])
+		return len(p), nil
+	}
+	return n, err
+}
+
+// TestInMemoryReplayOfLargeZeroDescriptorKeepsOverlaySmall: a zero
+// descriptor may cover the whole (sparse) file. Replaying it in memory, as
+// every read-write open of a dirty image does first and as read-only opens
+// with ReplayLogInMemory do, must not keep one overlay record per 64 KiB of
+// the range: that is memory proportional to the apparent file size, e.g.
+// tens of GiB for a 64 TiB sparse file.
+func TestInMemoryReplayOfLargeZeroDescriptorKeepsOverlaySmall(t *testing.T) {
+	const size = 1 << 30 // apparent file size
+	tests := []struct {
+		name    string
+		off     uint64
+		zeroLen uint64
+	}{
+		{"InsideTheFile", tMeta, size - tMeta},
+		{"CrossingTheEnd", tMeta, size},
+		{"TwoDescriptorsEachWholeFile", tMeta, size - tMeta},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			base := newLogFixture()
+			descs := []tDesc{{zero: true, off: tt.off, zeroLen: tt.zeroLen}}
+			if tt.name == "TwoDescriptorsEachWholeFile" {
+				descs = append(descs, descs[0])
+			}
+			putTestEntry(t, base, 0, encodeTestEntry(tEntry{seq: 1, descs: descs}))
+			ov, err := newOverlayStorage(sparseTail{base, size})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok, err := replayLog(ov, tLR); err != nil || !ok {
+				t.Fatalf("replayLog = %v, %v", ok, err)
+			}
+			if n := len(ov.writes); n > 2*len(descs) {
+				t.Errorf("overlay holds %d records for %d zero descriptors", n, len(descs))
+			}
+			end := int64(tt.off + tt.zeroLen)
+			if got, _ := ov.Size(); got != max(end, size) {
+				t.Errorf("size %#x, want %#x", got, max(end, size))
+			}
+			// The zeroed range reads as zeros.
+			got := make([]byte, 8192)
+			for _, at := range []int64{int64(tt.off), end - 8192, size/2 + 4096} {
+				for i := range got {
+					got[i] = 0xAA
+				}
+				if _, err := ov.ReadAt(got, at); err != nil {
+					t.Fatalf("read at %#x: %v", at, err)
+				}
+				if !bytes.Equal(got, make([]byte, len(got))) {
+					t.Errorf("range at %#x is not zero after replay", at)
+				}
+			}
+		})
+	}
+}
+
