@@ -27,8 +27,9 @@
 //
 // Serve handles one front-end at a time and accepts the next when a
 // connection ends for any reason, so QEMU's reconnect=1 works after a
-// protocol error. Cancelling ctx ends Serve: workers finish their in-flight
-// requests, memory is unmapped, fds are closed, ln is closed.
+// protocol error. Cancelling ctx ends Serve, even while a reply write is
+// blocked by a front-end that does not read: workers finish their
+// in-flight requests, memory is unmapped, fds are closed, ln is closed.
 //
 // The wire format is exported too (Header, VringState, VringAddr,
 // MemRegion, ConfigMsg with Append*/Parse* functions, request and feature
@@ -97,7 +98,11 @@
 //
 // Each started ring has one worker goroutine that owns its blk.Handler. The
 // kick eventfd is made non-blocking and wrapped with os.NewFile, so a
-// parked Read costs no thread and Close unblocks it. The loop: drain (disable
+// parked Read costs no thread and Close unblocks it. SET_VRING_KICK accepts
+// only fds that can be waited on (an eventfd, a pipe or a socket): a file
+// or device such as /dev/zero reads without blocking and would make the
+// worker spin. The control path's own wake-up write to the kick fd
+// (SET_VRING_ENABLE 1) never waits for the fd to become writable. The loop: drain (disable
 // notifications; Next → Handle → PushUsed, up to 64 chains per batch;
 // re-enable notifications and look again), signal the call eventfd when
 // NeedsNotification says so, wait for a kick.
