@@ -489,6 +489,7 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 	bs := uint64(l.blockSize)
 
 	var blocks []span
+	var retainedEnd uint64 // end of the blocks UNDEFINED/UNMAPPED entries still point to
 	buf := make([]byte, min(n*8, 1*mib))
 	for base := uint64(0); base < n; base += uint64(len(buf)) / 8 {
 		chunk := buf[:min(uint64(len(buf)), (n-base)*8)]
@@ -514,7 +515,16 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 				continue
 			}
 			switch st {
-			case stateNotPresent, stateUndefined, stateZero, stateUnmapped, stateUnmappedV095:
+			case stateUndefined, stateUnmapped, stateUnmappedV095:
+				// §2.5.1.1: these may keep FileOffsetMB, which then still
+				// owns its block (§2.5.1: a nonzero offset is unique). Its
+				// space is not leaked; keep it out of the leak truncation.
+				if off := batFileOffset(e); off >= headerSectionSize && off < l.fileSize {
+					retainedEnd = max(retainedEnd, min(off+bs, l.fileSize))
+				}
+				res.entries[i].Store(e)
+				continue
+			case stateNotPresent, stateZero:
 				res.entries[i].Store(e)
 				continue
 			case stateReserved4:
@@ -579,6 +589,6 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 			reach = sp
 		}
 	}
-	res.usedEnd = reach.end
+	res.usedEnd = max(reach.end, retainedEnd)
 	return res, nil
 }

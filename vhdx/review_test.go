@@ -2,6 +2,9 @@ package vhdx
 
 import (
 	"bytes"
+	"encoding/binary"
+	"fmt"
+	"os"
 	"testing"
 )
 
@@ -80,3 +83,67 @@ func TestInMemoryReplayOfLargeZeroDescriptorKeepsOverlaySmall(t *testing.T) {
 	}
 }
 
+// TestCheckRepairKeepsSpaceOfBlocksThatRetainTheirOffset: §2.5.1.1 lets an
+// UNDEFINED or UNMAPPED entry keep its FileOffsetMB ("leave the field
+// unmodified"), and a nonzero FileOffsetMB must stay unique across the BAT
+// (§2.5.1). Hyper-V leaves trimmed blocks so. That space is not leaked:
+// Check --repair must not cut it off, and a later allocation must not place
+// a new block at the same offset.
+func TestCheckRepairKeepsSpaceOfBlocksThatRetainTheirOffset(t *testing.T) {
+	for _, st := range []uint64{stateUndefined, stateUnmapped, stateUnmappedV095} {
+		t.Run(fmt.Sprintf("State%d", st), func(t *testing.T) {
+			p := createFile(t, CreateOptions{Size: 16 * mib, BlockSize: mib})
+			im, err := Open(p, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, off := range []int64{0, mib} { // blocks at 4 MiB and 5 MiB
+				if _, err := im.WriteAt(pattern(off, 4096), off); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// Trim block 1 the Hyper-V way: new state, offset kept.
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := binary.LittleEndian.Uint64(batEntryAt(b, 1))
+			if batState(e) != stateFullyPresent || batFileOffset(e) != 5*mib {
+				t.Fatalf("BAT entry 1 = %#x, want block at 5 MiB", e)
+			}
+			binary.LittleEndian.PutUint64(batEntryAt(b, 1), makeBATEntry(st, batFileOffset(e)))
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+
+			rep, err := Check(p, true)
+			if err != nil || rep.Damaged() {
+				t.Fatalf("Check --repair: %v %+v", err, rep)
+			}
+			if rep.LeakedBytes != 0 {
+				t.Errorf("Check reports %d leaked bytes; the block of BAT entry 1 still owns them", rep.LeakedBytes)
+			}
+			if fi, err := os.Stat(p); err != nil || fi.Size() != 6*mib {
+				t.Errorf("file size after repair %v (%v), want %d", fi.Size(), err, 6*mib)
+			}
+
+			im, err = Open(p, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := im.WriteAt(pattern(9, 4096), 2*mib); err != nil {
+				t.Fatal(err)
+			}
+			got := im.bat[batIndex(2, im.l.chunkRatio)].Load()
+			if err := im.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if batFileOffset(got) == batFileOffset(e) {
+				t.Errorf("new block placed at %#x, the offset BAT entry 1 still holds", batFileOffset(got))
+			}
+		})
+	}
+}
