@@ -43,9 +43,22 @@ func mapRegions(regions []MemRegion, fds []int) (g *guestMem, err error) {
 		// Map from offset 0 and skip mmap_offset ourselves, because mmap
 		// offsets must be page (or huge page) aligned while mmap_offset
 		// need not be (libvhost-user vu_set_mem_table_exec).
-		data, err := unix.Mmap(fds[i], 0, int(end), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
+		//
+		// The length is rounded up to the file's block size: on hugetlbfs
+		// (st_blksize = the huge page size) mmap rounds it up itself, but
+		// munmap fails with EINVAL unless given the rounded length, which
+		// would leak the mapping on every table change. The bytes past
+		// end are never reached: Data stops at end.
+		mapLen := end
+		if bs := uint64(st.Blksize); bs > 0 && bs&(bs-1) == 0 && bs <= 1<<30 {
+			mapLen = (end + bs - 1) &^ (bs - 1) // end <= MaxInt: no wrap
+		}
+		if mapLen > math.MaxInt {
+			return nil, fmt.Errorf("SET_MEM_TABLE: region %d: mapping of %d bytes too large: %w", i, mapLen, ErrGuestMemory)
+		}
+		data, err := unix.Mmap(fds[i], 0, int(mapLen), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 		if err != nil {
-			return nil, fmt.Errorf("SET_MEM_TABLE: region %d: mmap %d bytes: %v: %w", i, end, err, ErrGuestMemory)
+			return nil, fmt.Errorf("SET_MEM_TABLE: region %d: mmap %d bytes: %v: %w", i, mapLen, err, ErrGuestMemory)
 		}
 		g.maps = append(g.maps, data)
 		// Keep guest RAM out of core dumps (go-fuse deviceregion.go).

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"runtime"
 	"testing"
 
@@ -125,4 +126,58 @@ func TestKickFDThatNeverBlocksIsRefused(t *testing.T) {
 		t.Fatalf("connection ended with %v, want ErrInvalidMessage", c.err)
 	}
 	s.checkServes(t)
+}
+
+// A memory region backed by hugetlbfs whose mmap_offset+memory_size is not a
+// multiple of the huge page size maps fine (the kernel rounds the length
+// up) but munmap with the unrounded length fails with EINVAL, so every
+// table swap and every connection leaked the mapping: a front-end repeating
+// SET_MEM_TABLE could exhaust vm.max_map_count and take the Go runtime's
+// own mmaps down with it.
+func TestHugetlbRegionIsUnmappedOnTableSwapAndTeardown(t *testing.T) {
+	const name = "vhost-vhdx-review-hugetlb"
+	probe, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_HUGETLB)
+	if err != nil {
+		t.Skipf("no hugetlbfs memfd: %v", err)
+	}
+	unix.Close(probe)
+	s := startServer(t, 1)
+	f := s.dial(t)
+	if err := negotiate(f, stateNegotiated); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_HUGETLB)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Ftruncate(fd, st.Blksize); err != nil {
+			unix.Close(fd)
+			t.Skipf("sizing a hugetlbfs memfd: %v", err)
+		}
+		regions := []vhostuser.MemRegion{{GuestPhysAddr: 0, Size: 4096, UserAddr: 1 << 30, MmapOffset: 0}}
+		err = f.Send(vhostuser.ReqSetMemTable, vhostuser.FlagVersion, vhostuser.AppendMemTable(nil, regions), fd)
+		unix.Close(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.GetFeatures(); err != nil {
+			t.Fatalf("SET_MEM_TABLE %d with a hugetlbfs region: %v", i, err)
+		}
+	}
+	f.Close()
+	if c := s.waitClosed(t); c.err != nil {
+		t.Fatalf("connection ended with %v", c.err)
+	}
+	maps, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Skipf("reading /proc/self/maps: %v", err)
+	}
+	if n := bytes.Count(maps, []byte(name)); n != 0 {
+		t.Fatalf("%d hugetlbfs guest memory mappings left after three tables and the end of the connection", n)
+	}
 }
