@@ -139,6 +139,9 @@ func fileSizeOf(s Storage) (uint64, error) {
 // collecting checker (Check) it records what it can and continues; it still
 // stops when the next step would depend on a broken structure.
 func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
+	if !opts.ReadOnly {
+		s = &syncLatch{Storage: s}
+	}
 	im := &Image{s: s, readOnly: opts.ReadOnly}
 	l := &im.l
 	var err error

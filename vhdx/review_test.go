@@ -147,3 +147,85 @@ func TestCheckRepairKeepsSpaceOfBlocksThatRetainTheirOffset(t *testing.T) {
 		})
 	}
 }
+
+// droppingSync models Linux after a writeback error: the failed fdatasync
+// reports it once, the dirty pages are marked clean (their writes never
+// reach the disk), and the next fdatasync succeeds.
+type droppingSync struct {
+	*faultStorage
+	failNext bool
+}
+
+func (d *droppingSync) Sync() error {
+	if d.failNext {
+		d.failNext = false
+		d.faultStorage.mu.Lock()
+		d.faultStorage.pending = nil
+		d.faultStorage.mu.Unlock()
+		return errFault
+	}
+	return d.faultStorage.Sync()
+}
+
+// TestFlushAfterAFailedSyncDoesNotReportLostWritesDurable: once any sync of
+// the image has failed, writes completed before it may be gone although the
+// next fdatasync succeeds. A later Flush returning nil would tell the guest
+// they are durable; it must keep failing instead (or the writes must really
+// be durable).
+func TestFlushAfterAFailedSyncDoesNotReportLostWritesDurable(t *testing.T) {
+	tests := []struct {
+		name string
+		// fail runs with the next sync armed to fail and returns its error.
+		fail func(im *Image) error
+	}{
+		{"FailedFlush", func(im *Image) error { return im.Flush() }},
+		{"FailedAllocation", func(im *Image) error {
+			_, err := im.WriteAt(pattern(3, 4096), 5*mib) // fresh block: the journal syncs
+			return err
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			base := newFaultStorage(nil)
+			if err := CreateStorage(base, CreateOptions{Size: 16 * mib, BlockSize: mib}); err != nil {
+				t.Fatal(err)
+			}
+			d := &droppingSync{faultStorage: newFaultStorage(base.current())}
+			im, err := OpenStorage(d, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil { // allocates block 0
+				t.Fatal(err)
+			}
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			w := pattern(2, 4096)
+			if _, err := im.WriteAt(w, 4096); err != nil { // completes, not yet durable
+				t.Fatal(err)
+			}
+			d.failNext = true
+			if err := tt.fail(im); err == nil {
+				t.Fatal("the armed sync failure was not reported")
+			}
+			if err := im.Flush(); err != nil {
+				return // the loss is reported: correct
+			}
+			// Flush said every completed write is durable: check it.
+			rs := newMemStorage(d.crashImage(crashDrop))
+			ro, err := OpenStorage(rs, OpenOptions{ReadOnly: true, ReplayLogInMemory: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ro.Close()
+			got := make([]byte, len(w))
+			if _, err := ro.ReadAt(got, 4096); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, w) {
+				t.Error("Flush returned nil after a failed sync, but a write completed before it is lost")
+			}
+		})
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -51,4 +52,30 @@ func (s osStorage) Size() (int64, error) {
 		return 0, err
 	}
 	return fi.Size(), nil
+}
+
+// syncLatch makes a failed Sync fail every later Sync too. After fdatasync
+// reports a writeback error, Linux marks the dirty pages clean: writes that
+// completed before it may never reach the disk, and the next fdatasync
+// succeeds. Whoever saw the error (a guest Flush, an allocation's journal
+// commit, a header update), a later Flush must not tell the guest that those
+// writes are durable. Only a reopen clears the latch. Syncs are serialised
+// so that none can start before an earlier failure is recorded.
+type syncLatch struct {
+	Storage
+	mu  sync.Mutex
+	err error
+}
+
+func (s *syncLatch) Sync() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return fmt.Errorf("an earlier sync failed, writes before it may be lost (reopen the image): %w", s.err)
+	}
+	if err := s.Storage.Sync(); err != nil {
+		s.err = err
+		return err
+	}
+	return nil
 }
