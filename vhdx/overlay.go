@@ -1,7 +1,9 @@
 package vhdx
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"math"
 )
 
@@ -43,7 +45,10 @@ func (o *overlayStorage) ReadAt(p []byte, off int64) (int, error) {
 	// The base file shorter than the overlay's size reads as zeros there,
 	// as a file extended by Truncate would.
 	n, err := o.base.ReadAt(p, off)
-	if err != nil && n < len(p) {
+	if n < len(p) {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return n, fmt.Errorf("overlay read at %#x: %w", off, err)
+		}
 		clear(p[n:])
 	}
 	for _, w := range o.writes {

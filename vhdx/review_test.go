@@ -3,6 +3,7 @@ package vhdx
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"testing"
@@ -225,6 +226,56 @@ func TestFlushAfterAFailedSyncDoesNotReportLostWritesDurable(t *testing.T) {
 			}
 			if !bytes.Equal(got, w) {
 				t.Error("Flush returned nil after a failed sync, but a write completed before it is lost")
+			}
+		})
+	}
+}
+
+// failingReads fails every read touching [from, ∞) with an I/O error.
+type failingReads struct {
+	Storage
+	from int64
+}
+
+var errReadFault = errors.New("injected read error")
+
+func (f failingReads) ReadAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > f.from {
+		return 0, errReadFault
+	}
+	return f.Storage.ReadAt(p, off)
+}
+
+// TestOverlayReadReportsBaseIOErrors: the in-memory replay overlay reads
+// the base file under its recorded writes. An I/O error from the base must
+// come back as an error, not as a block of zeros; only the part past the
+// end of the base file (extended by the replay) reads as zeros.
+func TestOverlayReadReportsBaseIOErrors(t *testing.T) {
+	base := newMemStorage(bytes.Repeat([]byte{0xEE}, 2*mib))
+	ov, err := newOverlayStorage(failingReads{base, mib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ov.WriteAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		off     int64
+		wantErr bool
+	}{
+		{"BeforeTheFault", 0, false},
+		{"InsideTheFault", mib + 4096, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := make([]byte, 4096)
+			_, err := ov.ReadAt(got, tt.off)
+			if tt.wantErr && !errors.Is(err, errReadFault) {
+				t.Errorf("ReadAt = %v, want the base's I/O error", err)
+			}
+			if !tt.wantErr && err != nil {
+				t.Errorf("ReadAt = %v", err)
 			}
 		})
 	}
