@@ -330,8 +330,16 @@ func (im *Image) Close() error {
 	}
 	var err error
 	if !im.readOnly && im.session.Load() {
-		if err = im.s.Sync(); err == nil {
-			err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
+		switch {
+		case im.journal != nil && im.journal.err != nil:
+			// A commit failed part-way: an entry may be durable in the log
+			// but not applied. Keep LogGuid so the next open replays it
+			// (§2.3.3) instead of abandoning it.
+			err = fmt.Errorf("close: log kept for replay on the next open after an earlier failure: %w", im.journal.err)
+		default:
+			if err = im.s.Sync(); err == nil {
+				err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
+			}
 		}
 	}
 	if im.f != nil {

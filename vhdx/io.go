@@ -93,6 +93,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.checkRange("write", off, uint64(len(p))); err != nil {
 		return 0, err
 	}
+	if len(p) == 0 {
+		return 0, nil // nothing to write: no session, no header update
+	}
 	if err := im.beginSession(); err != nil {
 		return 0, err
 	}
@@ -234,6 +237,9 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	}
 	if err := im.checkRange("write", off, vecLen(bufs)); err != nil {
 		return err
+	}
+	if vecLen(bufs) == 0 {
+		return nil // nothing to write: no session, no header update
 	}
 	if err := im.beginSession(); err != nil {
 		return err

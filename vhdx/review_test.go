@@ -280,3 +280,78 @@ func TestOverlayReadReportsBaseIOErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestCloseKeepsLogForReplayAfterAFailedJournalWrite: when a journal commit
+// fails on a write (not a sync), an entry may be durable but not applied.
+// Close must then keep LogGuid so the next open replays the log, rather than
+// declaring the image clean; the image must reopen and validate.
+func TestCloseKeepsLogForReplayAfterAFailedJournalWrite(t *testing.T) {
+	created := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib}).bytes()
+	sawJournalFailure := false
+	for extra := 1; extra <= 12; extra++ {
+		s := newFaultStorage(created)
+		im, err := OpenStorage(s, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+		s.failAt = s.opCount() + extra
+		_, werr := im.WriteAt(pattern(2, 4096), 8*mib) // allocates block 8
+		im.mu.Lock()
+		failedCommit := im.journal != nil && im.journal.err != nil
+		im.mu.Unlock()
+		cerr := im.Close()
+		if werr == nil || !failedCommit {
+			continue
+		}
+		sawJournalFailure = true
+		if cerr == nil {
+			t.Errorf("failure at op +%d: Close returned nil after a failed journal commit", extra)
+		}
+		re, err := OpenStorage(newMemStorage(bytes.Clone(s.cur)), OpenOptions{ReadOnly: true})
+		if err == nil {
+			re.Close()
+			t.Errorf("failure at op +%d: the image reads as clean (LogGuid cleared) after a failed journal commit", extra)
+		} else if !errors.Is(err, ErrDirtyLog) {
+			t.Errorf("failure at op +%d: read-only reopen: %v, want ErrDirtyLog (log kept for replay)", extra, err)
+		}
+		rw, err := OpenStorage(newMemStorage(bytes.Clone(s.cur)), OpenOptions{})
+		if err != nil {
+			t.Fatalf("failure at op +%d: read-write reopen (replay): %v", extra, err)
+		}
+		got := make([]byte, 4096)
+		if _, err := rw.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(1, 4096)) {
+			t.Errorf("failure at op +%d: the earlier write is lost after replay (%v)", extra, err)
+		}
+		rw.Close()
+	}
+	if !sawJournalFailure {
+		t.Fatal("no injected failure hit a journal commit: the test proves nothing")
+	}
+}
+
+// TestZeroLengthWriteModifiesNothing: an empty write is not a modification
+// (§2.2.2.1 header updates happen before the first one), so it must leave
+// the file byte-for-byte as it was.
+func TestZeroLengthWriteModifiesNothing(t *testing.T) {
+	ms := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib})
+	before := bytes.Clone(ms.bytes())
+	im, err := OpenStorage(ms, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := im.WriteAt(nil, 4096); n != 0 || err != nil {
+		t.Fatalf("WriteAt(nil) = %d, %v", n, err)
+	}
+	if err := im.WriteVec([][]byte{{}, nil}, 8192); err != nil {
+		t.Fatalf("WriteVec(empty) = %v", err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(ms.bytes(), before) {
+		t.Fatal("a zero-length write modified the image (headers rewritten)")
+	}
+}
