@@ -20,7 +20,6 @@ import (
 	"io"
 	"os"
 	"syscall"
-	"unsafe"
 
 	"github.com/vhost-vhdx/vhost-vhdx/tests/qemu/pattern"
 )
@@ -153,9 +152,8 @@ func zeroout(path string, off, length int64) error {
 		return err
 	}
 	defer f.Close()
-	r := [2]uint64{uint64(off), uint64(length)}
-	if _, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), blkZeroout, uintptr(unsafe.Pointer(&r))); errno != 0 {
-		return fmt.Errorf("BLKZEROOUT: %w", errno)
+	if err := ioctlZeroout(f.Fd(), uint64(off), uint64(length)); err != nil {
+		return fmt.Errorf("BLKZEROOUT: %w", err)
 	}
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("fsync: %w", err)
