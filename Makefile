@@ -29,7 +29,7 @@ FUZZ_SMOKE_TIME ?= 5s
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test vet fmt-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
+.PHONY: all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
 
 all: build
 
@@ -37,10 +37,16 @@ build:
 	$(GO) build -o $(BIN) ./cmd/vhost-vhdx
 
 # The order puts the cheap checks first; the QEMU tests need bin/vhost-vhdx.
-test: qemu-assets vet fmt-check unit fuzz-smoke build test-qemu
+test: qemu-assets vet fmt-check unsafe-check unit fuzz-smoke build test-qemu
 
 vet:
 	$(GO) vet ./...
+
+# unsafe lives only in *_unsafe.go files (tests excepted), so every use can
+# be found with one glob and reviewed.
+unsafe-check:
+	@out=$$(grep -l '"unsafe"' $$(find . -name '*.go' -not -name '*_unsafe.go' -not -name '*_test.go' -not -path './.git/*' -not -path './.cache/*')); \
+	if [ -n "$$out" ]; then echo "package unsafe imported outside *_unsafe.go:"; echo "$$out"; exit 1; fi
 
 fmt-check:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.git/*' -not -path './.cache/*')); \
