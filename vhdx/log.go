@@ -509,7 +509,6 @@ type logApplier struct {
 	s    Storage
 	lr   logRegion
 	size uint64
-	zero []byte // lazily allocated logZeroChunk of zeros
 }
 
 // checkTarget refuses an update that overflows, touches the file identifier
@@ -540,28 +539,41 @@ func (ap *logApplier) writeSector(b []byte, off uint64) error {
 }
 
 // zeroRange zeroes [off, off+n) (already checked). Only the part inside the
-// current file is written, in bounded chunks; the rest is created by
-// extending the file, which reads as zeros. The number of bytes written is
-// bounded by the real file size, never by ZeroLength alone.
+// current file is zeroed; the rest is created by extending the file, which
+// reads as zeros. A Storage that can zero a range in one step (a hole punch
+// in the file, one record in the in-memory overlay) does so: a zero
+// descriptor may span the whole of a huge sparse file, and writing zeros
+// over it would fill the disk. Otherwise zeros are written in bounded chunks.
 func (ap *logApplier) zeroRange(off, n uint64) error {
 	end := off + n
-	if z, ok := ap.s.(rangeZeroer); ok && off < ap.size {
-		if err := z.zeroRange(int64(off), int64(min(end, ap.size)-off)); err != nil {
+	if off < ap.size {
+		stop := min(end, ap.size)
+		var err error
+		if z, ok := ap.s.(rangeZeroer); ok {
+			err = z.zeroRange(int64(off), int64(stop-off))
+		} else {
+			err = writeZeroChunks(ap.s, int64(off), int64(stop-off))
+		}
+		if err != nil {
 			return fmt.Errorf("log: zero at offset %#x: %w", off, err)
-		}
-	} else if off < ap.size {
-		if ap.zero == nil {
-			ap.zero = make([]byte, logZeroChunk)
-		}
-		for o, stop := off, min(end, ap.size); o < stop; {
-			c := min(stop-o, logZeroChunk)
-			if _, err := ap.s.WriteAt(ap.zero[:c], int64(o)); err != nil {
-				return fmt.Errorf("log: zero at offset %#x: %w", o, err)
-			}
-			o += c
 		}
 	}
 	return ap.extend(end)
+}
+
+// zeroChunk is a shared, never written, buffer of zeros.
+var zeroChunk [logZeroChunk]byte
+
+// writeZeroChunks writes zeros over [off, off+n) in logZeroChunk pieces.
+func writeZeroChunks(s Storage, off, n int64) error {
+	for n > 0 {
+		c := min(n, int64(len(zeroChunk)))
+		if _, err := s.WriteAt(zeroChunk[:c], off); err != nil {
+			return fmt.Errorf("write zeros at %#x: %w", off, err)
+		}
+		off, n = off+c, n-c
+	}
+	return nil
 }
 
 // rangeZeroer is a Storage that zeroes a range in one step without being

@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"os"
 	"testing"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
 )
 
 // sparseTail makes a Storage look like a larger sparse file: Size reports
@@ -353,5 +356,45 @@ func TestZeroLengthWriteModifiesNothing(t *testing.T) {
 	}
 	if !bytes.Equal(ms.bytes(), before) {
 		t.Fatal("a zero-length write modified the image (headers rewritten)")
+	}
+}
+
+// TestReplayingALargeZeroDescriptorPunchesAHoleInsteadOfWritingZeros: a log
+// zero descriptor may cover most of a huge sparse file (a hostile image can
+// claim terabytes). Applying it to the real file must not write zeros over
+// the range, which would fill the disk, but punch a hole: the range reads as
+// zeros and the file's allocated space shrinks rather than grows.
+func TestReplayingALargeZeroDescriptorPunchesAHoleInsteadOfWritingZeros(t *testing.T) {
+	const size = 2 * gib
+	f, err := os.Create(t.TempDir() + "/sparse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(pattern(9, 4096), gib); err != nil {
+		t.Fatal(err)
+	}
+	s := osStorage{f}
+	j := newJournal(s, logRegion{offset: mib, length: uint32(mib), guid: uuid.New()})
+	zero := logUpdate{offset: 4 * mib, zeroLength: size - 8*mib}
+	if err := j.commit([]logUpdate{zero}, size, size); err != nil {
+		t.Fatalf("commit of a zero descriptor: %v", err)
+	}
+	got := make([]byte, 4096)
+	if _, err := f.ReadAt(got, gib); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatal("the zeroed range does not read as zeros")
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if used := st.Blocks * 512; used > 64*mib {
+		t.Fatalf("the file now uses %d bytes of disk: zeros were written instead of a hole punched", used)
 	}
 }

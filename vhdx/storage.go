@@ -79,3 +79,26 @@ func (s *syncLatch) Sync() error {
 	}
 	return nil
 }
+
+// zeroRange zeroes [off, off+n) of the file by punching a hole: it reads as
+// zeros at once, whatever its length, and frees the space (rangeZeroer).
+// File systems without hole punching get zeros written.
+func (s osStorage) zeroRange(off, n int64) error {
+	err := unix.Fallocate(int(s.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.ENOSYS):
+		return writeZeroChunks(s, off, n)
+	}
+	return fmt.Errorf("punch hole at %#x+%#x: %w", off, n, err)
+}
+
+// zeroRange forwards to the wrapped storage's one-step zeroing when it has
+// one (rangeZeroer).
+func (s *syncLatch) zeroRange(off, n int64) error {
+	if z, ok := s.Storage.(rangeZeroer); ok {
+		return z.zeroRange(off, n)
+	}
+	return writeZeroChunks(s.Storage, off, n)
+}
