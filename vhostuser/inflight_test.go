@@ -3,7 +3,6 @@ package vhostuser_test
 import (
 	"bytes"
 	"context"
-	"errors"
 	"math"
 	"testing"
 
@@ -88,12 +87,7 @@ func TestBadInflightRequestEndsConnectionAndServerServesNext(t *testing.T) {
 		edit(&m)
 		return m
 	}
-	cases := []struct {
-		name  string
-		state int
-		send  func(t *testing.T, f *frontend.Frontend) error
-		want  error
-	}{
+	cases := []malformedCase{
 		{"GET_INFLIGHT_FD before INFLIGHT_SHMFD is negotiated", stateRaw, func(t *testing.T, f *frontend.Frontend) error {
 			return f.Send(vhostuser.ReqGetInflightFD, v, vhostuser.AppendInflight(nil, good))
 		}, vhostuser.ErrState},
@@ -175,33 +169,7 @@ func TestBadInflightRequestEndsConnectionAndServerServesNext(t *testing.T) {
 			return f.StartQueue(q)
 		}, virtqueue.ErrInvalidInflight},
 	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			f, err := frontend.Dial(s.path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if err := negotiate(f, tc.state); err != nil {
-				t.Fatalf("getting to the state under test: %v", err)
-			}
-			// A send may fail once the server has closed the socket;
-			// the verdict is the server's ConnClosed.
-			if err := tc.send(t, f); err != nil {
-				t.Logf("sending: %v", err)
-			}
-			if h, _, err := f.ReadReply(); err == nil {
-				t.Errorf("server answered with %s instead of closing the connection", h.Request)
-			}
-			c := s.waitClosed(t)
-			t.Logf("connection ended: %v", c.err)
-			if !errors.Is(c.err, tc.want) {
-				t.Errorf("connection ended with %v, want %v", c.err, tc.want)
-			}
-			f.Close()
-			s.checkServes(t)
-		})
-	}
+	s.runMalformedCases(t, cases, true)
 }
 
 // previousBackend writes queue 0's inflight region as a back-end would have
