@@ -8,7 +8,7 @@
 //	type Options struct {
 //	    Disk      blk.Disk    // served storage, safe for concurrent use
 //	    Blk       blk.Options // Blk.NumQueues defaults to NumQueues
-//	    NumQueues int         // 1..MaxQueues; 0 means 1
+//	    NumQueues int         // 1..MaxQueues; 0 means MaxQueues (256)
 //	    Events    Events      // nil: NopEvents
 //	}
 //	type Events interface {
@@ -96,6 +96,16 @@
 //
 // # Workers and locking
 //
+// NumQueues queues are offered (GET_QUEUE_NUM and the config's
+// num_queues), by default MaxQueues = 256, the most SET_VRING_KICK's 8-bit
+// index can address, so QEMU's default of one queue per vCPU (at most
+// VIRTIO_QUEUE_MAX = 1024) works unless the guest has more than 256 vCPUs.
+// A ring's state is created the first time a message names it, and its
+// worker starts at SET_VRING_KICK: a queue the front-end never sets up
+// costs one nil pointer. The per-queue worker set (ring.w) is read and
+// written only by the control goroutine; workers never start or stop one
+// another.
+//
 // Each started ring has one worker goroutine that owns its blk.Handler. The
 // kick eventfd is made non-blocking and wrapped with os.NewFile, so a
 // parked Read costs no thread and Close unblocks it. SET_VRING_KICK accepts
@@ -127,8 +137,8 @@
 //
 // Nothing is sized by a length the front-end or the guest sends without a
 // cap. Per connection: one fixed message buffer (12 + 4096 bytes) and
-// control buffer for 8 fds; ring state for the Options.NumQueues rings
-// (fixed at Serve); per started ring one worker goroutine, its kick fd and
+// control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
+// fixed at Serve) and ring state for each ring a message named; per started ring one worker goroutine, its kick fd and
 // at most one call and one err fd (a new one closes the old); per ring
 // one reused descriptor-chain buffer of at most queue size + 509 slices
 // (≤ 32768 + 509, about 800 KiB, only if the guest really sends such a

@@ -164,6 +164,13 @@ const (
 // maximum 32768").
 const MaxQueueSize = 32768
 
-// MaxQueues bounds Options.NumQueues: SET_VRING_KICK/CALL/ERR carry the ring
-// index in 8 bits.
+// MaxQueues bounds Options.NumQueues and is its default. QEMU's
+// vhost-user-blk-pci asks by default for one queue per vCPU
+// (virtio_pci_optimal_num_queues: min(vCPUs, 2047 MSI-X vectors,
+// VIRTIO_QUEUE_MAX)) and accepts num-queues up to VIRTIO_QUEUE_MAX = 1024,
+// but SET_VRING_KICK/CALL/ERR carry the ring index in 8 bits
+// (VHOST_USER_VRING_IDX_MASK), so a front-end can address only 256 rings:
+// offering more would let ring 256's fds land on ring 0. With more than 256
+// vCPUs QEMU stops with "The maximum number of queues supported by the
+// backend is 256" and num-queues must be set.
 const MaxQueues = 256

@@ -60,7 +60,10 @@ type Options struct {
 	// NumQueues when zero, and must match it otherwise.
 	Blk blk.Options
 	// NumQueues is the number of request queues offered (GET_QUEUE_NUM),
-	// 1..MaxQueues; 0 means 1.
+	// 1..MaxQueues; 0 means MaxQueues. Offering many is free: a queue
+	// costs a worker goroutine and ring state only once the front-end
+	// sets it up, so the default serves QEMU's default of one queue per
+	// vCPU without configuration.
 	NumQueues int
 	// Events receives connection and queue events; nil means NopEvents.
 	Events Events
@@ -71,7 +74,7 @@ func (o Options) normalize() (Options, error) {
 		return o, fmt.Errorf("Disk is nil: %w", ErrInvalidOptions)
 	}
 	if o.NumQueues == 0 {
-		o.NumQueues = 1
+		o.NumQueues = MaxQueues
 	}
 	if o.NumQueues < 1 || o.NumQueues > MaxQueues {
 		return o, fmt.Errorf("NumQueues %d not in 1..%d: %w", o.NumQueues, MaxQueues, ErrInvalidOptions)

@@ -44,8 +44,12 @@ type session struct {
 	// owned by the session until run has sent and closed it.
 	replyFD int
 
-	mu    sync.RWMutex
-	mem   *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
+	mu  sync.RWMutex
+	mem *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
+	// rings has one slot per offered queue; a slot stays nil until a
+	// message names that ring (ring), so queues the front-end never sets
+	// up cost one pointer each. Only the control goroutine reads or
+	// writes the slice and its slots.
 	rings []*ring
 	// inflight is the buffer from SET_INFLIGHT_FD, nil without one. Only
 	// the control goroutine reads it; queues hold their region's slice,
@@ -82,9 +86,6 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		replyFD: -1,
 	}
 	s.rings = make([]*ring, opts.NumQueues)
-	for i := range s.rings {
-		s.rings[i] = &ring{index: i, callFD: -1, errFD: -1}
-	}
 	return s
 }
 
@@ -136,13 +137,14 @@ func (s *session) run() error {
 // teardown stops every worker (after its in-flight requests complete),
 // closes every fd and unmaps guest memory.
 func (s *session) teardown() {
-	for _, r := range s.rings {
+	live := s.liveRings()
+	for _, r := range live {
 		s.stopRing(r)
 	}
 	s.mu.Lock()
 	mem, inf := s.mem, s.inflight
 	s.mem, s.inflight = nil, nil
-	for _, r := range s.rings {
+	for _, r := range live {
 		closeFD(&r.callFD)
 		closeFD(&r.errFD)
 	}
@@ -285,16 +287,39 @@ func (s *session) handle(m *message) ([]byte, error) {
 	return nil, fmt.Errorf("%s: no handler: %w", name, ErrUnsupported)
 }
 
-// ring range-checks a wire ring index (style.md §12 item 5).
+// ring range-checks a wire ring index (style.md §12 item 5) and returns
+// its state, creating it on first use.
 func (s *session) ring(name string, idx uint32) (*ring, error) {
 	if idx >= uint32(len(s.rings)) {
 		return nil, fmt.Errorf("%s: ring index %d >= %d queues: %w", name, idx, len(s.rings), ErrInvalidMessage)
 	}
-	return s.rings[idx], nil
+	r := s.rings[idx]
+	if r == nil {
+		r = &ring{index: int(idx), callFD: -1, errFD: -1}
+		// Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled
+		// (spec "Ring states"), including those first named after
+		// SET_FEATURES.
+		if s.featuresOK && s.acked&FeatureProtocolFeatures == 0 {
+			r.enabled.Store(true)
+		}
+		s.rings[idx] = r
+	}
+	return r, nil
+}
+
+// liveRings returns the rings a message has named so far.
+func (s *session) liveRings() []*ring {
+	var rs []*ring
+	for _, r := range s.rings {
+		if r != nil {
+			rs = append(rs, r)
+		}
+	}
+	return rs
 }
 
 func (s *session) anyStarted() bool {
-	for _, r := range s.rings {
+	for _, r := range s.liveRings() {
 		if r.w != nil {
 			return true
 		}
@@ -321,7 +346,7 @@ func (s *session) setFeatures(v uint64) error {
 	if v&FeatureProtocolFeatures == 0 {
 		// Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled
 		// (spec "Ring states").
-		for _, r := range s.rings {
+		for _, r := range s.liveRings() {
 			r.enabled.Store(true)
 		}
 	}
@@ -330,14 +355,17 @@ func (s *session) setFeatures(v uint64) error {
 
 // reset stops every ring and forgets ring and feature state.
 func (s *session) reset() {
-	for _, r := range s.rings {
+	for _, r := range s.liveRings() {
 		s.stopRing(r)
 	}
 	s.mu.Lock()
 	for i, r := range s.rings {
+		if r == nil {
+			continue
+		}
 		closeFD(&r.callFD)
 		closeFD(&r.errFD)
-		s.rings[i] = &ring{index: i, callFD: -1, errFD: -1}
+		s.rings[i] = nil
 	}
 	s.mu.Unlock()
 	s.acked, s.featuresOK, s.status = 0, false, 0
@@ -364,7 +392,7 @@ func (s *session) setMemTable(m *message) error {
 	// or nothing: on failure the old table stays in force.
 	qs := make([]*virtqueue.SplitQueue, len(s.rings))
 	for i, r := range s.rings {
-		if r.q == nil {
+		if r == nil || r.q == nil {
 			continue
 		}
 		q, err := s.newQueue(r, r.q.NextAvail())

@@ -21,10 +21,12 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 )
 
-// maxQueues bounds --num-queues; QEMU's vhost-user-blk accepts up to 1024
-// virtqueues but one worker goroutine per queue makes more than a few dozen
-// pointless.
-const maxQueues = 64
+// maxQueues bounds --num-queues and is its default: the most queues a
+// vhost-user front-end can address (vhostuser.MaxQueues). QEMU asks for one
+// queue per vCPU unless num-queues is set; offering many costs nothing
+// until the front-end starts a queue, which is when its worker goroutine
+// starts.
+const maxQueues = vhostuser.MaxQueues
 
 // capabilities is what --print-capabilities prints, per the vhost-user
 // "Backend program conventions" (type "block", the optional features we
@@ -45,7 +47,9 @@ Options:
   --fd N                serve on an inherited listening socket instead
   --blk-file IMAGE      the image (instead of the IMAGE argument)
   --read-only           open the image read-only; the guest sees a read-only disk
-  --num-queues N        request queues, one worker each (default 1, at most 64)
+  --num-queues N        most request queues offered (default and maximum 256);
+                        QEMU uses one per vCPU unless num-queues= is set, and
+                        a worker runs only for each queue QEMU starts
   --serial S            GET_ID serial, at most 20 bytes (default: from the
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
@@ -71,7 +75,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.IntVar(&cfg.fd, "fd", -1, "")
 	fs.StringVar(&cfg.image, "blk-file", "", "")
 	fs.BoolVar(&cfg.readOnly, "read-only", false, "")
-	fs.IntVar(&cfg.numQueues, "num-queues", 1, "")
+	fs.IntVar(&cfg.numQueues, "num-queues", maxQueues, "")
 	fs.StringVar(&cfg.serial, "serial", "", "")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "")
 	fs.BoolVar(&cfg.printCaps, "print-capabilities", false, "")

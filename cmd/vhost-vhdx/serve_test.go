@@ -3,6 +3,8 @@ package main
 import (
 	"testing"
 	"time"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 )
 
 func TestRequestFailureLogIsRateLimitedAndCountsWhatItDrops(t *testing.T) {
@@ -38,7 +40,7 @@ func TestServeFlagsRefuseBadCombinations(t *testing.T) {
 		{"socket and fd", []string{"--socket", "/tmp/x.sock", "--fd", "3", "disk.vhdx"}},
 		{"image twice", []string{"--socket", "/tmp/x.sock", "--blk-file", "a.vhdx", "b.vhdx"}},
 		{"zero queues", []string{"--socket", "/tmp/x.sock", "--num-queues", "0", "disk.vhdx"}},
-		{"too many queues", []string{"--socket", "/tmp/x.sock", "--num-queues", "65", "disk.vhdx"}},
+		{"too many queues", []string{"--socket", "/tmp/x.sock", "--num-queues", "257", "disk.vhdx"}},
 		{"serial too long", []string{"--socket", "/tmp/x.sock", "--serial", "123456789012345678901", "disk.vhdx"}},
 		{"bad log level", []string{"--socket", "/tmp/x.sock", "--log-level", "loud", "disk.vhdx"}},
 	} {
@@ -48,6 +50,18 @@ func TestServeFlagsRefuseBadCombinations(t *testing.T) {
 				t.Fatalf("status %d, want %d (usage); stderr %q", code, exitUsage, stderr)
 			}
 		})
+	}
+}
+
+// Without --num-queues the daemon offers as many queues as a vhost-user
+// front-end can address, so QEMU's default of one queue per vCPU works.
+func TestServeOffersEveryAddressableQueueByDefault(t *testing.T) {
+	cfg, err := parseServeFlags([]string{"--socket", "/tmp/x.sock", "d.vhdx"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.numQueues != vhostuser.MaxQueues {
+		t.Fatalf("default --num-queues %d, want %d", cfg.numQueues, vhostuser.MaxQueues)
 	}
 }
 

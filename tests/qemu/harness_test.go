@@ -611,6 +611,9 @@ func (b *backend) stop(t *testing.T) {
 type vmOpts struct {
 	cpus      int
 	numQueues int
+	// autoQueues leaves num-queues off the -device option, as the README's
+	// attach line does, so QEMU picks its default (one queue per vCPU).
+	autoQueues bool
 	// script is the body of /test.sh. It runs under `set -e` after
 	// /etc/testlib.sh is sourced; the guest passes when it exits 0.
 	script string
@@ -710,6 +713,9 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		"-append", "console=ttyS0 panic=-1 quiet",
 		"-chardev", "socket,id=c0,path=" + b.sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
 		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues),
+	}
+	if o.autoQueues {
+		args[len(args)-1] = "vhost-user-blk-pci,chardev=c0"
 	}
 	ctlSock := filepath.Join(dir, "ctl.sock")
 	if o.control {
