@@ -40,6 +40,7 @@ const (
 	FeatureBlkSize     = 6
 	FeatureFlush       = 9
 	FeatureTopology    = 10
+	FeatureConfigWCE   = 11
 	FeatureMQ          = 12
 	FeatureDiscard     = 13
 	FeatureWriteZeroes = 14
@@ -86,6 +87,11 @@ type Options struct {
 	NumQueues uint16
 	SegMax    uint32
 	SizeMax   uint32
+	// Cache, when non-nil on a writable device, offers
+	// VIRTIO_BLK_F_CONFIG_WCE: Config reports its mode in `writeback` and
+	// handlers flush every write in write-through mode. Nil: no
+	// CONFIG_WCE, and writes are durable after FLUSH as always.
+	Cache *WriteCache
 }
 
 func (o Options) withDefaults() Options {

@@ -33,6 +33,10 @@ const (
 	ConfigSize = 96
 )
 
+// ConfigWriteback is the offset of `writeback`, the only field a driver may
+// write (VIRTIO 1.2 §5.2.4, with CONFIG_WCE).
+const ConfigWriteback = cfgWriteback
+
 // Discard and write-zeroes limits. One segment per request, like QEMU's
 // handler: the spec lets the device bound max_*_seg, and one segment keeps
 // parsing allocation-free. 65536 sectors is 32 MiB, the default VHDX block
@@ -59,6 +63,10 @@ func Features(d Disk, o Options) uint64 {
 	if o.ReadOnly {
 		f |= 1 << FeatureRO
 	} else {
+		// FLUSH is offered too, as CONFIG_WCE requires (VIRTIO 1.2 §5.2.5).
+		if o.Cache != nil {
+			f |= 1 << FeatureConfigWCE
+		}
 		// Discard and write-zeroes modify the disk, so a read-only device
 		// does not offer them.
 		if _, ok := d.(Discarder); ok {
@@ -94,10 +102,13 @@ func Config(d Disk, o Options) []byte {
 	c[cfgAlignmentOffset] = 0
 	le.PutUint16(c[cfgMinIOSize:], uint16(perPhysical))
 	le.PutUint32(c[cfgOptIOSize:], uint32(perPhysical))
-	c[cfgWriteback] = 0 // CONFIG_WCE is not offered; VIRTIO 1.2 §5.2.5 wants 0
 	le.PutUint16(c[cfgNumQueues:], o.NumQueues)
 
 	f := Features(d, o)
+	// Without CONFIG_WCE the field is unused and stays 0.
+	if f&(1<<FeatureConfigWCE) != 0 {
+		c[cfgWriteback] = o.Cache.Writeback()
+	}
 	if f&(1<<FeatureDiscard) != 0 {
 		le.PutUint32(c[cfgMaxDiscardSectors:], maxDiscardSectors)
 		le.PutUint32(c[cfgMaxDiscardSeg:], maxSegments)

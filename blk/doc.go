@@ -23,7 +23,14 @@
 //	    NumQueues uint16 // 0 means 1
 //	    SegMax    uint32 // 0 means DefaultSegMax
 //	    SizeMax   uint32 // 0 means DefaultSizeMax
+//	    Cache     *WriteCache // non-nil on a writable disk: offer CONFIG_WCE
 //	}
+//	type WriteCache struct{ ... } // writeback mode, shared by a device's handlers; safe for concurrent use
+//	func (c *WriteCache) SetWriteThrough(on bool)
+//	func (c *WriteCache) WriteThrough() bool // nil: false
+//	func (c *WriteCache) Writeback() uint8   // config byte: 1 write-back, 0 write-through
+//	const ConfigWriteback = 32               // offset of the only driver-writable config byte
+//	    // write-through: OUT, DISCARD and WRITE_ZEROES call Disk.Flush before the status byte
 //	func Features(d Disk, o Options) uint64 // virtio-blk device feature bits to offer (without transport bits)
 //	func Config(d Disk, o Options) []byte   // struct virtio_blk_config, little-endian, ConfigSize bytes
 //	type Handler struct{ ... }              // one per queue worker; not safe for concurrent use

@@ -243,7 +243,19 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 	if err := h.disk.WriteVec(h.data, off); err != nil {
 		return 0, fmt.Errorf("blk: OUT sector %d, %d bytes: %w", sector, n, err)
 	}
-	return 0, nil
+	return 0, h.writeThrough(typ, sector)
+}
+
+// writeThrough makes a completed write durable before its status is
+// written when the device is in write-through mode (WriteCache).
+func (h *Handler) writeThrough(typ uint32, sector uint64) error {
+	if !h.opts.Cache.WriteThrough() {
+		return nil
+	}
+	if err := h.disk.Flush(); err != nil {
+		return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
+	}
+	return nil
 }
 
 // checkRange validates n data bytes starting at 512-byte sector `sector` and
@@ -347,5 +359,5 @@ func (h *Handler) discardWriteZeroes(typ uint32, readable [][]byte, bi, bo int) 
 	if err != nil {
 		return fmt.Errorf("blk: type %d sector %d, %d sectors: %w", typ, sector, nsec, err)
 	}
-	return nil
+	return h.writeThrough(typ, sector)
 }

@@ -39,7 +39,7 @@
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
 // RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
-// blk.Features. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
+// blk.Features (with CONFIG_WCE on a writable disk). Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
 // RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
 //
@@ -78,6 +78,20 @@
 // released; only a refused SET_CONFIG keeps the session (non-zero
 // REPLY_ACK status). Replies carry flags VERSION|REPLY exactly; REPLY_ACK
 // acks are sent only when negotiated and requested with NEED_REPLY.
+//
+// # Config space and the write cache
+//
+// GET_CONFIG builds virtio_blk_config when asked, so capacity is the
+// disk's size at that moment and writeback the current cache mode.
+// SET_CONFIG may change only `writeback` (0 or 1, flags 0, CONFIG_WCE
+// negotiated, every other byte as it is); anything else is refused
+// without ending the session. The mode is a blk.WriteCache shared by every
+// connection of one Serve (QEMU does not repeat SET_CONFIG after a
+// reconnect): the control goroutine switches it, workers read it once per
+// write request, after the write and before the status. Switching to
+// write-through flushes the disk before the reply, so a write that read
+// "write-back" is covered by that flush; from then on every OUT, DISCARD
+// and WRITE_ZEROES is flushed before its completion is published.
 //
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 )
 
@@ -28,7 +29,9 @@ func FuzzServeConn(f *testing.F) {
 	seed = append(seed, m(vhostuser.ReqSetOwner, v|vhostuser.FlagNeedReply, nil)...)
 	seed = append(seed, m(vhostuser.ReqGetQueueNum, v, nil)...)
 	seed = append(seed, m(vhostuser.ReqGetConfig, v, vhostuser.AppendConfig(nil, vhostuser.ConfigMsg{Data: make([]byte, 60)}))...)
-	seed = append(seed, m(vhostuser.ReqSetFeatures, v, u64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures))...)
+	seed = append(seed, m(vhostuser.ReqSetFeatures, v, u64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures|1<<blk.FeatureConfigWCE|1<<blk.FeatureFlush))...)
+	seed = append(seed, m(vhostuser.ReqSetConfig, v|vhostuser.FlagNeedReply, vhostuser.AppendConfig(nil, vhostuser.ConfigMsg{Offset: blk.ConfigWriteback, Data: []byte{0}}))...)
+	seed = append(seed, m(vhostuser.ReqSetConfig, v|vhostuser.FlagNeedReply, vhostuser.AppendConfig(nil, vhostuser.ConfigMsg{Offset: blk.ConfigWriteback, Data: []byte{2}}))...)
 	seed = append(seed, m(vhostuser.ReqGetInflightFD, v, vhostuser.AppendInflight(nil, vhostuser.InflightMsg{NumQueues: 1, QueueSize: 128}))...)
 	seed = append(seed, m(vhostuser.ReqSetVringNum, v, vs(0, 128))...)
 	seed = append(seed, m(vhostuser.ReqSetVringBase, v, vs(0, 7))...)

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
@@ -127,6 +126,14 @@ type testServer struct {
 // startServer runs Serve on a fresh socket until the test ends.
 func startServer(t *testing.T, numQueues int) *testServer {
 	t.Helper()
+	return startServerOpts(t, vhostuser.Options{NumQueues: numQueues})
+}
+
+// startServerOpts is startServer with options: Disk defaults to a memDisk
+// (s.disk, nil when opts.Disk is set), Blk.Serial to testSerial, Events to a
+// recorder.
+func startServerOpts(t *testing.T, opts vhostuser.Options) *testServer {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "vu")
 	if err != nil {
 		t.Fatal(err)
@@ -138,13 +145,15 @@ func startServer(t *testing.T, numQueues int) *testServer {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &testServer{path: path, disk: newMemDisk(testDiskSize), ev: newRecorder(), done: make(chan error, 1), stop: cancel}
-	opts := vhostuser.Options{
-		Disk:      s.disk,
-		Blk:       blk.Options{Serial: testSerial},
-		NumQueues: numQueues,
-		Events:    s.ev,
+	s := &testServer{path: path, ev: newRecorder(), done: make(chan error, 1), stop: cancel}
+	if opts.Disk == nil {
+		s.disk = newMemDisk(testDiskSize)
+		opts.Disk = s.disk
 	}
+	if opts.Blk.Serial == "" {
+		opts.Blk.Serial = testSerial
+	}
+	opts.Events = s.ev
 	go func() { s.done <- vhostuser.Serve(ctx, ln, opts) }()
 	t.Cleanup(func() {
 		cancel()

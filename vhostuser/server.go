@@ -43,6 +43,14 @@ type RecoveryEvents interface {
 	QueueRecovered(conn uint64, queue int, n int)
 }
 
+// CacheEvents is an optional extension of Events, found by type assertion:
+// WriteCacheChanged reports that the front-end switched the device's write
+// cache (SET_CONFIG of writeback): writeThrough true means every write is
+// now flushed before it completes.
+type CacheEvents interface {
+	WriteCacheChanged(conn uint64, writeThrough bool)
+}
+
 // NopEvents ignores all events.
 type NopEvents struct{}
 
@@ -86,6 +94,12 @@ func (o Options) normalize() (Options, error) {
 	}
 	if o.Events == nil {
 		o.Events = NopEvents{}
+	}
+	if o.Blk.Cache == nil && !o.Blk.ReadOnly {
+		// One cache mode per Serve: it outlives a connection, since QEMU
+		// does not repeat SET_CONFIG when it reconnects and the guest
+		// keeps the mode it chose.
+		o.Blk.Cache = new(blk.WriteCache)
 	}
 	return o, nil
 }

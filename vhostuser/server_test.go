@@ -78,7 +78,8 @@ func TestNegotiatedDeviceServesWriteReadFlushAndGetID(t *testing.T) {
 func TestGetConfigReturnsRequestedSliceOrEmptyOnOutOfRange(t *testing.T) {
 	s := startServer(t, 1)
 	f := s.connect(t, frontend.Options{ConfigSize: 60})
-	want := blk.Config(s.disk, blk.Options{Serial: testSerial, NumQueues: 1})
+	// A writable device offers CONFIG_WCE and starts in write-back mode.
+	want := blk.Config(s.disk, blk.Options{Serial: testSerial, NumQueues: 1, Cache: new(blk.WriteCache)})
 	for _, tc := range []struct {
 		off, size uint32
 		ok        bool

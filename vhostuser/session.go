@@ -28,11 +28,10 @@ import (
 // never shares a lock across queues on the data path, and a mapping is
 // unmapped only after every worker has left it.
 type session struct {
-	id     uint64
-	opts   Options
-	ev     Events
-	w      *wireConn
-	config []byte // virtio_blk_config, fixed for the session
+	id   uint64
+	opts Options
+	ev   Events
+	w    *wireConn
 
 	offered    uint64 // virtio features offered
 	acked      uint64 // virtio features from SET_FEATURES
@@ -81,7 +80,6 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		opts:    opts,
 		ev:      opts.Events,
 		w:       newWireConn(c),
-		config:  blk.Config(opts.Disk, opts.Blk),
 		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureProtocolFeatures,
 		replyFD: -1,
 	}
@@ -245,24 +243,18 @@ func (s *session) handle(m *message) ([]byte, error) {
 		}
 		return nil, nil
 	case ReqGetConfig:
+		// Built at each read: capacity is the disk's size now, writeback
+		// the current cache mode.
+		config := blk.Config(s.opts.Disk, s.opts.Blk)
 		c, _ := ParseConfig(p)
 		end := uint64(c.Offset) + uint64(c.Size)
-		if c.Size == 0 || end > uint64(len(s.config)) {
+		if c.Size == 0 || end > uint64(len(config)) {
 			// An empty payload signals failure (spec "GET_CONFIG").
 			return nil, nil
 		}
-		return AppendConfig(nil, ConfigMsg{Offset: c.Offset, Flags: c.Flags, Data: s.config[c.Offset:end]}), nil
+		return AppendConfig(nil, ConfigMsg{Offset: c.Offset, Flags: c.Flags, Data: config[c.Offset:end]}), nil
 	case ReqSetConfig:
-		// The virtio-blk config space is read-only for this device; QEMU
-		// only ever writes `writeback` (vhost-user.md §1.11). A write that
-		// changes nothing is accepted; any other is refused without
-		// ending the session.
-		c, _ := ParseConfig(p)
-		end := uint64(c.Offset) + uint64(c.Size)
-		if c.Flags != 0 || end > uint64(len(s.config)) || !bytes.Equal(s.config[c.Offset:end], c.Data) {
-			return nil, fmt.Errorf("%s: offset %d size %d flags %d: %w", name, c.Offset, c.Size, c.Flags, errRefused)
-		}
-		return nil, nil
+		return nil, s.setConfig(p)
 	case ReqGetInflightFD:
 		req, _ := ParseInflight(p)
 		fd, reply, err := newInflightFD(req, len(s.rings))
@@ -285,6 +277,49 @@ func (s *session) handle(m *message) ([]byte, error) {
 	}
 	// Unreachable: checkHeader only admits requests in msgTable.
 	return nil, fmt.Errorf("%s: no handler: %w", name, ErrUnsupported)
+}
+
+// setConfig applies a SET_CONFIG. The only writable field is `writeback`
+// (VIRTIO 1.2 §5.2.4, with VIRTIO_BLK_F_CONFIG_WCE negotiated; QEMU
+// forwards nothing else, vhost-user.md §1.11). A write must have flags 0
+// (a front-end write, not migration), lie inside the config, leave every
+// other byte as it is and put 0 or 1 in writeback; anything else is
+// refused without ending the session (REPLY_ACK status 1) and changes
+// nothing. Switching to write-through flushes the disk before the reply,
+// so writes completed in write-back mode are durable too.
+func (s *session) setConfig(p []byte) error {
+	c, _ := ParseConfig(p)
+	cur := blk.Config(s.opts.Disk, s.opts.Blk)
+	end := uint64(c.Offset) + uint64(c.Size)
+	if c.Flags != 0 || end > uint64(len(cur)) {
+		return fmt.Errorf("SET_CONFIG: offset %d size %d flags %d: %w", c.Offset, c.Size, c.Flags, errRefused)
+	}
+	next := bytes.Clone(cur)
+	copy(next[c.Offset:end], c.Data)
+	for i := range cur {
+		if i != blk.ConfigWriteback && next[i] != cur[i] {
+			return fmt.Errorf("SET_CONFIG: offset %d size %d changes read-only byte %d: %w", c.Offset, c.Size, i, errRefused)
+		}
+	}
+	wb := next[blk.ConfigWriteback]
+	switch {
+	case wb == cur[blk.ConfigWriteback]:
+		return nil
+	case s.acked&(1<<blk.FeatureConfigWCE) == 0:
+		return fmt.Errorf("SET_CONFIG: writeback %d without VIRTIO_BLK_F_CONFIG_WCE negotiated: %w", wb, errRefused)
+	case wb > 1:
+		return fmt.Errorf("SET_CONFIG: writeback %d not 0 or 1: %w", wb, errRefused)
+	}
+	s.opts.Blk.Cache.SetWriteThrough(wb == 0)
+	if ce, ok := s.ev.(CacheEvents); ok {
+		ce.WriteCacheChanged(s.id, wb == 0)
+	}
+	if wb == 0 {
+		if err := s.opts.Disk.Flush(); err != nil {
+			return fmt.Errorf("SET_CONFIG: write-through: flushing earlier writes: %v: %w", err, errRefused)
+		}
+	}
+	return nil
 }
 
 // ring range-checks a wire ring index (style.md §12 item 5) and returns
@@ -343,6 +378,11 @@ func (s *session) setFeatures(v uint64) error {
 	}
 	s.acked = v
 	s.featuresOK = true
+	if v&(1<<blk.FeatureConfigWCE) != 0 && v&(1<<blk.FeatureFlush) == 0 {
+		// A driver that cannot flush gets a write-through cache
+		// (VIRTIO 1.2 §5.2.5: writeback starts at 0 without FLUSH).
+		s.opts.Blk.Cache.SetWriteThrough(true)
+	}
 	if v&FeatureProtocolFeatures == 0 {
 		// Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled
 		// (spec "Ring states").

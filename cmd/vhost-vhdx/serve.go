@@ -183,6 +183,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 }
 
 var _ vhostuser.RecoveryEvents = logEvents{}
+var _ vhostuser.CacheEvents = logEvents{}
 
 // logEvents turns vhostuser's events into log lines with connection and
 // queue fields; it is the only place the daemon's data path logs.
@@ -210,6 +211,15 @@ func (e logEvents) ConnClosed(id uint64, err error) {
 
 func (e logEvents) QueueBroken(conn uint64, queue int, err error) {
 	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue}).WithError(err).Error("queue broken; it stays stopped until the front-end resets it")
+}
+
+// WriteCacheChanged: the guest switched the write cache (SET_CONFIG).
+func (e logEvents) WriteCacheChanged(conn uint64, writeThrough bool) {
+	mode := "write-back"
+	if writeThrough {
+		mode = "write-through (every write flushed before it completes)"
+	}
+	e.log.WithFields(logrus.Fields{"conn": conn}).Info("guest set the write cache to " + mode)
 }
 
 // QueueRecovered: a ring restarted from the inflight region and redoes the
