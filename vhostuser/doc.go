@@ -39,7 +39,12 @@
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
 // RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
-// blk.Features (with CONFIG_WCE on a writable disk). Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
+// blk.Features (with CONFIG_WCE on a writable disk). Ring features are
+// honoured only when SET_FEATURES acked them: without INDIRECT_DESC a chain
+// holding an indirect descriptor is malformed (completed with length 0,
+// RequestFailed with virtqueue.ErrInvalidChain); without EVENT_IDX the
+// avail.flags NO_INTERRUPT bit and used.flags NO_NOTIFY suppress
+// notifications and used_event/avail_event are neither read nor written. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
 // RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
 //

@@ -541,6 +541,7 @@ func (s *session) newQueue(r *ring, nextAvail uint16) (q *virtqueue.SplitQueue, 
 			AvailUserAddr: r.addr.Avail,
 			UsedUserAddr:  r.addr.Used,
 			EventIdx:      s.acked&FeatureEventIdx != 0,
+			NoIndirect:    s.acked&FeatureIndirectDesc == 0,
 			NextAvail:     nextAvail,
 			Inflight:      region,
 		})

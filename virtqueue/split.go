@@ -79,6 +79,11 @@ type QueueConfig struct {
 	EventIdx                                  bool   // VIRTIO_RING_F_EVENT_IDX negotiated
 	NextAvail                                 uint16 // from SET_VRING_BASE
 
+	// NoIndirect: VIRTIO_RING_F_INDIRECT_DESC was not negotiated, so an
+	// INDIRECT descriptor is a malformed chain (VIRTIO 1.2 §2.7.5.3.1,
+	// §2.8.8: the driver MUST NOT set it without the feature).
+	NoIndirect bool
+
 	// Inflight is this queue's split inflight region (at least
 	// InflightMinSize(Size) bytes), or nil for no tracking. See
 	// NewSplitQueue for how it overrides NextAvail.
@@ -105,6 +110,7 @@ type SplitQueue struct {
 	size     uint16
 	mask     uint16
 	eventIdx bool
+	noIndir  bool
 
 	desc  []byte // DescTableSize(size) host bytes
 	avail []byte // AvailRingSize(size) host bytes
@@ -210,6 +216,7 @@ func NewSplitQueue(mem *Memory, cfg QueueConfig) (*SplitQueue, error) {
 		size:        size,
 		mask:        size - 1,
 		eventIdx:    cfg.EventIdx,
+		noIndir:     cfg.NoIndirect,
 		desc:        desc,
 		avail:       avail,
 		used:        used,
@@ -447,6 +454,10 @@ func (q *SplitQueue) walk(c *Chain, head uint16) error {
 		}
 
 		if d.flags&DescFlagIndirect != 0 {
+			if q.noIndir {
+				return fmt.Errorf("%w: head %d: descriptor %d is INDIRECT but VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
+					ErrInvalidChain, head, idx)
+			}
 			if inTable {
 				return fmt.Errorf("%w: head %d: indirect descriptor %d points to another table; VIRTIO 1.2 §2.7.5.3.1 forbids nesting",
 					ErrInvalidChain, head, idx)
