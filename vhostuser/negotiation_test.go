@@ -8,9 +8,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
+	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 )
 
 // An indirect descriptor is followed only when VIRTIO_RING_F_INDIRECT_DESC
