@@ -127,10 +127,14 @@
 //
 // Each started ring has one worker goroutine that owns its blk.Handler. The
 // kick eventfd is made non-blocking and wrapped with os.NewFile, so a
-// parked Read costs no thread and Close unblocks it. SET_VRING_KICK accepts
-// only fds that can be waited on (an eventfd, a pipe or a socket): a file
-// or device such as /dev/zero reads without blocking and would make the
-// worker spin. The control path's own wake-up write to the kick fd
+// parked Read costs no thread and Close unblocks it. SET_VRING_KICK, _CALL and
+// _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file
+// type, and for anonymous inodes the /proc/self/fd link, which must be
+// "anon_inode:[eventfd]"); anything else ends the connection with
+// ErrInvalidMessage. A file or device such as /dev/zero reads without
+// blocking and a timerfd or signalfd becomes readable with no front-end
+// write, so as kick fds they would make the worker spin; as call fds a
+// regular file would grow with every completion. The control path's own wake-up write to the kick fd
 // (SET_VRING_ENABLE 1) never waits for the fd to become writable. The loop: drain (disable
 // notifications; Next → Handle → PushUsed, up to 64 chains per batch;
 // re-enable notifications and look again), signal the call eventfd when

@@ -584,7 +584,7 @@ func (s *session) setVringKick(m *message) error {
 	if v&VringNoFDFlag != 0 {
 		return fmt.Errorf("SET_VRING_KICK: ring %d without fd (polling): %w", r.index, ErrUnsupported)
 	}
-	if err := checkKickFD(m.fds[0]); err != nil {
+	if err := checkNotifyFD(m.fds[0], "kick"); err != nil {
 		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
 	}
 	// A new kick fd for a started ring restarts it with the new fd.
@@ -620,24 +620,6 @@ func (s *session) setVringKick(m *message) error {
 	return nil
 }
 
-// checkKickFD accepts only fds a worker can sleep on until the front-end
-// kicks: an eventfd (an anonymous inode, S_IFMT 0), or a pipe or socket. A
-// regular file, directory or device is refused: reading /dev/zero or a
-// file never blocks, so its worker would spin for as long as the session
-// lasts.
-func checkKickFD(fd int) error {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("kick fd: fstat: %v: %w", err, ErrInvalidMessage)
-	}
-	switch t := st.Mode & unix.S_IFMT; t {
-	case 0, unix.S_IFIFO, unix.S_IFSOCK:
-		return nil
-	default:
-		return fmt.Errorf("kick fd: file type %#o is not an eventfd, pipe or socket: %w", t, ErrInvalidMessage)
-	}
-}
-
 func (s *session) setVringFD(m *message) error {
 	name := m.spec.name
 	v := le.Uint64(m.payload)
@@ -647,6 +629,13 @@ func (s *session) setVringFD(m *message) error {
 	}
 	fd := -1
 	if v&VringNoFDFlag == 0 {
+		role := "call"
+		if m.hdr.Request == ReqSetVringErr {
+			role = "err"
+		}
+		if err := checkNotifyFD(m.fds[0], role); err != nil {
+			return fmt.Errorf("%s: ring %d: %w", name, r.index, err)
+		}
 		fd = m.takeFD(0)
 		// A full pipe posing as an eventfd must not block a worker that
 		// holds the dispatch lock; a failed write is a dropped
