@@ -10,6 +10,7 @@
 //	    Blk       blk.Options // Blk.NumQueues defaults to NumQueues
 //	    NumQueues int         // 1..MaxQueues; 0 means MaxQueues (256)
 //	    Events    Events      // nil: NopEvents
+//	    Notifier  *ConfigNotifier // optional: announce config changes
 //	}
 //	type Events interface {
 //	    ConnOpened(id uint64)
@@ -22,6 +23,12 @@
 //	}
 //	func Listen(path string) (*net.UnixListener, error) // replaces a stale socket only
 //	func FromFD(fd int) (*net.UnixListener, error)      // --fd N; takes ownership
+//	type CacheEvents interface { // optional, by type assertion on Events
+//	    WriteCacheChanged(conn uint64, writeThrough bool)
+//	}
+//	type ConfigNotifier struct{ ... } // Options.Notifier
+//	func (n *ConfigNotifier) NotifyConfigChange(ctx context.Context) error
+//	var ErrNoBackendChannel, ErrBackendRequestFailed error
 //	func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error
 //	func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error
 //
@@ -44,8 +51,8 @@
 // holding an indirect descriptor is malformed (completed with length 0,
 // RequestFailed with virtqueue.ErrInvalidChain); without EVENT_IDX the
 // avail.flags NO_INTERRUPT bit and used.flags NO_NOTIFY suppress
-// notifications and used_event/avail_event are neither read nor written. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
-// RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
+// notifications and used_event/avail_event are neither read nor written. Protocol: MQ, REPLY_ACK, BACKEND_REQ, CONFIG,
+// INFLIGHT_SHMFD, RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
 //
 // # Inflight tracking (reconnect after a back-end crash)
@@ -97,6 +104,24 @@
 // write-through flushes the disk before the reply, so a write that read
 // "write-back" is covered by that flush; from then on every OUT, DISCARD
 // and WRITE_ZEROES is flushed before its completion is published.
+//
+// # Back-end request channel
+//
+// With BACKEND_REQ negotiated QEMU sends SET_BACKEND_REQ_FD, one end of a
+// unix stream socketpair (anything else ends the connection; a second one
+// replaces the first, which is closed). ConfigNotifier.NotifyConfigChange
+// sends BACKEND_CONFIG_CHANGE_MSG on it, with NEED_REPLY when REPLY_ACK was
+// negotiated, and waits for the ack. It runs on the caller's goroutine,
+// never the control goroutine, because QEMU acks only after re-reading the
+// config with GET_CONFIG on the main socket, which the control goroutine
+// answers meanwhile. Who touches what: the control goroutine sets the
+// channel (an atomic pointer) and closes it on replacement and at
+// teardown; notifiers serialise on the channel's own mutex for one
+// request and its ack; the notifier's current session is set and cleared
+// under its mutex by the connection goroutine. Closing never takes the
+// channel mutex, so a notifier stuck on a silent front-end is released by
+// teardown or by its ctx; any failure on the channel (or a cancelled wait)
+// closes it, so a late ack is never taken for the next request's.
 //
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //
@@ -177,7 +202,8 @@
 // # Not implemented
 //
 // Packed rings (so no packed inflight layout), dirty logging
-// (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, the back-end
-// request channel (BACKEND_REQ; so no config-change message on resize),
-// polling mode (SET_VRING_KICK with the no-fd flag is refused).
+// (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, back-end
+// requests other than CONFIG_CHANGE_MSG (and nothing in the daemon calls
+// NotifyConfigChange yet: online resize is to come), polling mode
+// (SET_VRING_KICK with the no-fd flag is refused).
 package vhostuser

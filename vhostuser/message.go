@@ -221,7 +221,7 @@ const (
 	fdNone      fdRule = iota // no fds
 	fdPerRegion               // SET_MEM_TABLE: exactly nregions
 	fdVring                   // SET_VRING_KICK/CALL/ERR: one, or none with VringNoFDFlag
-	fdOne                     // SET_INFLIGHT_FD: exactly one
+	fdOne                     // SET_INFLIGHT_FD, SET_BACKEND_REQ_FD: exactly one
 )
 
 // msgSpec is the syntax of one request, checked before dispatch (rust-vmm
@@ -261,6 +261,7 @@ var msgTable = map[Request]msgSpec{
 	ReqSetProtocolFeatures: {name: "SET_PROTOCOL_FEATURES", size: U64Size},
 	ReqGetQueueNum:         {name: "GET_QUEUE_NUM", proto: ProtoMQ, reply: true},
 	ReqSetVringEnable:      {name: "SET_VRING_ENABLE", size: VringStateSize},
+	ReqSetBackendReqFD:     {name: "SET_BACKEND_REQ_FD", fds: fdOne, proto: ProtoBackendReq},
 	ReqGetConfig:           {name: "GET_CONFIG", minSize: ConfigHeaderSize, maxSize: ConfigHeaderSize + MaxConfigSize, variable: checkConfig, proto: ProtoConfig, reply: true},
 	ReqSetConfig:           {name: "SET_CONFIG", minSize: ConfigHeaderSize, maxSize: ConfigHeaderSize + MaxConfigSize, variable: checkConfig, proto: ProtoConfig},
 	ReqGetInflightFD:       {name: "GET_INFLIGHT_FD", size: InflightMsgSize, proto: ProtoInflightShmfd, reply: true},

@@ -54,6 +54,7 @@ const (
 	ReqSetProtocolFeatures Request = 16 // VHOST_USER_SET_PROTOCOL_FEATURES
 	ReqGetQueueNum         Request = 17 // VHOST_USER_GET_QUEUE_NUM
 	ReqSetVringEnable      Request = 18 // VHOST_USER_SET_VRING_ENABLE
+	ReqSetBackendReqFD     Request = 21 // VHOST_USER_SET_BACKEND_REQ_FD (formerly SET_SLAVE_REQ_FD)
 	ReqGetConfig           Request = 24 // VHOST_USER_GET_CONFIG
 	ReqSetConfig           Request = 25 // VHOST_USER_SET_CONFIG
 	ReqGetInflightFD       Request = 31 // VHOST_USER_GET_INFLIGHT_FD
@@ -151,13 +152,14 @@ const (
 const (
 	ProtoMQ            = 1 << 0  // VHOST_USER_PROTOCOL_F_MQ
 	ProtoReplyAck      = 1 << 3  // VHOST_USER_PROTOCOL_F_REPLY_ACK
+	ProtoBackendReq    = 1 << 5  // VHOST_USER_PROTOCOL_F_BACKEND_REQ (formerly SLAVE_REQ)
 	ProtoConfig        = 1 << 9  // VHOST_USER_PROTOCOL_F_CONFIG
 	ProtoInflightShmfd = 1 << 12 // VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
 	ProtoResetDevice   = 1 << 13 // VHOST_USER_PROTOCOL_F_RESET_DEVICE
 	ProtoStatus        = 1 << 16 // VHOST_USER_PROTOCOL_F_STATUS
 
 	// ProtocolFeatures is what the back-end offers in GET_PROTOCOL_FEATURES.
-	ProtocolFeatures = ProtoMQ | ProtoReplyAck | ProtoConfig | ProtoInflightShmfd | ProtoResetDevice | ProtoStatus
+	ProtocolFeatures = ProtoMQ | ProtoReplyAck | ProtoBackendReq | ProtoConfig | ProtoInflightShmfd | ProtoResetDevice | ProtoStatus
 )
 
 // MaxQueueSize is the largest split ring (VIRTIO 1.2 §2.7 "Queue Size ...

@@ -75,6 +75,9 @@ type Options struct {
 	NumQueues int
 	// Events receives connection and queue events; nil means NopEvents.
 	Events Events
+	// Notifier, if set, is attached to each connection while it is
+	// served, so its NotifyConfigChange reaches the current front-end.
+	Notifier *ConfigNotifier
 }
 
 func (o Options) normalize() (Options, error) {
@@ -171,12 +174,14 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	id := connIDs.Add(1)
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
+	opts.Notifier.attach(s)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if
 	// any, completes first.
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 	err := s.run()
 	stop()
+	opts.Notifier.detach(s)
 	s.teardown()
 	c.Close()
 	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {

@@ -50,6 +50,9 @@ type session struct {
 	// up cost one pointer each. Only the control goroutine reads or
 	// writes the slice and its slots.
 	rings []*ring
+	// backend is the channel from SET_BACKEND_REQ_FD (backend.go): set
+	// and closed by the control goroutine, used by ConfigNotifier callers.
+	backend atomic.Pointer[backendChannel]
 	// inflight is the buffer from SET_INFLIGHT_FD, nil without one. Only
 	// the control goroutine reads it; queues hold their region's slice,
 	// so it is replaced only while no ring is started.
@@ -135,6 +138,7 @@ func (s *session) run() error {
 // teardown stops every worker (after its in-flight requests complete),
 // closes every fd and unmaps guest memory.
 func (s *session) teardown() {
+	s.closeBackend()
 	live := s.liveRings()
 	for _, r := range live {
 		s.stopRing(r)
@@ -255,6 +259,8 @@ func (s *session) handle(m *message) ([]byte, error) {
 		return AppendConfig(nil, ConfigMsg{Offset: c.Offset, Flags: c.Flags, Data: config[c.Offset:end]}), nil
 	case ReqSetConfig:
 		return nil, s.setConfig(p)
+	case ReqSetBackendReqFD:
+		return nil, s.setBackendReqFD(m)
 	case ReqGetInflightFD:
 		req, _ := ParseInflight(p)
 		fd, reply, err := newInflightFD(req, len(s.rings))

@@ -59,6 +59,10 @@ type Frontend struct {
 
 	Queues []*Queue
 
+	// Backend is the front-end's end of the back-end request channel
+	// (SetBackendReqFD), nil until then.
+	Backend *net.UnixConn
+
 	out []byte
 }
 
@@ -80,6 +84,10 @@ func (f *Frontend) Conn() *net.UnixConn { return f.conn }
 // Close releases the socket, eventfds, memfd and mapping.
 func (f *Frontend) Close() error {
 	err := f.conn.Close()
+	if f.Backend != nil {
+		f.Backend.Close()
+		f.Backend = nil
+	}
 	for _, q := range f.Queues {
 		q.close()
 	}
