@@ -187,7 +187,8 @@
 // cap. Per connection: one fixed message buffer (12 + 4096 bytes) and
 // control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
 // fixed at Serve) and ring state for each ring a message named; per started ring one worker goroutine, its kick fd and
-// at most one call and one err fd (a new one closes the old); per ring
+// at most one call and one err fd (a new one closes the old); at most one
+// back-end channel socket (likewise); per ring
 // one reused descriptor-chain buffer of at most queue size + 509 slices
 // (≤ 32768 + 509, about 800 KiB, only if the guest really sends such a
 // chain) and, with inflight tracking, a resubmit list and a batch list of

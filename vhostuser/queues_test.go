@@ -44,7 +44,8 @@ func waitWorkers(want int) int {
 func TestDefaultOffersManyQueuesAndStartsWorkersOnlyForTheOnesSetUp(t *testing.T) {
 	s := startServer(t, 0)
 	f := s.dial(t)
-	base := workerGoroutines()
+	// Workers of earlier tests' servers may still be unwinding.
+	base := waitWorkers(0)
 
 	feats, err := f.GetFeatures()
 	if err != nil {
@@ -100,7 +101,7 @@ func TestDefaultOffersManyQueuesAndStartsWorkersOnlyForTheOnesSetUp(t *testing.T
 		}
 		qs = append(qs, q)
 	}
-	if got := workerGoroutines() - base; got != len(indices) {
+	if got := waitWorkers(base+len(indices)) - base; got != len(indices) {
 		t.Fatalf("%d workers for %d queues set up out of %d offered", got, len(indices), n)
 	}
 
