@@ -193,6 +193,35 @@ func messageCases() []Case {
 			a := vhostuser.VringAddr{Desc: frontend.UserBase + 1<<40, Avail: frontend.UserBase, Used: frontend.UserBase + 4096}
 			return f.Send(vhostuser.ReqSetVringAddr, version, vhostuser.AppendVringAddr(nil, a))
 		})),
+		// A timerfd turns readable with no front-end write: as a kick fd
+		// it would wake the worker forever.
+		message("SET_VRING_KICK with an armed timerfd", false, func(f *frontend.Frontend) error {
+			fd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_CLOEXEC)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			ts := unix.ItimerSpec{Interval: unix.Timespec{Nsec: 1e6}, Value: unix.Timespec{Nsec: 1e6}}
+			if err := unix.TimerfdSettime(fd, 0, &ts, nil); err != nil {
+				return err
+			}
+			return f.Send(vhostuser.ReqSetVringKick, version, le.AppendUint64(nil, 0), fd)
+		}),
+		// A regular file as a call fd would grow with every completion.
+		message("SET_VRING_CALL with a regular file", false, func(f *frontend.Frontend) error {
+			fd, err := unix.MemfdCreate("hostile-call", unix.MFD_CLOEXEC)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			return f.Send(vhostuser.ReqSetVringCall, version, le.AppendUint64(nil, 0), fd)
+		}),
+		message("SET_BACKEND_REQ_FD with an eventfd", false, withEventFD(func(f *frontend.Frontend, fd int) error {
+			return f.Send(vhostuser.ReqSetBackendReqFD, version, nil, fd)
+		})),
+		message("SET_BACKEND_REQ_FD without an fd", false, func(f *frontend.Frontend) error {
+			return f.Send(vhostuser.ReqSetBackendReqFD, version, nil)
+		}),
 		message("SET_INFLIGHT_FD with an unsealed fd", false, func(f *frontend.Frontend) error {
 			fd, err := unix.MemfdCreate("hostile", unix.MFD_CLOEXEC)
 			if err != nil {
