@@ -247,3 +247,24 @@ func TestSwitchToWriteThroughDuringWritesLosesNoDurability(t *testing.T) {
 		}
 	}
 }
+
+// A driver that negotiates CONFIG_WCE but not FLUSH cannot ask for
+// durability, so the device starts write-through (VIRTIO 1.2 §5.2.5):
+// writeback reads 0 and a completed write is already durable.
+func TestWriteCacheWithoutFlushNegotiatedIsWriteThrough(t *testing.T) {
+	d := newDurableDisk(testDiskSize)
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	f := s.connect(t, frontend.Options{ConfigSize: 60, Features: ^uint64(1 << blk.FeatureFlush)})
+	if f.Features&(1<<blk.FeatureConfigWCE) == 0 || f.Features&(1<<blk.FeatureFlush) != 0 {
+		t.Fatalf("features %#x: want CONFIG_WCE without FLUSH", f.Features)
+	}
+	if got := writeback(t, f); got != 0 {
+		t.Fatalf("writeback %d, want 0", got)
+	}
+	data := pattern(4, 512)
+	r, err := f.Queues[0].Write(context.Background(), 3, data)
+	mustOK(t, "write", r, err)
+	if !d.isDurable(3*512, data) {
+		t.Fatal("write completed without being durable on a device that cannot be flushed")
+	}
+}
