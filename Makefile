@@ -19,6 +19,9 @@ endif
 
 GO ?= go
 BIN := bin/vhost-vhdx
+# What version and the creator string of new images say; without git (a
+# source archive) the binary falls back to Go's build information.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
 SOCKET ?= /tmp/vhdx.sock
 IMAGE ?= disk.vhdx
 SIZE ?= 10G
@@ -34,7 +37,7 @@ QEMU_TEST_TIMEOUT ?= 30m
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/vhost-vhdx
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vhost-vhdx
 
 # The order puts the cheap checks first; the QEMU tests need bin/vhost-vhdx.
 test: qemu-assets vet fmt-check unsafe-check unit fuzz-smoke build test-qemu

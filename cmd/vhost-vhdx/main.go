@@ -16,9 +16,6 @@ import (
 	"strings"
 )
 
-// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
-var version = "devel"
-
 const prog = "vhost-vhdx"
 
 // Exit statuses, listed in the help text.
@@ -58,12 +55,14 @@ func main() {
 // one line on stderr.
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintf(stderr, "%s: missing command (see '%s help')\n", prog, prog)
+		// No command: the usage is the most useful answer (on stderr, as
+		// a usage error).
+		fmt.Fprint(stderr, mainUsage())
 		return exitUsage
 	}
 	switch args[0] {
 	case "--version", "-version", "version":
-		fmt.Fprintf(stdout, "%s %s\n", prog, version)
+		fmt.Fprintf(stdout, "%s %s\n", prog, versionString())
 		return exitOK
 	case "help", "--help", "-help", "-h":
 		return runHelp(args[1:], stdout, stderr)

@@ -34,7 +34,6 @@ func TestRunReportsEveryFailureAsOneLineWithItsExitStatus(t *testing.T) {
 		wantCode int
 		wantErr  string // substring of the single stderr line
 	}{
-		{"no command", nil, 2, "missing command"},
 		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{"unknown flag", []string{"create", "--sise", "1G", missing}, 2, "flag provided but not defined: -sise"},
 		{"create without --size", []string{"create", missing}, 2, "--size is required"},
@@ -88,7 +87,8 @@ func TestRunPrintsHelpAndVersionOnStdout(t *testing.T) {
 		{[]string{"help", "convert"}, "-O raw|vhdx"},
 		{[]string{"create", "-h"}, "Usage: vhost-vhdx create"},
 		{[]string{"map", "--help"}, "Usage: vhost-vhdx map"},
-		{[]string{"--version"}, "vhost-vhdx " + version},
+		{[]string{"--version"}, "vhost-vhdx " + versionString()},
+		{[]string{"version"}, "vhost-vhdx " + versionString()},
 	} {
 		code, stdout, stderr := runCLI(t, tc.args...)
 		if code != 0 || stderr != "" || !strings.Contains(stdout, tc.want) {
@@ -113,5 +113,18 @@ func TestFlagsMayFollowTheImageArgument(t *testing.T) {
 	}
 	if _, err := os.Stat("-dash.vhdx"); err != nil {
 		t.Error(err)
+	}
+}
+
+func TestNoArgumentsPrintsTheUsageAsAUsageError(t *testing.T) {
+	code, stdout, stderr := runCLI(t)
+	if code != exitUsage {
+		t.Errorf("status %d, want %d", code, exitUsage)
+	}
+	if stdout != "" {
+		t.Errorf("stdout %q, want nothing", stdout)
+	}
+	if stderr != mainUsage() {
+		t.Errorf("stderr is not the usage:\n%s", stderr)
 	}
 }
