@@ -8,6 +8,8 @@
 #   make fuzz    every Fuzz target for FUZZTIME (default 60s) each
 #   make bench   vhost-vhdx serve against qemu-storage-daemon; writes
 #                docs/benchmarks/README.md (a few minutes; not part of test)
+#   make install bin/vhost-vhdx, the vhost-user backend JSON and the systemd
+#                units under PREFIX (default /usr/local), DESTDIR for staging
 #   make clean   remove build and test outputs (make distclean: also .cache/)
 
 SHELL := /bin/bash
@@ -32,7 +34,7 @@ FUZZ_SMOKE_TIME ?= 5s
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
+.PHONY: install uninstall all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
 
 all: build
 
@@ -125,6 +127,44 @@ fuzz:
 # the image tools) on a fresh machine.
 bench: qemu-assets
 	scripts/bench.sh
+
+# Install layout (GNU conventions; DESTDIR stages into a tree for packaging).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+DOCDIR ?= $(DATADIR)/doc/vhost-vhdx
+SYSCONFDIR ?= /etc
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+# The vhost-user backend description QEMU's docs/interop/vhost-user.json
+# defines, looked up by management software in share/qemu/vhost-user/.
+VHOSTUSERDIR ?= $(DATADIR)/qemu/vhost-user
+INSTALL ?= install
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+	-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@SYSUSERSDIR@|$(SYSUSERSDIR)|g'
+
+install: build
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(VHOSTUSERDIR) $(DESTDIR)$(SYSTEMDUNITDIR) \
+		$(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/vhost-vhdx
+	$(SUBST) dist/qemu/50-vhost-vhdx.json >$(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json
+	$(SUBST) dist/systemd/vhost-vhdx@.service >'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.service'
+	$(SUBST) dist/systemd/vhost-vhdx@.socket >'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.socket'
+	chmod 0644 $(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json '$(DESTDIR)$(SYSTEMDUNITDIR)'/vhost-vhdx@.*
+	$(INSTALL) -m 0644 dist/sysusers.d/vhost-vhdx.conf $(DESTDIR)$(SYSUSERSDIR)/vhost-vhdx.conf
+	$(INSTALL) -m 0644 dist/vhost-vhdx.conf.example $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx/NAME.conf.example
+	$(INSTALL) -m 0644 README.md LICENSE $(DESTDIR)$(DOCDIR)/
+	@echo
+	@echo "Installed. To run disk NAME as a service (see README.md, 'Running as a service'):"
+	@echo "  systemd-sysusers && systemctl daemon-reload"
+	@echo "  cp $(SYSCONFDIR)/vhost-vhdx/NAME.conf.example $(SYSCONFDIR)/vhost-vhdx/NAME.conf   # set IMAGE"
+	@echo "  systemctl enable --now vhost-vhdx@NAME.socket"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/vhost-vhdx $(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json \
+		'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.service' '$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.socket' \
+		$(DESTDIR)$(SYSUSERSDIR)/vhost-vhdx.conf $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx/NAME.conf.example
+	rm -rf $(DESTDIR)$(DOCDIR)
 
 clean:
 	rm -rf bin/ *.test *.out *.prof

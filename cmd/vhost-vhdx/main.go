@@ -67,6 +67,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "help", "--help", "-help", "-h":
 		return runHelp(args[1:], stdout, stderr)
 	}
+	if strings.HasPrefix(args[0], "-") {
+		// Options without a command are serve's: the vhost-user "Backend
+		// program conventions" run the binary named in the backend JSON
+		// as BINARY --print-capabilities, or --socket-path/--fd ...
+		return exitCode(runServe(args, stdout, stderr), stdout, stderr)
+	}
 	for _, c := range commands() {
 		if c.name == args[0] {
 			return exitCode(c.run(args[1:], stdout, stderr), stdout, stderr)
@@ -105,6 +111,9 @@ func mainUsage() string {
 
 Options:
   --version  print the version and exit
+
+Options without a command are serve's (vhost-user backend program
+conventions): %[1]s --print-capabilities, %[1]s --socket-path PATH IMAGE.
 
 Exit status: 0 success, 1 failure, 2 usage error, 3 (check) the image is damaged.
 Sizes take binary suffixes: 512, 64K, 32M, 10G, 2T, 1.5G.
