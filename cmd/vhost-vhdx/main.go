@@ -23,7 +23,6 @@ const (
 	exitOK      = 0
 	exitFailure = 1
 	exitUsage   = 2
-	exitDamaged = 3 // check: problems remain in the image
 )
 
 // command is one subcommand. run gets the arguments after the subcommand
@@ -115,7 +114,8 @@ Options:
 Options without a command are serve's (vhost-user backend program
 conventions): %[1]s --print-capabilities, %[1]s --socket-path PATH IMAGE.
 
-Exit status: 0 success, 1 failure, 2 usage error, 3 (check) the image is damaged.
+Exit status: 0 success, 1 failure, 2 usage error. check has qemu-img check's:
+0 consistent, 1 could not check (or usage error), 2 corrupted, 3 only leaks.
 Sizes take binary suffixes: 512, 64K, 32M, 10G, 2T, 1.5G.
 `, prog)
 	return b.String()
@@ -149,13 +149,15 @@ func exitCode(err error, _, stderr io.Writer) int {
 	// One line: multi-line wrapped errors are joined.
 	msg := strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "; ")
 	fmt.Fprintf(stderr, "%s: %s\n", prog, msg)
-	var ue *usageError
-	if errors.As(err, &ue) {
-		return exitUsage
-	}
+	// An explicit status wins: check's usage errors exit 1, as qemu-img
+	// check's do, because its 2 means "corrupted".
 	var se *exitStatusError
 	if errors.As(err, &se) {
 		return se.code
+	}
+	var ue *usageError
+	if errors.As(err, &ue) {
+		return exitUsage
 	}
 	return exitFailure
 }

@@ -80,10 +80,10 @@ func TestRunPrintsHelpAndVersionOnStdout(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"help"}, "Exit status: 0 success, 1 failure, 2 usage error, 3"},
+		{[]string{"help"}, "Exit status: 0 success, 1 failure, 2 usage error."},
 		{[]string{"--help"}, "Commands:"},
 		{[]string{"help", "create"}, "--logical-sector 512|4096"},
-		{[]string{"help", "check"}, "3  the image is damaged"},
+		{[]string{"help", "check"}, "3  only leaked space"},
 		{[]string{"help", "convert"}, "-O raw|vhdx"},
 		{[]string{"create", "-h"}, "Usage: vhost-vhdx create"},
 		{[]string{"map", "--help"}, "Usage: vhost-vhdx map"},
