@@ -644,6 +644,20 @@ func TestMakeInstallProducesTheServiceTree(t *testing.T) {
 		}
 	}
 	verifyUnits(t, unitDir, dest+prefix+"/bin/vhost-vhdx")
+
+	// make uninstall takes every file away again.
+	if out, err := exec.Command("make", "-s", "-C", repoRoot(t), "uninstall", "DESTDIR="+dest).CombinedOutput(); err != nil {
+		t.Fatalf("make uninstall: %v\n%s", err, out)
+	}
+	err = filepath.Walk(dest, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			t.Errorf("make uninstall left %s", strings.TrimPrefix(p, dest))
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // verifyUnits runs systemd-analyze verify on an instance of each template
