@@ -21,7 +21,8 @@ Options:
                    wrong)
   --output FORMAT  human (default) or json: qemu-img check's fields
                    ("filename", "format", "check-errors", "corruptions",
-                   "leaks", "corruptions-fixed", "leaks-fixed") and ours
+                   "leaks", "corruptions-fixed", "leaks-fixed"; leaks count
+                   leaked MiB, VHDX's allocation unit) and ours
                    ("leaked-bytes", "log-replayed", "problems", "error")
 
 Leaked space is unused bytes at the end of the file (e.g. after a failed

@@ -85,6 +85,10 @@ func TestRunPrintsHelpAndVersionOnStdout(t *testing.T) {
 		{[]string{"help", "create"}, "--logical-sector 512|4096"},
 		{[]string{"help", "check"}, "3  only leaked space"},
 		{[]string{"help", "convert"}, "-O raw|vhdx"},
+		{[]string{"help", "serve"}, "--socket-owner U[:G]"},
+		{[]string{"help", "serve"}, "passes by socket activation (LISTEN_FDS=1"},
+		// The vhost-user backend conventions run BINARY --print-capabilities.
+		{[]string{"--print-capabilities"}, `{"type":"block","features":["read-only","blk-file"]}`},
 		{[]string{"create", "-h"}, "Usage: vhost-vhdx create"},
 		{[]string{"map", "--help"}, "Usage: vhost-vhdx map"},
 		{[]string{"--version"}, "vhost-vhdx " + versionString()},
