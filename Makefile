@@ -8,6 +8,8 @@
 #   make fuzz    every Fuzz target for FUZZTIME (default 60s) each
 #   make bench   vhost-vhdx serve against qemu-storage-daemon; writes
 #                docs/benchmarks/README.md (a few minutes; not part of test)
+#   make install bin/vhost-vhdx, the vhost-user backend JSON and the systemd
+#                units under PREFIX (default /usr/local), DESTDIR for staging
 #   make clean   remove build and test outputs (make distclean: also .cache/)
 
 SHELL := /bin/bash
@@ -19,6 +21,9 @@ endif
 
 GO ?= go
 BIN := bin/vhost-vhdx
+# What version and the creator string of new images say; without git (a
+# source archive) the binary falls back to Go's build information.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
 SOCKET ?= /tmp/vhdx.sock
 IMAGE ?= disk.vhdx
 SIZE ?= 10G
@@ -29,12 +34,12 @@ FUZZ_SMOKE_TIME ?= 5s
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
+.PHONY: install uninstall all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
 
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/vhost-vhdx
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/vhost-vhdx
 
 # The order puts the cheap checks first; the QEMU tests need bin/vhost-vhdx.
 test: qemu-assets vet fmt-check unsafe-check unit fuzz-smoke build test-qemu
@@ -52,12 +57,16 @@ fmt-check:
 	@out=$$(gofmt -l $$(find . -name '*.go' -not -path './.git/*' -not -path './.cache/*')); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 
-# The sample images in ../shared/samples are required here: a missing one
-# fails its tests instead of skipping them.
-unit:
-	VHOST_VHDX_QEMU_TESTS= VHOST_VHDX_REQUIRE_SAMPLES=1 $(GO) test -race -count=1 ./...
+# qemu-assets has installed qemu-img, qemu-io and cpio: a test that needs
+# one of them fails here instead of skipping (VHOST_VHDX_REQUIRE_TOOLS). The
+# QEMU tests run in test-qemu, after the build.
+unit: qemu-assets
+	VHOST_VHDX_QEMU_TESTS= VHOST_VHDX_REQUIRE_TOOLS=1 $(GO) test -race -count=1 ./...
 
+# fuzz_selftest.sh checks fuzz.sh's verdicts (pass, Go's shutdown race,
+# a real failure) with a stand-in for go.
 fuzz-smoke:
+	scripts/fuzz_selftest.sh
 	GO=$(GO) scripts/fuzz.sh $(FUZZ_SMOKE_TIME)
 
 # Installs qemu, busybox, kmod, e2fsprogs ... when missing (apt-get) and
@@ -65,9 +74,12 @@ fuzz-smoke:
 qemu-assets:
 	bash tests/qemu/setup.sh
 
+# Real guests against bin/vhost-vhdx, and vhostuser's firmware test (QEMU's
+# SeaBIOS reads a boot sector through the ring; it needs no guest kernel).
 test-qemu: qemu-assets
 	VHOST_VHDX_QEMU_TESTS=1 VHOST_VHDX_TEST_BACKEND=$(QEMU_BACKEND) \
 		$(GO) test -race -count=1 -timeout $(QEMU_TEST_TIMEOUT) -v ./tests/qemu/
+	VHOST_VHDX_QEMU_TESTS=1 $(GO) test -race -count=1 -v -run '^TestQEMU' ./vhostuser/
 
 # The same guests against qemu-storage-daemon: proves the harness, not our code.
 test-qemu-qsd:
@@ -115,6 +127,44 @@ fuzz:
 # the image tools) on a fresh machine.
 bench: qemu-assets
 	scripts/bench.sh
+
+# Install layout (GNU conventions; DESTDIR stages into a tree for packaging).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+DOCDIR ?= $(DATADIR)/doc/vhost-vhdx
+SYSCONFDIR ?= /etc
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+# The vhost-user backend description QEMU's docs/interop/vhost-user.json
+# defines, looked up by management software in share/qemu/vhost-user/.
+VHOSTUSERDIR ?= $(DATADIR)/qemu/vhost-user
+INSTALL ?= install
+SUBST = sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+	-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@SYSUSERSDIR@|$(SYSUSERSDIR)|g'
+
+install: build
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(VHOSTUSERDIR) $(DESTDIR)$(SYSTEMDUNITDIR) \
+		$(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/vhost-vhdx
+	$(SUBST) dist/qemu/50-vhost-vhdx.json >$(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json
+	$(SUBST) dist/systemd/vhost-vhdx@.service >'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.service'
+	$(SUBST) dist/systemd/vhost-vhdx@.socket >'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.socket'
+	chmod 0644 $(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json '$(DESTDIR)$(SYSTEMDUNITDIR)'/vhost-vhdx@.*
+	$(INSTALL) -m 0644 dist/sysusers.d/vhost-vhdx.conf $(DESTDIR)$(SYSUSERSDIR)/vhost-vhdx.conf
+	$(INSTALL) -m 0644 dist/vhost-vhdx.conf.example $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx/NAME.conf.example
+	$(INSTALL) -m 0644 README.md LICENSE $(DESTDIR)$(DOCDIR)/
+	@echo
+	@echo "Installed. To run disk NAME as a service (see README.md, 'Running as a service'):"
+	@echo "  systemd-sysusers && systemctl daemon-reload"
+	@echo "  cp $(SYSCONFDIR)/vhost-vhdx/NAME.conf.example $(SYSCONFDIR)/vhost-vhdx/NAME.conf   # set IMAGE"
+	@echo "  systemctl enable --now vhost-vhdx@NAME.socket"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/vhost-vhdx $(DESTDIR)$(VHOSTUSERDIR)/50-vhost-vhdx.json \
+		'$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.service' '$(DESTDIR)$(SYSTEMDUNITDIR)/vhost-vhdx@.socket' \
+		$(DESTDIR)$(SYSUSERSDIR)/vhost-vhdx.conf $(DESTDIR)$(SYSCONFDIR)/vhost-vhdx/NAME.conf.example
+	rm -rf $(DESTDIR)$(DOCDIR)
 
 clean:
 	rm -rf bin/ *.test *.out *.prof

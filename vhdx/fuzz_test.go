@@ -10,18 +10,22 @@ import (
 	"testing"
 )
 
-// sampleHead returns the first n bytes of a shared sample, or nil.
-func sampleHead(name string, n int64) []byte {
+// sampleHead returns the first n bytes of a sample image (testdata/samples).
+func sampleHead(tb testing.TB, name string, n int64) []byte {
+	tb.Helper()
 	p := samplePath(name)
 	if p == "" {
-		return nil
+		tb.Fatalf("sample %s.bz2 not found in %s", name, sampleDir)
 	}
 	f, err := os.Open(p)
 	if err != nil {
-		return nil
+		tb.Fatal(err)
 	}
 	defer f.Close()
-	b, _ := io.ReadAll(io.LimitReader(bzip2.NewReader(f), n))
+	b, err := io.ReadAll(io.LimitReader(bzip2.NewReader(f), n))
+	if err != nil {
+		tb.Fatalf("decompress %s: %v", p, err)
+	}
 	return b
 }
 
@@ -83,8 +87,8 @@ func TestSparseFuzzEncodingRoundTrips(t *testing.T) {
 // allocate a size taken from the input.
 func FuzzOpen(f *testing.F) {
 	for _, seed := range [][]byte{
-		sampleHead("iotest-dynamic-1G.vhdx", 5*mib),
-		sampleHead("iotest-dirtylog-10G-4M.vhdx", 4*mib),
+		sampleHead(f, "iotest-dynamic-1G.vhdx", 5*mib),
+		sampleHead(f, "iotest-dirtylog-10G-4M.vhdx", 4*mib),
 	} {
 		if len(seed) > 4*mib+4096 {
 			// Keep the first payload block's size but not its 1 MiB of

@@ -121,37 +121,28 @@ func pattern(seed int64, n int) []byte {
 	return b
 }
 
-// samplePath finds a sample image of ../shared/samples: in
-// $VHOST_VHDX_SAMPLES, else in the shared/ folder beside the repository (where
-// CI and developers' checkouts have it), else in /work/shared. It returns ""
-// when there is none.
+// sampleDir holds the sample images made by other tools (QEMU's
+// qemu-iotests sample_images; see its README.md for origin and licence).
+// Tests run in the package directory.
+const sampleDir = "testdata/samples"
+
+// samplePath returns the path of a sample image in sampleDir, or "" when
+// there is none.
 func samplePath(name string) string {
-	var dirs []string
-	if d := os.Getenv("VHOST_VHDX_SAMPLES"); d != "" {
-		dirs = append(dirs, d)
+	p := filepath.Join(sampleDir, name+".bz2")
+	if _, err := os.Stat(p); err != nil {
+		return ""
 	}
-	// Tests run in the package directory: the repository is "..".
-	dirs = append(dirs, filepath.Join("..", "..", "shared", "samples"), "/work/shared/samples")
-	for _, d := range dirs {
-		p := filepath.Join(d, name+".bz2")
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return ""
+	return p
 }
 
-// sample decompresses a shared sample image into a temp dir. Without the
-// samples the test is skipped, unless VHOST_VHDX_REQUIRE_SAMPLES is set (make
-// test sets it), when it fails.
+// sample decompresses a sample image into a temp dir. The samples are part
+// of the repository, so a missing one is a failure, never a skip.
 func sample(t testing.TB, name string) string {
 	t.Helper()
 	src := samplePath(name)
 	if src == "" {
-		if os.Getenv("VHOST_VHDX_REQUIRE_SAMPLES") != "" {
-			t.Fatalf("sample %s.bz2 not found (looked in $VHOST_VHDX_SAMPLES, ../shared/samples beside the repository, /work/shared/samples)", name)
-		}
-		t.Skipf("sample %s.bz2 not available", name)
+		t.Fatalf("sample %s.bz2 not found in %s", name, sampleDir)
 	}
 	f, err := os.Open(src)
 	if err != nil {
@@ -170,11 +161,17 @@ func sample(t testing.TB, name string) string {
 	return dst
 }
 
-// needQEMU skips the test when qemu-img/qemu-io are not installed.
+// needQEMU skips the test when qemu-img/qemu-io are not installed, or fails
+// it when VHOST_VHDX_REQUIRE_TOOLS is set (make test sets it after
+// tests/qemu/setup.sh installed them), so a broken setup cannot pass by
+// skipping the tests that compare against QEMU.
 func needQEMU(t testing.TB) {
 	t.Helper()
 	for _, b := range []string{"qemu-img", "qemu-io"} {
 		if _, err := exec.LookPath(b); err != nil {
+			if os.Getenv("VHOST_VHDX_REQUIRE_TOOLS") != "" {
+				t.Fatalf("%s not installed (VHOST_VHDX_REQUIRE_TOOLS is set; tests/qemu/setup.sh installs it)", b)
+			}
 			t.Skipf("%s not installed", b)
 		}
 	}

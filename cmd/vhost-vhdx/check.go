@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -9,37 +10,164 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 )
 
-const checkUsage = `Usage: vhost-vhdx check [--repair] IMAGE
+const checkUsage = `Usage: vhost-vhdx check [--repair] [--output human|json] IMAGE
 
 Check an image against MS-VHDX: headers, region table, metadata, BAT and
 log. Every problem found is printed on its own line.
 
 Options:
-  --repair   open read-write, replay a pending log and truncate leaked space
-             at the end of the file (only when nothing else is wrong)
+  --repair         open read-write, replay a pending log and truncate leaked
+                   space at the end of the file (only when nothing else is
+                   wrong)
+  --output FORMAT  human (default) or json: qemu-img check's fields
+                   ("filename", "format", "check-errors", "corruptions",
+                   "leaks", "corruptions-fixed", "leaks-fixed"; leaks count
+                   leaked MiB, VHDX's allocation unit) and ours
+                   ("leaked-bytes", "log-replayed", "problems", "error")
 
-Leaked space (unused bytes at the end of the file, e.g. after a failed
-allocation, or the tail qemu-img leaves) is reported but is not damage.
+Leaked space is unused bytes at the end of the file (e.g. after a failed
+allocation): nothing references it, so it wastes space but harms no data.
+A log left by a crash counts as a corruption until it is replayed, as in
+qemu-img.
 
-Exit status:
-  0  no problems, only leaked space, or every problem was repaired
-  1  the check could not run (file missing, in use, unsupported image)
-  2  usage error
-  3  the image is damaged: problems remain
+Exit status (qemu-img check's; with --repair, the state after repairing):
+  0  the image is consistent (or every problem was repaired)
+  1  the check could not complete (file missing or in use, not a VHDX
+     image, an unsupported feature, an I/O error) or a usage error
+  2  the image is corrupted
+  3  only leaked space: the image is not corrupted
 `
+
+// Exit statuses of check, those of qemu-img check.
+const (
+	exitCheckCorrupt = 2
+	exitCheckLeaks   = 3
+)
+
+// checkJSON is check --output json: qemu-img check's ImageCheck field names
+// where they apply, then ours.
+type checkJSON struct {
+	Filename         string         `json:"filename"`
+	Format           string         `json:"format"`
+	CheckErrors      int            `json:"check-errors"`
+	Corruptions      int            `json:"corruptions"`
+	Leaks            int64          `json:"leaks"` // leaked space in 1 MiB units (VHDX's allocation unit)
+	CorruptionsFixed int            `json:"corruptions-fixed"`
+	LeaksFixed       int64          `json:"leaks-fixed"`
+	LeakedBytes      int64          `json:"leaked-bytes"`
+	LogReplayed      bool           `json:"log-replayed"`
+	Problems         []checkProblem `json:"problems"`
+	Error            string         `json:"error,omitempty"` // why the check could not complete
+}
+
+type checkProblem struct {
+	Offset   int64  `json:"offset"` // -1: no single structure
+	What     string `json:"what"`
+	Repaired bool   `json:"repaired"`
+	Leak     bool   `json:"leak"`
+}
+
+// checkResult classifies a report the way qemu-img check does.
+type checkResult struct {
+	checkJSON
+	code int
+}
+
+func classifyCheck(path string, rep *vhdx.CheckReport, err error) checkResult {
+	r := checkResult{checkJSON: checkJSON{Filename: path, Format: "vhdx", Problems: []checkProblem{}}}
+	r.LogReplayed = rep.LogReplayed
+	for _, p := range rep.Problems {
+		r.Problems = append(r.Problems, checkProblem{p.Offset, p.What, p.Repaired, p.Leak})
+		switch {
+		case p.Leak && p.Repaired:
+			r.LeaksFixed += mibUnits(rep.LeakedBytes)
+		case p.Leak:
+			r.Leaks += mibUnits(rep.LeakedBytes)
+		case p.Repaired:
+			r.CorruptionsFixed++
+		default:
+			r.Corruptions++
+		}
+	}
+	if !leakRepaired(rep) {
+		r.LeakedBytes = rep.LeakedBytes
+	}
+	if err != nil {
+		r.Error = cause(err, path)
+		// The check stopped at a structure the rest depends on. A broken
+		// structure (or a log still to replay) is a corruption, already
+		// listed among the problems; anything else (I/O, an unsupported
+		// feature, not VHDX at all) means we could not tell.
+		if !errors.Is(err, vhdx.ErrCorrupt) && !errors.Is(err, vhdx.ErrDirtyLog) {
+			r.CheckErrors = 1
+			if r.Corruptions > 0 {
+				r.Corruptions-- // the error itself, appended by vhdx.Check
+			}
+		}
+	}
+	switch {
+	case r.CheckErrors > 0:
+		r.code = exitFailure
+	case r.Corruptions > 0:
+		r.code = exitCheckCorrupt
+	case r.Leaks > 0:
+		r.code = exitCheckLeaks
+	default:
+		r.code = exitOK
+	}
+	return r
+}
+
+func leakRepaired(rep *vhdx.CheckReport) bool {
+	for _, p := range rep.Problems {
+		if p.Leak && p.Repaired {
+			return true
+		}
+	}
+	return false
+}
+
+func mibUnits(n int64) int64 { return (n + 1<<20 - 1) >> 20 }
 
 func runCheck(args []string, stdout, _ io.Writer) error {
 	fs := newFlagSet("check")
 	repair := fs.Bool("repair", false, "")
+	output := fs.String("output", "human", "")
 	pos, err := parseArgs(fs, args, checkUsage, stdout, 1, 1)
+	if err == nil && *output != "human" && *output != "json" {
+		err = usagef("check", "--output %q: want human or json", *output)
+	}
+	var ue *usageError
+	if errors.As(err, &ue) {
+		// 2 means "corrupted" here, as in qemu-img check.
+		return &exitStatusError{exitFailure, err}
+	}
 	if err != nil {
 		return err
 	}
 	path := pos[0]
 	rep, err := vhdx.Check(path, *repair)
 	if rep == nil {
+		// Not even opened: nothing to report but the reason.
 		return fmt.Errorf("check %s: %s", path, cause(err, path))
 	}
+	r := classifyCheck(path, rep, err)
+	if *output == "json" {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "    ")
+		if err := enc.Encode(r.checkJSON); err != nil {
+			return err
+		}
+	} else {
+		printCheck(stdout, rep, r)
+	}
+	if r.code == exitOK {
+		return nil
+	}
+	return &exitStatusError{r.code, fmt.Errorf("check %s: %s", path, checkSummary(r, *repair))}
+}
+
+func printCheck(w io.Writer, rep *vhdx.CheckReport, r checkResult) {
 	for _, p := range rep.Problems {
 		// vhdx usually names the offset in What already; say it once.
 		where := ""
@@ -53,38 +181,30 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 		case p.Leak:
 			state = " (harmless; --repair truncates it)"
 		}
-		fmt.Fprintf(stdout, "%s%s%s\n", where, p.What, state)
-	}
-	if err != nil {
-		// The check stopped at a structure the rest depends on. A broken
-		// structure is damage; anything else (I/O, unsupported feature)
-		// means we could not tell.
-		code := exitFailure
-		if errors.Is(err, vhdx.ErrCorrupt) || errors.Is(err, vhdx.ErrNotVHDX) || errors.Is(err, vhdx.ErrDirtyLog) {
-			code = exitDamaged
-		}
-		return &exitStatusError{code, fmt.Errorf("check %s: %s", path, cause(err, path))}
-	}
-	if rep.Damaged() {
-		n := 0
-		for _, p := range rep.Problems {
-			if !p.Repaired && !p.Leak {
-				n++
-			}
-		}
-		hint := ""
-		if !*repair {
-			hint = "; try --repair"
-		}
-		return &exitStatusError{exitDamaged, fmt.Errorf("check %s: %d problem(s) remain%s", path, n, hint)}
+		fmt.Fprintf(w, "%s%s%s\n", where, p.What, state)
 	}
 	switch {
+	case r.code != exitOK:
+		// checkSummary goes to stderr.
 	case len(rep.Problems) == 0:
-		fmt.Fprintln(stdout, "No errors found")
-	case rep.LeakedBytes > 0 && !*repair:
-		fmt.Fprintln(stdout, "No errors found; the leaked space is harmless")
+		fmt.Fprintln(w, "No errors found")
 	default:
-		fmt.Fprintln(stdout, "All problems were repaired")
+		fmt.Fprintln(w, "All problems were repaired")
 	}
-	return nil
+}
+
+// checkSummary is the one stderr line of a non-zero exit.
+func checkSummary(r checkResult, repaired bool) string {
+	hint := ""
+	if !repaired {
+		hint = "; try --repair"
+	}
+	switch r.code {
+	case exitFailure:
+		return "could not complete: " + r.Error
+	case exitCheckCorrupt:
+		return fmt.Sprintf("image is corrupted: %d problem(s) remain%s", r.Corruptions, hint)
+	default:
+		return fmt.Sprintf("no corruption; %d bytes of leaked space at the end of the file (harmless%s)", r.LeakedBytes, hint)
+	}
 }

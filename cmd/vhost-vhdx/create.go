@@ -65,7 +65,7 @@ func isCreateFlag(name string) bool {
 // options validates what the command line can check (so that a typo is a
 // usage error, exit status 2) and leaves layout rules to vhdx.
 func (c *createFlags) options(cmd string) (vhdx.CreateOptions, error) {
-	o := vhdx.CreateOptions{Creator: prog + " " + version}
+	o := vhdx.CreateOptions{Creator: prog + " " + versionString()}
 	switch c.typ {
 	case "dynamic":
 		o.Type = vhdx.Dynamic

@@ -16,9 +16,6 @@ import (
 	"strings"
 )
 
-// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
-var version = "devel"
-
 const prog = "vhost-vhdx"
 
 // Exit statuses, listed in the help text.
@@ -26,7 +23,6 @@ const (
 	exitOK      = 0
 	exitFailure = 1
 	exitUsage   = 2
-	exitDamaged = 3 // check: problems remain in the image
 )
 
 // command is one subcommand. run gets the arguments after the subcommand
@@ -58,15 +54,23 @@ func main() {
 // one line on stderr.
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintf(stderr, "%s: missing command (see '%s help')\n", prog, prog)
+		// No command: the usage is the most useful answer (on stderr, as
+		// a usage error).
+		fmt.Fprint(stderr, mainUsage())
 		return exitUsage
 	}
 	switch args[0] {
 	case "--version", "-version", "version":
-		fmt.Fprintf(stdout, "%s %s\n", prog, version)
+		fmt.Fprintf(stdout, "%s %s\n", prog, versionString())
 		return exitOK
 	case "help", "--help", "-help", "-h":
 		return runHelp(args[1:], stdout, stderr)
+	}
+	if strings.HasPrefix(args[0], "-") {
+		// Options without a command are serve's: the vhost-user "Backend
+		// program conventions" run the binary named in the backend JSON
+		// as BINARY --print-capabilities, or --socket-path/--fd ...
+		return exitCode(runServe(args, stdout, stderr), stdout, stderr)
 	}
 	for _, c := range commands() {
 		if c.name == args[0] {
@@ -107,7 +111,11 @@ func mainUsage() string {
 Options:
   --version  print the version and exit
 
-Exit status: 0 success, 1 failure, 2 usage error, 3 (check) the image is damaged.
+Options without a command are serve's (vhost-user backend program
+conventions): %[1]s --print-capabilities, %[1]s --socket-path PATH IMAGE.
+
+Exit status: 0 success, 1 failure, 2 usage error. check has qemu-img check's:
+0 consistent, 1 could not check (or usage error), 2 corrupted, 3 only leaks.
 Sizes take binary suffixes: 512, 64K, 32M, 10G, 2T, 1.5G.
 `, prog)
 	return b.String()
@@ -141,13 +149,15 @@ func exitCode(err error, _, stderr io.Writer) int {
 	// One line: multi-line wrapped errors are joined.
 	msg := strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "; ")
 	fmt.Fprintf(stderr, "%s: %s\n", prog, msg)
-	var ue *usageError
-	if errors.As(err, &ue) {
-		return exitUsage
-	}
+	// An explicit status wins: check's usage errors exit 1, as qemu-img
+	// check's do, because its 2 means "corrupted".
 	var se *exitStatusError
 	if errors.As(err, &se) {
 		return se.code
+	}
+	var ue *usageError
+	if errors.As(err, &ue) {
+		return exitUsage
 	}
 	return exitFailure
 }

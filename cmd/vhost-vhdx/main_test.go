@@ -34,7 +34,6 @@ func TestRunReportsEveryFailureAsOneLineWithItsExitStatus(t *testing.T) {
 		wantCode int
 		wantErr  string // substring of the single stderr line
 	}{
-		{"no command", nil, 2, "missing command"},
 		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{"unknown flag", []string{"create", "--sise", "1G", missing}, 2, "flag provided but not defined: -sise"},
 		{"create without --size", []string{"create", missing}, 2, "--size is required"},
@@ -81,14 +80,19 @@ func TestRunPrintsHelpAndVersionOnStdout(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"help"}, "Exit status: 0 success, 1 failure, 2 usage error, 3"},
+		{[]string{"help"}, "Exit status: 0 success, 1 failure, 2 usage error."},
 		{[]string{"--help"}, "Commands:"},
 		{[]string{"help", "create"}, "--logical-sector 512|4096"},
-		{[]string{"help", "check"}, "3  the image is damaged"},
+		{[]string{"help", "check"}, "3  only leaked space"},
 		{[]string{"help", "convert"}, "-O raw|vhdx"},
+		{[]string{"help", "serve"}, "--socket-owner U[:G]"},
+		{[]string{"help", "serve"}, "passes by socket activation (LISTEN_FDS=1"},
+		// The vhost-user backend conventions run BINARY --print-capabilities.
+		{[]string{"--print-capabilities"}, `{"type":"block","features":["read-only","blk-file"]}`},
 		{[]string{"create", "-h"}, "Usage: vhost-vhdx create"},
 		{[]string{"map", "--help"}, "Usage: vhost-vhdx map"},
-		{[]string{"--version"}, "vhost-vhdx " + version},
+		{[]string{"--version"}, "vhost-vhdx " + versionString()},
+		{[]string{"version"}, "vhost-vhdx " + versionString()},
 	} {
 		code, stdout, stderr := runCLI(t, tc.args...)
 		if code != 0 || stderr != "" || !strings.Contains(stdout, tc.want) {
@@ -113,5 +117,18 @@ func TestFlagsMayFollowTheImageArgument(t *testing.T) {
 	}
 	if _, err := os.Stat("-dash.vhdx"); err != nil {
 		t.Error(err)
+	}
+}
+
+func TestNoArgumentsPrintsTheUsageAsAUsageError(t *testing.T) {
+	code, stdout, stderr := runCLI(t)
+	if code != exitUsage {
+		t.Errorf("status %d, want %d", code, exitUsage)
+	}
+	if stdout != "" {
+		t.Errorf("stdout %q, want nothing", stdout)
+	}
+	if stderr != mainUsage() {
+		t.Errorf("stderr is not the usage:\n%s", stderr)
 	}
 }

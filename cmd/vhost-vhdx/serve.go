@@ -33,17 +33,26 @@ const maxQueues = vhostuser.MaxQueues
 // support).
 const capabilities = `{"type":"block","features":["read-only","blk-file"]}`
 
-const serveUsage = `Usage: vhost-vhdx serve [--socket-path PATH | --fd N] [--read-only]
-                        [--num-queues N] [--serial S] [--log-level L] IMAGE
+const serveUsage = `Usage: vhost-vhdx serve [--socket-path PATH [--socket-owner U[:G]] [--socket-mode M]
+                        | --fd N] [--read-only] [--num-queues N] [--serial S]
+                        [--log-level L] [--log-file F] IMAGE
        vhost-vhdx serve --print-capabilities
 
 Serve IMAGE to one vhost-user front-end (QEMU) at a time. When a front-end
 disconnects the daemon listens again, so QEMU's reconnect=1 works. SIGINT or
 SIGTERM stops accepting, finishes in-flight requests, flushes and closes the
-image cleanly.
+image cleanly. SIGHUP reopens the --log-file (for logrotate).
+
+Without --socket-path or --fd, serve takes the listening socket systemd
+passes by socket activation (LISTEN_FDS=1 and LISTEN_PID, fd 3).
 
 Options:
   --socket-path PATH    create and listen on this unix socket (alias: --socket)
+  --socket-owner U[:G]  give the socket to user U and group G (names or ids;
+                        ":G" alone changes only the group), e.g. so that
+                        libvirt's QEMU (libvirt-qemu on Debian) can connect
+  --socket-mode M       the socket's permission bits in octal (e.g. 0660);
+                        default 0777 less the umask
   --fd N                serve on an inherited listening socket instead
   --blk-file IMAGE      the image (instead of the IMAGE argument)
   --read-only           open the image read-only; the guest sees a read-only disk
@@ -53,6 +62,7 @@ Options:
   --serial S            GET_ID serial, at most 20 bytes (default: from the
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
+  --log-file F          append the log to F instead of stderr; SIGHUP reopens it
   --print-capabilities  print the vhost-user backend capabilities JSON and exit
 `
 
@@ -65,6 +75,11 @@ type serveConfig struct {
 	logLevel   string
 	image      string
 	printCaps  bool
+
+	socketOwner, socketMode string
+	access                  socketAccess // parsed --socket-owner, --socket-mode
+	activated               bool         // fd came from systemd socket activation
+	logFile                 string
 }
 
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
@@ -79,6 +94,9 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.serial, "serial", "", "")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "")
 	fs.BoolVar(&cfg.printCaps, "print-capabilities", false, "")
+	fs.StringVar(&cfg.socketOwner, "socket-owner", "", "")
+	fs.StringVar(&cfg.socketMode, "socket-mode", "", "")
+	fs.StringVar(&cfg.logFile, "log-file", "", "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -93,8 +111,14 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	default:
 		return cfg, usagef("serve", "give the image either as IMAGE or as --blk-file, exactly once")
 	}
+	if err := cfg.socketFromActivation(); err != nil {
+		return cfg, err
+	}
 	if (cfg.socketPath == "") == (cfg.fd < 0) {
-		return cfg, usagef("serve", "give exactly one of --socket-path and --fd")
+		return cfg, usagef("serve", "give exactly one of --socket-path and --fd (or start serve by systemd socket activation)")
+	}
+	if err := cfg.parseAccess(); err != nil {
+		return cfg, err
 	}
 	if cfg.numQueues < 1 || cfg.numQueues > maxQueues {
 		return cfg, usagef("serve", "--num-queues %d out of range 1..%d", cfg.numQueues, maxQueues)
@@ -129,6 +153,20 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	log.SetOutput(stderr)
 	level, _ := logrus.ParseLevel(cfg.logLevel) // validated by parseServeFlags
 	log.SetLevel(level)
+	if cfg.logFile != "" {
+		lf, err := openLogFile(cfg.logFile)
+		if err != nil {
+			return fmt.Errorf("serve: %w", err)
+		}
+		defer lf.Close()
+		log.SetOutput(lf)
+		stopHUP := reopenOnSIGHUP(lf, log)
+		defer stopHUP()
+	} else {
+		// SIGHUP's default action would kill the daemon (systemctl
+		// reload, a closed terminal): there is nothing to reload.
+		signal.Ignore(syscall.SIGHUP)
+	}
 
 	im, err := vhdx.Open(cfg.image, vhdx.OpenOptions{ReadOnly: cfg.readOnly})
 	if err != nil {
@@ -143,7 +181,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if cfg.fd >= 0 {
 		ln, err = vhostuser.FromFD(cfg.fd)
 	} else {
-		ln, err = vhostuser.Listen(cfg.socketPath)
+		ln, err = listenWithAccess(cfg.socketPath, cfg.access)
 	}
 	if err != nil {
 		im.Close()
@@ -160,6 +198,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		"read_only":    cfg.readOnly,
 		"num_queues":   cfg.numQueues,
 		"serial":       serial,
+		"activated":    cfg.activated,
 	}).Info("serving VHDX image over vhost-user-blk")
 
 	serveErr := vhostuser.Serve(ctx, ln, vhostuser.Options{

@@ -86,6 +86,9 @@ type env struct {
 	// cmds collects the command lines run, printed on failure as a reproducer.
 	mu   sync.Mutex
 	cmds []string
+	// actSock is the listening socket of activated backends: like a
+	// .socket unit's, it outlives each daemon.
+	actSock *os.File
 }
 
 // newEnv gates the test on VHOST_VHDX_QEMU_TESTS and checks every
@@ -464,6 +467,11 @@ type backendOpts struct {
 	// takes the logical sector size from the image itself.
 	logicalBlockSize int
 	serial           string // vhost-vhdx only
+	// activated starts vhost-vhdx as systemd's socket activation does: the
+	// env's listening socket (created once, kept across backends, see
+	// activationSocket) as fd 3, LISTEN_FDS=1, LISTEN_PID. qemu-storage-
+	// daemon (the harness check) ignores it and listens itself.
+	activated bool
 }
 
 type backend struct {
@@ -518,6 +526,11 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		b.args = append(b.args, img.path)
 	}
+	var extra []*os.File
+	var env []string
+	if o.activated && e.backend == backendVhostVHDX {
+		b.args, extra, env = e.activated(t, b.sock, b.args)
+	}
 	e.record(b.args, true)
 
 	logf, err := os.CreateTemp(e.work, "backend-*.log")
@@ -527,6 +540,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 	b.log = logf.Name()
 	b.cmd = exec.Command(b.args[0], b.args[1:]...)
 	b.cmd.Stdout, b.cmd.Stderr = logf, logf
+	b.cmd.ExtraFiles = extra
+	if env != nil {
+		b.cmd.Env = append(os.Environ(), env...)
+	}
 	if err := b.cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("starting backend: %v", err)
