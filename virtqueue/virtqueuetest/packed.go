@@ -158,6 +158,21 @@ func (p *PackedDriver) AddChain(bufs ...Buffer) (uint16, error) {
 	return id, nil
 }
 
+// AddDescs makes descs available as one chain under a fresh buffer id,
+// which it stores in every descriptor's ID (descs is modified), with the
+// bookkeeping PopUsed needs. It does not allocate.
+func (p *PackedDriver) AddDescs(descs []PackedDesc) (uint16, error) {
+	id, err := p.allocID(len(descs))
+	if err != nil {
+		return 0, err
+	}
+	for i := range descs {
+		descs[i].ID = id
+	}
+	p.PutDescs(descs)
+	return id, nil
+}
+
 // WritePackedTable writes descs as a packed indirect table at gpa.
 func (p *PackedDriver) WritePackedTable(gpa uint64, descs []PackedDesc) {
 	b := p.Bytes(gpa, 16*len(descs))
