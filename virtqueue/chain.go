@@ -41,10 +41,19 @@ type Queue interface {
 // NewQueue builds the queue cfg describes: a PackedQueue when cfg.Packed,
 // a SplitQueue otherwise.
 func NewQueue(mem *Memory, cfg QueueConfig) (Queue, error) {
+	// A nil pointer in a non-nil interface must not escape on error.
 	if cfg.Packed {
-		return NewPackedQueue(mem, cfg)
+		q, err := NewPackedQueue(mem, cfg)
+		if err != nil {
+			return nil, err
+		}
+		return q, nil
 	}
-	return NewSplitQueue(mem, cfg)
+	q, err := NewSplitQueue(mem, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return q, nil
 }
 
 // chainBuilder converts the buffers of one descriptor chain into host slices
