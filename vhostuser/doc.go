@@ -38,8 +38,18 @@
 // # Offered features
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
-// RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
-// blk.Features. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
+// RING_INDIRECT_DESC (an indirect descriptor is a malformed request unless
+// it was acked), RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES, plus
+// blk.Features.
+//
+// When RING_PACKED is acked every ring is packed (virtqueue.PackedQueue):
+// SET_VRING_ADDR's avail and used addresses are the driver and device event
+// suppression areas (4 bytes each), SET/GET_VRING_BASE carry 32 bits (bits
+// 0-14 next avail index, 15 driver wrap counter, 16-30 used index, 31
+// device wrap counter; the indices are checked against the ring size when
+// the ring starts), and inflight regions use the packed layout
+// (virtqueue/packed_inflight.go: 32-byte header and entries, padded to 64),
+// sized from the features acked before GET_INFLIGHT_FD as QEMU sends them. Protocol: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
 // RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
 //
