@@ -1,6 +1,7 @@
 package qemu_test
 
 import (
+	"os"
 	"strings"
 	"testing"
 )
@@ -55,7 +56,7 @@ func TestPackedRingGuestWritesTrickyOffsetsAndExt4(t *testing.T) {
 	// A file system on top, on a fresh image: many small and large
 	// requests in flight at once through the packed ring.
 	fsimg := e.newImage(t, "packed-ext4.vhdx", 64*mib, 512)
-	b = e.startBackend(t, fsimg, backendOpts{})
+	b = e.startBackend(t, fsimg, backendOpts{numQueues: 2})
 	e.boot(t, b, "packed-ext4", vmOpts{packed: true, cpus: 2, numQueues: 2, script: script(
 		packedNegotiated,
 		"/usr/sbin/mke2fs -t ext4 -q -F /dev/vda",
@@ -111,9 +112,15 @@ func TestPackedRingBackendKilledMidStreamLosesNothing(t *testing.T) {
 			g.waitFor("MIDSTREAM")
 			n := killWithPackedRequestsInFlight(t, b, 1, 128)
 			t.Logf("backend killed with %d packed-ring requests in flight; starting it again", n)
-			return e.startBackend(t, img, backendOpts{})
+			b = e.startBackend(t, img, backendOpts{})
+			return b
 		},
 	})
+	// The new backend found the killed one's request in the packed
+	// inflight region and redid it (cmd logs QueueRecovered).
+	if log, err := os.ReadFile(b.log); err != nil || !strings.Contains(string(log), "resubmitting requests left in flight") {
+		t.Fatalf("the restarted backend did not resubmit from the packed inflight region (%v):\n%s", err, tail(b.log, 20))
+	}
 	b.stop(t)
 	e.check(t, img)
 	e.compare(t, img, want)
