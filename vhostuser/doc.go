@@ -45,13 +45,25 @@
 // # Offered features
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
-// RING_INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES, plus
+// RING_INDIRECT_DESC, RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES, plus
 // blk.Features (with CONFIG_WCE on a writable disk). Ring features are
 // honoured only when SET_FEATURES acked them: without INDIRECT_DESC a chain
 // holding an indirect descriptor is malformed (completed with length 0,
 // RequestFailed with virtqueue.ErrInvalidChain); without EVENT_IDX the
-// avail.flags NO_INTERRUPT bit and used.flags NO_NOTIFY suppress
-// notifications and used_event/avail_event are neither read nor written. Protocol: MQ, REPLY_ACK, BACKEND_REQ, CONFIG,
+// driver's flags suppress notifications (avail.flags NO_INTERRUPT and
+// used.flags NO_NOTIFY for split rings, the event suppression areas'
+// ENABLE/DISABLE for packed ones) and no event index is read or written.
+//
+// When RING_PACKED is acked every ring is packed (virtqueue.PackedQueue):
+// SET_VRING_ADDR's avail and used addresses are the driver and device event
+// suppression areas (4 bytes each), SET/GET_VRING_BASE carry 32 bits (bits
+// 0-14 next avail index, 15 driver wrap counter, 16-30 used index, 31
+// device wrap counter; the indices are checked against the ring size when
+// the ring starts), and inflight regions use the packed layout
+// (virtqueue/packed_inflight.go: 32-byte header and entries, padded to 64),
+// sized from the features acked before GET_INFLIGHT_FD as QEMU sends them.
+//
+// Protocol: MQ, REPLY_ACK, BACKEND_REQ, CONFIG,
 // INFLIGHT_SHMFD, RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
 //

@@ -71,7 +71,9 @@ func negotiate(f *frontend.Frontend, state int) error {
 	if err := f.SetOwner(); err != nil {
 		return err
 	}
-	if err := f.SetFeatures(feats); err != nil {
+	// Split rings: the cases lay out split rings and split inflight
+	// regions (packed ones have their own tests, packed_test.go).
+	if err := f.SetFeatures(feats &^ vhostuser.FeatureRingPacked); err != nil {
 		return err
 	}
 	if state == stateNegotiated {

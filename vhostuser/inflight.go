@@ -25,19 +25,30 @@ type inflightMap struct {
 	numQueues  uint16
 	queueSize  uint16
 	regionSize uint64
+	packed     bool // regions in the packed layout (VIRTIO_F_RING_PACKED acked)
+}
+
+// inflightRegionSize is one queue's region size in the layout the rings
+// use: QEMU acks the features before GET_INFLIGHT_FD (vhost-user.md §1.10,
+// vhost_dev_prepare_inflight) precisely so the back-end can size it.
+func inflightRegionSize(queueSize uint16, packed bool) uint64 {
+	if packed {
+		return virtqueue.InflightPackedRegionSize(queueSize)
+	}
+	return virtqueue.InflightRegionSize(queueSize)
 }
 
 // checkInflightGeometry validates num_queues and queue_size of a GET or
 // SET_INFLIGHT_FD request and returns the bytes the regions need.
-func checkInflightGeometry(name string, m InflightMsg, maxQueues int) (uint64, error) {
+func checkInflightGeometry(name string, m InflightMsg, maxQueues int, packed bool) (uint64, error) {
 	if m.NumQueues == 0 || int(m.NumQueues) > maxQueues {
 		return 0, fmt.Errorf("%s: num_queues %d not in 1..%d: %w", name, m.NumQueues, maxQueues, ErrInvalidMessage)
 	}
 	if m.QueueSize == 0 || m.QueueSize > MaxQueueSize {
 		return 0, fmt.Errorf("%s: queue_size %d not in 1..%d: %w", name, m.QueueSize, MaxQueueSize, ErrInvalidMessage)
 	}
-	// ≤ 256 × 524352 bytes: no overflow.
-	return uint64(m.NumQueues) * virtqueue.InflightRegionSize(m.QueueSize), nil
+	// ≤ 65535 × 1048640 bytes: no overflow.
+	return uint64(m.NumQueues) * inflightRegionSize(m.QueueSize, packed), nil
 }
 
 // newInflightFD creates a zeroed buffer for the geometry in req and returns
@@ -45,8 +56,8 @@ func checkInflightGeometry(name string, m InflightMsg, maxQueues int) (uint64, e
 // shrinking (libvhost-user vu_get_inflight_fd), so no later mapping of it
 // can fault. The caller sends and then closes the fd; the back-end keeps
 // nothing, so repeated requests leak nothing (CVE-2020-10726).
-func newInflightFD(req InflightMsg, maxQueues int) (int, InflightMsg, error) {
-	size, err := checkInflightGeometry("GET_INFLIGHT_FD", req, maxQueues)
+func newInflightFD(req InflightMsg, maxQueues int, packed bool) (int, InflightMsg, error) {
+	size, err := checkInflightGeometry("GET_INFLIGHT_FD", req, maxQueues, packed)
 	if err != nil {
 		return -1, InflightMsg{}, err
 	}
@@ -72,9 +83,9 @@ func newInflightFD(req InflightMsg, maxQueues int) (int, InflightMsg, error) {
 // against shrinking, so touching the mapping can never raise SIGBUS. Only
 // the regions are mapped, from the page holding mmap_offset. The caller
 // closes fd.
-func mapInflight(m InflightMsg, fd int, maxQueues int) (*inflightMap, error) {
+func mapInflight(m InflightMsg, fd int, maxQueues int, packed bool) (*inflightMap, error) {
 	const name = "SET_INFLIGHT_FD"
-	need, err := checkInflightGeometry(name, m, maxQueues)
+	need, err := checkInflightGeometry(name, m, maxQueues, packed)
 	if err != nil {
 		return nil, err
 	}
@@ -106,21 +117,28 @@ func mapInflight(m InflightMsg, fd int, maxQueues int) (*inflightMap, error) {
 		data:       mapping[skip:length:length],
 		numQueues:  m.NumQueues,
 		queueSize:  m.QueueSize,
-		regionSize: virtqueue.InflightRegionSize(m.QueueSize),
+		regionSize: inflightRegionSize(m.QueueSize, packed),
+		packed:     packed,
 	}, nil
 }
 
 // queue returns ring idx's region for a ring of num entries, or nil if the
 // front-end did not size the buffer for that ring (it tracks only the
 // queues it uses).
-func (im *inflightMap) queue(idx int, num uint16) ([]byte, error) {
+func (im *inflightMap) queue(idx int, num uint16, packed bool) ([]byte, error) {
 	if im == nil || idx >= int(im.numQueues) {
 		return nil, nil
 	}
 	if num > im.queueSize {
 		return nil, fmt.Errorf("ring size %d > inflight queue_size %d: %w", num, im.queueSize, ErrInvalidMessage)
 	}
+	if packed != im.packed {
+		return nil, fmt.Errorf("inflight buffer laid out for packed=%t rings, ring is packed=%t: %w", im.packed, packed, ErrState)
+	}
 	off := uint64(idx) * im.regionSize
+	if packed {
+		return im.data[off : off+virtqueue.InflightPackedMinSize(num)], nil
+	}
 	return im.data[off : off+virtqueue.InflightMinSize(num)], nil
 }
 

@@ -145,6 +145,7 @@ const (
 	FeatureEventIdx         = 1 << 29 // VIRTIO_RING_F_EVENT_IDX
 	FeatureProtocolFeatures = 1 << 30 // VHOST_USER_F_PROTOCOL_FEATURES
 	FeatureVersion1         = 1 << 32 // VIRTIO_F_VERSION_1
+	FeatureRingPacked       = 1 << 34 // VIRTIO_F_RING_PACKED
 )
 
 // Protocol feature bits (vhost-user spec, "Protocol features"). Bits >= 20

@@ -65,14 +65,14 @@ type ring struct {
 	num     uint16 // 0 until SET_VRING_NUM
 	addr    VringAddr
 	addrSet bool
-	base    uint16 // next avail index to use at the next start
+	base    uint32 // next avail index (split) or packed indices (PackedBase) for the next start
 
 	enabled atomic.Bool // SET_VRING_ENABLE, or SET_FEATURES without bit 30
 
 	// Written under mu (write), read by the worker under mu (read).
-	q      *virtqueue.SplitQueue // non-nil while started
-	callFD int                   // -1: none
-	errFD  int                   // -1: none
+	q      virtqueue.Queue // non-nil while started
+	callFD int             // -1: none
+	errFD  int             // -1: none
 
 	w *worker // non-nil while started; control goroutine only
 }
@@ -83,7 +83,7 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		opts:    opts,
 		ev:      opts.Events,
 		w:       newWireConn(c),
-		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureProtocolFeatures,
+		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureRingPacked | FeatureProtocolFeatures,
 		replyFD: -1,
 	}
 	s.rings = make([]*ring, opts.NumQueues)
@@ -212,11 +212,14 @@ func (s *session) handle(m *message) ([]byte, error) {
 			return nil, fmt.Errorf("%s: ring %d is started: %w", name, st.Index, ErrState)
 		}
 		// Split rings: the next avail index is 16 bits (spec "Vring
-		// descriptor indices").
-		if st.Num > 0xffff {
+		// descriptor indices"). Packed rings: both positions with their
+		// wrap counters in 32 bits (spec "Vring descriptor indices for
+		// packed virtqueues"); the indices are checked against the ring
+		// size when the ring starts (NewPackedQueue).
+		if !s.packed() && st.Num > 0xffff {
 			return nil, fmt.Errorf("%s: ring %d base %d > 65535: %w", name, st.Index, st.Num, ErrInvalidMessage)
 		}
-		r.base = uint16(st.Num)
+		r.base = st.Num
 		return nil, nil
 	case ReqGetVringBase:
 		st, _ := ParseVringState(p)
@@ -227,7 +230,7 @@ func (s *session) handle(m *message) ([]byte, error) {
 		// Stops the ring after its in-flight requests complete (spec
 		// "GET_VRING_BASE"; vhost-user.md §1.7 drain rule).
 		s.stopRing(r)
-		return AppendVringState(nil, VringState{Index: st.Index, Num: uint32(r.base)}), nil
+		return AppendVringState(nil, VringState{Index: st.Index, Num: r.base}), nil
 	case ReqSetVringKick:
 		return nil, s.setVringKick(m)
 	case ReqSetVringCall, ReqSetVringErr:
@@ -263,7 +266,7 @@ func (s *session) handle(m *message) ([]byte, error) {
 		return nil, s.setBackendReqFD(m)
 	case ReqGetInflightFD:
 		req, _ := ParseInflight(p)
-		fd, reply, err := newInflightFD(req, len(s.rings))
+		fd, reply, err := newInflightFD(req, len(s.rings), s.packed())
 		if err != nil {
 			return nil, err
 		}
@@ -436,12 +439,12 @@ func (s *session) setMemTable(m *message) error {
 	// Started rings re-translate their addresses in the new table, keeping
 	// their position (libvhost-user re-maps rings after every table). All
 	// or nothing: on failure the old table stays in force.
-	qs := make([]*virtqueue.SplitQueue, len(s.rings))
+	qs := make([]virtqueue.Queue, len(s.rings))
 	for i, r := range s.rings {
 		if r == nil || r.q == nil {
 			continue
 		}
-		q, err := s.newQueue(r, r.q.NextAvail())
+		q, err := s.newQueue(r, r.q.Base())
 		if err != nil {
 			s.mem = prev
 			s.mu.Unlock()
@@ -501,7 +504,7 @@ func (s *session) setVringAddr(p []byte) error {
 	// Check the placement now when we can, so the error names this
 	// message; SET_VRING_KICK checks again.
 	if s.mem != nil && r.num != 0 {
-		if err := checkRingPlacement(s.mem.mem, r); err != nil {
+		if err := checkRingPlacement(s.mem.mem, r, s.packed()); err != nil {
 			return fmt.Errorf("SET_VRING_ADDR: ring %d: %w", a.Index, err)
 		}
 	}
@@ -510,7 +513,7 @@ func (s *session) setVringAddr(p []byte) error {
 
 // checkRingPlacement requires the three ring parts to lie inside one
 // region each (VIRTIO 1.2 §2.7 sizes).
-func checkRingPlacement(mem *virtqueue.Memory, r *ring) error {
+func checkRingPlacement(mem *virtqueue.Memory, r *ring, packed bool) error {
 	n := uint64(r.num)
 	parts := [...]struct {
 		name      string
@@ -520,6 +523,12 @@ func checkRingPlacement(mem *virtqueue.Memory, r *ring) error {
 		{"avail ring", r.addr.Avail, 6 + 2*n},
 		{"used ring", r.addr.Used, 6 + 8*n},
 	}
+	if packed {
+		// VIRTIO 1.2 §2.8.10: the driver and device event suppression
+		// areas are 4 bytes each.
+		parts[1].name, parts[1].size = "driver event suppression area", virtqueue.EventSuppressSize
+		parts[2].name, parts[2].size = "device event suppression area", virtqueue.EventSuppressSize
+	}
 	for _, pt := range parts {
 		if _, err := mem.UserSlice(pt.uva, pt.size); err != nil {
 			return fmt.Errorf("%s at %#x+%d outside guest memory: %v: %w", pt.name, pt.uva, pt.size, err, ErrGuestMemory)
@@ -528,27 +537,35 @@ func checkRingPlacement(mem *virtqueue.Memory, r *ring) error {
 	return nil
 }
 
-// newQueue builds a SplitQueue for r on the current memory, tracking its
-// requests in r's inflight region if the front-end set one.
+// packed reports whether the rings use the packed layout
+// (VIRTIO_F_RING_PACKED acked; QEMU sets features before configuring rings).
+func (s *session) packed() bool { return s.acked&FeatureRingPacked != 0 }
+
+// newQueue builds a split or packed queue for r on the current memory,
+// tracking its requests in r's inflight region if the front-end set one.
+// base is the vring base (split: next avail index; packed: PackedBase).
 // Preconditions: s.mem != nil; if workers may run, mu is held for writing.
-func (s *session) newQueue(r *ring, nextAvail uint16) (q *virtqueue.SplitQueue, err error) {
-	if err := checkRingPlacement(s.mem.mem, r); err != nil {
+func (s *session) newQueue(r *ring, base uint32) (q virtqueue.Queue, err error) {
+	packed := s.packed()
+	if err := checkRingPlacement(s.mem.mem, r, packed); err != nil {
 		return nil, err
 	}
-	region, err := s.inflight.queue(r.index, r.num)
+	region, err := s.inflight.queue(r.index, r.num, packed)
 	if err != nil {
 		return nil, err
 	}
 	err = guardFault(func() error {
 		var e error
-		q, e = virtqueue.NewSplitQueue(s.mem.mem, virtqueue.QueueConfig{
+		q, e = virtqueue.NewQueue(s.mem.mem, virtqueue.QueueConfig{
 			Size:          r.num,
 			DescUserAddr:  r.addr.Desc,
 			AvailUserAddr: r.addr.Avail,
 			UsedUserAddr:  r.addr.Used,
 			EventIdx:      s.acked&FeatureEventIdx != 0,
 			NoIndirect:    s.acked&FeatureIndirectDesc == 0,
-			NextAvail:     nextAvail,
+			Packed:        packed,
+			NextAvail:     uint16(base),
+			NextUsed:      uint16(base >> 16),
 			Inflight:      region,
 		})
 		return e
@@ -568,7 +585,7 @@ func (s *session) setInflightFD(m *message) error {
 	if s.anyStarted() {
 		return fmt.Errorf("SET_INFLIGHT_FD: a ring is started: %w", ErrState)
 	}
-	im, err := mapInflight(req, m.fds[0], len(s.rings))
+	im, err := mapInflight(req, m.fds[0], len(s.rings), s.packed())
 	if err != nil {
 		return err
 	}
@@ -682,7 +699,7 @@ func (s *session) stopRing(r *ring) {
 	r.w.stopAndWait()
 	r.w = nil
 	s.mu.Lock()
-	r.base = r.q.NextAvail()
+	r.base = r.q.Base()
 	r.q = nil
 	s.mu.Unlock()
 }

@@ -131,7 +131,7 @@ func (w *worker) batch(h *blk.Handler, c *virtqueue.Chain) bool {
 // process is the drain loop of VIRTIO 1.2 §2.7.10 with notification
 // suppression: disable kicks, pop and complete chains, re-enable kicks and
 // look once more so a chain published in between is not missed.
-func (w *worker) process(q *virtqueue.SplitQueue, h *blk.Handler, c *virtqueue.Chain) (more bool, err error) {
+func (w *worker) process(q virtqueue.Queue, h *blk.Handler, c *virtqueue.Chain) (more bool, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			fe := faultError(r)

@@ -34,6 +34,15 @@
 //	func (q *SplitQueue) DisableNotifications()
 //	func (q *SplitQueue) NextAvail() uint16              // for GET_VRING_BASE
 //
+// Packed rings (VIRTIO_F_RING_PACKED) and the interface a worker uses for
+// both layouts:
+//
+//	type Queue interface { Next; PushUsed; NeedsNotification; EnableNotifications;
+//	    DisableNotifications; Size; Err; Resubmits; Base() uint32 }
+//	func NewQueue(mem *Memory, cfg QueueConfig) (Queue, error) // cfg.Packed picks the layout
+//	func NewPackedQueue(mem *Memory, cfg QueueConfig) (*PackedQueue, error)
+//	func PackedBase(availIdx uint16, availWrap bool, usedIdx uint16, usedWrap bool) uint32
+//
 // The contract above is implemented as written. Additions (all additive):
 // Memory.Regions; SplitQueue.AddUsed and Publish (batch completion),
 // SplitQueue.Size and Err; constants MaxRegions, MaxQueueSize, DescSize,
@@ -170,8 +179,57 @@
 // touches guest memory (libvhost-user dev->broken), so a worker never spins
 // on a condition that cannot clear.
 //
-// Not implemented: packed virtqueues (VIRTIO 1.2 §2.8) are future work, as
-// are VIRTIO_F_IN_ORDER batching and checking that INDIRECT_DESC was
-// negotiated before accepting an indirect descriptor (the queue does not
-// know the feature set; this is accepted as harmless).
+// With QueueConfig.NoIndirect (INDIRECT_DESC not negotiated) an INDIRECT
+// descriptor is a malformed chain, in both layouts. Not implemented:
+// VIRTIO_F_IN_ORDER batching.
+//
+// # Packed ring layout (VIRTIO 1.2 §2.8)
+//
+// SET_VRING_ADDR's three addresses are, for a packed ring, the descriptor
+// ring and the driver and device event suppression areas (packed.go):
+//
+//	descriptor ring, 16-aligned, 16*Q bytes, Q in 1..32768 (any value):
+//	    +0  le64 addr   +8 le32 len   +12 le16 id (buffer id)
+//	    +14 le16 flags  NEXT 1, WRITE 2, INDIRECT 4, AVAIL 1<<7, USED 1<<15
+//	driver event suppression, 4-aligned, written by the driver:
+//	    +0 le16 off_wrap (offset bits 0-14, wrap bit 15)  +2 le16 flags
+//	device event suppression, 4-aligned, written by the device: same
+//	    flags: ENABLE 0, DISABLE 1, DESC 2 (DESC only with EVENT_IDX)
+//
+// Both sides keep a position and a wrap counter, 1 on a fresh ring. A slot
+// is available when AVAIL equals the driver wrap counter and USED does not.
+// A chain occupies consecutive slots (NEXT), its buffer id is the id of its
+// last descriptor (§2.8.6); the device writes one used descriptor per chain
+// at its used position (AVAIL = USED = its wrap counter, len = bytes
+// written, id = buffer id) and moves that position by the chain's length.
+// GET/SET_VRING_BASE carry both positions and wrap counters (PackedBase).
+//
+// Barriers: the id|flags halves of a descriptor form the 4-aligned word at
+// +12, read with one atomic 32-bit load (acquire) before the plain loads of
+// addr and len, and written back with one atomic 32-bit store (release)
+// after the plain store of len, so the flags that hand a used descriptor to
+// the driver are published last. Each descriptor is read once into a copy.
+// The event areas are single 32-bit words, loaded and stored atomically;
+// NeedsNotification fences before reading the driver's area and
+// EnableNotifications fences between storing ours and re-reading the next
+// slot, as in the split ring.
+//
+// Rules: chain-level violations set Chain.Err exactly as for the split ring
+// (the same chainBuilder: buffer count, total length, order, mapping,
+// indirect table shape; a packed indirect table is a run of descriptors in
+// which only WRITE counts). Ring-level violations break the queue (sticky,
+// no further guest memory access): a descriptor after the head of a chain
+// not available for the expected wrap counter (flags changed under us,
+// wrap counter misuse), a chain of more than Q descriptors, more
+// descriptors in flight than the ring holds, a buffer id >= Q or one
+// already in flight. Every walk is bounded by Q; a head that is not
+// available (wrong wrap counter included) simply means the ring is empty.
+//
+// Inflight tracking uses the spec's packed region layout with this
+// package's algorithm (packed_inflight.go): per chain in flight a copy of
+// its ring descriptors (the slots are overwritten by used descriptors while
+// the chain is in flight), and a completion protocol whose half-done state
+// recovery resolves from the ring. After a crash QEMU resends a stale base;
+// the region gives the used position, and the avail position is the used
+// position plus every descriptor still in flight.
 package virtqueue

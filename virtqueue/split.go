@@ -3,7 +3,6 @@ package virtqueue
 import (
 	"encoding/binary"
 	"fmt"
-	"math"
 	"sync/atomic"
 )
 
@@ -79,6 +78,15 @@ type QueueConfig struct {
 	EventIdx                                  bool   // VIRTIO_RING_F_EVENT_IDX negotiated
 	NextAvail                                 uint16 // from SET_VRING_BASE
 
+	// Packed selects the packed layout (VIRTIO_F_RING_PACKED, VIRTIO 1.2
+	// §2.8; NewQueue, NewPackedQueue). The three addresses are then the
+	// descriptor ring, the driver and the device event suppression areas,
+	// NextAvail holds the next avail index in bits 0-14 and the driver wrap
+	// counter in bit 15, and NextUsed the same for the used side (the two
+	// halves of the vhost-user packed vring base, see PackedBase).
+	Packed   bool
+	NextUsed uint16
+
 	// NoIndirect: VIRTIO_RING_F_INDIRECT_DESC was not negotiated, so an
 	// INDIRECT descriptor is a malformed chain (VIRTIO 1.2 §2.7.5.3.1,
 	// §2.8.8: the driver MUST NOT set it without the feature).
@@ -110,7 +118,7 @@ type SplitQueue struct {
 	size     uint16
 	mask     uint16
 	eventIdx bool
-	noIndir  bool
+	noIndir  bool // INDIRECT_DESC not negotiated
 
 	desc  []byte // DescTableSize(size) host bytes
 	avail []byte // AvailRingSize(size) host bytes
@@ -282,6 +290,10 @@ func (q *SplitQueue) Resubmits() int {
 // Size returns the queue size.
 func (q *SplitQueue) Size() uint16 { return q.size }
 
+// Base returns NextAvail as the 32-bit VHOST_USER_GET_VRING_BASE value of a
+// split ring.
+func (q *SplitQueue) Base() uint32 { return uint32(q.nextAvail) }
+
 // NextAvail returns the index of the next avail ring entry the device will
 // consume: the value VHOST_USER_GET_VRING_BASE reports (vhost-user spec §
 // "GET_VRING_BASE"). It may be below avail.idx.
@@ -417,24 +429,14 @@ func decodeDesc(b []byte) descriptor {
 // VIRTIO 1.2; a violation returns an error wrapping ErrInvalidChain and
 // leaves the queue usable. See doc.go, "Chain validation".
 func (q *SplitQueue) walk(c *Chain, head uint16) error {
-	c.Readable = c.Readable[:0]
-	c.Writable = c.Writable[:0]
-
 	var (
-		idx       = head
-		ttl       = uint32(q.size) // descriptors left before we call it a loop
-		tableLen  = uint32(q.size) // entries in the table being walked
-		inTable   = false          // walking an indirect table
-		tableGPA  uint64           // guest-physical address of that table
-		total     uint64           // bytes in the chain so far
-		buffers   uint32           // buffer (non-indirect) descriptors so far
-		seenWrite = false
-		// maxSegs caps the host slices of one chain, so a chain whose
-		// buffers cross many region boundaries cannot grow c's slices
-		// without bound: one slice per descriptor plus one per region
-		// boundary is the most a sane driver needs.
-		maxSegs = int(q.size) + MaxRegions
-		raw     [DescSize]byte
+		b        = newChainBuilder(q.mem, c, head, q.size, q.noIndir)
+		idx      = head
+		ttl      = uint32(q.size) // descriptors left before we call it a loop
+		tableLen = uint32(q.size) // entries in the table being walked
+		inTable  = false          // walking an indirect table
+		tableGPA uint64           // guest-physical address of that table
+		raw      [DescSize]byte
 	)
 	for {
 		if ttl == 0 {
@@ -454,71 +456,21 @@ func (q *SplitQueue) walk(c *Chain, head uint16) error {
 		}
 
 		if d.flags&DescFlagIndirect != 0 {
-			if q.noIndir {
-				return fmt.Errorf("%w: head %d: descriptor %d is INDIRECT but VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
-					ErrInvalidChain, head, idx)
-			}
-			if inTable {
-				return fmt.Errorf("%w: head %d: indirect descriptor %d points to another table; VIRTIO 1.2 §2.7.5.3.1 forbids nesting",
-					ErrInvalidChain, head, idx)
-			}
-			if d.flags&DescFlagNext != 0 {
-				return fmt.Errorf("%w: head %d: descriptor %d has both INDIRECT and NEXT; VIRTIO 1.2 §2.7.5.3.1 forbids it",
-					ErrInvalidChain, head, idx)
-			}
-			if d.len == 0 || d.len%DescSize != 0 || d.len > maxIndirectLen {
-				return fmt.Errorf("%w: head %d: descriptor %d: indirect table length %d is not a non-zero multiple of %d up to %d",
-					ErrInvalidChain, head, idx, d.len, DescSize, maxIndirectLen)
-			}
-			if err := q.mem.checkRange(d.addr, uint64(d.len)); err != nil {
-				return fmt.Errorf("%w: head %d: descriptor %d: indirect table: %w", ErrInvalidChain, head, idx, err)
+			n, err := b.indirect(d.addr, d.len, d.flags&DescFlagNext != 0, inTable, uint32(idx))
+			if err != nil {
+				return err
 			}
 			// VIRTIO 1.2 §2.7.5.3.2: the device ignores WRITE on this
 			// descriptor and walks the table from entry 0.
 			inTable, tableGPA = true, d.addr
-			tableLen = d.len / DescSize
+			tableLen = n
 			ttl = tableLen
 			idx = 0
 			continue
 		}
-
-		buffers++
-		if buffers > uint32(q.size) {
-			return fmt.Errorf("%w: head %d: chain has more than %d buffers; VIRTIO 1.2 §2.7.5.3.1 limits a chain to the queue size",
-				ErrInvalidChain, head, q.size)
+		if err := b.buffer(d.addr, d.len, d.flags&DescFlagWrite != 0, uint32(idx)); err != nil {
+			return err
 		}
-		total += uint64(d.len)
-		if total > math.MaxUint32 {
-			// The spec's limit is 2^32 bytes (VIRTIO 1.2 §2.7.5.2); one
-			// byte less keeps every length representable in the le32
-			// used.len and in PushUsed's written argument.
-			return fmt.Errorf("%w: head %d: chain is longer than %d bytes at descriptor %d; VIRTIO 1.2 §2.7.5.2",
-				ErrInvalidChain, head, uint64(math.MaxUint32), idx)
-		}
-		if d.flags&DescFlagWrite != 0 {
-			seenWrite = true
-		} else if seenWrite {
-			return fmt.Errorf("%w: head %d: device-readable descriptor %d follows a device-writable one; VIRTIO 1.2 §2.7.4.2",
-				ErrInvalidChain, head, idx)
-		}
-		// A zero-length descriptor is legal (the spec does not forbid
-		// it) but names no bytes, so its address is not translated and
-		// it adds no slice; see doc.go.
-		if d.len > 0 {
-			var err error
-			if d.flags&DescFlagWrite != 0 {
-				c.Writable, err = q.mem.GuestSlices(c.Writable, d.addr, d.len)
-			} else {
-				c.Readable, err = q.mem.GuestSlices(c.Readable, d.addr, d.len)
-			}
-			if err != nil {
-				return fmt.Errorf("%w: head %d: descriptor %d [%#x, +%#x): %w", ErrInvalidChain, head, idx, d.addr, d.len, err)
-			}
-			if len(c.Readable)+len(c.Writable) > maxSegs {
-				return fmt.Errorf("%w: head %d: chain maps to more than %d host segments", ErrInvalidChain, head, maxSegs)
-			}
-		}
-
 		if d.flags&DescFlagNext == 0 {
 			return nil
 		}

@@ -631,6 +631,9 @@ type vmOpts struct {
 	// autoQueues leaves num-queues off the -device option, as the README's
 	// attach line does, so QEMU picks its default (one queue per vCPU).
 	autoQueues bool
+	// packed adds packed=on to the device: the guest negotiates
+	// VIRTIO_F_RING_PACKED if the backend offers it.
+	packed bool
 	// script is the body of /test.sh. It runs under `set -e` after
 	// /etc/testlib.sh is sourced; the guest passes when it exits 0.
 	script string
@@ -729,7 +732,7 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		"-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 quiet",
 		"-chardev", "socket,id=c0,path=" + b.sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
-		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues),
+		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues) + map[bool]string{true: ",packed=on"}[o.packed],
 	}
 	if o.autoQueues {
 		args[len(args)-1] = "vhost-user-blk-pci,chardev=c0"

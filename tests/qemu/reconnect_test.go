@@ -64,53 +64,63 @@ func TestBackendKilledMidStreamOnTwoQueuesLosesNothing(t *testing.T) {
 	e.compare(t, img, want)
 }
 
-// inflightMarked returns how many requests the stopped process pid has
-// marked in flight in its inflight buffer (the SET_INFLIGHT_FD mapping,
-// "memfd:vhost-vhdx-inflight"), for numQueues split regions of queueSize
-// entries (layout: virtqueue/inflight.go). ok is false if it has none
-// mapped yet.
-func inflightMarked(pid, numQueues, queueSize int) (marked int, ok bool, err error) {
+// readInflight returns the first size bytes of the stopped process pid's
+// inflight buffer (the SET_INFLIGHT_FD mapping,
+// "memfd:vhost-vhdx-inflight"). ok is false if it has none mapped yet.
+func readInflight(pid, size int) (buf []byte, ok bool, err error) {
 	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
 	if err != nil {
-		return 0, false, err
+		return nil, false, err
 	}
 	var start uint64
 	for _, line := range strings.Split(string(maps), "\n") {
 		if strings.Contains(line, "memfd:vhost-vhdx-inflight") {
 			if _, err := fmt.Sscanf(line, "%x-", &start); err != nil {
-				return 0, false, fmt.Errorf("parsing %q: %w", line, err)
+				return nil, false, fmt.Errorf("parsing %q: %w", line, err)
 			}
 		}
 	}
 	if start == 0 {
-		return 0, false, nil
+		return nil, false, nil
 	}
-	regionSize := (16 + 16*queueSize + 63) &^ 63
-	buf := make([]byte, numQueues*regionSize)
+	buf = make([]byte, size)
 	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
 	if err != nil {
-		return 0, false, err
+		return nil, false, err
 	}
 	defer mem.Close()
 	if _, err := mem.ReadAt(buf, int64(start)); err != nil {
-		return 0, false, err
+		return nil, false, err
 	}
-	for q := 0; q < numQueues; q++ {
-		for h := 0; h < queueSize; h++ {
-			if buf[q*regionSize+16+16*h] == 1 {
-				marked++
-			}
-		}
-	}
-	return marked, true, nil
+	return buf, true, nil
 }
 
 // killWithRequestsInFlight stops the backend (SIGSTOP) over and over until
-// its inflight buffer shows at least one request taken but not completed,
-// then SIGKILLs it in that state, so the restarted backend has requests to
-// redo. It returns how many there were. It gives up (and fails the test)
-// if the guest stops issuing requests first.
+// its inflight buffer (numQueues split regions of queueSize entries, layout
+// virtqueue/inflight.go) shows at least one request taken but not
+// completed, then SIGKILLs it in that state, so the restarted backend has
+// requests to redo. It returns how many there were.
 func killWithRequestsInFlight(t *testing.T, b *backend, numQueues, queueSize int) int {
+	t.Helper()
+	regionSize := (16 + 16*queueSize + 63) &^ 63
+	return killWhenInflight(t, b, numQueues*regionSize, func(buf []byte) int {
+		marked := 0
+		for q := 0; q < numQueues; q++ {
+			for h := 0; h < queueSize; h++ {
+				if buf[q*regionSize+16+16*h] == 1 {
+					marked++
+				}
+			}
+		}
+		return marked
+	})
+}
+
+// killWhenInflight is the loop behind killWithRequestsInFlight: marked
+// counts the requests in flight in the first size bytes of the inflight
+// buffer. It gives up (and fails the test) if the guest stops issuing
+// requests first.
+func killWhenInflight(t *testing.T, b *backend, size int, marked func([]byte) int) int {
 	t.Helper()
 	pid := b.cmd.Process.Pid
 	for probe := 0; probe < 100000; probe++ {
@@ -120,15 +130,17 @@ func killWithRequestsInFlight(t *testing.T, b *backend, numQueues, queueSize int
 		for !processStopped(pid) {
 			runtime.Gosched()
 		}
-		marked, ok, err := inflightMarked(pid, numQueues, queueSize)
+		buf, ok, err := readInflight(pid, size)
 		if err != nil {
 			t.Fatalf("reading the backend's inflight buffer: %v", err)
 		}
-		if ok && marked > 0 {
-			b.env.note(fmt.Sprintf("kill -KILL $!  # crash the backend with %d requests in flight", marked))
-			b.cmd.Process.Kill()
-			<-b.done
-			return marked
+		if n := 0; ok {
+			if n = marked(buf); n > 0 {
+				b.env.note(fmt.Sprintf("kill -KILL $!  # crash the backend with %d requests in flight", n))
+				b.cmd.Process.Kill()
+				<-b.done
+				return n
+			}
 		}
 		syscall.Kill(pid, syscall.SIGCONT)
 		time.Sleep(time.Millisecond) // let it run; not an assertion

@@ -41,6 +41,9 @@ func SlotsFor(size uint16) int { return int(size) / 3 }
 // memory for q, which must be fresh (nothing published yet) and need not
 // be started yet. slots must be at most SlotsFor(q.Size).
 func (f *Frontend) NewBlkRing(q *Queue, slots, maxIO int) (*BlkRing, error) {
+	if q.packed {
+		return nil, fmt.Errorf("frontend: BlkRing drives split rings only; queue %d is packed", q.Index)
+	}
 	if slots < 1 || slots > SlotsFor(q.Size) {
 		return nil, fmt.Errorf("frontend: %d request slots do not fit a ring of %d descriptors", slots, q.Size)
 	}

@@ -402,6 +402,10 @@ type Options struct {
 	// everything offered.
 	ProtocolFeatures uint64
 	ConfigSize       uint32 // bytes of GET_CONFIG; 0: 60
+	// Packed negotiates VIRTIO_F_RING_PACKED and drives packed rings;
+	// without it the bit is masked out (the rings are split) whatever
+	// Features says.
+	Packed bool
 }
 
 func (o *Options) defaults() {
@@ -422,6 +426,11 @@ func (o *Options) defaults() {
 	}
 	if o.Features == 0 {
 		o.Features = ^uint64(0)
+	}
+	if o.Packed {
+		o.Features |= vhostuser.FeatureRingPacked
+	} else {
+		o.Features &^= vhostuser.FeatureRingPacked
 	}
 	if o.ProtocolFeatures == 0 {
 		o.ProtocolFeatures = ^uint64(0)
@@ -494,7 +503,17 @@ func (f *Frontend) StartQueue(q *Queue) error {
 	if err := f.SetVringNum(idx, uint32(q.Size)); err != nil {
 		return err
 	}
-	if err := f.SetVringBase(idx, uint32(q.availIdx)); err != nil {
+	base := uint32(q.availIdx)
+	if q.packed {
+		base = q.packedBase()
+	}
+	return f.startWithBase(q, base)
+}
+
+// startWithBase sends StartQueue's steps after SET_VRING_NUM.
+func (f *Frontend) startWithBase(q *Queue, base uint32) error {
+	idx := uint32(q.Index)
+	if err := f.SetVringBase(idx, base); err != nil {
 		return err
 	}
 	if err := f.SetVringAddr(q.Addr()); err != nil {

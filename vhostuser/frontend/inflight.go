@@ -199,6 +199,18 @@ func (f *Frontend) negotiate(o Options) error {
 // (vhost-user.md §1.7: GET_VRING_BASE failed, last_avail_idx rewound).
 func (f *Frontend) StartAt() error {
 	for _, q := range f.Queues {
+		if q.packed {
+			// Neither packed index is in guest memory: QEMU resends
+			// the base of the last start (vhost-user.md §1.7), and the
+			// back-end's inflight region says where it really was.
+			if err := f.SetVringNum(uint32(q.Index), uint32(q.Size)); err != nil {
+				return err
+			}
+			if err := f.startWithBase(q, q.startBase); err != nil {
+				return err
+			}
+			continue
+		}
 		base := q.availIdx
 		q.availIdx = q.UsedIdx()
 		err := f.StartQueue(q)

@@ -83,17 +83,33 @@ type Queue struct {
 	slotOf   map[uint16]int
 	maxIO    int
 	stash    map[uint16]Used
+
+	// Packed ring state (VIRTIO_F_RING_PACKED negotiated before the queue
+	// was laid out; see packed.go). availIdx is then the next ring slot.
+	packed    bool
+	availWrap bool
+	usedPos   uint16 // next slot the device writes a used descriptor to
+	usedWrap  bool
+	freeDescs int
+	pnum      []uint16 // ring descriptors of the chain with each buffer id
+	startBase uint32   // base sent at the last start (QEMU resends it after a crash)
 }
 
 // NewQueue lays out ring index of the given size in guest memory with
 // kick and call eventfds and inflight request slots of maxIO bytes.
 func (f *Frontend) NewQueue(index int, size uint16, inflight, maxIO int) (q *Queue, err error) {
-	if size == 0 || size&(size-1) != 0 {
+	if size == 0 || size&(size-1) != 0 || size > vhostuser.MaxQueueSize {
 		return nil, fmt.Errorf("frontend: queue size %d not a power of two", size)
 	}
 	n := int(size)
 	q = &Queue{f: f, Index: index, Size: size, maxIO: maxIO, chains: make([][]uint16, n),
 		slotOf: map[uint16]int{}, stash: map[uint16]Used{}}
+	if f.Features&vhostuser.FeatureRingPacked != 0 {
+		if err := q.layoutPacked(inflight); err != nil {
+			return nil, err
+		}
+		return q, nil
+	}
 	// The trailing 2 bytes of padding keep used_event/avail_event inside
 	// whole 32-bit words (ring_unsafe.go).
 	if q.descOff, err = f.Alloc(16*n, 4096); err != nil {
@@ -105,29 +121,46 @@ func (f *Frontend) NewQueue(index int, size uint16, inflight, maxIO int) (q *Que
 	if q.usedOff, err = f.Alloc(6+8*n+2, 4096); err != nil {
 		return nil, err
 	}
-	for i := 0; i < inflight; i++ {
-		off, err := f.Alloc(blkHeaderSize+maxIO+1, 16)
-		if err != nil {
-			return nil, err
-		}
-		q.slotOff = append(q.slotOff, off)
-		q.freeSlot = append(q.freeSlot, i)
-	}
-	for i := n - 1; i >= 0; i-- {
-		q.free = append(q.free, uint16(i))
+	if err := q.allocSlots(inflight); err != nil {
+		return nil, err
 	}
 	// Rings may be re-used memory: start from a clean state.
 	clear(f.Mem[q.availOff : q.availOff+6+2*n+2])
 	clear(f.Mem[q.usedOff : q.usedOff+6+8*n+2])
-	if q.kick, err = newEventFD(fmt.Sprintf("kick-%d", index)); err != nil {
+	if err := q.openFDs(); err != nil {
 		return nil, err
 	}
-	if q.call, err = newEventFD(fmt.Sprintf("call-%d", index)); err != nil {
-		q.kick.Close()
-		return nil, err
-	}
-	f.Queues = append(f.Queues, q)
 	return q, nil
+}
+
+// allocSlots reserves the blk request slots and fills the free list of
+// descriptor indices (split) or buffer ids (packed).
+func (q *Queue) allocSlots(inflight int) error {
+	for i := 0; i < inflight; i++ {
+		off, err := q.f.Alloc(blkHeaderSize+q.maxIO+1, 16)
+		if err != nil {
+			return err
+		}
+		q.slotOff = append(q.slotOff, off)
+		q.freeSlot = append(q.freeSlot, i)
+	}
+	for i := int(q.Size) - 1; i >= 0; i-- {
+		q.free = append(q.free, uint16(i))
+	}
+	return nil
+}
+
+// openFDs creates the kick and call eventfds and registers the queue.
+func (q *Queue) openFDs() (err error) {
+	if q.kick, err = newEventFD(fmt.Sprintf("kick-%d", q.Index)); err != nil {
+		return err
+	}
+	if q.call, err = newEventFD(fmt.Sprintf("call-%d", q.Index)); err != nil {
+		q.kick.Close()
+		return err
+	}
+	q.f.Queues = append(q.f.Queues, q)
+	return nil
 }
 
 func (q *Queue) close() {
@@ -189,6 +222,9 @@ func (q *Queue) Kick() {
 // Publish writes chain into free descriptors, publishes it and returns its
 // head.
 func (q *Queue) Publish(chain []Desc) (uint16, error) {
+	if q.packed {
+		return q.publishPacked(chain)
+	}
 	if len(chain) == 0 || len(chain) > len(q.free) {
 		return 0, fmt.Errorf("%w: %d descriptors wanted, %d free", ErrNoSlot, len(chain), len(q.free))
 	}
@@ -214,6 +250,9 @@ func (q *Queue) Publish(chain []Desc) (uint16, error) {
 
 // PopUsed returns the next used element, if any, and frees its chain.
 func (q *Queue) PopUsed() (Used, bool) {
+	if q.packed {
+		return q.popUsedPacked()
+	}
 	n := int(q.Size)
 	if load16(q.f.Mem, q.usedOff+2) == q.usedSeen {
 		return Used{}, false
