@@ -172,7 +172,7 @@ func TestChainReadsWhatAFlatModelReads(t *testing.T) {
 		}},
 		{"Depth1RunAcrossBlocksAndWholeBlock", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{mib / 2, pattern(1, 3*mib)}},
-			{{mib - 1024, pattern(2, mib + 4096)}, {3 * mib, pattern(3, mib)}, {10 * mib, pattern(4, mib)}, {mib - 512, pattern(5, 512)}},
+			{{mib - 1024, pattern(2, mib+4096)}, {3 * mib, pattern(3, mib)}, {10 * mib, pattern(4, mib)}, {mib - 512, pattern(5, 512)}},
 		}},
 		{"Depth1PartialBlockMadeWhole", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{0, pattern(1, 4*mib)}},

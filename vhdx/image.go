@@ -77,9 +77,9 @@ type Image struct {
 	mu          sync.Mutex
 	session     atomic.Bool // headers updated for this session (§2.2.2.1); set under mu
 	dataSession atomic.Bool // DataWriteGuid rotated for this session; set under mu
-	journal  *journal    // created with the session's log GUID; under mu
-	fileEnd  uint64      // next free 1 MiB-aligned offset; under mu
-	modified bool        // any write happened this session; under mu
+	journal     *journal    // created with the session's log GUID; under mu
+	fileEnd     uint64      // next free 1 MiB-aligned offset; under mu
+	modified    bool        // any write happened this session; under mu
 }
 
 func isCorrupt(err error) bool { return errors.Is(err, ErrCorrupt) }
