@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 // makeChain creates base.vhdx (with o) and depth children, each over the
@@ -277,5 +279,66 @@ func TestChildWriteLaysOutBitmapPerSpec(t *testing.T) {
 		if want := map[int]byte{0: 0x08}[i]; v != want {
 			t.Fatalf("chunk 1 bitmap byte %d is %#x, want %#x", i, v, want)
 		}
+	}
+}
+
+// TestChildSurvivesParentRepairAndIdleSessions: §2.2.2 DataWriteGuid
+// discipline. A repair that truncates leaked space, and a read-write open
+// closed without writing, leave the parent's DataWriteGuid alone, so its
+// child still opens; the first guest write changes it (to
+// OpenOptions.DataWriteGUID when given), which orphans the child.
+func TestChildSurvivesParentRepairAndIdleSessions(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, 0, pattern(1, mib))
+			f, err := os.OpenFile(p, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fi, _ := f.Stat()
+			if err := f.Truncate(fi.Size() + 3*mib); err != nil { // leaked tail
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+	})
+	childOpens := func(step string) error {
+		im, err := Open(paths[1], OpenOptions{ReadOnly: true})
+		if err == nil {
+			im.Close()
+		}
+		return err
+	}
+	rep, err := Check(paths[0], true)
+	if err != nil || rep.LeakedBytes == 0 || !rep.Problems[len(rep.Problems)-1].Repaired {
+		t.Fatalf("repair: %v %+v", err, rep)
+	}
+	if err := childOpens("repair"); err != nil {
+		t.Fatalf("child after the parent's repair: %v", err)
+	}
+	im, err := Open(paths[0], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := childOpens("idle session"); err != nil {
+		t.Fatalf("child after an idle read-write session of the parent: %v", err)
+	}
+	want := uuid.New()
+	im, err = Open(paths[0], OpenOptions{DataWriteGUID: want})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := im.Info().DataWriteGUID; got != want {
+		t.Fatalf("DataWriteGuid after a write %v, want OpenOptions.DataWriteGUID %v", got, want)
+	}
+	im.Close()
+	if err := childOpens("write"); !errors.Is(err, ErrParentLinkage) || !strings.Contains(err.Error(), want.String()) {
+		t.Fatalf("child after a write to its parent: %v, want ErrParentLinkage naming %v", err, want)
 	}
 }

@@ -307,8 +307,12 @@ func (im *Image) updateHeaders(mut func(*header)) error {
 }
 
 // beginSession runs once before the first modification of a read-write
-// session (§2.2.2, §2.2.2.1): new FileWriteGuid and DataWriteGuid, and a new
-// non-zero LogGuid, which the log needs before its space may be overwritten.
+// session (§2.2.2, §2.2.2.1): a new FileWriteGuid, and a new non-zero
+// LogGuid, which the log needs before its space may be overwritten. It
+// leaves DataWriteGuid alone: metadata-only sessions (a repair truncating
+// leaked space, a locator update, log replay) do not change what a reader
+// of the virtual disk sees, and a parent's DataWriteGuid is what its
+// children are linked to (§2.6.2.6.3). beginDataSession changes it.
 func (im *Image) beginSession() error {
 	if im.session.Load() {
 		return nil
@@ -328,7 +332,6 @@ func (im *Image) beginSessionLocked() error {
 	logGUID := uuid.New()
 	err := im.updateHeaders(func(h *header) {
 		h.fileWriteGUID = uuid.New()
-		h.dataWriteGUID = uuid.New()
 		h.logGUID = logGUID
 	})
 	if err != nil {
@@ -337,6 +340,49 @@ func (im *Image) beginSessionLocked() error {
 	im.journal = newJournal(im.s, im.logRegion())
 	im.modified = true
 	im.session.Store(true)
+	return nil
+}
+
+// beginDataSession runs once before the first guest data write of a
+// session: §2.2.2 asks for a new DataWriteGuid "before the first
+// modification is made to user-visible data" (and §2.2.2.1 not before). It
+// is OpenOptions.DataWriteGUID when set. The first write of a session does
+// both updates with one header update.
+func (im *Image) beginDataSession() error {
+	if im.dataSession.Load() {
+		return nil
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.dataSession.Load() {
+		return nil
+	}
+	if im.closed.Load() {
+		return fmt.Errorf("write: %w", ErrClosed)
+	}
+	dw := im.opts.DataWriteGUID
+	if dw == uuid.Nil {
+		dw = uuid.New()
+	}
+	if im.session.Load() {
+		if err := im.updateHeaders(func(h *header) { h.dataWriteGUID = dw }); err != nil {
+			return err
+		}
+	} else {
+		logGUID := uuid.New()
+		err := im.updateHeaders(func(h *header) {
+			h.fileWriteGUID = uuid.New()
+			h.dataWriteGUID = dw
+			h.logGUID = logGUID
+		})
+		if err != nil {
+			return err
+		}
+		im.journal = newJournal(im.s, im.logRegion())
+		im.modified = true
+		im.session.Store(true)
+	}
+	im.dataSession.Store(true)
 	return nil
 }
 

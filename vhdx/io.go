@@ -102,7 +102,7 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil // nothing to write: no session, no header update
 	}
-	if err := im.beginSession(); err != nil {
+	if err := im.beginDataSession(); err != nil {
 		return 0, err
 	}
 	done := 0
@@ -309,7 +309,7 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 		_, err := im.WriteAt(flat, off)
 		return err
 	}
-	if err := im.beginSession(); err != nil {
+	if err := im.beginDataSession(); err != nil {
 		return err
 	}
 	pos := uint64(off)
