@@ -683,3 +683,19 @@ func TestCreateChildRefusesGeometryOtherThanTheParents(t *testing.T) {
 		t.Fatalf("child geometry %d %d %d %v", im.Size(), im.LogicalSectorSize(), im.BlockSize(), im.DiskID())
 	}
 }
+
+// TestCheckValidatesTheChainBelow: Check of a child reports a parent that
+// no longer links, naming the child, and passes an intact chain.
+func TestCheckValidatesTheChainBelow(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 2, nil)
+	writeImage(t, paths[2], 4096, pattern(1, 512))
+	if rep, err := Check(paths[2], false); err != nil || rep.Damaged() {
+		t.Fatalf("intact chain: %v %+v", err, rep)
+	}
+	writeImage(t, paths[0], 0, pattern(2, 512))
+	rep, err := Check(paths[2], false)
+	if err != nil || !rep.Damaged() || !strings.Contains(fmt.Sprint(rep.Problems), paths[1]) ||
+		!strings.Contains(fmt.Sprint(rep.Problems), "parent linkage mismatch") {
+		t.Fatalf("broken link: %v %+v", err, rep)
+	}
+}
