@@ -16,7 +16,7 @@ type memChain struct {
 	child []byte
 }
 
-func newMemChain(t *testing.T, o CreateOptions, baseData []imageWrite) memChain {
+func newMemChain(t testing.TB, o CreateOptions, baseData []imageWrite) memChain {
 	t.Helper()
 	bs := createMem(t, o)
 	im, err := OpenStorage(bs, OpenOptions{})
@@ -55,7 +55,12 @@ func openMemBase(t testing.TB, b []byte) *Image {
 
 // openChild opens the child on s over a fresh copy of the base.
 func (mc memChain) openChild(t testing.TB, s Storage, ro bool) (*Image, error) {
-	return openStorageWithParent(s, OpenOptions{ReadOnly: ro}, openMemBase(t, mc.base))
+	p := openMemBase(t, mc.base)
+	im, err := openStorageWithParent(s, OpenOptions{ReadOnly: ro}, p)
+	if err != nil {
+		p.Close()
+	}
+	return im, err
 }
 
 // childWorkload covers each path of a differencing write: a first sector
