@@ -776,3 +776,41 @@ func TestConcurrentWritersIntoOneChildBlockKeepEverySector(t *testing.T) {
 	defer im.Close()
 	compareChain(t, im, model, "after reopen")
 }
+
+// TestChainIOAllocatesNothing: reads through a chain (a partially present
+// block, a block from the base) and writes into sectors the child holds
+// make no heap allocation per call once the bitmap page is cached.
+func TestChainIOAllocatesNothing(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 2, func(layer int, p string) {
+		switch layer {
+		case 0:
+			writeImage(t, p, 0, pattern(1, 4*mib))
+		case 2:
+			writeImage(t, p, 8192, pattern(2, 4096))
+		}
+	})
+	im, err := Open(paths[2], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	buf := make([]byte, 64*kib)
+	bufs := [][]byte{buf[:1000], buf[1000:40000], buf[40000:]}
+	for name, fn := range map[string]func() error{
+		"ReadAt partial block": func() error { _, err := im.ReadAt(buf, 0); return err },
+		"ReadAt base block":    func() error { _, err := im.ReadAt(buf, 2*mib); return err },
+		"ReadVec partial":      func() error { return im.ReadVec(bufs, 0) },
+		"WriteAt held sectors": func() error { _, err := im.WriteAt(buf[:4096], 8192); return err },
+	} {
+		if err := fn(); err != nil { // warm-up: session start, bitmap page load
+			t.Fatal(err)
+		}
+		if n := testing.AllocsPerRun(50, func() {
+			if err := fn(); err != nil {
+				t.Fatal(err)
+			}
+		}); n != 0 {
+			t.Errorf("%s: %.1f allocations per call", name, n)
+		}
+	}
+}
