@@ -814,3 +814,49 @@ func TestChainIOAllocatesNothing(t *testing.T) {
 		}
 	}
 }
+
+// TestStaleRelativePathFallsBackToAbsolutePath: relative_path names an
+// existing image that is not the parent (its DataWriteGuid does not link);
+// absolute_win32_path names the real one, which is used.
+func TestStaleRelativePathFallsBackToAbsolutePath(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, 0, pattern(5, 4096))
+		}
+	})
+	dir := filepath.Dir(paths[0])
+	real := filepath.Join(dir, "real", "base.vhdx")
+	os.MkdirAll(filepath.Dir(real), 0o755)
+	if err := os.Rename(paths[0], real); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(paths[0], CreateOptions{Size: 16 * mib, BlockSize: mib}); err != nil { // impostor at the relative path
+		t.Fatal(err)
+	}
+	im, err := openFile(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := im.l.locator.clone()
+	pl.set(keyAbsolutePath, strings.ReplaceAll(real, "/", `\`))
+	im.mu.Lock()
+	err = im.rewriteLocatorLocked(pl)
+	im.mu.Unlock()
+	im.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	defer im.Close()
+	if im.Parent().Path() != real {
+		t.Fatalf("parent %s, want %s", im.Parent().Path(), real)
+	}
+	got := make([]byte, 4096)
+	im.ReadAt(got, 0)
+	if !bytes.Equal(got, pattern(5, 4096)) {
+		t.Fatal("chain does not read the real parent's data")
+	}
+}
