@@ -79,7 +79,7 @@ func parentOpenOptions(opts OpenOptions) OpenOptions {
 func (im *Image) attachParent(opts OpenOptions, cs *chainState) error {
 	pl := im.l.locator
 	if len(cs.seen) > maxChainDepth {
-		return fmt.Errorf("%s: differencing image: more than %d parents below the top: %w", im.path, maxChainDepth, ErrChainTooDeep)
+		return fmt.Errorf("%s: differencing image: more than %d parents below the top (parent_linkage %v): %w", im.path, maxChainDepth, pl.linkage, ErrChainTooDeep)
 	}
 	tried := pl.parentCandidates(im.path)
 	var firstErr error
@@ -119,8 +119,8 @@ func (im *Image) openCandidate(pp string, pl *parentLocator, tried []string, opt
 	// meet this chain's own (exclusive) lock first.
 	var st unix.Stat_t
 	if err := unix.Stat(pp, &st); err == nil && cs.has(fileID{uint64(st.Dev), uint64(st.Ino)}) {
-		return nil, fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain: %w",
-			im.path, desc, pp, st.Dev, st.Ino, ErrChainLoop)
+		return nil, fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain (parent_linkage %v): %w",
+			im.path, desc, pp, st.Dev, st.Ino, pl.linkage, ErrChainLoop)
 	}
 	parent, err := openFile(pp, parentOpenOptions(opts))
 	if err != nil {
@@ -128,8 +128,8 @@ func (im *Image) openCandidate(pp string, pl *parentLocator, tried []string, opt
 	}
 	id, err := fileIDOf(parent.f)
 	if err == nil && cs.has(id) { // replaced between the stat and the open
-		err = fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain: %w",
-			im.path, desc, pp, id.dev, id.ino, ErrChainLoop)
+		err = fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain (parent_linkage %v, its DataWriteGuid %v): %w",
+			im.path, desc, pp, id.dev, id.ino, pl.linkage, parent.l.hdr.dataWriteGUID, ErrChainLoop)
 	}
 	if err == nil {
 		err = im.checkParent(parent, desc)

@@ -142,3 +142,35 @@ func TestFirstWriteIntoBlockIgnoresStaleBitmapBits(t *testing.T) {
 		t.Fatalf("after the first write, block 1 differs at %#x", i)
 	}
 }
+
+// TestLoadBATAllocatesPerImageNotPerEntry: validating a BAT of 64Ki
+// entries costs a handful of allocations, not one per entry.
+func TestLoadBATAllocatesPerImageNotPerEntry(t *testing.T) {
+	for _, child := range []bool{false, true} {
+		var s []byte
+		var hasParent bool
+		if child {
+			_, s = diffChild(t)
+			hasParent = true
+		} else {
+			s = createMem(t, CreateOptions{Size: 64 * gib, BlockSize: mib}).bytes()
+		}
+		ms := newMemStorage(s)
+		im, err := openStorage(ms, OpenOptions{ReadOnly: true}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := im.l
+		if l.hasParent != hasParent {
+			t.Fatal("wrong image kind")
+		}
+		n := testing.AllocsPerRun(5, func() {
+			if _, err := loadBAT(ms, &l, nil); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if n > 16 {
+			t.Errorf("child %v: loadBAT of %d entries made %.0f allocations", child, l.batEntries, n)
+		}
+	}
+}
