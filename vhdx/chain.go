@@ -59,8 +59,45 @@ func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 			im.Close()
 			return nil, err
 		}
+		if err := im.refreshLocator(); err != nil {
+			im.Close()
+			return nil, err
+		}
 	}
 	return im, nil
+}
+
+// refreshLocator: §2.6.2.6.3 asks that, once a chain opens, stale path
+// entries be updated to the current parent. A read-write open whose parent
+// was not found through relative_path rewrites relative_path and
+// absolute_win32_path (a metadata-only update: DataWriteGuid is kept);
+// other keys, volume_path included, are left as they are. A read-only
+// open never writes.
+func (im *Image) refreshLocator() error {
+	if im.readOnly || im.parent == nil {
+		return nil
+	}
+	pl := im.l.locator
+	if rel, ok := pl.get(keyRelativePath); ok && rel != "" {
+		if c := pl.parentCandidates(im.path); len(c) > 0 && c[0] == im.parent.path {
+			return nil
+		}
+	}
+	fresh, err := newParentLocator(im.path, im.parent.path, pl.linkage)
+	if err != nil {
+		return nil // a path we cannot express: keep the locator as it is
+	}
+	np := pl.clone()
+	for _, k := range []string{keyRelativePath, keyAbsolutePath} {
+		v, _ := fresh.get(k)
+		np.set(k, v)
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err := im.rewriteLocatorLocked(np); err != nil {
+		return fmt.Errorf("%s: update the stale parent locator paths: %w", im.path, err)
+	}
+	return nil
 }
 
 // parentOpenOptions: parents are read-only, share the lock mode and the

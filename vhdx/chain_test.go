@@ -860,3 +860,54 @@ func TestStaleRelativePathFallsBackToAbsolutePath(t *testing.T) {
 		t.Fatal("chain does not read the real parent's data")
 	}
 }
+
+// TestReadWriteOpenRefreshesStaleLocatorPaths: after the chain moved, a
+// read-only open finds the parent through absolute_win32_path and writes
+// nothing; a read-write open rewrites relative_path (§2.6.2.6.3) without
+// touching DataWriteGuid, so the next open finds the parent relatively.
+func TestReadWriteOpenRefreshesStaleLocatorPaths(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 1, nil)
+	dir := filepath.Dir(paths[0])
+	moved := filepath.Join(dir, "parents", "base.vhdx")
+	os.MkdirAll(filepath.Dir(moved), 0o755)
+	os.Rename(paths[0], moved)
+	im, err := openFile(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := im.l.locator.clone()
+	pl.set(keyAbsolutePath, strings.ReplaceAll(moved, "/", `\`))
+	im.mu.Lock()
+	err = im.rewriteLocatorLocked(pl)
+	im.mu.Unlock()
+	im.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(paths[1])
+	ro, err := Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro.Close()
+	if after, _ := os.ReadFile(paths[1]); !bytes.Equal(before, after) {
+		t.Fatal("a read-only open modified the child")
+	}
+	dw := dataWriteGUID(t, paths[1])
+	rw, err := Open(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw.Close()
+	child, err := openFile(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer child.Close()
+	if rel, _ := child.l.locator.get(keyRelativePath); rel != `.\parents\base.vhdx` {
+		t.Fatalf("relative_path after a read-write open: %q", rel)
+	}
+	if child.l.hdr.dataWriteGUID != dw {
+		t.Fatal("refreshing the locator changed DataWriteGuid")
+	}
+}
