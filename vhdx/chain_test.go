@@ -17,6 +17,13 @@ import (
 // not nil, is called on each layer before the next is created over it.
 func makeChain(t testing.TB, o CreateOptions, depth int, fill func(layer int, path string)) []string {
 	t.Helper()
+	return makeChainWith(t, o, CreateOptions{}, depth, fill)
+}
+
+// makeChainWith is makeChain with the children created with co (plus
+// ParentPath).
+func makeChainWith(t testing.TB, o, co CreateOptions, depth int, fill func(layer int, path string)) []string {
+	t.Helper()
 	dir := t.TempDir()
 	paths := []string{filepath.Join(dir, "base.vhdx")}
 	if err := Create(paths[0], o); err != nil {
@@ -27,7 +34,8 @@ func makeChain(t testing.TB, o CreateOptions, depth int, fill func(layer int, pa
 			fill(i-1, paths[i-1])
 		}
 		p := filepath.Join(dir, fmt.Sprintf("child%d.avhdx", i))
-		if err := Create(p, CreateOptions{ParentPath: paths[i-1]}); err != nil {
+		co.ParentPath = paths[i-1]
+		if err := Create(p, co); err != nil {
 			t.Fatalf("create child %d: %v", i, err)
 		}
 		paths = append(paths, p)
@@ -167,49 +175,55 @@ func TestChainReadsWhatAFlatModelReads(t *testing.T) {
 		opts   CreateOptions
 		depth  int
 		layers [][]imageWrite // writes per layer, base first
+		child  CreateOptions  // options of the children
 	}{
 		{"Depth1SingleSectors", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{0, pattern(1, 2*mib)}},
 			{{512, pattern(2, 512)}, {mib - 512, pattern(3, 512)}, {1536, pattern(4, 1024)}, {5 * mib, pattern(5, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth1RunAcrossBlocksAndWholeBlock", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{mib / 2, pattern(1, 3*mib)}},
 			{{mib - 1024, pattern(2, mib+4096)}, {3 * mib, pattern(3, mib)}, {10 * mib, pattern(4, mib)}, {mib - 512, pattern(5, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth1PartialBlockMadeWhole", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{0, pattern(1, 4*mib)}},
 			{{mib + 4096, pattern(2, 4096)}, {mib, pattern(3, mib)}, {mib + 8192, pattern(4, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth2ChunkBoundary", CreateOptions{Size: gb4 + 8*mib, BlockSize: mib}, 2, [][]imageWrite{
 			{{gb4 - mib, pattern(1, 2*mib)}},
 			{{gb4 - 2048, pattern(2, 4096)}},
 			{{gb4 - 512, pattern(3, 1024)}, {gb4 + 8*mib - 512, pattern(4, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth2BitmapPageBoundary", CreateOptions{Size: 256 * mib, BlockSize: 32 * mib}, 2, [][]imageWrite{
 			{{0, pattern(1, 40*mib)}},
 			{{16*mib - 512, pattern(2, 1024)}, {100 * mib, pattern(3, 512)}},
 			{{16*mib - 4096, pattern(4, 8192)}, {32*mib - 512, pattern(5, 1024)}, {100*mib + 512, pattern(6, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth3Layered", CreateOptions{Size: 32 * mib, BlockSize: mib}, 3, [][]imageWrite{
 			{{0, pattern(1, 8*mib)}},
 			{{4096, pattern(2, 512)}, {2 * mib, pattern(3, mib)}},
 			{{4096 + 512, pattern(4, 512)}, {2*mib + 512, pattern(5, 512)}},
 			{{0, pattern(6, 512)}, {4096, pattern(7, 1024)}, {20 * mib, pattern(8, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Sector4096Depth2", CreateOptions{Size: 64 * mib, BlockSize: mib, LogicalSectorSize: 4096}, 2, [][]imageWrite{
 			{{0, pattern(1, 3*mib)}},
 			{{4096, pattern(2, 4096)}, {mib - 4096, pattern(3, 8192)}},
 			{{8192, pattern(4, 4096)}, {2*mib + 4096, pattern(5, 4096)}, {mib, pattern(6, mib)}},
-		}},
+		}, CreateOptions{}},
+		{"ChildBlocksLargerThanParents", CreateOptions{Size: 64 * mib, BlockSize: mib}, 2, [][]imageWrite{
+			{{0, pattern(1, 6*mib)}},
+			{{3*mib - 512, pattern(2, 2048)}, {9 * mib, pattern(3, 512)}},
+			{{3*mib + 512, pattern(4, 512)}, {4 * mib, pattern(5, 4*mib)}, {8*mib - 512, pattern(6, 1024)}},
+		}, CreateOptions{BlockSize: 4 * mib}},
 		{"Sector4096ChunkBoundary", CreateOptions{Size: 32*gib + 4*mib, BlockSize: 4 * mib, LogicalSectorSize: 4096}, 1, [][]imageWrite{
 			{{32*gib - 4096, pattern(1, 8192)}},
 			{{32*gib - 8192, pattern(2, 16384)}},
-		}},
+		}, CreateOptions{}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			model := sparseModel{}
-			paths := makeChain(t, tc.opts, tc.depth, func(layer int, p string) {
+			paths := makeChainWith(t, tc.opts, tc.child, tc.depth, func(layer int, p string) {
 				for _, wr := range tc.layers[layer] {
 					writeImage(t, p, wr.off, wr.data)
 					model.write(wr.off, wr.data)
