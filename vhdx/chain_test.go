@@ -1,0 +1,344 @@
+package vhdx
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/uuid"
+)
+
+// makeChain creates base.vhdx (with o) and depth children, each over the
+// previous one, in a temp dir; it returns the paths, base first. fill, if
+// not nil, is called on each layer before the next is created over it.
+func makeChain(t testing.TB, o CreateOptions, depth int, fill func(layer int, path string)) []string {
+	t.Helper()
+	dir := t.TempDir()
+	paths := []string{filepath.Join(dir, "base.vhdx")}
+	if err := Create(paths[0], o); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= depth; i++ {
+		if fill != nil {
+			fill(i-1, paths[i-1])
+		}
+		p := filepath.Join(dir, fmt.Sprintf("child%d.avhdx", i))
+		if err := Create(p, CreateOptions{ParentPath: paths[i-1]}); err != nil {
+			t.Fatalf("create child %d: %v", i, err)
+		}
+		paths = append(paths, p)
+	}
+	if fill != nil {
+		fill(depth, paths[depth])
+	}
+	return paths
+}
+
+func writeImage(t testing.TB, path string, off int64, data []byte) {
+	t.Helper()
+	im, err := Open(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(data, off); err != nil {
+		t.Fatalf("write %s at %#x: %v", path, off, err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readAll(t testing.TB, im *Image) []byte {
+	t.Helper()
+	b := make([]byte, im.Size())
+	if _, err := im.ReadAt(b, 0); err != nil {
+		t.Fatalf("read %s: %v", im.Path(), err)
+	}
+	return b
+}
+
+// TestEmptyChildrenReadTheirBase: children that were never written read
+// exactly what their base reads, at every depth, and report the chain.
+func TestEmptyChildrenReadTheirBase(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 3, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, mib-512, pattern(1, 3*mib))
+		}
+	})
+	want := make([]byte, 16*mib)
+	copy(want[mib-512:], pattern(1, 3*mib))
+	for d, p := range paths {
+		im, err := Open(p, OpenOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatalf("open depth %d: %v", d, err)
+		}
+		if im.Depth() != d || (d > 0) != (im.Parent() != nil) || im.Path() != p {
+			t.Fatalf("depth %d: Depth %d Parent %v Path %s", d, im.Depth(), im.Parent() != nil, im.Path())
+		}
+		if !bytes.Equal(readAll(t, im), want) {
+			t.Fatalf("depth %d reads differently from its base", d)
+		}
+		if d > 0 && im.Info().Type != Differencing {
+			t.Fatalf("type %v", im.Info().Type)
+		}
+		im.Close()
+	}
+}
+
+// sparseModel is the flat model of a large virtual disk: 1 MiB pages,
+// absent pages read as zeros.
+type sparseModel map[int64][]byte
+
+func (m sparseModel) write(off int64, p []byte) {
+	for len(p) > 0 {
+		pg, in := off/mib, off%mib
+		b, ok := m[pg]
+		if !ok {
+			b = make([]byte, mib)
+			m[pg] = b
+		}
+		n := copy(b[in:], p)
+		p, off = p[n:], off+int64(n)
+	}
+}
+
+func (m sparseModel) read(off int64, n int) []byte {
+	out := make([]byte, n)
+	for done := 0; done < n; {
+		pg, in := (off+int64(done))/mib, (off+int64(done))%mib
+		k := min(n-done, int(mib-in))
+		if b, ok := m[pg]; ok {
+			copy(out[done:done+k], b[in:])
+		}
+		done += k
+	}
+	return out
+}
+
+// windows lists the ranges worth comparing: each written range widened by
+// two sectors... rounded out to whole MiB on each side, plus the start and
+// end of the disk.
+func (m sparseModel) windows(size int64) [][2]int64 {
+	var w [][2]int64
+	for pg := range m {
+		lo, hi := max(0, (pg-1)*mib), min(size, (pg+2)*mib)
+		w = append(w, [2]int64{lo, hi})
+	}
+	return append(w, [2]int64{0, min(size, mib)}, [2]int64{size - min(size, mib), size})
+}
+
+// compareChain reads every window of im (ReadAt, and ReadVec with buffers
+// split off sector boundaries) and compares it with the model.
+func compareChain(t *testing.T, im *Image, m sparseModel, where string) {
+	t.Helper()
+	for _, w := range m.windows(im.Size()) {
+		want := m.read(w[0], int(w[1]-w[0]))
+		got := make([]byte, w[1]-w[0])
+		if _, err := im.ReadAt(got, w[0]); err != nil {
+			t.Fatalf("%s: read [%#x, %#x): %v", where, w[0], w[1], err)
+		}
+		if i := firstDiff(got, want); i >= 0 {
+			t.Fatalf("%s: ReadAt differs from the model at %#x", where, w[0]+int64(i))
+		}
+		clear(got)
+		bufs := [][]byte{got[:100], got[100:5000], got[5000:]}
+		if err := im.ReadVec(bufs, w[0]); err != nil {
+			t.Fatalf("%s: ReadVec [%#x, %#x): %v", where, w[0], w[1], err)
+		}
+		if i := firstDiff(got, want); i >= 0 {
+			t.Fatalf("%s: ReadVec differs from the model at %#x", where, w[0]+int64(i))
+		}
+	}
+}
+
+// TestChainReadsWhatAFlatModelReads: chains of depth 1 to 3, each layer
+// written at awkward places (single sectors, runs across block, bitmap page
+// and chunk boundaries, whole blocks, rewrites of sectors already present),
+// read exactly as a flat byte model where later layers win.
+func TestChainReadsWhatAFlatModelReads(t *testing.T) {
+	type w = imageWrite
+	const gb4 = 4 * gib
+	tests := []struct {
+		name   string
+		opts   CreateOptions
+		depth  int
+		layers [][]imageWrite // writes per layer, base first
+	}{
+		{"Depth1SingleSectors", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
+			{{0, pattern(1, 2*mib)}},
+			{{512, pattern(2, 512)}, {mib - 512, pattern(3, 512)}, {1536, pattern(4, 1024)}, {5 * mib, pattern(5, 512)}},
+		}},
+		{"Depth1RunAcrossBlocksAndWholeBlock", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
+			{{mib / 2, pattern(1, 3*mib)}},
+			{{mib - 1024, pattern(2, mib+4096)}, {3 * mib, pattern(3, mib)}, {10 * mib, pattern(4, mib)}, {mib - 512, pattern(5, 512)}},
+		}},
+		{"Depth1PartialBlockMadeWhole", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
+			{{0, pattern(1, 4*mib)}},
+			{{mib + 4096, pattern(2, 4096)}, {mib, pattern(3, mib)}, {mib + 8192, pattern(4, 512)}},
+		}},
+		{"Depth2ChunkBoundary", CreateOptions{Size: gb4 + 8*mib, BlockSize: mib}, 2, [][]imageWrite{
+			{{gb4 - mib, pattern(1, 2*mib)}},
+			{{gb4 - 2048, pattern(2, 4096)}},
+			{{gb4 - 512, pattern(3, 1024)}, {gb4 + 8*mib - 512, pattern(4, 512)}},
+		}},
+		{"Depth2BitmapPageBoundary", CreateOptions{Size: 256 * mib, BlockSize: 32 * mib}, 2, [][]imageWrite{
+			{{0, pattern(1, 40*mib)}},
+			{{16*mib - 512, pattern(2, 1024)}, {100 * mib, pattern(3, 512)}},
+			{{16*mib - 4096, pattern(4, 8192)}, {32*mib - 512, pattern(5, 1024)}, {100*mib + 512, pattern(6, 512)}},
+		}},
+		{"Depth3Layered", CreateOptions{Size: 32 * mib, BlockSize: mib}, 3, [][]imageWrite{
+			{{0, pattern(1, 8*mib)}},
+			{{4096, pattern(2, 512)}, {2 * mib, pattern(3, mib)}},
+			{{4096 + 512, pattern(4, 512)}, {2*mib + 512, pattern(5, 512)}},
+			{{0, pattern(6, 512)}, {4096, pattern(7, 1024)}, {20 * mib, pattern(8, 512)}},
+		}},
+		{"Sector4096Depth2", CreateOptions{Size: 64 * mib, BlockSize: mib, LogicalSectorSize: 4096}, 2, [][]imageWrite{
+			{{0, pattern(1, 3*mib)}},
+			{{4096, pattern(2, 4096)}, {mib - 4096, pattern(3, 8192)}},
+			{{8192, pattern(4, 4096)}, {2*mib + 4096, pattern(5, 4096)}, {mib, pattern(6, mib)}},
+		}},
+		{"Sector4096ChunkBoundary", CreateOptions{Size: 32*gib + 4*mib, BlockSize: 4 * mib, LogicalSectorSize: 4096}, 1, [][]imageWrite{
+			{{32*gib - 4096, pattern(1, 8192)}},
+			{{32*gib - 8192, pattern(2, 16384)}},
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			model := sparseModel{}
+			paths := makeChain(t, tc.opts, tc.depth, func(layer int, p string) {
+				for _, wr := range tc.layers[layer] {
+					writeImage(t, p, wr.off, wr.data)
+					model.write(wr.off, wr.data)
+				}
+			})
+			im, err := Open(paths[tc.depth], OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer im.Close()
+			compareChain(t, im, model, "top")
+			// A second pass over a cache too small for the bitmaps
+			// evicts pages on every lookup and must read the same.
+			defer func(n int) { bitmapCachePages = n }(bitmapCachePages)
+			bitmapCachePages = 1
+			im2, err := Open(paths[tc.depth], OpenOptions{ReadOnly: true, NoLock: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer im2.Close()
+			compareChain(t, im2, model, "one-page cache")
+		})
+	}
+}
+
+var _ = errors.Is
+var _ = os.Remove
+var _ = strings.Contains
+
+// TestChildWriteLaysOutBitmapPerSpec decodes a child's file by hand after
+// one-sector writes: the payload entry is PARTIALLY_PRESENT (7), the chunk's
+// sector bitmap entry (k+1)*(ChunkRatio+1)-1 is SB_BLOCK_PRESENT (6), and the
+// written sectors' bits are set LSB first (§2.4), nothing else.
+func TestChildWriteLaysOutBitmapPerSpec(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 4*gib + 64*mib, BlockSize: mib}, 1, nil)
+	// Sector 1 of block 0, sector 9 of block 2, and sector 3 of the first
+	// block of chunk 1 (4 GiB, chunk ratio 4096).
+	for _, off := range []int64{512, 2*mib + 9*512, 4*gib + 3*512} {
+		writeImage(t, paths[1], off, pattern(off, 512))
+	}
+	b, err := os.ReadFile(paths[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cr = 4096
+	bat := int64(3 * mib) // layout of Create: log 1 MiB, metadata 1 MiB, BAT
+	entry := func(i int64) uint64 { return le.Uint64(b[bat+8*i:]) }
+	for _, c := range []struct {
+		idx   int64
+		state uint64
+	}{{0, statePartiallyPresent}, {1, stateNotPresent}, {2, statePartiallyPresent}, {cr, stateFullyPresent},
+		{cr + 1, statePartiallyPresent}, {2*(cr+1) - 1, stateFullyPresent}} {
+		if got := batState(entry(c.idx)); got != c.state {
+			t.Fatalf("BAT entry %d has state %d, want %d", c.idx, got, c.state)
+		}
+	}
+	sb0 := b[batFileOffset(entry(cr)):][:mib]
+	sb1 := b[batFileOffset(entry(2*(cr+1)-1)):][:mib]
+	// Block 2 starts at sector 2*2048 of the chunk.
+	want0 := map[int]byte{0: 0x02, (2*2048 + 9) / 8: 1 << ((2*2048 + 9) % 8)}
+	for i, v := range sb0 {
+		if v != want0[i] {
+			t.Fatalf("chunk 0 bitmap byte %d is %#x, want %#x", i, v, want0[i])
+		}
+	}
+	for i, v := range sb1 {
+		if want := map[int]byte{0: 0x08}[i]; v != want {
+			t.Fatalf("chunk 1 bitmap byte %d is %#x, want %#x", i, v, want)
+		}
+	}
+}
+
+// TestChildSurvivesParentRepairAndIdleSessions: §2.2.2 DataWriteGuid
+// discipline. A repair that truncates leaked space, and a read-write open
+// closed without writing, leave the parent's DataWriteGuid alone, so its
+// child still opens; the first guest write changes it (to
+// OpenOptions.DataWriteGUID when given), which orphans the child.
+func TestChildSurvivesParentRepairAndIdleSessions(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, 0, pattern(1, mib))
+			f, err := os.OpenFile(p, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fi, _ := f.Stat()
+			if err := f.Truncate(fi.Size() + 3*mib); err != nil { // leaked tail
+				t.Fatal(err)
+			}
+			f.Close()
+		}
+	})
+	childOpens := func(step string) error {
+		im, err := Open(paths[1], OpenOptions{ReadOnly: true})
+		if err == nil {
+			im.Close()
+		}
+		return err
+	}
+	rep, err := Check(paths[0], true)
+	if err != nil || rep.LeakedBytes == 0 || !rep.Problems[len(rep.Problems)-1].Repaired {
+		t.Fatalf("repair: %v %+v", err, rep)
+	}
+	if err := childOpens("repair"); err != nil {
+		t.Fatalf("child after the parent's repair: %v", err)
+	}
+	im, err := Open(paths[0], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := childOpens("idle session"); err != nil {
+		t.Fatalf("child after an idle read-write session of the parent: %v", err)
+	}
+	want := uuid.New()
+	im, err = Open(paths[0], OpenOptions{DataWriteGUID: want})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := im.Info().DataWriteGUID; got != want {
+		t.Fatalf("DataWriteGuid after a write %v, want OpenOptions.DataWriteGUID %v", got, want)
+	}
+	im.Close()
+	if err := childOpens("write"); !errors.Is(err, ErrParentLinkage) || !strings.Contains(err.Error(), want.String()) {
+		t.Fatalf("child after a write to its parent: %v, want ErrParentLinkage naming %v", err, want)
+	}
+}
