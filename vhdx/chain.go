@@ -25,6 +25,15 @@ type chainState struct {
 	seen []fileID
 }
 
+func (cs *chainState) has(id fileID) bool {
+	for _, s := range cs.seen {
+		if s == id {
+			return true
+		}
+	}
+	return false
+}
+
 func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 	im, err := openFile(path, opts)
 	if err != nil {
@@ -36,11 +45,9 @@ func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 		return nil, fmt.Errorf("%s: stat: %w", path, err)
 	}
 	id := fileID{uint64(st.Dev), uint64(st.Ino)}
-	for _, s := range cs.seen {
-		if s == id {
-			im.Close()
-			return nil, fmt.Errorf("%s (device %d, inode %d) is already a layer of this chain: %w", path, id.dev, id.ino, ErrChainLoop)
-		}
+	if cs.has(id) { // replaced between the stat in attachParent and the open
+		im.Close()
+		return nil, fmt.Errorf("%s (device %d, inode %d) is already a layer of this chain: %w", path, id.dev, id.ino, ErrChainLoop)
 	}
 	cs.seen = append(cs.seen, id)
 	if im.l.hasParent {
@@ -61,13 +68,20 @@ func parentOpenOptions(opts OpenOptions) OpenOptions {
 // attachParent finds, opens and validates im's parent.
 func (im *Image) attachParent(opts OpenOptions, cs *chainState) error {
 	pl := im.l.locator
-	if len(cs.seen) > MaxChainDepth {
-		return fmt.Errorf("%s: differencing image: more than %d parents: %w", im.path, MaxChainDepth, ErrChainTooDeep)
+	if len(cs.seen) > maxChainDepth {
+		return fmt.Errorf("%s: differencing image: more than %d parents below the top: %w", im.path, maxChainDepth, ErrChainTooDeep)
 	}
 	pp, tried := pl.resolveParent(im.path)
 	if pp == "" {
 		return fmt.Errorf("%s: differencing image: %s (parent_linkage %v): %w",
 			im.path, describeTried(pl, tried), pl.linkage, ErrParentNotFound)
+	}
+	// A loop is found before opening the file again: a second open would
+	// meet this chain's own (exclusive) lock first.
+	var st unix.Stat_t
+	if err := unix.Stat(pp, &st); err == nil && cs.has(fileID{uint64(st.Dev), uint64(st.Ino)}) {
+		return fmt.Errorf("%s: differencing image: parent %s (%s): %s (device %d, inode %d) is already a layer of this chain: %w",
+			im.path, pp, describeTried(pl, tried), pp, st.Dev, st.Ino, ErrChainLoop)
 	}
 	parent, err := openChain(pp, parentOpenOptions(opts), cs)
 	if err != nil {

@@ -342,3 +342,344 @@ func TestChildSurvivesParentRepairAndIdleSessions(t *testing.T) {
 		t.Fatalf("child after a write to its parent: %v, want ErrParentLinkage naming %v", err, want)
 	}
 }
+
+// relink points the child at path to parent, whatever the parent is (a
+// test's way to build broken chains Rebase refuses).
+func relink(t *testing.T, child, parent string, linkage uuid.UUID) {
+	t.Helper()
+	im, err := openFile(child, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := newParentLocator(child, parent, linkage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im.mu.Lock()
+	err = im.rewriteLocatorLocked(pl)
+	im.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func dataWriteGUID(t *testing.T, path string) uuid.UUID {
+	t.Helper()
+	im, err := openFile(path, OpenOptions{ReadOnly: true, NoLock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	return im.l.hdr.dataWriteGUID
+}
+
+func childLinkage(t *testing.T, path string) uuid.UUID {
+	t.Helper()
+	im, err := openFile(path, OpenOptions{ReadOnly: true, NoLock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	return im.l.locator.linkage
+}
+
+// replaceWithImpostor puts an image made with o at path, its DataWriteGuid
+// set to linkage so that only the geometry differs.
+func replaceWithImpostor(t *testing.T, path string, o CreateOptions, linkage uuid.UUID) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := Create(tmp, o); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(tmp, OpenOptions{DataWriteGUID: linkage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	im.Close()
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestOpenRefusesEachBrokenChain: every way a chain can be broken is
+// refused with its own error, naming the child, the paths tried and the
+// GUIDs; a refused open leaves every file as it was.
+func TestOpenRefusesEachBrokenChain(t *testing.T) {
+	base := CreateOptions{Size: 64 * mib, BlockSize: mib}
+	tests := []struct {
+		name     string
+		depth    int
+		breakIt  func(t *testing.T, paths []string)
+		sentinel error
+		want     func(paths []string) []string
+	}{
+		{"MissingParent", 1, func(t *testing.T, p []string) { os.Remove(p[0]) }, ErrParentNotFound,
+			func(p []string) []string {
+				return []string{p[1], `"` + p[0] + `"`, childLinkage(t, p[1]).String()}
+			}},
+		{"ParentWrittenAfterChildWasMade", 1, func(t *testing.T, p []string) { writeImage(t, p[0], 0, make([]byte, 512)) }, ErrParentLinkage,
+			func(p []string) []string {
+				return []string{p[1], p[0], childLinkage(t, p[1]).String(), dataWriteGUID(t, p[0]).String()}
+			}},
+		{"ParentVirtualSizeDiffers", 1, func(t *testing.T, p []string) {
+			replaceWithImpostor(t, p[0], CreateOptions{Size: 32 * mib, BlockSize: mib}, childLinkage(t, p[1]))
+		}, ErrParentGeometry, func(p []string) []string { return []string{p[1], p[0], "virtual size 33554432 differs"} }},
+		{"ParentSectorSizeDiffers", 1, func(t *testing.T, p []string) {
+			replaceWithImpostor(t, p[0], CreateOptions{Size: 64 * mib, BlockSize: mib, LogicalSectorSize: 4096}, childLinkage(t, p[1]))
+		}, ErrParentGeometry, func(p []string) []string { return []string{p[1], "logical sector size 4096 differs"} }},
+		{"ChildIsItsOwnParent", 1, func(t *testing.T, p []string) {
+			relink(t, p[1], p[1], dataWriteGUID(t, p[1]))
+		}, ErrChainLoop, func(p []string) []string { return []string{p[1], "already a layer"} }},
+		{"TwoChildrenParentEachOther", 2, func(t *testing.T, p []string) {
+			relink(t, p[1], p[2], dataWriteGUID(t, p[2]))
+		}, ErrChainLoop, func(p []string) []string { return []string{p[2], p[1], "already a layer"} }},
+		{"ParentLinkedByHardLinkTwice", 2, func(t *testing.T, p []string) {
+			alias := filepath.Join(filepath.Dir(p[0]), "alias.avhdx")
+			if err := os.Link(p[2], alias); err != nil {
+				t.Fatal(err)
+			}
+			relink(t, p[1], alias, dataWriteGUID(t, p[2]))
+		}, ErrChainLoop, func(p []string) []string { return []string{"alias.avhdx", "already a layer"} }},
+		{"LocatorKeyOffsetInsideTable", 1, func(t *testing.T, p []string) {
+			im, err := openFile(p[1], OpenOptions{ReadOnly: true, NoLock: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			at := int64(im.l.meta.offset) + int64(im.l.locatorItem.offset) + plHeaderSize + pleOffKeyOffset
+			im.Close()
+			f, _ := os.OpenFile(p[1], os.O_RDWR, 0)
+			f.WriteAt([]byte{4, 0, 0, 0}, at)
+			f.Close()
+		}, ErrCorrupt, func(p []string) []string {
+			return []string{p[1], "parent locator metadata item", "inside the header and entry table"}
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			paths := makeChain(t, base, tc.depth, nil)
+			top := paths[tc.depth]
+			if im, err := Open(top, OpenOptions{ReadOnly: true}); err != nil {
+				t.Fatalf("unbroken chain does not open: %v", err)
+			} else {
+				im.Close()
+			}
+			tc.breakIt(t, paths)
+			want := tc.want(paths)
+			before, _ := os.ReadFile(top)
+			for _, ro := range []bool{true, false} {
+				im, err := Open(top, OpenOptions{ReadOnly: ro})
+				if err == nil {
+					im.Close()
+					t.Fatalf("read-only %v: broken chain opened", ro)
+				}
+				if !errors.Is(err, tc.sentinel) {
+					t.Fatalf("read-only %v: error %q does not wrap %v", ro, err, tc.sentinel)
+				}
+				for _, w := range want {
+					if !strings.Contains(err.Error(), w) {
+						t.Fatalf("read-only %v: error %q does not name %q", ro, err, w)
+					}
+				}
+			}
+			if after, _ := os.ReadFile(top); !bytes.Equal(before, after) {
+				t.Fatal("a refused open modified the child")
+			}
+		})
+	}
+}
+
+func TestChainDeeperThanTheBoundIsRefused(t *testing.T) {
+	defer func(n int) { maxChainDepth = n }(maxChainDepth)
+	maxChainDepth = 3
+	paths := makeChain(t, CreateOptions{Size: 8 * mib, BlockSize: mib}, 4, nil)
+	if im, err := Open(paths[3], OpenOptions{ReadOnly: true}); err != nil {
+		t.Fatalf("3 parents: %v", err)
+	} else {
+		im.Close()
+	}
+	_, err := Open(paths[4], OpenOptions{ReadOnly: true})
+	if !errors.Is(err, ErrChainTooDeep) || !errors.Is(err, ErrChain) || !strings.Contains(err.Error(), paths[4]) {
+		t.Fatalf("4 parents: %v, want ErrChainTooDeep naming %s", err, paths[4])
+	}
+}
+
+// TestChainAPIDescribesEachLayer: Extents say which layer each run comes
+// from, LayerExtents what the top file alone holds, BackingChain and Info
+// name the parents and linkage.
+func TestChainAPIDescribesEachLayer(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 8 * mib, BlockSize: mib}, 2, func(layer int, p string) {
+		switch layer {
+		case 0:
+			writeImage(t, p, 0, pattern(1, 4*mib))
+		case 1:
+			writeImage(t, p, mib, pattern(2, 512))
+		case 2:
+			writeImage(t, p, mib+1024, pattern(3, 512))
+			writeImage(t, p, 6*mib, pattern(4, mib))
+		}
+	})
+	im, err := Open(paths[2], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	got, err := im.Extents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Base blocks are contiguous from the first data offset of the base.
+	b0 := got[0].FileOffset
+	want := []Extent{
+		{0, mib, b0, true, 2},
+		{mib, 512, 0, true, 1},
+		{mib + 512, 512, b0 + mib + 512, true, 2},
+		{mib + 1024, 512, 0, true, 0},
+		{mib + 1536, 3*mib - 1536, b0 + mib + 1536, true, 2},
+		{4 * mib, 2 * mib, 0, false, -1},
+		{6 * mib, mib, 0, true, 0},
+		{7 * mib, mib, 0, false, -1},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("Extents:\n got %v\nwant %v", got, want)
+	}
+	for i := range got {
+		w := want[i]
+		if w.FileOffset == 0 && w.Data {
+			w.FileOffset = got[i].FileOffset // this layer's offsets are the allocator's choice
+		}
+		if got[i] != w {
+			t.Fatalf("extent %d: got %+v want %+v\nall: %v", i, got[i], w, got)
+		}
+	}
+	layer, err := im.LayerExtents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantLayer := []struct {
+		off, n int64
+		data   bool
+		layer  int
+	}{{0, mib + 1024, false, 1}, {mib + 1024, 512, true, 0}, {mib + 1536, 5*mib - 1536, false, 1}, {6 * mib, mib, true, 0}, {7 * mib, mib, false, 1}}
+	if len(layer) != len(wantLayer) {
+		t.Fatalf("LayerExtents: %v", layer)
+	}
+	for i, w := range wantLayer {
+		if g := layer[i]; g.Offset != w.off || g.Length != w.n || g.Data != w.data || g.Layer != w.layer {
+			t.Fatalf("layer extent %d: %+v, want %+v", i, g, w)
+		}
+	}
+	chain := im.BackingChain()
+	if len(chain) != 3 || chain[0].Type != Differencing || chain[2].Type != Dynamic ||
+		chain[0].ParentPath != paths[1] || chain[1].ParentPath != paths[0] || chain[2].ParentPath != "" ||
+		chain[0].ParentLinkage != chain[1].DataWriteGUID || chain[1].ParentLinkage != chain[2].DataWriteGUID {
+		t.Fatalf("BackingChain: %+v", chain)
+	}
+}
+
+// TestRebaseAndSetParentLinkageRewriteOnlyTheLocator: a child whose parent
+// moved is repaired by Rebase; SetParentLinkage's parent_linkage2 keeps a
+// child linked to a parent whose DataWriteGuid is about to change; neither
+// touches the child's data or its DataWriteGuid.
+func TestRebaseAndSetParentLinkageRewriteOnlyTheLocator(t *testing.T) {
+	model := sparseModel{}
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		w := imageWrite{int64(layer) * 3 * 512, pattern(int64(layer), 4096)}
+		writeImage(t, p, w.off, w.data)
+		model.write(w.off, w.data)
+	})
+	moved := filepath.Join(filepath.Dir(paths[0]), "moved", "deeper", "base.vhdx")
+	os.MkdirAll(filepath.Dir(moved), 0o755)
+	if err := os.Rename(paths[0], moved); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(paths[1], OpenOptions{ReadOnly: true}); !errors.Is(err, ErrParentNotFound) {
+		t.Fatalf("open after the parent moved: %v", err)
+	}
+	childDW := dataWriteGUID(t, paths[1])
+	if err := Rebase(paths[1], moved); err != nil {
+		t.Fatal(err)
+	}
+	if dataWriteGUID(t, paths[1]) != childDW {
+		t.Fatal("Rebase changed the child's DataWriteGuid")
+	}
+	im, err := Open(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatalf("open after Rebase: %v", err)
+	}
+	if rel, _ := im.l.locator.get(keyRelativePath); rel != `.\moved\deeper\base.vhdx` {
+		t.Fatalf("relative_path %q", rel)
+	}
+	compareChain(t, im, model, "after rebase")
+	next := uuid.New()
+	if err := im.SetParentLinkage(im.Parent().Info().DataWriteGUID, next); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if dataWriteGUID(t, paths[1]) != childDW {
+		t.Fatal("SetParentLinkage changed the child's DataWriteGuid")
+	}
+	// The parent takes a write with DataWriteGuid = next: the child still
+	// opens through parent_linkage2.
+	p, err := Open(moved, OpenOptions{DataWriteGUID: next})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.WriteAt(pattern(9, 512), 8*mib)
+	p.Close()
+	model.write(8*mib, pattern(9, 512))
+	im, err = Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("open through parent_linkage2: %v", err)
+	}
+	compareChain(t, im, model, "through parent_linkage2")
+	im.Close()
+	// Rebase refuses a parent of another size and the child itself.
+	other := filepath.Join(filepath.Dir(paths[0]), "other.vhdx")
+	if err := Create(other, CreateOptions{Size: 8 * mib}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Rebase(paths[1], other); !errors.Is(err, ErrParentGeometry) {
+		t.Fatalf("rebase onto another size: %v", err)
+	}
+	if err := Rebase(paths[1], paths[1]); err == nil {
+		t.Fatal("rebase onto itself succeeded")
+	}
+}
+
+func TestCreateChildRefusesGeometryOtherThanTheParents(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib, LogicalSectorSize: 4096}, 0, nil)
+	dir := filepath.Dir(paths[0])
+	for i, o := range []CreateOptions{
+		{Size: 8 * mib}, {LogicalSectorSize: 512}, {PhysicalSectorSize: 512}, {DiskID: uuid.New()}, {Type: Fixed},
+	} {
+		o.ParentPath = paths[0]
+		p := filepath.Join(dir, fmt.Sprintf("c%d.avhdx", i))
+		if err := Create(p, o); err == nil {
+			t.Errorf("Create(%+v) succeeded", o)
+		}
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("Create(%+v) left a file", o)
+		}
+	}
+	c := filepath.Join(dir, "ok.avhdx")
+	if err := Create(c, CreateOptions{ParentPath: paths[0], BlockSize: 4 * mib}); err != nil {
+		t.Fatal(err)
+	}
+	im, err := Open(c, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	pi := im.Parent().Info()
+	if im.Size() != 16*mib || im.LogicalSectorSize() != 4096 || im.BlockSize() != 4*mib || im.DiskID() != pi.DiskID {
+		t.Fatalf("child geometry %d %d %d %v", im.Size(), im.LogicalSectorSize(), im.BlockSize(), im.DiskID())
+	}
+}

@@ -55,3 +55,6 @@ var (
 
 // MaxChainDepth bounds the number of parents below an image.
 const MaxChainDepth = 256
+
+// maxChainDepth is MaxChainDepth; tests lower it.
+var maxChainDepth = MaxChainDepth
