@@ -12,6 +12,7 @@ package vhdx
 
 import (
 	"fmt"
+	"os"
 	"strings"
 
 	"github.com/google/uuid"
@@ -34,17 +35,24 @@ func (cs *chainState) has(id fileID) bool {
 	return false
 }
 
+func fileIDOf(f *os.File) (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return fileID{}, err
+	}
+	return fileID{uint64(st.Dev), uint64(st.Ino)}, nil
+}
+
 func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 	im, err := openFile(path, opts)
 	if err != nil {
 		return nil, err
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(int(im.f.Fd()), &st); err != nil {
+	id, err := fileIDOf(im.f)
+	if err != nil {
 		im.Close()
 		return nil, fmt.Errorf("%s: stat: %w", path, err)
 	}
-	id := fileID{uint64(st.Dev), uint64(st.Ino)}
 	if cs.has(id) { // replaced between the stat in attachParent and the open
 		im.Close()
 		return nil, fmt.Errorf("%s (device %d, inode %d) is already a layer of this chain: %w", path, id.dev, id.ino, ErrChainLoop)

@@ -683,3 +683,96 @@ func TestCreateChildRefusesGeometryOtherThanTheParents(t *testing.T) {
 		t.Fatalf("child geometry %d %d %d %v", im.Size(), im.LogicalSectorSize(), im.BlockSize(), im.DiskID())
 	}
 }
+
+// TestCheckValidatesTheChainBelow: Check of a child reports a parent that
+// no longer links, naming the child, and passes an intact chain.
+func TestCheckValidatesTheChainBelow(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 2, nil)
+	writeImage(t, paths[2], 4096, pattern(1, 512))
+	if rep, err := Check(paths[2], false); err != nil || rep.Damaged() {
+		t.Fatalf("intact chain: %v %+v", err, rep)
+	}
+	writeImage(t, paths[0], 0, pattern(2, 512))
+	rep, err := Check(paths[2], false)
+	if err != nil || !rep.Damaged() || !strings.Contains(fmt.Sprint(rep.Problems), paths[1]) ||
+		!strings.Contains(fmt.Sprint(rep.Problems), "parent linkage mismatch") {
+		t.Fatalf("broken link: %v %+v", err, rep)
+	}
+}
+
+// TestConcurrentWritersIntoOneChildBlockKeepEverySector: goroutines write
+// different sectors of the same blocks of a child at once (bitmap updates
+// racing), while readers read the blocks; afterwards, and after a reopen,
+// every sector holds its writer's data and the untouched ones the parent's.
+func TestConcurrentWritersIntoOneChildBlockKeepEverySector(t *testing.T) {
+	base := pattern(1, 4*mib)
+	paths := makeChain(t, CreateOptions{Size: 8 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, 0, base)
+		}
+	})
+	im, err := Open(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers, perWriter = 8, 24
+	model := sparseModel{}
+	model.write(0, base)
+	sectorOf := func(w, i int) int64 { return int64((i*writers+w)*3) * 512 } // interleaved, gaps left to the parent
+	for w := range writers {
+		for i := range perWriter {
+			model.write(sectorOf(w, i), pattern(int64(w*1000+i), 512))
+		}
+	}
+	done := make(chan error, writers+2)
+	stop := make(chan struct{})
+	for w := range writers {
+		go func() {
+			for i := range perWriter {
+				if _, err := im.WriteAt(pattern(int64(w*1000+i), 512), sectorOf(w, i)); err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	for r := range 2 {
+		go func() {
+			buf := make([]byte, 64*kib)
+			for {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+				if _, err := im.ReadAt(buf, int64(r)*64*kib); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+	}
+	for range writers {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	compareChain(t, im, model, "after concurrent writes")
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	compareChain(t, im, model, "after reopen")
+}
