@@ -171,13 +171,13 @@ func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
 		t.Run(fmt.Sprintf("depth%d", depth), func(t *testing.T) {
 			// Pieces of 4 MiB: a child holding ~10 MiB is copied in
 			// several steps.
-			o := CreateOptions{Size: 16*mib + 1024, BlockSize: mib}
+			o := CreateOptions{Size: 12*mib + 1024, BlockSize: mib}
 			paths := makeChain(t, o, depth, func(layer int, p string) {
 				for _, w := range chainLayerWrites(o.Size, o.BlockSize, 512, layer) {
 					writeImage(t, p, w.off, w.data)
 				}
 				if layer == 1 {
-					writeImage(t, p, 10*mib, pattern(9, 5*mib))
+					writeImage(t, p, 6*mib, pattern(9, 5*mib))
 				}
 			})
 			top, child, parent := len(paths)-1, 1, 0
@@ -231,7 +231,11 @@ func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
 				finish(t, files, fmt.Sprintf("crash at step %d (%v)", i, steps[i]))
 			}
 
-			// Failing at each step instead.
+			// Failing at each step instead (one depth is enough: the
+			// failure paths do not depend on the layers above).
+			if depth > 1 {
+				return
+			}
 			errInjected := errors.New("injected failure")
 			for k := range steps {
 				files := copyFiles(t, paths)

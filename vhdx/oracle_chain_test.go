@@ -52,12 +52,13 @@ func TestLibvhdiAnd7ZipReadChainsWeWrite(t *testing.T) {
 		{512, 1 * mib, 64*mib + 1024, 1, true},
 		{512, 1 * mib, 64*mib + 1024, 2, true},
 		{512, 1 * mib, 64*mib + 1024, 3, true},
-		{512, 32 * mib, 200*mib - 1024, 2, true},
+		{512, 32 * mib, 96*mib - 1024, 2, true},
 		{4096, 1 * mib, 64*mib + 8192, 1, true},
 		{4096, 1 * mib, 64*mib + 8192, 3, true},
-		{4096, 8 * mib, 100*mib - 8192, 2, true},
-		// Across the 4 GiB chunk: the child's second sector bitmap block.
-		{512, 1 * mib, 4*gib + 4*mib + 1024, 2, true},
+		{4096, 8 * mib, 40*mib - 8192, 2, true},
+		// Across the 4 GiB chunk: the child's second sector bitmap block
+		// (libvhdi reads the written ranges; streaming 4 GiB is too slow).
+		{512, 1 * mib, 4*gib + 4*mib + 1024, 2, false},
 		// An odd sector count, which 7-Zip refuses: libvhdi only.
 		{512, 1 * mib, 48*mib - 512, 2, false},
 		// 4096-byte sectors: the 32 GiB chunk boundary, libvhdi only.
@@ -95,10 +96,7 @@ func TestLibvhdiAnd7ZipReadChainsWeWrite(t *testing.T) {
 			defer im.Close()
 			ctx := int64(min(tc.bs, mib))
 			libvhdiReadsSpans(t, im, top, parents, spansAround(model, int64(tc.size), ctx), model.read)
-			switch {
-			case tc.whole && tc.size > gib:
-				sevenZipReadsWhole(t, im, top)
-			case tc.whole:
+			if tc.whole {
 				oraclesReadWhole(t, im, top, parents...)
 			}
 		})
