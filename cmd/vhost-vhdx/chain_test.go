@@ -343,3 +343,25 @@ func TestCheckNamesTheLayerAtFault(t *testing.T) {
 		}
 	})
 }
+
+// TestHelpSaysWhatCommitAndRebaseDo: the help of commit says what becomes of
+// the child and of its siblings; rebase's says why --unsafe is required.
+func TestHelpSaysWhatCommitAndRebaseDo(t *testing.T) {
+	for _, tc := range []struct {
+		cmd  string
+		want []string
+	}{
+		{"commit", []string{"CHILD is not emptied", "re-linked to the updated", "Other\nchildren of the same parent no longer open", "crash safe", "run it again"}},
+		{"rebase", []string{"--unsafe is required", "without reading or\nchanging any data", "moved"}},
+		{"info", []string{"--backing-chain"}},
+		{"map", []string{"names the layer"}},
+		{"check", []string{"whole chain is checked", "layer N (FILE)"}},
+	} {
+		out := mustRun(t, "help", tc.cmd)
+		for _, w := range tc.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("help %s lacks %q:\n%s", tc.cmd, w, out)
+			}
+		}
+	}
+}
