@@ -28,6 +28,9 @@ FUZZ_SMOKE_TIME ?= 5s
 # qemu-storage-daemon, which checks the harness itself).
 QEMU_BACKEND ?= vhost-vhdx
 QEMU_TEST_TIMEOUT ?= 30m
+# go test's default of 10 minutes per package is too short for vhdx under
+# -race on a loaded 2-core machine (its oracle, chain and crash tests).
+UNIT_TEST_TIMEOUT ?= 30m
 
 .PHONY: all build test vet fmt-check unsafe-check unit fuzz-smoke qemu-assets test-qemu test-qemu-qsd run guest fuzz bench clean distclean
 
@@ -57,7 +60,7 @@ fmt-check:
 # The sample images in ../shared/samples are required here: a missing one
 # fails its tests instead of skipping them.
 unit:
-	VHOST_VHDX_QEMU_TESTS= VHOST_VHDX_REQUIRE_SAMPLES=1 $(GO) test -race -count=1 ./...
+	VHOST_VHDX_QEMU_TESTS= VHOST_VHDX_REQUIRE_SAMPLES=1 $(GO) test -race -count=1 -timeout $(UNIT_TEST_TIMEOUT) ./...
 
 fuzz-smoke:
 	GO=$(GO) scripts/fuzz.sh $(FUZZ_SMOKE_TIME)
