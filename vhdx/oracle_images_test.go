@@ -113,7 +113,9 @@ func TestLibvhdiAnd7ZipReadImagesWeWrite(t *testing.T) {
 }
 
 // TestLibvhdiAnd7ZipReadHyperVSampleLikeUs: the image Hyper-V wrote reads
-// the same, byte for byte, through both oracles and through us.
+// the same through both oracles and through us: every byte through 7-Zip,
+// every data extent (and the start of each zero run) through libvhdi, whose
+// Python binding reads slowly.
 func TestLibvhdiAnd7ZipReadHyperVSampleLikeUs(t *testing.T) {
 	p := sample(t, "iotest-dynamic-1G.vhdx")
 	im, err := Open(p, OpenOptions{ReadOnly: true})
@@ -121,7 +123,8 @@ func TestLibvhdiAnd7ZipReadHyperVSampleLikeUs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer im.Close()
-	oraclesReadWhole(t, im, p)
+	sevenZipReadsWhole(t, im, p)
+	libvhdiReadsExtents(t, im, p)
 }
 
 // TestLibvhdiReadsTheReplayedDirtySampleLikeUs: libvhdi does not replay a
@@ -143,6 +146,20 @@ func TestLibvhdiReadsTheReplayedDirtySampleLikeUs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(exts) < 2 || !exts[0].Data {
+		t.Fatalf("extents %+v: the sample should start with data", exts)
+	}
+	libvhdiReadsExtents(t, im, p)
+}
+
+// libvhdiReadsExtents compares, through libvhdi and us, every data extent
+// of im and the first 4 MiB of each zero run, and the disk size.
+func libvhdiReadsExtents(t *testing.T, im *Image, p string) {
+	t.Helper()
+	exts, err := im.Extents()
+	if err != nil {
+		t.Fatal(err)
+	}
 	var spans []vspan
 	for _, e := range exts {
 		n := e.Length
@@ -150,9 +167,6 @@ func TestLibvhdiReadsTheReplayedDirtySampleLikeUs(t *testing.T) {
 			n = min(n, 4*mib)
 		}
 		spans = append(spans, vspan{e.Offset, n})
-	}
-	if len(spans) < 2 || !exts[0].Data {
-		t.Fatalf("extents %+v: the sample should start with data", exts)
 	}
 	ours := func(off, n int64) []byte {
 		b := make([]byte, n)
