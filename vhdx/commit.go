@@ -34,6 +34,7 @@ package vhdx
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/google/uuid"
 )
@@ -119,27 +120,13 @@ func (c *committer) hook(step commitStep) error {
 
 func (c *committer) run() error {
 	child := c.child
-	pl := child.l.locator
-	path, tried := pl.resolveParent(c.childPath)
-	if path == "" {
-		return fmt.Errorf("commit %s: parent_linkage %v: %s: %w", c.childPath, pl.linkage, describeTried(pl, tried), ErrParentNotFound)
-	}
-	c.parentPath = path
 	g := uuid.New()
-	parent, err := Open(path, OpenOptions{DataWriteGUID: g})
+	parent, cur, err := c.openParent(g)
 	if err != nil {
-		return fmt.Errorf("commit %s: open parent read-write: %w", c.childPath, err)
+		return err
 	}
 	c.parent = parent
-	cur := parent.Info().DataWriteGUID
-	if cur != pl.linkage && (pl.linkage2 == uuid.Nil || cur != pl.linkage2) {
-		return fmt.Errorf("commit %s: parent %s: its DataWriteGuid %v matches neither parent_linkage %v nor parent_linkage2 %v: %w",
-			c.childPath, path, cur, pl.linkage, pl.linkage2, ErrParentLinkage)
-	}
-	if parent.l.size != child.l.size || parent.l.logicalSector != child.l.logicalSector {
-		return fmt.Errorf("commit %s: parent %s has virtual size %d and logical sector size %d, the child %d and %d: %w",
-			c.childPath, path, parent.l.size, parent.l.logicalSector, child.l.size, child.l.logicalSector, ErrParentGeometry)
-	}
+	path := c.parentPath
 	runs, err := child.LayerExtents()
 	if err != nil {
 		return fmt.Errorf("commit %s: %w", c.childPath, err)
@@ -188,6 +175,58 @@ func (c *committer) run() error {
 		return fmt.Errorf("commit %s: %w", c.childPath, err)
 	}
 	return c.hook(commitRelinked)
+}
+
+// openParent opens read-write, with DataWriteGUID g, the first file the
+// child's locator names (§2.6.2.6.3 order, as Open tries them) that is the
+// child's parent: its DataWriteGuid, returned as cur, is parent_linkage or
+// parent_linkage2, and its geometry matches.
+func (c *committer) openParent(g uuid.UUID) (parent *Image, cur uuid.UUID, err error) {
+	child := c.child
+	pl := child.l.locator
+	tried := pl.parentCandidates(c.childPath)
+	var firstErr error
+	for _, pp := range tried {
+		if fi, err := os.Stat(pp); err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		p, err := Open(pp, OpenOptions{DataWriteGUID: g})
+		if err != nil {
+			err = fmt.Errorf("commit %s: open parent read-write: %w", c.childPath, err)
+		} else {
+			err = c.linksTo(p, pp)
+		}
+		if err != nil {
+			if p != nil {
+				p.Close()
+			}
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		c.parentPath = pp
+		return p, p.Info().DataWriteGUID, nil
+	}
+	if firstErr != nil {
+		return nil, uuid.Nil, firstErr
+	}
+	return nil, uuid.Nil, fmt.Errorf("commit %s: parent_linkage %v: %s: %w", c.childPath, pl.linkage, describeTried(pl, tried), ErrParentNotFound)
+}
+
+// linksTo checks p (opened from pp) as the child's parent.
+func (c *committer) linksTo(p *Image, pp string) error {
+	child, pl := c.child, c.child.l.locator
+	cur := p.Info().DataWriteGUID
+	if cur != pl.linkage && (pl.linkage2 == uuid.Nil || cur != pl.linkage2) {
+		return fmt.Errorf("commit %s: parent %s: its DataWriteGuid %v matches neither parent_linkage %v nor parent_linkage2 %v: %w",
+			c.childPath, pp, cur, pl.linkage, pl.linkage2, ErrParentLinkage)
+	}
+	if p.l.size != child.l.size || p.l.logicalSector != child.l.logicalSector {
+		return fmt.Errorf("commit %s: parent %s has virtual size %d and logical sector size %d, the child %d and %d: %w",
+			c.childPath, pp, p.l.size, p.l.logicalSector, child.l.size, child.l.logicalSector, ErrParentGeometry)
+	}
+	return nil
 }
 
 // copyLayer writes the child's runs into the parent: its sectors (Data

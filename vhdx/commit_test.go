@@ -283,3 +283,35 @@ func TestCommitRefusesWhatItCannotMerge(t *testing.T) {
 		t.Error("a refused Commit modified the child")
 	}
 }
+
+// TestCommitFindsTheParentLikeOpen: the locator paths are tried in order
+// and the first file that links is the parent: after the child moved, its
+// relative_path names a decoy (another image) that Commit skips, and the
+// absolute path leads to the real parent, which gets the data; the decoy is
+// untouched.
+func TestCommitFindsTheParentLikeOpen(t *testing.T) {
+	paths := commitChain(t, CreateOptions{Size: 8 * mib, BlockSize: mib}, 1)
+	want := readChainOf(t, paths[1])
+	dir2 := t.TempDir()
+	child := filepath.Join(dir2, filepath.Base(paths[1]))
+	if err := os.Rename(paths[1], child); err != nil {
+		t.Fatal(err)
+	}
+	decoy := filepath.Join(dir2, filepath.Base(paths[0]))
+	if err := Create(decoy, CreateOptions{Size: 8 * mib, BlockSize: mib}); err != nil {
+		t.Fatal(err)
+	}
+	decoyBefore, err := os.ReadFile(decoy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Commit(child, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := readChainOf(t, paths[0]); !bytes.Equal(got, want) {
+		t.Fatalf("the real parent differs from the chain before commit at %#x", firstDiff(got, want))
+	}
+	if after, _ := os.ReadFile(decoy); !bytes.Equal(after, decoyBefore) {
+		t.Error("Commit wrote to the decoy its relative_path names")
+	}
+}
