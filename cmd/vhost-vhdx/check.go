@@ -15,10 +15,18 @@ const checkUsage = `Usage: vhost-vhdx check [--repair] [--output human|json] IMA
 Check an image against MS-VHDX: headers, region table, metadata, BAT and
 log. Every problem found is printed on its own line.
 
+For a differencing image the whole chain is checked: that each parent is
+found and linked (parent_linkage matching its DataWriteGuid, same virtual
+and sector size, no loop), and each layer below as a standalone image. A
+problem in a layer below IMAGE is prefixed with "layer N (FILE)", N being
+its depth below IMAGE (1: the parent); the counts and the exit status cover
+every layer.
+
 Options:
   --repair         open read-write, replay a pending log and truncate leaked
                    space at the end of the file (only when nothing else is
-                   wrong)
+                   wrong). Layers below IMAGE are only checked; repair
+                   them by name.
   --output FORMAT  human (default) or json: qemu-img check's fields
                    ("filename", "format", "check-errors", "corruptions",
                    "leaks", "corruptions-fixed", "leaks-fixed"; leaks count
@@ -70,7 +78,8 @@ type checkProblem struct {
 // checkResult classifies a report the way qemu-img check does.
 type checkResult struct {
 	checkJSON
-	code int
+	code    int
+	damaged []string // corrupted layers: the image's path or "layer N (FILE)"
 }
 
 func classifyCheck(path string, rep *vhdx.CheckReport, err error) checkResult {
@@ -95,10 +104,11 @@ func classifyCheck(path string, rep *vhdx.CheckReport, err error) checkResult {
 	if err != nil {
 		r.Error = cause(err, path)
 		// The check stopped at a structure the rest depends on. A broken
-		// structure (or a log still to replay) is a corruption, already
+		// structure, a broken link of a chain (missing parent, linkage
+		// mismatch, loop) or a log still to replay is a corruption, already
 		// listed among the problems; anything else (I/O, an unsupported
 		// feature, not VHDX at all) means we could not tell.
-		if !errors.Is(err, vhdx.ErrCorrupt) && !errors.Is(err, vhdx.ErrDirtyLog) {
+		if !errors.Is(err, vhdx.ErrCorrupt) && !errors.Is(err, vhdx.ErrDirtyLog) && !errors.Is(err, vhdx.ErrChain) {
 			r.CheckErrors = 1
 			if r.Corruptions > 0 {
 				r.Corruptions-- // the error itself, appended by vhdx.Check
@@ -151,7 +161,11 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 		// Not even opened: nothing to report but the reason.
 		return fmt.Errorf("check %s: %s", path, cause(err, path))
 	}
-	r := classifyCheck(path, rep, err)
+	layers := []layerCheck{{0, path, rep, err}}
+	if err == nil {
+		layers = append(layers, checkBelow(path)...)
+	}
+	r := classifyLayers(layers)
 	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "    ")
@@ -159,7 +173,7 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 			return err
 		}
 	} else {
-		printCheck(stdout, rep, r)
+		printCheck(stdout, r, len(layers))
 	}
 	if r.code == exitOK {
 		return nil
@@ -167,8 +181,87 @@ func runCheck(args []string, stdout, _ io.Writer) error {
 	return &exitStatusError{r.code, fmt.Errorf("check %s: %s", path, checkSummary(r, *repair))}
 }
 
-func printCheck(w io.Writer, rep *vhdx.CheckReport, r checkResult) {
-	for _, p := range rep.Problems {
+// layerCheck is the check of one layer of a chain.
+type layerCheck struct {
+	depth int
+	path  string
+	rep   *vhdx.CheckReport
+	err   error
+}
+
+// layerName is "layer N (FILE): " for a layer below the image checked, ""
+// for the image itself.
+func layerName(l layerCheck) string {
+	if l.depth == 0 {
+		return ""
+	}
+	return fmt.Sprintf("layer %d (%s): ", l.depth, l.path)
+}
+
+// checkBelow checks every layer under the differencing image at path, read
+// only: the files its locators lead to, even when a link between them is
+// broken (Check of the image itself reports the links).
+func checkBelow(path string) []layerCheck {
+	files, _ := vhdx.ChainFiles(path)
+	if len(files) == 0 {
+		return nil
+	}
+	var out []layerCheck
+	for d, f := range files[1:] {
+		rep, err := vhdx.Check(f, false)
+		if rep == nil {
+			rep = &vhdx.CheckReport{Problems: []vhdx.Problem{{Offset: -1, What: cause(err, f)}}}
+		}
+		out = append(out, layerCheck{d + 1, f, rep, err})
+	}
+	return out
+}
+
+// classifyLayers adds up the layers' results: a problem in any layer counts,
+// named by its layer, and the exit status is the worst of them in
+// qemu-img's order (could not check, corrupted, leaks).
+func classifyLayers(layers []layerCheck) checkResult {
+	var total checkResult
+	for _, l := range layers {
+		r := classifyCheck(l.path, l.rep, l.err)
+		prefix := layerName(l)
+		if l.depth == 0 {
+			total = r
+			total.Problems = total.Problems[:0]
+		} else {
+			total.CheckErrors += r.CheckErrors
+			total.Corruptions += r.Corruptions
+			total.Leaks += r.Leaks
+			total.LeakedBytes += r.LeakedBytes
+			if total.Error == "" && r.Error != "" {
+				total.Error = prefix + r.Error
+			}
+		}
+		for _, p := range r.Problems {
+			p.What = prefix + p.What
+			total.Problems = append(total.Problems, p)
+		}
+		if l.depth > 0 && r.code == exitCheckCorrupt {
+			total.damaged = append(total.damaged, strings.TrimSuffix(prefix, ": "))
+		} else if l.depth == 0 && r.code == exitCheckCorrupt {
+			total.damaged = append(total.damaged, l.path)
+		}
+	}
+	switch {
+	case total.CheckErrors > 0:
+		total.code = exitFailure
+	case total.Corruptions > 0:
+		total.code = exitCheckCorrupt
+	case total.Leaks > 0:
+		total.code = exitCheckLeaks
+	default:
+		total.code = exitOK
+	}
+	return total
+}
+
+func printCheck(w io.Writer, r checkResult, layers int) {
+	for _, p := range r.Problems {
 		// vhdx usually names the offset in What already; say it once.
 		where := ""
 		if off := fmt.Sprintf("%#x", p.Offset); p.Offset >= 0 && !strings.Contains(p.What, off) {
@@ -183,11 +276,15 @@ func printCheck(w io.Writer, rep *vhdx.CheckReport, r checkResult) {
 		}
 		fmt.Fprintf(w, "%s%s%s\n", where, p.What, state)
 	}
+	chain := ""
+	if layers > 1 {
+		chain = fmt.Sprintf(" in the %d layers of the chain", layers)
+	}
 	switch {
 	case r.code != exitOK:
 		// checkSummary goes to stderr.
-	case len(rep.Problems) == 0:
-		fmt.Fprintln(w, "No errors found")
+	case len(r.Problems) == 0:
+		fmt.Fprintf(w, "No errors found%s\n", chain)
 	default:
 		fmt.Fprintln(w, "All problems were repaired")
 	}
@@ -203,7 +300,11 @@ func checkSummary(r checkResult, repaired bool) string {
 	case exitFailure:
 		return "could not complete: " + r.Error
 	case exitCheckCorrupt:
-		return fmt.Sprintf("image is corrupted: %d problem(s) remain%s", r.Corruptions, hint)
+		where := ""
+		if len(r.damaged) > 0 {
+			where = " in " + strings.Join(r.damaged, ", ")
+		}
+		return fmt.Sprintf("image is corrupted: %d problem(s) remain%s%s", r.Corruptions, where, hint)
 	default:
 		return fmt.Sprintf("no corruption; %d bytes of leaked space at the end of the file (harmless%s)", r.LeakedBytes, hint)
 	}
