@@ -101,7 +101,7 @@ QEMU_ATTACH = -object memory-backend-memfd,id=mem,size=$(GUEST_MEM),share=on -nu
 ACCEL ?= tcg
 QEMU_GUEST = qemu-system-x86_64 -accel $(ACCEL) -m $(GUEST_MEM) $(QEMU_ATTACH) \
 	-kernel $(ASSETS)/vmlinuz -initrd $(ASSETS)/initramfs.cpio.gz \
-	-append "console=ttyS0 quiet vhostvhdx.shell" -nographic -no-reboot
+	-append "console=ttyS0 quiet no_timer_check vhostvhdx.shell" -nographic -no-reboot
 
 run: build
 	@test -e $(IMAGE) || $(BIN) create --size $(SIZE) $(IMAGE)

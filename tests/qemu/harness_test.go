@@ -334,7 +334,13 @@ func (e *env) check(t *testing.T, img *image) {
 		t.Logf("qemu-img check %s: %s", filepath.Base(img.path), strings.TrimSpace(out))
 	}
 	if e.daemon != "" {
-		out := e.run(t, e.daemon, "check", img.path)
+		// Exit 3 is qemu-img check's "only leaked space": harmless (qemu-img
+		// create leaves such a tail), so it passes; any other failure fails.
+		out, err := e.runErr(e.daemon, "check", img.path)
+		var ee *exec.ExitError
+		if err != nil && !(errors.As(err, &ee) && ee.ExitCode() == 3) {
+			t.Fatalf("vhost-vhdx check %s: %v\n%s", img.path, err, out)
+		}
 		t.Logf("vhost-vhdx check %s: %s", filepath.Base(img.path), strings.TrimSpace(out))
 	}
 }
@@ -730,7 +736,10 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		"-monitor", "none",
 		"-kernel", e.kernel,
 		"-initrd", initrd,
-		"-append", "console=ttyS0 panic=-1 quiet",
+		// no_timer_check: under TCG on a loaded host the kernel's IO-APIC
+		// timer check can miss ticks and panic ("IO-APIC + timer doesn't
+		// work"); the check proves nothing about the disk.
+		"-append", "console=ttyS0 panic=-1 quiet no_timer_check",
 		"-chardev", "socket,id=c0,path=" + b.sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
 		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues) + map[bool]string{true: ",packed=on"}[o.packed],
 	}
