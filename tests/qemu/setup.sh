@@ -55,7 +55,10 @@ guest_modules=(virtio_pci virtio_blk ext4 crc32c_generic)
 guest_host_tools=(/usr/sbin/mke2fs /usr/sbin/e2fsck)
 
 # gcc and libc6-dev are not for the guest: `go test -race` (make test) needs cgo.
-packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt gcc libc6-dev)
+# python3-libvhdi (libvhdi's pyvhdi, for /usr/bin/python3) and 7zip (7zz) are
+# not for the guest either: they are oracles, VHDX readers this project did not
+# write, that the Go tests compare our reads and writes against.
+packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt gcc libc6-dev python3-libvhdi 7zip)
 
 as_root() {
 	if [ "$(id -u)" = 0 ]; then
