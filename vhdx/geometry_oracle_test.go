@@ -87,13 +87,23 @@ func needPyvhdi(t testing.TB) string {
 
 // libvhdiReadScript prints the media size and bytes per sector (two
 // little-endian uint64), then each OFFSET:LENGTH range of the virtual disk.
+// An argument "--parent=PATH" before the image attaches the image's parent
+// (libvhdi does not follow parent locators itself).
 const libvhdiReadScript = `
 import struct, sys, pyvhdi
+args = sys.argv[1:]
+parent = None
+if args[0].startswith("--parent="):
+    parent = pyvhdi.file()
+    parent.open(args[0][len("--parent="):])
+    args = args[1:]
 f = pyvhdi.file()
-f.open(sys.argv[1])
+f.open(args[0])
+if parent is not None:
+    f.set_parent(parent)
 out = sys.stdout.buffer
 out.write(struct.pack("<QQ", f.get_media_size(), f.get_bytes_per_sector()))
-for arg in sys.argv[2:]:
+for arg in args[1:]:
     off, n = (int(x) for x in arg.split(":"))
     while n > 0:
         k = min(n, 16 << 20)
@@ -110,11 +120,16 @@ f.close()
 type oracleRange struct{ off, n int64 }
 
 // libvhdiRead reads ranges of img's virtual disk through libvhdi and
-// returns the media size, the sector size and the bytes.
-func libvhdiRead(t *testing.T, img string, ranges []oracleRange) (uint64, uint64, []byte) {
+// returns the media size, the sector size and the bytes. parent, if not
+// empty, is img's parent.
+func libvhdiRead(t *testing.T, img, parent string, ranges []oracleRange) (uint64, uint64, []byte) {
 	t.Helper()
 	py := needPyvhdi(t)
-	args := []string{"-c", libvhdiReadScript, img}
+	args := []string{"-c", libvhdiReadScript}
+	if parent != "" {
+		args = append(args, "--parent="+parent)
+	}
+	args = append(args, img)
 	for _, r := range ranges {
 		args = append(args, fmt.Sprintf("%d:%d", r.off, r.n))
 	}
@@ -131,9 +146,10 @@ func libvhdiRead(t *testing.T, img string, ranges []oracleRange) (uint64, uint64
 	return binary.LittleEndian.Uint64(out), binary.LittleEndian.Uint64(out[8:]), out[16:]
 }
 
-// sevenZipMatches streams img's whole virtual disk through 7-Zip and
-// compares it with raw chunk by chunk.
-func sevenZipMatches(t *testing.T, img string, raw *os.File, size int64) {
+// sevenZipMatches streams img's whole virtual disk through 7-Zip (which
+// follows a differencing image's locator itself) and compares it with raw
+// chunk by chunk.
+func sevenZipMatches(t *testing.T, img string, raw io.ReaderAt, size int64) {
 	t.Helper()
 	bin := needTool(t, "7zz", "7zip")
 	cmd := exec.Command(bin, "e", "-tvhdx", "-so", img)
@@ -291,7 +307,7 @@ func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
 			addRange(int64(g.size)/bs*bs-lss, int64(g.size)%bs+lss)
 			chunk := int64(chunkRatio(g.lss, g.bs)) * bs
 			addRange(chunk-2*lss, 4*lss)
-			mediaSize, sectorSize, got := libvhdiRead(t, img, ranges)
+			mediaSize, sectorSize, got := libvhdiRead(t, img, "", ranges)
 			if mediaSize != g.size || sectorSize != uint64(g.lss) {
 				t.Fatalf("libvhdi: media size %d, %d bytes per sector; we wrote %d, %d", mediaSize, sectorSize, g.size, g.lss)
 			}
