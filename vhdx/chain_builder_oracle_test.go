@@ -41,7 +41,7 @@ func TestBuiltChainsReadAlikeByPathAndInOtherReaders(t *testing.T) {
 	// parent_linkage2, Win32 and volume paths that do not resolve here
 	// (relative_path does), an unknown key.
 	const locatorKnob = 13 + 8 // parent description, then the child's knobs up to the locator
-	cases := map[string][]byte{"seed0": chainSeeds[0], "seed1": chainSeeds[1]}
+	cases := map[string][]byte{"seed0": chainSeeds[0], "seed1": chainSeeds[1], "otherblocksize": chainSeeds[2]}
 	for name, k := range map[string]byte{"linkage2": 2, "win32paths": 4, "unknownkey": 8} {
 		in := bytes.Clone(chainSeeds[0])
 		in[locatorKnob] = k

@@ -277,9 +277,17 @@ var chainSeeds = [][]byte{
 	seedCat([]byte{8 << 2, 18, 0, 0, 0, 0, 0, 0, 6, 0, 0}, make([]byte, 16), []byte{6, 0, 0, 0, 0, 0},
 		[]byte{0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 7, 3, 0, 2, 0, 0, 255, 200, 0, 9}, make([]byte, 15),
 		[]byte{7, 0, 0, 1, 10, 0, 255}),
+	// A child with 2 MiB blocks over a parent with 1 MiB ones: parent 4
+	// blocks, 0 and 3 present; child block 0 PARTIALLY_PRESENT with a
+	// run across the parent's block boundary, block 1 NOT_PRESENT.
+	seedCat([]byte{0, 3, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 6, 9, 0, 0},
+		[]byte{1 << 2, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 2, 0xF0, 7, 40, 2, 0, 5, 0}),
 }
 
 func fuzzChainBuilt(t *testing.T, parent, child *builtImage) {
+	// Sample the parent's data sectors too (they may lie anywhere in a
+	// child block of another size).
+	child.written = append(child.written, parent.written...)
 	ps := parent.s.clone()
 	openParent := func() *Image {
 		p, err := OpenStorage(ps, OpenOptions{ReadOnly: true})
@@ -353,6 +361,13 @@ func TestBuiltImagesOpenAndMatchTheModel(t *testing.T) {
 	child := buildImage(r, 2, parent)
 	if child.broken || batState(child.bat[0]) != statePartiallyPresent {
 		t.Fatalf("chain seed: child broken %v, first BAT entry %#x; want a valid child with a PARTIALLY_PRESENT block", child.broken, child.bat[0])
+	}
+	r = &specReader{chainSeeds[2]}
+	parent = buildImage(r, 1, nil)
+	child = buildImage(r, 2, parent)
+	if child.broken || parent.bs != mib || child.bs != 2*mib || batState(child.bat[0]) != statePartiallyPresent {
+		t.Fatalf("chain seed 2: child broken %v, block sizes %d under %d, first BAT entry %#x; want a 2 MiB-block child over 1 MiB blocks",
+			child.broken, child.bs, parent.bs, child.bat[0])
 	}
 	for i, seed := range structuredSeeds {
 		t.Run(fmt.Sprintf("base%d", i), func(t *testing.T) { fuzzOpenBuilt(t, buildImage(&specReader{seed}, 1, nil)) })

@@ -352,7 +352,13 @@ func buildImage(r *specReader, layer byte, parent *builtImage) *builtImage {
 	}
 	bi.size = (nblocks-1)*uint64(bi.bs) + tail*uint64(bi.lss)
 	if parent != nil {
+		// A child has its parent's sector size and virtual size; its
+		// block size is its own when the geometry knob is not zero.
+		bs := bi.bs
 		bi.lss, bi.bs, bi.size = parent.lss, parent.bs, parent.size
+		if g != 0 {
+			bi.bs = bs
+		}
 		spb = uint64(bi.bs / bi.lss)
 		nblocks = payloadBlocks(bi.size, bi.bs)
 		bi.hasParent = true
