@@ -2,8 +2,9 @@
 # tests/qemu/setup.sh — prepare everything the QEMU integration tests need.
 #
 #   1. installs the Debian packages the tests run (qemu-system-x86, qemu-utils,
-#      busybox-static, cpio, kmod, e2fsprogs, ..., and gcc for go test -race)
-#      when any is missing;
+#      busybox-static, cpio, kmod, e2fsprogs, ..., gcc for go test -race, and
+#      the external VHDX readers the tests compare against: python3-libvhdi
+#      and 7zip) when any is missing;
 #   2. downloads Debian's cloud kernel (the real linux-image-*-cloud-amd64
 #      behind the linux-image-cloud-amd64 metapackage) and extracts it;
 #   3. builds a busybox initramfs whose /init loads the virtio modules, runs
