@@ -191,7 +191,7 @@ func (s *testServer) waitClosed(t *testing.T) closedEvent {
 }
 
 // socketpair returns both ends of a unix stream socketpair as UnixConns.
-func socketpair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
+func socketpair(t testing.TB) (*net.UnixConn, *net.UnixConn) {
 	t.Helper()
 	fds, err := unixSocketpair()
 	if err != nil {
