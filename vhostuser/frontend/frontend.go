@@ -152,7 +152,8 @@ func (f *Frontend) ReadReply() (vhostuser.Header, []byte, error) {
 func hasReply(r vhostuser.Request) bool {
 	switch r {
 	case vhostuser.ReqGetFeatures, vhostuser.ReqGetProtocolFeatures, vhostuser.ReqGetVringBase,
-		vhostuser.ReqGetQueueNum, vhostuser.ReqGetConfig, vhostuser.ReqGetStatus:
+		vhostuser.ReqGetQueueNum, vhostuser.ReqGetConfig, vhostuser.ReqGetStatus,
+		vhostuser.ReqGetMaxMemSlots, vhostuser.ReqSetLogBase:
 		return true
 	}
 	return false
