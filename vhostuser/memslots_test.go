@@ -8,9 +8,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
+	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 )
 
 // dimm is a hot-plugged memory region: its own memfd, placed above 4 GiB
