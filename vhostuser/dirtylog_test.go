@@ -395,7 +395,9 @@ func startServerBench(b *testing.B) string {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: newMemDisk(testDiskSize), NumQueues: 1}) }()
+	go func() {
+		done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: newMemDisk(testDiskSize), NumQueues: 1})
+	}()
 	b.Cleanup(func() { cancel(); <-done })
 	return path
 }
