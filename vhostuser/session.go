@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -59,6 +60,8 @@ type session struct {
 	inflight *inflightMap
 	// logState is the dirty log (dirtylog.go).
 	logState
+	// ctx is the Serve context: it ends a wait for Options.Gate.
+	ctx context.Context
 }
 
 // ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
@@ -630,6 +633,10 @@ func (s *session) setVringKick(m *message) error {
 	if err != nil {
 		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
 	}
+	// Only one front-end's rings run at a time (handoff.go).
+	if err := s.gateAcquire(); err != nil {
+		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
+	}
 	fd := m.takeFD(0)
 	// Non-blocking, so os.NewFile returns a pollable File: Read parks the
 	// goroutine and Close unblocks it (style.md §10.5).
@@ -712,4 +719,5 @@ func (s *session) stopRing(r *ring) {
 	r.base = r.q.Base()
 	r.q = nil
 	s.mu.Unlock()
+	s.gateReleaseIfIdle()
 }
