@@ -483,10 +483,10 @@ type backend struct {
 	args  []string
 	sock  string
 	sock2 string // with backendOpts.secondSocket
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // Wait's result, valid after done is closed
+	log   string
+	cmd   *exec.Cmd
+	done  chan struct{}
+	err   error // Wait's result, valid after done is closed
 }
 
 // startBackend starts the configured backend serving img and waits until
