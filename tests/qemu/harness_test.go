@@ -656,6 +656,10 @@ type vmOpts struct {
 	// control gives the guest a second serial port, /dev/ttyS1, on which
 	// guestRun.send delivers lines (testlib's wait_host reads them).
 	control bool
+	// maxMem, if set, gives the guest DIMM slots: -m 512M,slots=4,maxmem=maxMem.
+	maxMem string
+	// extraArgs are appended to the QEMU command line (e.g. -qmp).
+	extraArgs []string
 	// during, if set, runs while the guest runs and returns the backend
 	// serving it afterwards (it may have stopped b and started another).
 	during func(g *guestRun) *backend
@@ -752,7 +756,7 @@ func (e *env) qemuArgs(sock, initrd, console, ctlSock string, o vmOpts) []string
 	}
 	args := []string{"qemu-system-x86_64",
 		"-accel", e.accel,
-		"-m", guestMemory,
+		"-m", guestMemory + map[bool]string{true: ",slots=4,maxmem=" + o.maxMem}[o.maxMem != ""],
 		"-smp", strconv.Itoa(o.cpus),
 		"-object", "memory-backend-memfd,id=mem,size=" + guestMemory + ",share=on",
 		"-numa", "node,memdev=mem",
@@ -771,7 +775,7 @@ func (e *env) qemuArgs(sock, initrd, console, ctlSock string, o vmOpts) []string
 	if o.control {
 		args = append(args, "-chardev", "socket,id=ctl,server=on,wait=off,path="+ctlSock, "-serial", "chardev:ctl")
 	}
-	return args
+	return append(args, o.extraArgs...)
 }
 
 // awaitGuest runs vmOpts.during and waits for the guest started as cmd to
