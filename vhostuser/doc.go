@@ -11,7 +11,12 @@
 //	    NumQueues int         // 1..MaxQueues; 0 means MaxQueues (256)
 //	    Events    Events      // nil: NopEvents
 //	    Notifier  *ConfigNotifier // optional: announce config changes
+//	    Gate      *RingGate       // optional: one disk on several sockets
 //	}
+//	type RingGate struct{ ... } // handoff.go
+//	func NewRingGate() *RingGate
+//	func (g *RingGate) Owner() uint64 // connection whose rings run, 0: none
+//	func (g *RingGate) Waiting() int  // connections waiting to start a ring
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
@@ -45,7 +50,8 @@
 // # Offered features
 //
 // Virtio: VERSION_1 (required in SET_FEATURES), RING_EVENT_IDX,
-// RING_INDIRECT_DESC, RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES, plus
+// RING_INDIRECT_DESC, RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES,
+// VHOST_F_LOG_ALL (the only bit SET_FEATURES may change while rings run), plus
 // blk.Features (with CONFIG_WCE on a writable disk). Ring features are
 // honoured only when SET_FEATURES acked them: without INDIRECT_DESC a chain
 // holding an indirect descriptor is malformed (completed with length 0,
@@ -63,9 +69,33 @@
 // (virtqueue/packed_inflight.go: 32-byte header and entries, padded to 64),
 // sized from the features acked before GET_INFLIGHT_FD as QEMU sends them.
 //
-// Protocol: MQ, REPLY_ACK, BACKEND_REQ, CONFIG,
-// INFLIGHT_SHMFD, RESET_DEVICE, STATUS; never a bit >= 20, whose meaning has moved between
+// Protocol: MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ, CONFIG,
+// INFLIGHT_SHMFD, RESET_DEVICE, CONFIGURE_MEM_SLOTS, STATUS; never a bit >= 20, whose meaning has moved between
 // spec revisions.
+//
+// # Memory slots and dirty logging
+//
+// memslots.go: ADD_MEM_REG / REM_MEM_REG build a new immutable table
+// (GET_MAX_MEM_SLOTS = MaxMemSlots = 509) and install it like
+// SET_MEM_TABLE, under the dispatch lock held for writing, so no worker is
+// inside a batch; a removed region is unmapped before the reply. Removing a
+// region a started ring lies in, or one never added, is refused (non-zero
+// REPLY_ACK, session kept); overlaps, bad fds and a 510th region end the
+// connection. dirtylog.go: SET_LOG_BASE maps the bitmap (reply u64 0),
+// LOG_ALL in SET_FEATURES turns marking on, SET_VRING_ADDR on a started
+// ring may change only its flags and log address; workers mark each
+// completed chain's writable buffers and the ring's device-written parts
+// after writing them (cost when off: one nil test per chain and batch).
+//
+// # One disk on several sockets
+//
+// handoff.go: Serve calls sharing Options.Gate run the rings of one
+// connection at a time. A connection owns the gate from its first
+// SET_VRING_KICK until none of its rings is started (GET_VRING_BASE,
+// RESET_DEVICE, disconnect); another connection's SET_VRING_KICK waits
+// meanwhile (the control goroutine blocks; ctx cancellation ends the wait).
+// QEMU's migration source stops all its rings before the destination
+// starts any, so a one-host migration never waits.
 //
 // # Inflight tracking (reconnect after a back-end crash)
 //
@@ -200,12 +230,14 @@
 // control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
 // fixed at Serve) and ring state for each ring a message named; per started ring one worker goroutine, its kick fd and
 // at most one call and one err fd (a new one closes the old); at most one
-// back-end channel socket (likewise); per ring
+// back-end channel socket (likewise), one dirty log mapping (≤ MaxLogSize,
+// 1 GiB, replaced on each SET_LOG_BASE) and one log fd; per ring
 // one reused descriptor-chain buffer of at most queue size + 509 slices
 // (≤ 32768 + 509, about 800 KiB, only if the guest really sends such a
 // chain) and, with inflight tracking, a resubmit list and a batch list of
-// at most queue size entries. Mappings: the guest memory regions (≤ 8,
-// unmapped on every new table) and the inflight buffer (≤ num_queues ×
+// at most queue size entries. Mappings: the guest memory regions (≤ 8
+// from SET_MEM_TABLE, ≤ MaxMemSlots with ADD_MEM_REG; a region is unmapped
+// when a table without it is installed) and the inflight buffer (≤ num_queues ×
 // 512 KiB + a page, unmapped when replaced); both are the front-end's
 // shared memory, not the daemon's heap. GET_INFLIGHT_FD keeps nothing.
 // All of it is released when the connection ends, which
@@ -214,8 +246,8 @@
 //
 // # Not implemented
 //
-// Packed rings (so no packed inflight layout), dirty logging
-// (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, back-end
+// Postcopy migration, device state transfer (DEVICE_STATE), the
+// cross-host lock handoff (README "Live migration"), back-end
 // requests other than CONFIG_CHANGE_MSG (and nothing in the daemon calls
 // NotifyConfigChange yet: online resize is to come), polling mode
 // (SET_VRING_KICK with the no-fd flag is refused).

@@ -46,6 +46,20 @@ func FuzzServeConn(f *testing.F) {
 	f.Add(seed)
 	f.Add(m(vhostuser.ReqGetInflightFD, v, vhostuser.AppendInflight(nil, vhostuser.InflightMsg{NumQueues: 1, QueueSize: 32768})))
 	f.Add(m(vhostuser.ReqSetBackendReqFD, v, []byte{0}))
+	// Memory slots and dirty logging: GET_MAX_MEM_SLOTS, a removal of a
+	// region never added (refused, session kept), LOG_ALL toggled, a
+	// logged ring address; then ADD_MEM_REG and SET_LOG_BASE without their
+	// fd (both end the session).
+	var slots []byte
+	slots = append(slots, m(vhostuser.ReqSetProtocolFeatures, v, u64(vhostuser.ProtocolFeatures))...)
+	slots = append(slots, m(vhostuser.ReqGetMaxMemSlots, v, nil)...)
+	slots = append(slots, m(vhostuser.ReqRemMemReg, v|vhostuser.FlagNeedReply, vhostuser.AppendMemRegion(nil, vhostuser.MemRegion{GuestPhysAddr: 1 << 32, Size: 1 << 20}))...)
+	slots = append(slots, m(vhostuser.ReqSetFeatures, v, u64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures|vhostuser.FeatureLogAll))...)
+	slots = append(slots, m(vhostuser.ReqSetVringNum, v, vs(0, 128))...)
+	slots = append(slots, m(vhostuser.ReqSetVringAddr, v, vhostuser.AppendVringAddr(nil, vhostuser.VringAddr{Flags: 1, Desc: 0x1000, Avail: 0x2000, Used: 0x3000, Log: 0x3000}))...)
+	slots = append(slots, m(vhostuser.ReqSetFeatures, v, u64(vhostuser.FeatureVersion1|vhostuser.FeatureProtocolFeatures))...)
+	f.Add(append(slots, m(vhostuser.ReqAddMemReg, v, vhostuser.AppendMemRegion(nil, vhostuser.MemRegion{Size: 1 << 20}))...))
+	f.Add(append(slots, m(vhostuser.ReqSetLogBase, v, vhostuser.AppendLog(nil, vhostuser.LogMsg{MmapSize: 8}))...))
 	f.Fuzz(func(t *testing.T, stream []byte) {
 		if len(stream) > 1<<16 {
 			return

@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 )
@@ -128,19 +129,79 @@ func ParseMemTable(p []byte) ([]MemRegion, error) {
 			UserAddr:      le.Uint64(b[mrUserAddrOff:]),
 			MmapOffset:    le.Uint64(b[mrMmapOffOff:]),
 		}
-		switch {
-		case r.Size == 0:
-			return nil, fmt.Errorf("SET_MEM_TABLE: region %d memory_size 0: %w", i, ErrInvalidMessage)
-		case r.GuestPhysAddr > math.MaxUint64-r.Size:
-			return nil, fmt.Errorf("SET_MEM_TABLE: region %d guest_phys_addr+size overflows: %w", i, ErrInvalidMessage)
-		case r.UserAddr > math.MaxUint64-r.Size:
-			return nil, fmt.Errorf("SET_MEM_TABLE: region %d userspace_addr+size overflows: %w", i, ErrInvalidMessage)
-		case r.MmapOffset > math.MaxUint64-r.Size:
-			return nil, fmt.Errorf("SET_MEM_TABLE: region %d mmap_offset+size overflows: %w", i, ErrInvalidMessage)
+		if err := checkRegion(r); err != nil {
+			return nil, fmt.Errorf("SET_MEM_TABLE: region %d %v: %w", i, err, ErrInvalidMessage)
 		}
 		regions[i] = r
 	}
 	return regions, nil
+}
+
+// checkRegion is the syntax of one region: non-empty, no address range
+// wrapping around 2^64. The error names the field; the caller wraps it.
+func checkRegion(r MemRegion) error {
+	switch {
+	case r.Size == 0:
+		return errors.New("memory_size 0")
+	case r.GuestPhysAddr > math.MaxUint64-r.Size:
+		return errors.New("guest_phys_addr+size overflows")
+	case r.UserAddr > math.MaxUint64-r.Size:
+		return errors.New("userspace_addr+size overflows")
+	case r.MmapOffset > math.MaxUint64-r.Size:
+		return errors.New("mmap_offset+size overflows")
+	}
+	return nil
+}
+
+// AppendMemRegion appends an ADD_MEM_REG / REM_MEM_REG payload (u64
+// padding, then the region) to b.
+func AppendMemRegion(b []byte, r MemRegion) []byte {
+	b = le.AppendUint64(b, 0)
+	b = le.AppendUint64(b, r.GuestPhysAddr)
+	b = le.AppendUint64(b, r.Size)
+	b = le.AppendUint64(b, r.UserAddr)
+	return le.AppendUint64(b, r.MmapOffset)
+}
+
+// ParseMemRegion decodes and validates an ADD_MEM_REG / REM_MEM_REG
+// payload. The padding word is ignored, as QEMU leaves it unset.
+func ParseMemRegion(p []byte) (MemRegion, error) {
+	if len(p) != SingleMemRegionSize {
+		return MemRegion{}, fmt.Errorf("memory region: %d bytes: %w", len(p), ErrInvalidMessage)
+	}
+	b := p[8:]
+	r := MemRegion{
+		GuestPhysAddr: le.Uint64(b[mrGuestAddrOff:]),
+		Size:          le.Uint64(b[mrSizeOff:]),
+		UserAddr:      le.Uint64(b[mrUserAddrOff:]),
+		MmapOffset:    le.Uint64(b[mrMmapOffOff:]),
+	}
+	if err := checkRegion(r); err != nil {
+		return MemRegion{}, fmt.Errorf("memory region: %v: %w", err, ErrInvalidMessage)
+	}
+	return r, nil
+}
+
+func checkSingleMemRegion(p []byte) error { _, err := ParseMemRegion(p); return err }
+
+// LogMsg is the payload of SET_LOG_BASE (vhost-user spec "Dirty log
+// description").
+type LogMsg struct {
+	MmapSize, MmapOffset uint64
+}
+
+// AppendLog appends the wire form of l to b.
+func AppendLog(b []byte, l LogMsg) []byte {
+	b = le.AppendUint64(b, l.MmapSize)
+	return le.AppendUint64(b, l.MmapOffset)
+}
+
+// ParseLog decodes a SET_LOG_BASE payload; mapLog validates the values.
+func ParseLog(p []byte) (LogMsg, error) {
+	if len(p) != LogMsgSize {
+		return LogMsg{}, fmt.Errorf("log: %d bytes: %w", len(p), ErrInvalidMessage)
+	}
+	return LogMsg{MmapSize: le.Uint64(p[logMmapSizeOff:]), MmapOffset: le.Uint64(p[logMmapOffOff:])}, nil
 }
 
 // ConfigMsg is the payload of GET_CONFIG and SET_CONFIG.
@@ -221,7 +282,8 @@ const (
 	fdNone      fdRule = iota // no fds
 	fdPerRegion               // SET_MEM_TABLE: exactly nregions
 	fdVring                   // SET_VRING_KICK/CALL/ERR: one, or none with VringNoFDFlag
-	fdOne                     // SET_INFLIGHT_FD, SET_BACKEND_REQ_FD: exactly one
+	fdOne                     // SET_INFLIGHT_FD, SET_BACKEND_REQ_FD, ADD_MEM_REG, SET_LOG_BASE/FD: exactly one
+	fdOptional                // REM_MEM_REG: none, or one (older QEMU sent the region's fd; it is closed)
 )
 
 // msgSpec is the syntax of one request, checked before dispatch (rust-vmm
@@ -267,6 +329,11 @@ var msgTable = map[Request]msgSpec{
 	ReqGetInflightFD:       {name: "GET_INFLIGHT_FD", size: InflightMsgSize, proto: ProtoInflightShmfd, reply: true},
 	ReqSetInflightFD:       {name: "SET_INFLIGHT_FD", size: InflightMsgSize, fds: fdOne, proto: ProtoInflightShmfd},
 	ReqResetDevice:         {name: "RESET_DEVICE", proto: ProtoResetDevice},
+	ReqGetMaxMemSlots:      {name: "GET_MAX_MEM_SLOTS", proto: ProtoConfigureMemSlots, reply: true},
+	ReqAddMemReg:           {name: "ADD_MEM_REG", size: SingleMemRegionSize, variable: checkSingleMemRegion, minSize: SingleMemRegionSize, maxSize: SingleMemRegionSize, fds: fdOne, proto: ProtoConfigureMemSlots},
+	ReqRemMemReg:           {name: "REM_MEM_REG", size: SingleMemRegionSize, variable: checkSingleMemRegion, minSize: SingleMemRegionSize, maxSize: SingleMemRegionSize, fds: fdOptional, proto: ProtoConfigureMemSlots},
+	ReqSetLogBase:          {name: "SET_LOG_BASE", size: LogMsgSize, fds: fdOne, proto: ProtoLogShmfd, reply: true},
+	ReqSetLogFD:            {name: "SET_LOG_FD", fds: fdOne},
 	ReqSetStatus:           {name: "SET_STATUS", size: U64Size, proto: ProtoStatus},
 	ReqGetStatus:           {name: "GET_STATUS", proto: ProtoStatus, reply: true},
 }
@@ -310,6 +377,10 @@ func checkBody(spec msgSpec, p []byte, nfds int) error {
 		}
 	}
 	switch spec.fds {
+	case fdOptional:
+		if nfds > 1 {
+			return fmt.Errorf("%s: %d fds, want at most 1: %w", spec.name, nfds, ErrInvalidMessage)
+		}
 	case fdOne:
 		if nfds != 1 {
 			return fmt.Errorf("%s: %d fds, want 1: %w", spec.name, nfds, ErrInvalidMessage)

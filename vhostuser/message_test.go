@@ -19,6 +19,8 @@ func TestDecodeMessageAppliesTheMessageTable(t *testing.T) {
 	badCfg := append([]byte(nil), cfg...)
 	le.PutUint32(badCfg[cfgSizeOff:], 61)
 	inflight := AppendInflight(nil, InflightMsg{MmapSize: 4224, NumQueues: 2, QueueSize: 128})
+	logMsg := AppendLog(nil, LogMsg{MmapSize: 4096})
+	oneReg := AppendMemRegion(nil, MemRegion{GuestPhysAddr: 1 << 32, Size: 1 << 28, UserAddr: 1 << 40})
 	const v = FlagVersion
 	cases := []struct {
 		name string
@@ -36,10 +38,28 @@ func TestDecodeMessageAppliesTheMessageTable(t *testing.T) {
 		{"GET_CONFIG 60 bytes", msg(ReqGetConfig, v, cfg), 0, nil},
 		{"GET_INFLIGHT_FD", msg(ReqGetInflightFD, v, inflight), 0, nil},
 		{"SET_INFLIGHT_FD with one fd", msg(ReqSetInflightFD, v, inflight), 1, nil},
+		{"SET_LOG_BASE with one fd", msg(ReqSetLogBase, v, logMsg), 1, nil},
+		{"SET_LOG_FD with one fd", msg(ReqSetLogFD, v, nil), 1, nil},
+		{"GET_MAX_MEM_SLOTS", msg(ReqGetMaxMemSlots, v, nil), 0, nil},
+		{"ADD_MEM_REG with one fd", msg(ReqAddMemReg, v, oneReg), 1, nil},
+		{"REM_MEM_REG without fd", msg(ReqRemMemReg, v, oneReg), 0, nil},
+		{"REM_MEM_REG with the old QEMU's fd", msg(ReqRemMemReg, v, oneReg), 1, nil},
 
 		{"short header", msg(ReqGetFeatures, v, nil)[:11], 0, ErrInvalidMessage},
 		{"unknown request 0", msg(0, v, nil), 0, ErrInvalidMessage},
-		{"unknown request SET_LOG_BASE", msg(6, v, make([]byte, 16)), 1, ErrInvalidMessage},
+		{"unknown request GPU_SET_SOCKET", msg(33, v, nil), 1, ErrInvalidMessage},
+		{"SET_LOG_BASE 8 bytes", msg(ReqSetLogBase, v, make([]byte, 8)), 1, ErrInvalidMessage},
+		{"SET_LOG_BASE without fd", msg(ReqSetLogBase, v, logMsg), 0, ErrInvalidMessage},
+		{"SET_LOG_FD without fd", msg(ReqSetLogFD, v, nil), 0, ErrInvalidMessage},
+		{"SET_LOG_FD with payload", msg(ReqSetLogFD, v, u64(0)), 1, ErrInvalidMessage},
+		{"ADD_MEM_REG without fd", msg(ReqAddMemReg, v, oneReg), 0, ErrInvalidMessage},
+		{"ADD_MEM_REG with two fds", msg(ReqAddMemReg, v, oneReg), 2, ErrInvalidMessage},
+		{"ADD_MEM_REG 32 bytes (no padding word)", msg(ReqAddMemReg, v, oneReg[8:]), 1, ErrInvalidMessage},
+		{"ADD_MEM_REG size 0", msg(ReqAddMemReg, v, AppendMemRegion(nil, MemRegion{})), 1, ErrInvalidMessage},
+		{"ADD_MEM_REG guest range wraps", msg(ReqAddMemReg, v, AppendMemRegion(nil, MemRegion{GuestPhysAddr: ^uint64(0) - 4095, Size: 8192})), 1, ErrInvalidMessage},
+		{"ADD_MEM_REG mmap_offset wraps", msg(ReqAddMemReg, v, AppendMemRegion(nil, MemRegion{MmapOffset: ^uint64(0), Size: 4096})), 1, ErrInvalidMessage},
+		{"REM_MEM_REG with two fds", msg(ReqRemMemReg, v, oneReg), 2, ErrInvalidMessage},
+		{"GET_MAX_MEM_SLOTS with payload", msg(ReqGetMaxMemSlots, v, u64(0)), 0, ErrInvalidMessage},
 		{"version 0", msg(ReqGetFeatures, 0, nil), 0, ErrInvalidMessage},
 		{"reserved flag bit", msg(ReqGetFeatures, v|0x10, nil), 0, ErrInvalidMessage},
 		{"payload on GET_FEATURES", msg(ReqGetFeatures, v, u64(0)), 0, ErrInvalidMessage},
@@ -100,6 +120,10 @@ func FuzzDecodeMessage(f *testing.F) {
 	f.Add(msg(ReqSetVringKick, FlagVersion, u64(VringNoFDFlag)), uint8(0))
 	f.Add(msg(ReqGetConfig, FlagVersion|FlagNeedReply, AppendConfig(nil, ConfigMsg{Data: make([]byte, 8)})), uint8(0))
 	f.Add(msg(ReqSetVringNum, FlagVersion, AppendVringState(nil, VringState{Num: 256})), uint8(0))
+	f.Add(msg(ReqAddMemReg, FlagVersion, AppendMemRegion(nil, MemRegion{GuestPhysAddr: 1 << 32, Size: 1 << 20})), uint8(1))
+	f.Add(msg(ReqRemMemReg, FlagVersion|FlagNeedReply, AppendMemRegion(nil, MemRegion{Size: 4096})), uint8(0))
+	f.Add(msg(ReqSetLogBase, FlagVersion, AppendLog(nil, LogMsg{MmapSize: 4096, MmapOffset: 1 << 63})), uint8(1))
+	f.Add(msg(ReqSetLogFD, FlagVersion, nil), uint8(1))
 	f.Fuzz(func(t *testing.T, b []byte, nfds uint8) {
 		n := int(nfds % (MaxFDs + 2))
 		h, p, err := decodeMessage(b, n)

@@ -43,6 +43,8 @@ const (
 	ReqSetOwner            Request = 3  // VHOST_USER_SET_OWNER
 	ReqResetOwner          Request = 4  // VHOST_USER_RESET_OWNER
 	ReqSetMemTable         Request = 5  // VHOST_USER_SET_MEM_TABLE
+	ReqSetLogBase          Request = 6  // VHOST_USER_SET_LOG_BASE
+	ReqSetLogFD            Request = 7  // VHOST_USER_SET_LOG_FD
 	ReqSetVringNum         Request = 8  // VHOST_USER_SET_VRING_NUM
 	ReqSetVringAddr        Request = 9  // VHOST_USER_SET_VRING_ADDR
 	ReqSetVringBase        Request = 10 // VHOST_USER_SET_VRING_BASE
@@ -60,6 +62,9 @@ const (
 	ReqGetInflightFD       Request = 31 // VHOST_USER_GET_INFLIGHT_FD
 	ReqSetInflightFD       Request = 32 // VHOST_USER_SET_INFLIGHT_FD
 	ReqResetDevice         Request = 34 // VHOST_USER_RESET_DEVICE
+	ReqGetMaxMemSlots      Request = 36 // VHOST_USER_GET_MAX_MEM_SLOTS
+	ReqAddMemReg           Request = 37 // VHOST_USER_ADD_MEM_REG
+	ReqRemMemReg           Request = 38 // VHOST_USER_REM_MEM_REG
 	ReqSetStatus           Request = 39 // VHOST_USER_SET_STATUS
 	ReqGetStatus           Request = 40 // VHOST_USER_GET_STATUS
 )
@@ -115,6 +120,14 @@ const (
 	mrUserAddrOff  = 16
 	mrMmapOffOff   = 24
 
+	// ADD_MEM_REG / REM_MEM_REG: u64 padding, then one region.
+	SingleMemRegionSize = 8 + MemRegionSize
+
+	// SET_LOG_BASE: u64 mmap_size, u64 mmap_offset.
+	LogMsgSize     = 16
+	logMmapSizeOff = 0
+	logMmapOffOff  = 8
+
 	ConfigHeaderSize = 12  // u32 offset, u32 size, u32 flags
 	MaxConfigSize    = 256 // VHOST_USER_MAX_CONFIG_SIZE
 	cfgOffsetOff     = 0
@@ -141,6 +154,7 @@ const (
 // Virtio feature bits (VIRTIO 1.2 §6 "Reserved Feature Bits"; bit 30 is
 // re-used by vhost-user, spec "Feature bits").
 const (
+	FeatureLogAll           = 1 << 26 // VHOST_F_LOG_ALL
 	FeatureIndirectDesc     = 1 << 28 // VIRTIO_RING_F_INDIRECT_DESC
 	FeatureEventIdx         = 1 << 29 // VIRTIO_RING_F_EVENT_IDX
 	FeatureProtocolFeatures = 1 << 30 // VHOST_USER_F_PROTOCOL_FEATURES
@@ -151,17 +165,25 @@ const (
 // Protocol feature bits (vhost-user spec, "Protocol features"). Bits >= 20
 // have moved between spec revisions and are never offered (vhost-user.md §1.5).
 const (
-	ProtoMQ            = 1 << 0  // VHOST_USER_PROTOCOL_F_MQ
-	ProtoReplyAck      = 1 << 3  // VHOST_USER_PROTOCOL_F_REPLY_ACK
-	ProtoBackendReq    = 1 << 5  // VHOST_USER_PROTOCOL_F_BACKEND_REQ (formerly SLAVE_REQ)
-	ProtoConfig        = 1 << 9  // VHOST_USER_PROTOCOL_F_CONFIG
-	ProtoInflightShmfd = 1 << 12 // VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
-	ProtoResetDevice   = 1 << 13 // VHOST_USER_PROTOCOL_F_RESET_DEVICE
-	ProtoStatus        = 1 << 16 // VHOST_USER_PROTOCOL_F_STATUS
+	ProtoMQ                = 1 << 0  // VHOST_USER_PROTOCOL_F_MQ
+	ProtoLogShmfd          = 1 << 1  // VHOST_USER_PROTOCOL_F_LOG_SHMFD
+	ProtoReplyAck          = 1 << 3  // VHOST_USER_PROTOCOL_F_REPLY_ACK
+	ProtoBackendReq        = 1 << 5  // VHOST_USER_PROTOCOL_F_BACKEND_REQ (formerly SLAVE_REQ)
+	ProtoConfig            = 1 << 9  // VHOST_USER_PROTOCOL_F_CONFIG
+	ProtoInflightShmfd     = 1 << 12 // VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+	ProtoResetDevice       = 1 << 13 // VHOST_USER_PROTOCOL_F_RESET_DEVICE
+	ProtoConfigureMemSlots = 1 << 15 // VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS
+	ProtoStatus            = 1 << 16 // VHOST_USER_PROTOCOL_F_STATUS
 
 	// ProtocolFeatures is what the back-end offers in GET_PROTOCOL_FEATURES.
-	ProtocolFeatures = ProtoMQ | ProtoReplyAck | ProtoBackendReq | ProtoConfig | ProtoInflightShmfd | ProtoResetDevice | ProtoStatus
+	ProtocolFeatures = ProtoMQ | ProtoLogShmfd | ProtoReplyAck | ProtoBackendReq | ProtoConfig | ProtoInflightShmfd | ProtoResetDevice | ProtoConfigureMemSlots | ProtoStatus
 )
+
+// MaxMemSlots is the GET_MAX_MEM_SLOTS answer: the most regions ADD_MEM_REG
+// may build up (libvhost-user and rust-vmm answer the same 509; QEMU uses
+// at most 512 and refuses a back-end whose answer shrinks across
+// reconnects, so it must never change).
+const MaxMemSlots = 509
 
 // MaxQueueSize is the largest split ring (VIRTIO 1.2 §2.7 "Queue Size ...
 // maximum 32768").

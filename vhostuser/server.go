@@ -78,6 +78,10 @@ type Options struct {
 	// Notifier, if set, is attached to each connection while it is
 	// served, so its NotifyConfigChange reaches the current front-end.
 	Notifier *ConfigNotifier
+	// Gate, if set, is shared by the Serve calls that serve one disk on
+	// several sockets: the rings of only one connection run at a time
+	// (RingGate, handoff.go).
+	Gate *RingGate
 }
 
 func (o Options) normalize() (Options, error) {
@@ -174,6 +178,7 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	id := connIDs.Add(1)
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
+	s.ctx = ctx
 	opts.Notifier.attach(s)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if

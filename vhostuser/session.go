@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -57,6 +58,10 @@ type session struct {
 	// the control goroutine reads it; queues hold their region's slice,
 	// so it is replaced only while no ring is started.
 	inflight *inflightMap
+	// logState is the dirty log (dirtylog.go).
+	logState
+	// ctx is the Serve context: it ends a wait for Options.Gate.
+	ctx context.Context
 }
 
 // ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
@@ -86,6 +91,8 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureRingPacked | FeatureProtocolFeatures,
 		replyFD: -1,
 	}
+	s.logFD = -1
+	s.offered |= FeatureLogAll
 	s.rings = make([]*ring, opts.NumQueues)
 	return s
 }
@@ -153,6 +160,7 @@ func (s *session) teardown() {
 	s.mu.Unlock()
 	mem.unmap()
 	inf.unmap()
+	s.closeLog()
 }
 
 func closeFD(fd *int) {
@@ -196,6 +204,16 @@ func (s *session) handle(m *message) ([]byte, error) {
 		return nil, nil
 	case ReqSetMemTable:
 		return nil, s.setMemTable(m)
+	case ReqSetLogBase:
+		return s.setLogBase(m)
+	case ReqSetLogFD:
+		return nil, s.setLogFD(m)
+	case ReqGetMaxMemSlots:
+		return le.AppendUint64(nil, MaxMemSlots), nil
+	case ReqAddMemReg:
+		return nil, s.addMemReg(m)
+	case ReqRemMemReg:
+		return nil, s.remMemReg(m)
 	case ReqGetQueueNum:
 		return le.AppendUint64(nil, uint64(s.opts.NumQueues)), nil
 	case ReqSetVringNum:
@@ -380,12 +398,24 @@ func (s *session) setFeatures(v uint64) error {
 	if v&FeatureVersion1 == 0 {
 		return fmt.Errorf("SET_FEATURES: VIRTIO_F_VERSION_1 not set in %#x: %w", v, ErrUnsupported)
 	}
+	// QEMU toggles VHOST_F_LOG_ALL on running rings when a migration
+	// starts or ends (vhost_dev_set_log); nothing else may change then.
+	if s.featuresOK && (v^s.acked) == FeatureLogAll {
+		s.mu.Lock()
+		s.acked = v
+		s.updateLogging()
+		s.mu.Unlock()
+		return nil
+	}
 	// EVENT_IDX changes how a running ring is driven; QEMU only sets
 	// features while the rings are stopped.
 	if s.anyStarted() {
 		return fmt.Errorf("SET_FEATURES: a ring is started: %w", ErrState)
 	}
+	s.mu.Lock()
 	s.acked = v
+	s.updateLogging()
+	s.mu.Unlock()
 	s.featuresOK = true
 	if v&(1<<blk.FeatureConfigWCE) != 0 && v&(1<<blk.FeatureFlush) == 0 {
 		// A driver that cannot flush gets a write-through cache
@@ -416,8 +446,9 @@ func (s *session) reset() {
 		closeFD(&r.errFD)
 		s.rings[i] = nil
 	}
-	s.mu.Unlock()
 	s.acked, s.featuresOK, s.status = 0, false, 0
+	s.updateLogging()
+	s.mu.Unlock()
 }
 
 func (s *session) setMemTable(m *message) error {
@@ -431,35 +462,12 @@ func (s *session) setMemTable(m *message) error {
 	if err != nil {
 		return err
 	}
-	// Quiesce the workers: they drain under the read lock, so once the
-	// write lock is held none of them touches the old mappings.
-	s.mu.Lock()
-	prev := s.mem
-	s.mem = g
-	// Started rings re-translate their addresses in the new table, keeping
-	// their position (libvhost-user re-maps rings after every table). All
-	// or nothing: on failure the old table stays in force.
-	qs := make([]virtqueue.Queue, len(s.rings))
-	for i, r := range s.rings {
-		if r == nil || r.q == nil {
-			continue
-		}
-		q, err := s.newQueue(r, r.q.Base())
-		if err != nil {
-			s.mem = prev
-			s.mu.Unlock()
-			g.unmap()
-			return fmt.Errorf("SET_MEM_TABLE: ring %d: %w", r.index, err)
-		}
-		qs[i] = q
+	// installMem quiesces the workers (they drain under the read lock)
+	// and re-translates started rings; all or nothing.
+	if err := s.installMem(g); err != nil {
+		g.unmap()
+		return fmt.Errorf("SET_MEM_TABLE: %w", err)
 	}
-	for i, q := range qs {
-		if q != nil {
-			s.rings[i].q = q
-		}
-	}
-	s.mu.Unlock()
-	prev.unmap()
 	return nil
 }
 
@@ -486,11 +494,7 @@ func (s *session) setVringAddr(p []byte) error {
 	if err != nil {
 		return err
 	}
-	if a.Flags&vringFlagLog != 0 {
-		// Dirty logging needs LOG_SHMFD, which is not offered.
-		return fmt.Errorf("SET_VRING_ADDR: ring %d VHOST_VRING_F_LOG: %w", a.Index, ErrUnsupported)
-	}
-	if a.Flags != 0 {
+	if a.Flags&^vringFlagLog != 0 {
 		return fmt.Errorf("SET_VRING_ADDR: ring %d flags %#x: %w", a.Index, a.Flags, ErrInvalidMessage)
 	}
 	// VIRTIO 1.2 §2.7 alignment: descriptor table 16, avail 2, used 4.
@@ -498,12 +502,21 @@ func (s *session) setVringAddr(p []byte) error {
 		return fmt.Errorf("SET_VRING_ADDR: ring %d misaligned desc %#x avail %#x used %#x: %w", a.Index, a.Desc, a.Avail, a.Used, ErrInvalidMessage)
 	}
 	if r.w != nil {
-		return fmt.Errorf("SET_VRING_ADDR: ring %d is started: %w", a.Index, ErrState)
+		// A started ring accepts only a change of the log flag and
+		// address (QEMU's vhost_dev_set_log when migration starts or
+		// ends), which workers read under the dispatch lock.
+		if a.Desc != r.addr.Desc || a.Avail != r.addr.Avail || a.Used != r.addr.Used {
+			return fmt.Errorf("SET_VRING_ADDR: ring %d is started: %w", a.Index, ErrState)
+		}
+		s.mu.Lock()
+		r.addr = a
+		s.mu.Unlock()
+		return nil
 	}
 	r.addr, r.addrSet = a, true
 	// Check the placement now when we can, so the error names this
 	// message; SET_VRING_KICK checks again.
-	if s.mem != nil && r.num != 0 {
+	if !s.mem.empty() && r.num != 0 {
 		if err := checkRingPlacement(s.mem.mem, r, s.packed()); err != nil {
 			return fmt.Errorf("SET_VRING_ADDR: ring %d: %w", a.Index, err)
 		}
@@ -612,12 +625,16 @@ func (s *session) setVringKick(m *message) error {
 	}
 	// A new kick fd for a started ring restarts it with the new fd.
 	s.stopRing(r)
-	if s.mem == nil || r.num == 0 || !r.addrSet {
+	if s.mem.empty() || r.num == 0 || !r.addrSet {
 		return fmt.Errorf("SET_VRING_KICK: ring %d not configured (memory %t, num %d, addr %t): %w",
-			r.index, s.mem != nil, r.num, r.addrSet, ErrState)
+			r.index, !s.mem.empty(), r.num, r.addrSet, ErrState)
 	}
 	q, err := s.newQueue(r, r.base)
 	if err != nil {
+		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
+	}
+	// Only one front-end's rings run at a time (handoff.go).
+	if err := s.gateAcquire(); err != nil {
 		return fmt.Errorf("SET_VRING_KICK: ring %d: %w", r.index, err)
 	}
 	fd := m.takeFD(0)
@@ -702,4 +719,5 @@ func (s *session) stopRing(r *ring) {
 	r.base = r.q.Base()
 	r.q = nil
 	s.mu.Unlock()
+	s.gateReleaseIfIdle()
 }

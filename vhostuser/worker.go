@@ -141,6 +141,7 @@ func (w *worker) process(q virtqueue.Queue, h *blk.Handler, c *virtqueue.Chain) 
 			err = fe
 		}
 	}()
+	lg := w.s.logging // nil unless dirty logging is on (dirtylog.go)
 	q.DisableNotifications()
 	n := 0
 	// Each pass either completes a chain or re-arms notifications; a
@@ -172,11 +173,18 @@ func (w *worker) process(q virtqueue.Queue, h *blk.Handler, c *virtqueue.Chain) 
 			if herr := h.Err(); herr != nil {
 				w.s.ev.RequestFailed(w.s.id, w.r.index, herr)
 			}
+			if lg != nil {
+				w.logChain(lg, c)
+			}
 		}
 		if err := q.PushUsed(c.Head, written); err != nil {
 			return false, err
 		}
 		n++
+	}
+	if lg != nil {
+		_, packed := q.(*virtqueue.PackedQueue)
+		w.logRing(lg, packed)
 	}
 	if n > 0 && q.NeedsNotification() {
 		w.signal(w.r.callFD)

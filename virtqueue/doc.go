@@ -43,6 +43,19 @@
 //	func NewPackedQueue(mem *Memory, cfg QueueConfig) (*PackedQueue, error)
 //	func PackedBase(availIdx uint16, availWrap bool, usedIdx uint16, usedWrap bool) uint32
 //
+// The dirty log for live migration (dirtylog.go, dirtylog_unsafe.go):
+//
+//	type DirtyLog struct{ ... }           // one bit per 4 KiB guest page, atomic OR
+//	func NewDirtyLog(bits []byte) *DirtyLog
+//	func (l *DirtyLog) MarkGPA(gpa, n uint64)          // bounded by the bitmap
+//	func (l *DirtyLog) MarkSlices(m *Memory, bufs [][]byte)
+//	func (m *Memory) HostGPA(b []byte) (uint64, bool)  // slice → guest-physical
+//	func (m *Memory) UserGPA(uva uint64) (uint64, bool)
+//
+// Marks may race with each other and with the front-end clearing words:
+// the OR is one atomic 32-bit operation on the aligned word holding the
+// byte, so no bit set by anyone is lost.
+//
 // The contract above is implemented as written. Additions (all additive):
 // Memory.Regions; SplitQueue.AddUsed and Publish (batch completion),
 // SplitQueue.Size and Err; constants MaxRegions, MaxQueueSize, DescSize,

@@ -688,3 +688,26 @@ func verifyUnits(t *testing.T, unitDir, bin string) {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
 	}
 }
+
+// TestOneImageOnTwoSocketsServesEachInTurn: `serve --socket-path A
+// --socket-path B IMAGE` (the one-host migration set-up) serves a front-end
+// on each socket, one after the other, and stops cleanly.
+func TestOneImageOnTwoSocketsServesEachInTurn(t *testing.T) {
+	bin := daemonBinary(t)
+	dir := shortDir(t)
+	img := newImage(t, dir)
+	a, b := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock")
+	cmd := exec.Command(bin, "serve", "--socket-path", a, "--socket-path", b, img)
+	d := startDaemon(t, cmd)
+	d.waitFor(t, "serving VHDX image")
+	useDisk(t, a)
+	useDisk(t, b)
+	useDisk(t, a)
+	d.stop(t, cmd.Process.Pid)
+	for _, p := range []string{a, b} {
+		if _, err := os.Stat(p); err == nil {
+			t.Errorf("socket %s left behind", p)
+		}
+	}
+	checkClean(t, img)
+}

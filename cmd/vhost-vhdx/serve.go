@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -47,7 +48,12 @@ Without --socket-path or --fd, serve takes the listening socket systemd
 passes by socket activation (LISTEN_FDS=1 and LISTEN_PID, fd 3).
 
 Options:
-  --socket-path PATH    create and listen on this unix socket (alias: --socket)
+  --socket-path PATH    create and listen on this unix socket (alias: --socket);
+                        repeat it to serve the one open image on several
+                        sockets, e.g. QEMU's migration source on one and its
+                        destination on the other: the queues of only one
+                        front-end run at a time, a second one's start waits
+                        until the first one's queues are all stopped
   --socket-owner U[:G]  give the socket to user U and group G (names or ids;
                         ":G" alone changes only the group), e.g. so that
                         libvirt's QEMU (libvirt-qemu on Debian) can connect
@@ -67,14 +73,15 @@ Options:
 `
 
 type serveConfig struct {
-	socketPath string
-	fd         int
-	readOnly   bool
-	numQueues  int
-	serial     string
-	logLevel   string
-	image      string
-	printCaps  bool
+	socketPath  string   // the first --socket-path
+	socketPaths []string // every --socket-path, in order
+	fd          int
+	readOnly    bool
+	numQueues   int
+	serial      string
+	logLevel    string
+	image       string
+	printCaps   bool
 
 	socketOwner, socketMode string
 	access                  socketAccess // parsed --socket-owner, --socket-mode
@@ -85,8 +92,8 @@ type serveConfig struct {
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	cfg := serveConfig{fd: -1}
 	fs := newFlagSet("serve")
-	fs.StringVar(&cfg.socketPath, "socket-path", "", "")
-	fs.StringVar(&cfg.socketPath, "socket", "", "")
+	fs.Var(socketPathsFlag{&cfg}, "socket-path", "")
+	fs.Var(socketPathsFlag{&cfg}, "socket", "")
 	fs.IntVar(&cfg.fd, "fd", -1, "")
 	fs.StringVar(&cfg.image, "blk-file", "", "")
 	fs.BoolVar(&cfg.readOnly, "read-only", false, "")
@@ -177,23 +184,38 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		serial = defaultSerial(im)
 	}
 
-	var ln *net.UnixListener
+	var lns []*net.UnixListener
 	if cfg.fd >= 0 {
-		ln, err = vhostuser.FromFD(cfg.fd)
-	} else {
-		ln, err = listenWithAccess(cfg.socketPath, cfg.access)
+		ln, err := vhostuser.FromFD(cfg.fd)
+		if err != nil {
+			im.Close()
+			return fmt.Errorf("serve: %w", err)
+		}
+		lns = append(lns, ln)
 	}
-	if err != nil {
-		im.Close()
-		return fmt.Errorf("serve: %w", err)
+	for _, p := range cfg.socketPaths {
+		ln, err := listenWithAccess(p, cfg.access)
+		if err != nil {
+			for i, l := range lns {
+				l.Close()
+				os.Remove(cfg.socketPaths[i])
+			}
+			im.Close()
+			return fmt.Errorf("serve: %w", err)
+		}
+		lns = append(lns, ln)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
 	entry := log.WithFields(logrus.Fields{"image": cfg.image})
+	sockets := make([]string, len(lns))
+	for i, ln := range lns {
+		sockets[i] = ln.Addr().String()
+	}
 	entry.WithFields(logrus.Fields{
-		"socket":       ln.Addr().String(),
+		"socket":       strings.Join(sockets, ","),
 		"virtual_size": im.Size(),
 		"read_only":    cfg.readOnly,
 		"num_queues":   cfg.numQueues,
@@ -201,14 +223,23 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		"activated":    cfg.activated,
 	}).Info("serving VHDX image over vhost-user-blk")
 
-	serveErr := vhostuser.Serve(ctx, ln, vhostuser.Options{
+	opts := vhostuser.Options{
 		Disk:      im,
 		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues)},
 		NumQueues: cfg.numQueues,
 		Events:    newLogEvents(entry),
-	})
-	if cfg.socketPath != "" {
-		os.Remove(cfg.socketPath)
+	}
+	if len(lns) > 1 {
+		// One device on several sockets: one write cache mode and one
+		// front-end's queues at a time (vhostuser.RingGate).
+		opts.Gate = vhostuser.NewRingGate()
+		if !cfg.readOnly {
+			opts.Blk.Cache = new(blk.WriteCache)
+		}
+	}
+	serveErr := serveAll(ctx, stop, lns, opts)
+	for _, p := range cfg.socketPaths {
+		os.Remove(p)
 	}
 	closeErr := im.Close()
 	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
@@ -218,6 +249,47 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("serve: closing %s: %w", cfg.image, closeErr)
 	}
 	entry.Info("stopped; image flushed and closed")
+	return nil
+}
+
+// serveAll runs Serve on every listener and returns the first error; an
+// error on one listener stops them all.
+func serveAll(ctx context.Context, stop context.CancelFunc, lns []*net.UnixListener, opts vhostuser.Options) error {
+	errs := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() {
+			err := vhostuser.Serve(ctx, ln, opts)
+			if err != nil {
+				stop()
+			}
+			errs <- err
+		}()
+	}
+	var first error
+	for range lns {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// socketPathsFlag collects repeated --socket-path flags.
+type socketPathsFlag struct{ cfg *serveConfig }
+
+func (f socketPathsFlag) String() string { return "" }
+
+func (f socketPathsFlag) Set(v string) error {
+	if v == "" {
+		return errors.New("empty socket path")
+	}
+	if slices.Contains(f.cfg.socketPaths, v) {
+		return fmt.Errorf("socket path %s given twice", v)
+	}
+	if f.cfg.socketPath == "" {
+		f.cfg.socketPath = v
+	}
+	f.cfg.socketPaths = append(f.cfg.socketPaths, v)
 	return nil
 }
 

@@ -74,3 +74,19 @@ func TestServeAcceptsSocketAliasAndBlkFile(t *testing.T) {
 		t.Fatalf("parsed %+v", cfg)
 	}
 }
+
+func TestServeTakesSeveralSocketPathsButNotOneTwice(t *testing.T) {
+	cfg, err := parseServeFlags([]string{"--socket-path", "/tmp/a.sock", "--socket-path", "/tmp/b.sock", "d.vhdx"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.socketPath != "/tmp/a.sock" || len(cfg.socketPaths) != 2 || cfg.socketPaths[1] != "/tmp/b.sock" {
+		t.Fatalf("parsed %q %q", cfg.socketPath, cfg.socketPaths)
+	}
+	if _, err := parseServeFlags([]string{"--socket-path", "/tmp/a.sock", "--socket", "/tmp/a.sock", "d.vhdx"}, nil); err == nil {
+		t.Fatal("the same socket path twice accepted")
+	}
+	if _, err := parseServeFlags([]string{"--socket-path", "/tmp/a.sock", "--fd", "3", "d.vhdx"}, nil); err == nil {
+		t.Fatal("--socket-path with --fd accepted")
+	}
+}

@@ -478,16 +478,21 @@ type backendOpts struct {
 	// activationSocket) as fd 3, LISTEN_FDS=1, LISTEN_PID. qemu-storage-
 	// daemon (the harness check) ignores it and listens itself.
 	activated bool
+	// secondSocket serves the image on a second socket too (sock2), as a
+	// one-host migration needs: vhost-vhdx with a second --socket-path,
+	// qemu-storage-daemon with a second export of the node.
+	secondSocket bool
 }
 
 type backend struct {
-	env  *env
-	args []string
-	sock string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error // Wait's result, valid after done is closed
+	env   *env
+	args  []string
+	sock  string
+	sock2 string // with backendOpts.secondSocket
+	log   string
+	cmd   *exec.Cmd
+	done  chan struct{}
+	err   error // Wait's result, valid after done is closed
 }
 
 // startBackend starts the configured backend serving img and waits until
@@ -519,6 +524,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 			"--blockdev", fmt.Sprintf("driver=file,node-name=file,filename=%s,read-only=%s", img.path, ro),
 			"--blockdev", fmt.Sprintf("driver=vhdx,node-name=disk,file=file,read-only=%s", ro),
 			"--export", export}
+		if o.secondSocket {
+			b.sock2 = filepath.Join(e.work, "vhost-b.sock")
+			b.args = append(b.args, "--export", strings.Replace(strings.Replace(export, "id=e0", "id=e1", 1), b.sock, b.sock2, 1))
+		}
 	case backendVhostVHDX:
 		b.args = []string{e.daemon, "serve", "--socket", b.sock}
 		if o.readOnly {
@@ -529,6 +538,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		if o.serial != "" {
 			b.args = append(b.args, "--serial", o.serial)
+		}
+		if o.secondSocket {
+			b.sock2 = filepath.Join(e.work, "vhost-b.sock")
+			b.args = append(b.args, "--socket-path", b.sock2)
 		}
 		b.args = append(b.args, img.path)
 	}
@@ -571,7 +584,7 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 	// fails the test.
 	deadline := time.After(30 * time.Second)
 	for {
-		if listening(t, b.sock) {
+		if listening(t, b.sock) && (b.sock2 == "" || listening(t, b.sock2)) {
 			return b
 		}
 		select {
@@ -649,6 +662,10 @@ type vmOpts struct {
 	// control gives the guest a second serial port, /dev/ttyS1, on which
 	// guestRun.send delivers lines (testlib's wait_host reads them).
 	control bool
+	// maxMem, if set, gives the guest DIMM slots: -m 512M,slots=4,maxmem=maxMem.
+	maxMem string
+	// extraArgs are appended to the QEMU command line (e.g. -qmp).
+	extraArgs []string
 	// during, if set, runs while the guest runs and returns the backend
 	// serving it afterwards (it may have stopped b and started another).
 	during func(g *guestRun) *backend
@@ -709,12 +726,6 @@ func (g *guestRun) waitFor(marker string) {
 // test fails unless the guest prints the PASS marker and QEMU exits.
 func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 	t.Helper()
-	if o.cpus == 0 {
-		o.cpus = 1
-	}
-	if o.numQueues == 0 {
-		o.numQueues = 1
-	}
 	start := time.Now()
 	dir := filepath.Join(e.work, name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -725,9 +736,33 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		t.Fatal(err)
 	}
 	console := filepath.Join(dir, "console.log")
+	ctlSock := filepath.Join(dir, "ctl.sock")
+	args := e.qemuArgs(b.sock, initrd, console, ctlSock, o)
+	e.record(args, false)
+
+	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stderr, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting qemu-system-x86_64: %v", err)
+	}
+	return e.awaitGuest(ctx, t, cmd, &stderr, b, name, console, ctlSock, start, o)
+}
+
+// qemuArgs is the QEMU command line of a guest on the vhost-user socket
+// sock.
+func (e *env) qemuArgs(sock, initrd, console, ctlSock string, o vmOpts) []string {
+	if o.cpus == 0 {
+		o.cpus = 1
+	}
+	if o.numQueues == 0 {
+		o.numQueues = 1
+	}
 	args := []string{"qemu-system-x86_64",
 		"-accel", e.accel,
-		"-m", guestMemory,
+		"-m", guestMemory + map[bool]string{true: ",slots=4,maxmem=" + o.maxMem}[o.maxMem != ""],
 		"-smp", strconv.Itoa(o.cpus),
 		"-object", "memory-backend-memfd,id=mem,size=" + guestMemory + ",share=on",
 		"-numa", "node,memdev=mem",
@@ -740,26 +775,22 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		// timer check can miss ticks and panic ("IO-APIC + timer doesn't
 		// work"); the check proves nothing about the disk.
 		"-append", "console=ttyS0 panic=-1 quiet no_timer_check",
-		"-chardev", "socket,id=c0,path=" + b.sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
+		"-chardev", "socket,id=c0,path=" + sock + map[bool]string{true: ",reconnect=1"}[o.reconnect],
 		"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=c0,num-queues=%d", o.numQueues) + map[bool]string{true: ",packed=on"}[o.packed],
 	}
 	if o.autoQueues {
 		args[len(args)-1] = "vhost-user-blk-pci,chardev=c0"
 	}
-	ctlSock := filepath.Join(dir, "ctl.sock")
 	if o.control {
 		args = append(args, "-chardev", "socket,id=ctl,server=on,wait=off,path="+ctlSock, "-serial", "chardev:ctl")
 	}
-	e.record(args, false)
+	return append(args, o.extraArgs...)
+}
 
-	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
-	var stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stderr, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting qemu-system-x86_64: %v", err)
-	}
+// awaitGuest runs vmOpts.during and waits for the guest started as cmd to
+// power off; see boot.
+func (e *env) awaitGuest(ctx context.Context, t *testing.T, cmd *exec.Cmd, stderr *bytes.Buffer, b *backend, name, console, ctlSock string, start time.Time, o vmOpts) string {
+	t.Helper()
 	qemuDone := make(chan error, 1)
 	go func() { qemuDone <- cmd.Wait() }()
 	var err error

@@ -152,7 +152,8 @@ func (f *Frontend) ReadReply() (vhostuser.Header, []byte, error) {
 func hasReply(r vhostuser.Request) bool {
 	switch r {
 	case vhostuser.ReqGetFeatures, vhostuser.ReqGetProtocolFeatures, vhostuser.ReqGetVringBase,
-		vhostuser.ReqGetQueueNum, vhostuser.ReqGetConfig, vhostuser.ReqGetStatus:
+		vhostuser.ReqGetQueueNum, vhostuser.ReqGetConfig, vhostuser.ReqGetStatus,
+		vhostuser.ReqGetMaxMemSlots, vhostuser.ReqSetLogBase:
 		return true
 	}
 	return false
@@ -396,7 +397,7 @@ type Options struct {
 	MaxIO       int    // largest data buffer per request; 0: 64 KiB
 	MaxInflight int    // request slots per queue; 0: 4
 	// Features masks the virtio features accepted from GET_FEATURES; 0
-	// accepts everything offered.
+	// accepts everything offered but VHOST_F_LOG_ALL.
 	Features uint64
 	// ProtocolFeatures masks the protocol features accepted; 0 accepts
 	// everything offered.
@@ -425,7 +426,9 @@ func (o *Options) defaults() {
 		o.MaxInflight = 4
 	}
 	if o.Features == 0 {
-		o.Features = ^uint64(0)
+		// Everything offered except VHOST_F_LOG_ALL, which QEMU acks
+		// only while a migration runs (SET_FEATURES again).
+		o.Features = ^uint64(vhostuser.FeatureLogAll)
 	}
 	if o.Packed {
 		o.Features |= vhostuser.FeatureRingPacked
