@@ -5,12 +5,14 @@
 #
 #   libvhdi-read.py [--parent PARENT]... IMAGE [OFFSET:LENGTH]...
 #   libvhdi-read.py --size IMAGE
+#   libvhdi-read.py --sector-size IMAGE
 #
 # Writes the requested ranges of IMAGE's virtual disk to stdout, one after
 # the other (the whole disk when no range is given). --parent names the
 # image's parent, then the parent's parent and so on, for a differencing
 # chain: libvhdi does not follow parent locators itself, each layer is
-# attached with set_parent(). --size prints the virtual size in bytes.
+# attached with set_parent(). --size prints the virtual size in bytes, --sector-size the
+# bytes per logical sector.
 # Errors go to stderr with status 1.
 import sys
 
@@ -23,12 +25,13 @@ def usage():
     sys.stderr.write(
         "usage: libvhdi-read.py [--parent PARENT]... IMAGE [OFFSET:LENGTH]...\n"
         "       libvhdi-read.py --size IMAGE\n"
+        "       libvhdi-read.py --sector-size IMAGE\n"
     )
     sys.exit(2)
 
 
 def main(argv):
-    parents, size_only, rest = [], False, []
+    parents, size_only, sector_size_only, rest = [], False, False, []
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -40,6 +43,8 @@ def main(argv):
             continue
         if a == "--size":
             size_only = True
+        elif a == "--sector-size":
+            sector_size_only = True
         else:
             rest.append(a)
         i += 1
@@ -60,6 +65,9 @@ def main(argv):
     size = top.get_media_size()
     if size_only:
         print(size)
+        return 0
+    if sector_size_only:
+        print(top.get_bytes_per_sector())
         return 0
 
     spans = []

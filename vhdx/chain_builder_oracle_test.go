@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // writeFile materialises the storage as a sparse file at path.
@@ -146,11 +148,11 @@ func requireCheckClean(t *testing.T, path string) {
 // it has the sector and with the model of layers elsewhere.
 func requireOraclesRead(t *testing.T, child, parent string, size, lss uint64, want map[uint64][]byte, layers []*builtImage) {
 	t.Helper()
-	var ranges []oracleRange
+	var ranges []vhdxtest.Span
 	var secs []uint64
 	for sec := range want {
 		secs = append(secs, sec)
-		ranges = append(ranges, oracleRange{int64(sec * lss), int64(lss)})
+		ranges = append(ranges, vhdxtest.Span{Off: int64(sec * lss), N: int64(lss)})
 	}
 	mediaSize, sectorSize, got := libvhdiRead(t, child, parent, ranges)
 	if mediaSize != size || sectorSize != lss {
@@ -161,7 +163,7 @@ func requireOraclesRead(t *testing.T, child, parent string, size, lss uint64, wa
 			t.Fatalf("libvhdi: sector %d reads %x..., want %x...", sec, g[:8], want[sec][:8])
 		}
 	}
-	if size > 64*mib || sevenZipRefusesSize(size, uint32(lss)) {
+	if size > 64*mib || vhdxtest.SevenZipRefusesSize(size, uint32(lss)) {
 		return
 	}
 	disk := make([]byte, size)
@@ -172,5 +174,5 @@ func requireOraclesRead(t *testing.T, child, parent string, size, lss uint64, wa
 		}
 		copy(disk[sec*lss:], w)
 	}
-	sevenZipMatches(t, child, bytes.NewReader(disk), int64(size))
+	vhdxtest.SevenZipEquals(t, child, bytes.NewReader(disk), "want", int64(size))
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // makeChain creates base.vhdx (with o) and depth children, each over the
@@ -149,7 +151,7 @@ func compareChain(t *testing.T, im *Image, m sparseModel, where string) {
 		if _, err := im.ReadAt(got, w[0]); err != nil {
 			t.Fatalf("%s: read [%#x, %#x): %v", where, w[0], w[1], err)
 		}
-		if i := firstDiff(got, want); i >= 0 {
+		if i := vhdxtest.FirstDiff(got, want); i >= 0 {
 			t.Fatalf("%s: ReadAt differs from the model at %#x", where, w[0]+int64(i))
 		}
 		clear(got)
@@ -157,7 +159,7 @@ func compareChain(t *testing.T, im *Image, m sparseModel, where string) {
 		if err := im.ReadVec(bufs, w[0]); err != nil {
 			t.Fatalf("%s: ReadVec [%#x, %#x): %v", where, w[0], w[1], err)
 		}
-		if i := firstDiff(got, want); i >= 0 {
+		if i := vhdxtest.FirstDiff(got, want); i >= 0 {
 			t.Fatalf("%s: ReadVec differs from the model at %#x", where, w[0]+int64(i))
 		}
 	}

@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // readChainOf opens path (read-only, replaying pending logs in memory, as
@@ -75,10 +77,10 @@ func TestCommitMakesTheParentReadWhatTheChainRead(t *testing.T) {
 				t.Errorf("progress: %d calls, last %d of %d", calls, lastDone, lastTotal)
 			}
 			if got := readChainOf(t, parent); !bytes.Equal(got, wantChild) {
-				t.Fatalf("the parent alone differs from the chain before commit at %#x", firstDiff(got, wantChild))
+				t.Fatalf("the parent alone differs from the chain before commit at %#x", vhdxtest.FirstDiff(got, wantChild))
 			}
 			if got := readChainOf(t, top); !bytes.Equal(got, want) {
-				t.Fatalf("the top of the chain reads differently after commit at %#x", firstDiff(got, want))
+				t.Fatalf("the top of the chain reads differently after commit at %#x", vhdxtest.FirstDiff(got, want))
 			}
 			for _, p := range paths {
 				mustCheckClean(t, p)
@@ -98,11 +100,11 @@ func TestCommitMakesTheParentReadWhatTheChainRead(t *testing.T) {
 			for i := tc.commit - 2; i >= 0; i-- {
 				below = append(below, paths[i])
 			}
-			if got := readWithLibvhdi(t, parent, below...); !bytes.Equal(got, wantChild) {
-				t.Fatalf("libvhdi reads the committed parent differently at %#x", firstDiff(got, wantChild))
+			if got := vhdxtest.ReadWithLibvhdi(t, parent, below...); !bytes.Equal(got, wantChild) {
+				t.Fatalf("libvhdi reads the committed parent differently at %#x", vhdxtest.FirstDiff(got, wantChild))
 			}
-			if got := readWith7zip(t, top); !bytes.Equal(got, want) {
-				t.Fatalf("7-Zip reads the chain after commit differently at %#x", firstDiff(got, want))
+			if got := vhdxtest.ReadWith7zip(t, top); !bytes.Equal(got, want) {
+				t.Fatalf("7-Zip reads the chain after commit differently at %#x", vhdxtest.FirstDiff(got, want))
 			}
 		})
 	}
@@ -135,7 +137,7 @@ func TestCommitWritesZerosWhereTheChildDefinesZeros(t *testing.T) {
 		t.Fatal(err)
 	}
 	if got := readChainOf(t, paths[0]); !bytes.Equal(got, want) {
-		t.Fatalf("the parent differs from the chain before commit at %#x", firstDiff(got, want))
+		t.Fatalf("the parent differs from the chain before commit at %#x", vhdxtest.FirstDiff(got, want))
 	}
 }
 
@@ -212,16 +214,16 @@ func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
 			finish := func(t *testing.T, files []string, where string) {
 				t.Helper()
 				if got := readChainOf(t, files[top]); !bytes.Equal(got, want) {
-					t.Fatalf("%s: the chain reads differently at %#x", where, firstDiff(got, want))
+					t.Fatalf("%s: the chain reads differently at %#x", where, vhdxtest.FirstDiff(got, want))
 				}
 				if err := Commit(files[child], nil); err != nil {
 					t.Fatalf("%s: commit again: %v", where, err)
 				}
 				if got := readChainOf(t, files[parent]); !bytes.Equal(got, wantChild) {
-					t.Fatalf("%s: after commit again, the parent alone differs at %#x", where, firstDiff(got, wantChild))
+					t.Fatalf("%s: after commit again, the parent alone differs at %#x", where, vhdxtest.FirstDiff(got, wantChild))
 				}
 				if got := readChainOf(t, files[top]); !bytes.Equal(got, want) {
-					t.Fatalf("%s: after commit again, the chain differs at %#x", where, firstDiff(got, want))
+					t.Fatalf("%s: after commit again, the chain differs at %#x", where, vhdxtest.FirstDiff(got, want))
 				}
 				for _, p := range files {
 					mustCheckClean(t, p)
@@ -309,7 +311,7 @@ func TestCommitFindsTheParentLikeOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	if got := readChainOf(t, paths[0]); !bytes.Equal(got, want) {
-		t.Fatalf("the real parent differs from the chain before commit at %#x", firstDiff(got, want))
+		t.Fatalf("the real parent differs from the chain before commit at %#x", vhdxtest.FirstDiff(got, want))
 	}
 	if after, _ := os.ReadFile(decoy); !bytes.Equal(after, decoyBefore) {
 		t.Error("Commit wrote to the decoy its relative_path names")

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // Crash tests: run a workload on a faultStorage, cut the power before every
@@ -231,7 +233,7 @@ func imageHasActiveLog(t *testing.T, img []byte) bool {
 // identical. This checks our entry encoding against an independent reader.
 func compareReplayWithQEMU(t *testing.T, img []byte, where string) {
 	t.Helper()
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	dir := t.TempDir()
 	theirs, ours := filepath.Join(dir, "theirs.vhdx"), filepath.Join(dir, "ours.vhdx")
 	if err := os.WriteFile(theirs, img, 0o644); err != nil {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // A child made by newMemChain over a 64 MiB base with 1 MiB blocks has the
@@ -138,7 +140,7 @@ func TestFirstWriteIntoBlockIgnoresStaleBitmapBits(t *testing.T) {
 	if _, err := im.ReadAt(got, mib); err != nil {
 		t.Fatal(err)
 	}
-	if i := firstDiff(got, want); i >= 0 {
+	if i := vhdxtest.FirstDiff(got, want); i >= 0 {
 		t.Fatalf("after the first write, block 1 differs at %#x", i)
 	}
 }

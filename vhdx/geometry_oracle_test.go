@@ -27,173 +27,24 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
-// needTool returns the path of an external oracle, or skips (fails under
-// VHOST_VHDX_REQUIRE_TOOLS) when it is not installed.
-func needTool(t testing.TB, bin, pkg string) string {
+// libvhdiRead reads spans of img's virtual disk through libvhdi and
+// returns the media size, the sector size and the bytes of the spans one
+// after the other. parent, if not empty, is img's parent.
+func libvhdiRead(t *testing.T, img, parent string, spans []vhdxtest.Span) (uint64, uint64, []byte) {
 	t.Helper()
-	p, err := exec.LookPath(bin)
-	if err != nil {
-		missingTool(t, fmt.Sprintf("%s not installed (Debian package %s)", bin, pkg))
-	}
-	return p
-}
-
-func missingTool(t testing.TB, msg string) {
-	t.Helper()
-	if os.Getenv("VHOST_VHDX_REQUIRE_TOOLS") != "" {
-		t.Fatalf("%s; VHOST_VHDX_REQUIRE_TOOLS is set and tests/qemu/setup.sh installs it", msg)
-	}
-	t.Skip(msg)
-}
-
-var pyvhdiPython struct {
-	once sync.Once
-	path string
-	err  string
-}
-
-// needPyvhdi returns a python3 that imports pyvhdi: Debian installs it for
-// /usr/bin/python3, which another python3 earlier on PATH does not see.
-func needPyvhdi(t testing.TB) string {
-	t.Helper()
-	pyvhdiPython.once.Do(func() {
-		cands := []string{"/usr/bin/python3"}
-		if p, err := exec.LookPath("python3"); err == nil {
-			cands = append(cands, p)
-		}
-		var tried []string
-		for _, c := range cands {
-			out, err := exec.Command(c, "-c", "import pyvhdi").CombinedOutput()
-			if err == nil {
-				pyvhdiPython.path = c
-				return
-			}
-			tried = append(tried, fmt.Sprintf("%s: %v %s", c, err, bytes.TrimSpace(out)))
-		}
-		pyvhdiPython.err = "no python3 imports pyvhdi (" + strings.Join(tried, "; ") + ") (Debian package python3-libvhdi)"
-	})
-	if pyvhdiPython.path == "" {
-		missingTool(t, pyvhdiPython.err)
-	}
-	return pyvhdiPython.path
-}
-
-// libvhdiReadScript prints the media size and bytes per sector (two
-// little-endian uint64), then each OFFSET:LENGTH range of the virtual disk.
-// An argument "--parent=PATH" before the image attaches the image's parent
-// (libvhdi does not follow parent locators itself).
-const libvhdiReadScript = `
-import struct, sys, pyvhdi
-args = sys.argv[1:]
-parent = None
-if args[0].startswith("--parent="):
-    parent = pyvhdi.file()
-    parent.open(args[0][len("--parent="):])
-    args = args[1:]
-f = pyvhdi.file()
-f.open(args[0])
-if parent is not None:
-    f.set_parent(parent)
-out = sys.stdout.buffer
-out.write(struct.pack("<QQ", f.get_media_size(), f.get_bytes_per_sector()))
-for arg in args[1:]:
-    off, n = (int(x) for x in arg.split(":"))
-    while n > 0:
-        k = min(n, 16 << 20)
-        b = f.read_buffer_at_offset(k, off)
-        if len(b) != k:
-            sys.exit("short read at %d: %d of %d bytes" % (off, len(b), k))
-        out.write(b)
-        off += k
-        n -= k
-f.close()
-`
-
-// oracleRange is a byte range of the virtual disk.
-type oracleRange struct{ off, n int64 }
-
-// libvhdiRead reads ranges of img's virtual disk through libvhdi and
-// returns the media size, the sector size and the bytes. parent, if not
-// empty, is img's parent.
-func libvhdiRead(t *testing.T, img, parent string, ranges []oracleRange) (uint64, uint64, []byte) {
-	t.Helper()
-	py := needPyvhdi(t)
-	args := []string{"-c", libvhdiReadScript}
+	var parents []string
 	if parent != "" {
-		args = append(args, "--parent="+parent)
+		parents = []string{parent}
 	}
-	args = append(args, img)
-	for _, r := range ranges {
-		args = append(args, fmt.Sprintf("%d:%d", r.off, r.n))
-	}
-	var stderr bytes.Buffer
-	cmd := exec.Command(py, args...)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("libvhdi cannot read %s: %v\n%s", img, err, stderr.Bytes())
-	}
-	if len(out) < 16 {
-		t.Fatalf("libvhdi printed %d bytes", len(out))
-	}
-	return binary.LittleEndian.Uint64(out), binary.LittleEndian.Uint64(out[8:]), out[16:]
-}
-
-// sevenZipMatches streams img's whole virtual disk through 7-Zip (which
-// follows a differencing image's locator itself) and compares it with raw
-// chunk by chunk.
-func sevenZipMatches(t *testing.T, img string, raw io.ReaderAt, size int64) {
-	t.Helper()
-	bin := needTool(t, "7zz", "7zip")
-	cmd := exec.Command(bin, "e", "-tvhdx", "-so", img)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	const chunk = 4 * mib
-	a, b := make([]byte, chunk), make([]byte, chunk)
-	var pos int64
-	mismatch := ""
-	for {
-		n, err := io.ReadFull(out, a)
-		if n > 0 && mismatch == "" {
-			if _, rerr := raw.ReadAt(b[:n], pos); rerr != nil && rerr != io.EOF {
-				t.Fatal(rerr)
-			}
-			if !bytes.Equal(a[:n], b[:n]) {
-				i := 0
-				for a[i] == b[i] {
-					i++
-				}
-				mismatch = fmt.Sprintf("virtual byte %#x: 7-Zip reads %#x, we wrote %#x", pos+int64(i), a[i], b[i])
-			}
-		}
-		pos += int64(n)
-		if err != nil {
-			break
-		}
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("7zz e -tvhdx -so %s: %v\n%s", img, err, stderr.Bytes())
-	}
-	if mismatch != "" {
-		t.Fatal(mismatch)
-	}
-	if pos != size {
-		t.Fatalf("7-Zip streamed %d bytes of a %d-byte disk", pos, size)
-	}
+	size, lss := vhdxtest.LibvhdiSize(t, img), vhdxtest.LibvhdiSectorSize(t, img)
+	return uint64(size), uint64(lss), bytes.Join(vhdxtest.ReadSpansWithLibvhdi(t, img, parents, spans), nil)
 }
 
 // oracleGeometry is one row of TestOtherReadersReadEveryGeometryAsWritten.
@@ -212,7 +63,7 @@ var oracleGeometries = []oracleGeometry{
 	// Sizes not a multiple of the block size: the last block is partial.
 	{512, 1 * mib, 5*mib + 1024, Dynamic},
 	{512, 32 * mib, 100*mib - 1024, Dynamic},
-	{512, 256 * mib, 300*mib + 3584, Dynamic}, // 7-Zip refuses this size (sevenZipRefusesSize)
+	{512, 256 * mib, 300*mib + 3584, Dynamic}, // 7-Zip refuses this size (vhdxtest.SevenZipRefusesSize)
 	{4096, 1 * mib, 3*mib + 8192, Dynamic},
 	{4096, 4 * mib, 70*mib - 8192, Dynamic},
 	{4096, 64 * mib, 100*mib + 8192, Dynamic},
@@ -227,13 +78,6 @@ var oracleGeometries = []oracleGeometry{
 	{4096, 1 * mib, 32*gib + 4096, Dynamic},
 	{4096, 256 * mib, 32*gib + 256*mib + 8192, Dynamic},
 }
-
-// sevenZipRefusesSize: 7-Zip (checked with 26.02) refuses to open a VHDX
-// whose VirtualDiskSize has the bit of value LogicalSectorSize set (it
-// tests size & LogicalSectorSize where §2.6.2.2 asks for a multiple of it),
-// whoever wrote the image: qemu-img's 5 MiB + 512 bytes image is refused
-// too. Such sizes are valid; 7-Zip is not asked about them.
-func sevenZipRefusesSize(size uint64, lss uint32) bool { return size&uint64(lss) != 0 }
 
 // TestOtherReadersReadEveryGeometryAsWritten writes tricky and random
 // ranges into images of every geometry and has libvhdi, 7-Zip and (for
@@ -290,12 +134,12 @@ func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
 			// libvhdi: every write with a sector of context on each side,
 			// each block boundary of the first blocks and the last block,
 			// and the chunk boundary.
-			var ranges []oracleRange
+			var ranges []vhdxtest.Span
 			addRange := func(off, n int64) {
 				off = max(0, off)
 				n = min(n, int64(g.size)-off)
 				if n > 0 {
-					ranges = append(ranges, oracleRange{off, n})
+					ranges = append(ranges, vhdxtest.Span{Off: off, N: n})
 				}
 			}
 			for _, w := range ws {
@@ -314,27 +158,27 @@ func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
 				t.Fatalf("libvhdi: media size %d, %d bytes per sector; we wrote %d, %d", mediaSize, sectorSize, g.size, g.lss)
 			}
 			for _, r := range ranges {
-				want := make([]byte, r.n)
-				if _, err := raw.ReadAt(want, r.off); err != nil && err != io.EOF {
+				want := make([]byte, r.N)
+				if _, err := raw.ReadAt(want, r.Off); err != nil && err != io.EOF {
 					t.Fatal(err)
 				}
-				if !bytes.Equal(got[:r.n], want) {
+				if !bytes.Equal(got[:r.N], want) {
 					i := 0
 					for got[i] == want[i] {
 						i++
 					}
-					t.Fatalf("libvhdi: virtual byte %#x reads %#x, we wrote %#x", r.off+int64(i), got[i], want[i])
+					t.Fatalf("libvhdi: virtual byte %#x reads %#x, we wrote %#x", r.Off+int64(i), got[i], want[i])
 				}
-				got = got[r.n:]
+				got = got[r.N:]
 			}
 
 			// 7-Zip streams every byte: disks up to 128 MiB.
-			if g.size <= 128*mib && !sevenZipRefusesSize(g.size, g.lss) {
-				sevenZipMatches(t, img, raw, int64(g.size))
+			if g.size <= 128*mib && !vhdxtest.SevenZipRefusesSize(g.size, g.lss) {
+				vhdxtest.SevenZipEquals(t, img, raw, "wrote", int64(g.size))
 			}
 
 			if g.lss == 512 {
-				needQEMU(t)
+				vhdxtest.NeedQEMU(t)
 				// qemu-img compare reads every allocated block in full;
 				// past 1 GiB (256 MiB blocks) that takes a minute, and
 				// TestQEMUAcceptsImagesWeWrite covers those disks.

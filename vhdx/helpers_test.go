@@ -161,22 +161,6 @@ func sample(t testing.TB, name string) string {
 	return dst
 }
 
-// needQEMU skips the test when qemu-img/qemu-io are not installed, or fails
-// it when VHOST_VHDX_REQUIRE_TOOLS is set (make test sets it after
-// tests/qemu/setup.sh installed them), so a broken setup cannot pass by
-// skipping the tests that compare against QEMU.
-func needQEMU(t testing.TB) {
-	t.Helper()
-	for _, b := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(b); err != nil {
-			if os.Getenv("VHOST_VHDX_REQUIRE_TOOLS") != "" {
-				t.Fatalf("%s not installed (VHOST_VHDX_REQUIRE_TOOLS is set; tests/qemu/setup.sh installs it)", b)
-			}
-			t.Skipf("%s not installed", b)
-		}
-	}
-}
-
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // compareWithRaw reads [off, off+n) from im and from the raw file and fails
@@ -50,7 +52,7 @@ func toRaw(t *testing.T, img string) *os.File {
 // TestReadsQEMUWrittenImages: QEMU creates and writes the image at tricky
 // offsets; every region we read must equal qemu-img's raw conversion.
 func TestReadsQEMUWrittenImages(t *testing.T) {
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	for _, sub := range []string{"dynamic", "fixed"} {
 		for _, bs := range []uint32{1 * mib, 8 * mib, 32 * mib, 256 * mib} {
 			t.Run(fmt.Sprintf("%s/bs%dM", sub, bs/mib), func(t *testing.T) {
@@ -89,7 +91,7 @@ func TestReadsQEMUWrittenImages(t *testing.T) {
 // TestQEMUAcceptsImagesWeWrite: images we create and write pass qemu-img
 // check and compare equal to a raw file holding the same writes.
 func TestQEMUAcceptsImagesWeWrite(t *testing.T) {
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	if testing.Short() {
 		t.Skip("qemu-img compare reads the whole 6 GiB disks (about 30 s)")
 	}
@@ -145,7 +147,7 @@ func TestQEMUAcceptsImagesWeWrite(t *testing.T) {
 
 // TestReadsHyperVSampleLikeQEMU compares every byte of the Hyper-V image.
 func TestReadsHyperVSampleLikeQEMU(t *testing.T) {
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	img := sample(t, "iotest-dynamic-1G.vhdx")
 	raw := toRaw(t, img)
 	im, err := Open(img, OpenOptions{ReadOnly: true})
@@ -186,7 +188,7 @@ func TestReadOnlyOpenRefusesDirtyLog(t *testing.T) {
 // (qemu-img check -r all) must yield the same virtual disk, and the image is
 // clean afterwards.
 func TestReadWriteOpenReplaysDirtyLogLikeQEMU(t *testing.T) {
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	ours := sample(t, "iotest-dirtylog-10G-4M.vhdx")
 	theirs := filepath.Join(t.TempDir(), "theirs.vhdx")
 	data, err := os.ReadFile(ours)
@@ -334,7 +336,7 @@ func TestOpenLocksImage(t *testing.T) {
 
 // TestQEMUSeesOurLock: QEMU's own OFD locks conflict with ours.
 func TestQEMUSeesOurLock(t *testing.T) {
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	p := createFile(t, CreateOptions{Size: 8 * mib})
 	im, err := Open(p, OpenOptions{})
 	if err != nil {

@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // The fixtures below encode log entries independently of log.go, straight
@@ -366,7 +368,7 @@ func TestReplayAppliesEntriesInOrderFromTheTail(t *testing.T) {
 	if len(got) != len(want) {
 		t.Fatalf("file size %#x after replay, want %#x", len(got), len(want))
 	}
-	if i := firstDiff(got, want); i >= 0 {
+	if i := vhdxtest.FirstDiff(got, want); i >= 0 {
 		t.Fatalf("replayed image differs at offset %#x: got %#x want %#x", i, got[i], want[i])
 	}
 	// Replay is idempotent: a crash during replay is repaired by replaying
@@ -377,21 +379,6 @@ func TestReplayAppliesEntriesInOrderFromTheTail(t *testing.T) {
 	if !bytes.Equal(s.current(), want) {
 		t.Error("second replay changed the image")
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	if bytes.Equal(a, b) {
-		return -1
-	}
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	if len(a) != len(b) {
-		return min(len(a), len(b))
-	}
-	return -1
 }
 
 func TestReplayZeroDescriptorPastEndOfFileExtendsIt(t *testing.T) {
@@ -564,7 +551,7 @@ func TestReplayLogOnDirtySampleMatchesQEMU(t *testing.T) {
 		t.Fatalf("replay changed none of the %d targets %#x; the sample's log should matter", len(targets), targets)
 	}
 
-	needQEMU(t)
+	vhdxtest.NeedQEMU(t)
 	theirs := filepath.Join(t.TempDir(), "theirs.vhdx")
 	if err := os.WriteFile(theirs, orig, 0o644); err != nil {
 		t.Fatal(err)
@@ -583,10 +570,10 @@ func TestReplayLogOnDirtySampleMatchesQEMU(t *testing.T) {
 		t.Fatalf("file size %#x, QEMU's %#x", len(got), len(want))
 	}
 	const hdrStart, hdrEnd = 64 << 10, 192 << 10
-	if i := firstDiff(got[:hdrStart], want[:hdrStart]); i >= 0 {
+	if i := vhdxtest.FirstDiff(got[:hdrStart], want[:hdrStart]); i >= 0 {
 		t.Errorf("differs from QEMU's replay at %#x", i)
 	}
-	if i := firstDiff(got[hdrEnd:], want[hdrEnd:]); i >= 0 {
+	if i := vhdxtest.FirstDiff(got[hdrEnd:], want[hdrEnd:]); i >= 0 {
 		t.Errorf("differs from QEMU's replay at %#x", hdrEnd+i)
 	}
 }
@@ -659,7 +646,7 @@ func TestJournalRoundTrip(t *testing.T) {
 		lastPos = j.prevPos
 		want := applyUpdates(pre, updates)
 		copy(want[tLogOff:tLogOff+tLogLen], post[tLogOff:tLogOff+tLogLen])
-		if k := firstDiff(post, want); k >= 0 {
+		if k := vhdxtest.FirstDiff(post, want); k >= 0 {
 			t.Fatalf("commit %d: image differs from the updates at %#x", i, k)
 		}
 
@@ -678,7 +665,7 @@ func TestJournalRoundTrip(t *testing.T) {
 		if replayed, err := replayLog(fs, tLR); !replayed || err != nil {
 			t.Fatalf("commit %d: replayLog = %v, %v", i, replayed, err)
 		}
-		if k := firstDiff(fs.current(), post); k >= 0 {
+		if k := vhdxtest.FirstDiff(fs.current(), post); k >= 0 {
 			t.Fatalf("commit %d: replay onto the pre-commit image differs at %#x", i, k)
 		}
 	}
@@ -860,7 +847,7 @@ func FuzzReplayLog(f *testing.F) {
 			t.Fatalf("hasActiveLog = %v but replayLog replayed = %v", active, replayed)
 		}
 		if got := fs.cur[:tLogOff+tLogLen]; !bytes.Equal(got, orig) {
-			t.Fatalf("replay wrote to the header section or the log (first difference at %#x)", firstDiff(got, orig))
+			t.Fatalf("replay wrote to the header section or the log (first difference at %#x)", vhdxtest.FirstDiff(got, orig))
 		}
 	})
 }

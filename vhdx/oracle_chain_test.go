@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // chainLayerWrites are the writes of one layer of an oracle chain: single
@@ -113,7 +115,7 @@ func TestLibvhdiChecksTheParentLinkageWeWrite(t *testing.T) {
 			writeImage(t, p, 0, pattern(1, 4096))
 		}
 	})
-	cmd := libvhdiCommand(t, paths[2], []string{paths[0]}, []vspan{{0, 4096}})
+	cmd := vhdxtest.LibvhdiCommand(t, paths[2], []string{paths[0]}, []vhdxtest.Span{{Off: 0, N: 4096}})
 	out, err := cmd.CombinedOutput()
 	if err == nil {
 		t.Fatalf("libvhdi read %s with its grandparent as parent:\n%s", filepath.Base(paths[2]), out)

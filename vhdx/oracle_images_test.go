@@ -3,6 +3,8 @@ package vhdx
 import (
 	"fmt"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // diskModel is what a virtual disk should read: zeros, with writes applied
@@ -36,12 +38,12 @@ func oracleWrites(size uint64, bs, lss uint32) diskModel {
 
 // spansAround returns each write's range widened by ctx on both sides,
 // clipped to the disk.
-func spansAround(ws diskModel, size, ctx int64) []vspan {
-	var out []vspan
+func spansAround(ws diskModel, size, ctx int64) []vhdxtest.Span {
+	var out []vhdxtest.Span
 	for _, w := range ws {
 		lo := max(0, w.off-ctx)
 		hi := min(size, w.off+int64(len(w.data))+ctx)
-		out = append(out, vspan{lo, hi - lo})
+		out = append(out, vhdxtest.Span{Off: lo, N: hi - lo})
 	}
 	return out
 }
@@ -105,7 +107,7 @@ func TestLibvhdiAnd7ZipReadImagesWeWrite(t *testing.T) {
 			if tc.whole {
 				oraclesReadWhole(t, im, p)
 			}
-			if got := libvhdiSize(t, p); got != int64(tc.size) {
+			if got := vhdxtest.LibvhdiSize(t, p); got != int64(tc.size) {
 				t.Fatalf("libvhdi reports a %d-byte disk, want %d", got, tc.size)
 			}
 		})
@@ -160,13 +162,13 @@ func libvhdiReadsExtents(t *testing.T, im *Image, p string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var spans []vspan
+	var spans []vhdxtest.Span
 	for _, e := range exts {
 		n := e.Length
 		if !e.Data {
 			n = min(n, 4*mib)
 		}
-		spans = append(spans, vspan{e.Offset, n})
+		spans = append(spans, vhdxtest.Span{Off: e.Offset, N: n})
 	}
 	ours := func(off, n int64) []byte {
 		b := make([]byte, n)
@@ -176,7 +178,7 @@ func libvhdiReadsExtents(t *testing.T, im *Image, p string) {
 		return b
 	}
 	libvhdiReadsSpans(t, im, p, nil, spans, ours)
-	if got := libvhdiSize(t, p); got != im.Size() {
+	if got := vhdxtest.LibvhdiSize(t, p); got != im.Size() {
 		t.Fatalf("libvhdi reports a %d-byte disk, we %d", got, im.Size())
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // chainWrite is one write into one layer of a test chain.
@@ -96,8 +98,8 @@ func TestConvertFlattensAChain(t *testing.T) {
 			size := int64(12<<20) + 2*lss
 			paths, want := testChain(t, dir, size, uint32(lss), 3, standardChainWrites(size, lss))
 			top := paths[len(paths)-1]
-			sameBytes(t, "libvhdi reading the chain", readWithLibvhdi(t, top, parentsOf(paths)...), want)
-			sameBytes(t, "7-Zip reading the chain", readWith7zip(t, top), want)
+			sameBytes(t, "libvhdi reading the chain", vhdxtest.ReadWithLibvhdi(t, top, parentsOf(paths)...), want)
+			sameBytes(t, "7-Zip reading the chain", vhdxtest.ReadWith7zip(t, top), want)
 
 			raw := filepath.Join(dir, "flat.raw")
 			mustRun(t, "convert", "-O", "raw", top, raw)
@@ -112,7 +114,7 @@ func TestConvertFlattensAChain(t *testing.T) {
 			if in := infoJSON(t, flat); in.Type != "dynamic" || in.LogicalSectorSize != uint32(lss) {
 				t.Errorf("converted image is %s with %d-byte sectors, want a standalone dynamic image with %d", in.Type, in.LogicalSectorSize, lss)
 			}
-			sameBytes(t, "7-Zip reading convert -O vhdx of the top", readWith7zip(t, flat), want)
+			sameBytes(t, "7-Zip reading convert -O vhdx of the top", vhdxtest.ReadWith7zip(t, flat), want)
 		})
 	}
 }
@@ -225,8 +227,8 @@ func TestCommitCLIMergesTheChildIntoItsParent(t *testing.T) {
 			if out := mustRun(t, "commit", child); out != "" {
 				t.Errorf("commit printed %q on stdout", out)
 			}
-			sameBytes(t, "libvhdi reading the committed base alone", readWithLibvhdi(t, base), want)
-			sameBytes(t, "7-Zip reading the committed base alone", readWith7zip(t, base), want)
+			sameBytes(t, "libvhdi reading the committed base alone", vhdxtest.ReadWithLibvhdi(t, base), want)
+			sameBytes(t, "7-Zip reading the committed base alone", vhdxtest.ReadWith7zip(t, base), want)
 			raw := filepath.Join(dir, "base.raw")
 			mustRun(t, "convert", "-O", "raw", base, raw)
 			got, err := os.ReadFile(raw)
@@ -234,7 +236,7 @@ func TestCommitCLIMergesTheChildIntoItsParent(t *testing.T) {
 				t.Fatal(err)
 			}
 			sameBytes(t, "convert of the committed base", got, want)
-			sameBytes(t, "7-Zip reading the child after commit", readWith7zip(t, child), want)
+			sameBytes(t, "7-Zip reading the child after commit", vhdxtest.ReadWith7zip(t, child), want)
 			if out := mustRun(t, "check", child); !strings.Contains(out, "No errors found in the 2 layers") {
 				t.Errorf("check after commit: %q", out)
 			}
@@ -289,9 +291,9 @@ func TestRebaseRepairsAChainWhoseParentMoved(t *testing.T) {
 			mustRun(t, "convert", "-O", "raw", child, raw)
 			got, _ := os.ReadFile(raw)
 			sameBytes(t, "convert of the rebased chain", got, want)
-			sameBytes(t, "libvhdi reading the rebased chain", readWithLibvhdi(t, child, moved), want)
+			sameBytes(t, "libvhdi reading the rebased chain", vhdxtest.ReadWithLibvhdi(t, child, moved), want)
 			if sameDir {
-				sameBytes(t, "7-Zip reading the rebased chain", readWith7zip(t, child), want)
+				sameBytes(t, "7-Zip reading the rebased chain", vhdxtest.ReadWith7zip(t, child), want)
 			}
 		})
 	}

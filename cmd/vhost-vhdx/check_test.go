@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // Offsets fixed by MS-VHDX §2.2: the two headers at 64 KiB and 128 KiB,
@@ -130,7 +132,7 @@ func TestCheckSpeaksQEMUImgExitCodes(t *testing.T) {
 // an image with a log to replay, exit 1, where we report the log as the
 // corruption it is, exit 2; both agree once it is repaired.)
 func TestCheckAgreesWithQEMUImg(t *testing.T) {
-	qemuImg := needQEMUImg(t)
+	qemuImg := vhdxtest.NeedTool(t, "qemu-img")
 	for _, tc := range []struct {
 		name   string
 		setup  func(t *testing.T, path string)

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // infoOut mirrors the JSON of `info --json` (vhdx.Info with the type as
@@ -82,7 +84,7 @@ func testRaw(t *testing.T, path string, size int, writes map[int]int) []byte {
 }
 
 func TestCreateInfoConvertMapCheckRoundTrip(t *testing.T) {
-	qemuImg := needQEMUImg(t)
+	qemuImg := vhdxtest.NeedTool(t, "qemu-img")
 	dir := t.TempDir()
 	img := filepath.Join(dir, "new.vhdx")
 	raw := filepath.Join(dir, "disk.raw")
@@ -257,21 +259,4 @@ func TestProgressOnlyDrawsOnATerminal(t *testing.T) {
 	if isTerminal(f) {
 		t.Error("a regular file was taken for a terminal")
 	}
-}
-
-// needQEMUImg returns the path of qemu-img, the oracle the conversion is
-// checked against. Without it the test is skipped, or fails when
-// VHOST_VHDX_REQUIRE_TOOLS is set (make test sets it after
-// tests/qemu/setup.sh installed qemu-utils): a test must not pass having
-// checked only against our own reader.
-func needQEMUImg(t *testing.T) string {
-	t.Helper()
-	p, err := exec.LookPath("qemu-img")
-	if err != nil {
-		if os.Getenv("VHOST_VHDX_REQUIRE_TOOLS") != "" {
-			t.Fatal("qemu-img not installed (VHOST_VHDX_REQUIRE_TOOLS is set; tests/qemu/setup.sh installs it)")
-		}
-		t.Skip("qemu-img not installed: the conversion cannot be checked against qemu-img")
-	}
-	return p
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
 // These run without QEMU: they check the harness's own helpers.
@@ -46,12 +48,7 @@ func TestFirstDifferenceFindsTheFirstDifferingByteOrLength(t *testing.T) {
 // The overlay archive must unpack with a standard cpio reader, as the
 // kernel's initramfs unpacker expects the same newc format.
 func TestOverlayArchiveIsReadableNewcCpio(t *testing.T) {
-	if _, err := exec.LookPath("cpio"); err != nil {
-		if os.Getenv("VHOST_VHDX_REQUIRE_TOOLS") != "" {
-			t.Fatal("cpio not installed (VHOST_VHDX_REQUIRE_TOOLS is set; tests/qemu/setup.sh installs it)")
-		}
-		t.Skip("cpio not installed")
-	}
+	vhdxtest.NeedTool(t, "cpio")
 	var buf bytes.Buffer
 	w := cpioWriter{w: &buf}
 	w.file("test.sh", 0o755, []byte("echo hi\n"))
