@@ -3,6 +3,7 @@ package blk
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 )
 
 // struct virtio_blk_outhdr (VIRTIO 1.2 §5.2.6), the first bytes of the
@@ -44,6 +45,10 @@ type Handler struct {
 	serialID [idLen]byte
 	data     [][]byte // scratch: sub-slices of the guest buffers carrying data
 	err      error
+
+	stats    *QueueStats // nil: not counting (CountInto)
+	reqType  uint32      // type of the request being handled, for stats
+	reqBytes uint64      // data bytes it moved, for stats
 }
 
 // NewHandler returns a Handler for d. Optional Disk upgrades are looked up
@@ -92,7 +97,15 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	in := writable[:si]
 	inTail := last[:len(last)-1]
 
+	var start time.Time
+	if h.stats != nil {
+		start = time.Now()
+		h.reqType, h.reqBytes = ^uint32(0), 0
+	}
 	n, err := h.execute(readable, in, inTail)
+	if h.stats != nil {
+		h.stats.record(opOf(h.reqType), h.reqBytes, err != nil, time.Since(start))
+	}
 	clear(h.data) // drop references to guest memory until the next request
 	h.data = h.data[:0]
 	h.err = err
@@ -124,6 +137,7 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 	}
 	typ := binary.LittleEndian.Uint32(hdr[hdrType:])
 	sector := binary.LittleEndian.Uint64(hdr[hdrSector:])
+	h.reqType = typ
 
 	switch typ {
 	case TypeIn:
@@ -154,6 +168,7 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 		if h.opts.ReadOnly {
 			return 0, nil
 		}
+		h.stats.countFlush()
 		if err := h.disk.Flush(); err != nil {
 			return 0, fmt.Errorf("blk: FLUSH: %w", err)
 		}
@@ -163,7 +178,8 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 			return 0, fmt.Errorf("%w: GET_ID request with device-readable data", ErrBadRequest)
 		}
 		h.carveIn(in, inTail)
-		return h.getID(), nil
+		h.reqBytes = h.getID()
+		return h.reqBytes, nil
 	case TypeDiscard, TypeWriteZeroes:
 		return 0, h.discardWriteZeroes(typ, readable, bi, bo)
 	default:
@@ -231,6 +247,7 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w (type %d)", err, typ)
 	}
+	h.reqBytes = n
 	if n == 0 {
 		return 0, nil
 	}
@@ -252,6 +269,7 @@ func (h *Handler) writeThrough(typ uint32, sector uint64) error {
 	if !h.opts.Cache.WriteThrough() {
 		return nil
 	}
+	h.stats.countFlush()
 	if err := h.disk.Flush(); err != nil {
 		return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
 	}
