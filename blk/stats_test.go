@@ -19,7 +19,7 @@ func TestStatsCountEveryRequestByTypeWithBytesAndErrors(t *testing.T) {
 	run([][]byte{hdr(TypeIn, 0)}, [][]byte{make([]byte, 4096), make([]byte, 1)})
 	run([][]byte{hdr(TypeIn, 8)}, [][]byte{make([]byte, 512), make([]byte, 1)})
 	run([][]byte{cat(hdr(TypeOut, 0), pattern(1024, 3))}, status)
-	run([][]byte{hdr(TypeOut, 1 << 40), pattern(512, 1)}, status) // out of range: an error
+	run([][]byte{hdr(TypeOut, 1<<40), pattern(512, 1)}, status) // out of range: an error
 	run([][]byte{hdr(TypeFlush, 0)}, status)
 	run([][]byte{hdr(TypeGetID, 0)}, [][]byte{make([]byte, 20), make([]byte, 1)})
 	run([][]byte{hdr(TypeDiscard, 0), seg(8, 16, 0)}, status)
