@@ -11,7 +11,10 @@
 //	    NumQueues int         // 1..MaxQueues; 0 means MaxQueues (256)
 //	    Events    Events      // nil: NopEvents
 //	    Notifier  *ConfigNotifier // optional: announce config changes
+//	    Monitor   *Monitor        // optional: connection state for a control socket
+//	    Stats     *blk.Stats      // optional: per-queue request statistics
 //	}
+//	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
@@ -122,6 +125,16 @@
 // channel mutex, so a notifier stuck on a silent front-end is released by
 // teardown or by its ctx; any failure on the channel (or a cancelled wait)
 // closes it, so a late ack is never taken for the next request's.
+//
+// # Monitor and statistics
+//
+// Monitor.Status may be called from any goroutine. The connection
+// goroutine publishes an immutable snapshot of the negotiated features
+// and the rings it knows after each message (one atomic pointer store;
+// status.go); Status reads that and the rings' enabled and broken atomics,
+// never state the connection goroutine owns. With Options.Stats each
+// worker's handler counts into Stats.Queue(its index) (blk/stats.go):
+// atomic adds on the worker's own counters, nothing shared between queues.
 //
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //

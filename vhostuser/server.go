@@ -78,6 +78,12 @@ type Options struct {
 	// Notifier, if set, is attached to each connection while it is
 	// served, so its NotifyConfigChange reaches the current front-end.
 	Notifier *ConfigNotifier
+	// Monitor, if set, reports the connected front-end's state
+	// (status.go).
+	Monitor *Monitor
+	// Stats, if set, counts every request per queue (blk.Stats); queue
+	// i counts into Stats.Queue(i).
+	Stats *blk.Stats
 }
 
 func (o Options) normalize() (Options, error) {
@@ -175,6 +181,7 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
 	opts.Notifier.attach(s)
+	opts.Monitor.attach(s)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if
 	// any, completes first.
@@ -182,6 +189,7 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	err := s.run()
 	stop()
 	opts.Notifier.detach(s)
+	opts.Monitor.detach(s)
 	s.teardown()
 	c.Close()
 	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {

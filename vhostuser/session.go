@@ -57,6 +57,9 @@ type session struct {
 	// the control goroutine reads it; queues hold their region's slice,
 	// so it is replaced only while no ring is started.
 	inflight *inflightMap
+	// snap is the negotiated state for Monitor (status.go), replaced by
+	// the control goroutine after each message.
+	snap atomic.Pointer[sessionSnap]
 }
 
 // ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
@@ -102,6 +105,7 @@ func (s *session) run() error {
 			return err
 		}
 		reply, err := s.handle(m)
+		s.publish()
 		m.closeFDs()
 		fd := s.replyFD
 		s.replyFD = -1
