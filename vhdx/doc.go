@@ -37,6 +37,7 @@
 //	func (im *Image) BlockSize() uint32
 //	func (im *Image) DiskID() uuid.UUID
 //	func (im *Image) Info() Info           // JSON-tagged summary for `vhost-vhdx info`
+//	func (im *Image) Counters() Counters   // allocations and journal commits since Open (atomic)
 //	func (im *Image) Extents() ([]Extent, error) // Extent{Offset, Length, FileOffset int64; Data bool; Layer int}
 //	func Check(path string, repair bool) (*CheckReport, error) // for `vhost-vhdx check`
 //

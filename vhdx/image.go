@@ -63,6 +63,7 @@ type Image struct {
 	bat         []atomic.Uint64 // indexed by BAT entry index; read without locks
 	logReplayed bool
 	allocated   atomic.Uint64 // FULLY_PRESENT payload blocks, for Info
+	counters    counters      // for Counters (counters.go)
 
 	// mu serialises block allocation, header updates and Close. Data I/O to
 	// allocated blocks never takes it.
@@ -338,6 +339,7 @@ func (im *Image) beginSessionLocked() error {
 		return err
 	}
 	im.journal = newJournal(im.s, im.logRegion())
+	im.journal.commits = &im.counters.journalCommits
 	im.modified = true
 	im.session.Store(true)
 	return nil
@@ -379,6 +381,7 @@ func (im *Image) beginDataSession() error {
 			return err
 		}
 		im.journal = newJournal(im.s, im.logRegion())
+		im.journal.commits = &im.counters.journalCommits
 		im.modified = true
 		im.session.Store(true)
 	}

@@ -183,6 +183,7 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	}
 	im.bat[idx].Store(newEntry)
 	im.allocated.Add(1)
+	im.counters.allocations.Add(1)
 	return nil
 }
 
