@@ -34,7 +34,8 @@ const maxQueues = vhostuser.MaxQueues
 const capabilities = `{"type":"block","features":["read-only","blk-file"]}`
 
 const serveUsage = `Usage: vhost-vhdx serve [--socket-path PATH | --fd N] [--read-only]
-                        [--num-queues N] [--serial S] [--log-level L] IMAGE
+                        [--num-queues N] [--serial S] [--log-level L]
+                        [--control-socket PATH] IMAGE
        vhost-vhdx serve --print-capabilities
 
 Serve IMAGE to one vhost-user front-end (QEMU) at a time. When a front-end
@@ -53,6 +54,8 @@ Options:
   --serial S            GET_ID serial, at most 20 bytes (default: from the
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
+  --control-socket PATH a unix socket (mode 0600) for live operations:
+                        status, stats, flush, resize (see 'vhost-vhdx ctl')
   --print-capabilities  print the vhost-user backend capabilities JSON and exit
 `
 
@@ -65,6 +68,7 @@ type serveConfig struct {
 	logLevel   string
 	image      string
 	printCaps  bool
+	control    string
 }
 
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
@@ -79,6 +83,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.serial, "serial", "", "")
 	fs.StringVar(&cfg.logLevel, "log-level", "info", "")
 	fs.BoolVar(&cfg.printCaps, "print-capabilities", false, "")
+	fs.StringVar(&cfg.control, "control-socket", "", "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -162,12 +167,33 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		"serial":       serial,
 	}).Info("serving VHDX image over vhost-user-blk")
 
+	d := &daemon{im: im, readOnly: cfg.readOnly, started: time.Now(), monitor: new(vhostuser.Monitor),
+		stats: blk.NewStats(cfg.numQueues), notifier: new(vhostuser.ConfigNotifier)}
+	if !cfg.readOnly {
+		d.cache = new(blk.WriteCache)
+	}
+	ctlCtx, ctlStop := context.WithCancel(ctx)
+	defer ctlStop()
+	ctlWait := func() {}
+	if cfg.control != "" {
+		if ctlWait, err = startControl(ctlCtx, cfg.control, d, entry); err != nil {
+			ln.Close()
+			im.Close()
+			return fmt.Errorf("serve: %w", err)
+		}
+	}
 	serveErr := vhostuser.Serve(ctx, ln, vhostuser.Options{
 		Disk:      im,
-		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues)},
+		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues), Cache: d.cache},
 		NumQueues: cfg.numQueues,
 		Events:    newLogEvents(entry),
+		Notifier:  d.notifier,
+		Monitor:   d.monitor,
+		Stats:     d.stats,
 	})
+	// Control commands use the image: they stop before it closes.
+	ctlStop()
+	ctlWait()
 	if cfg.socketPath != "" {
 		os.Remove(cfg.socketPath)
 	}
