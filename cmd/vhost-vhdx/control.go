@@ -39,6 +39,25 @@ type daemon struct {
 	resizeMu sync.Mutex
 }
 
+// vhostOptions are the vhost-user server options for d: its image, with
+// the monitor, statistics, notifier and write cache the control commands
+// read.
+func (d *daemon) vhostOptions(o blk.Options, numQueues int, ev vhostuser.Events) vhostuser.Options {
+	o.ReadOnly, o.Cache = d.readOnly, d.cache
+	return vhostuser.Options{Disk: d.im, Blk: o, NumQueues: numQueues, Events: ev,
+		Notifier: d.notifier, Monitor: d.monitor, Stats: d.stats}
+}
+
+// newDaemon prepares the state control commands act on for an open image.
+func newDaemon(im *vhdx.Image, readOnly bool, numQueues int) *daemon {
+	d := &daemon{im: im, readOnly: readOnly, started: time.Now(), monitor: new(vhostuser.Monitor),
+		stats: blk.NewStats(numQueues), notifier: new(vhostuser.ConfigNotifier)}
+	if !readOnly {
+		d.cache = new(blk.WriteCache)
+	}
+	return d
+}
+
 // grower is the engine's online grow, found by type assertion on the
 // image: resize needs it.
 type grower interface {

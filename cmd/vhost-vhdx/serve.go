@@ -167,11 +167,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		"serial":       serial,
 	}).Info("serving VHDX image over vhost-user-blk")
 
-	d := &daemon{im: im, readOnly: cfg.readOnly, started: time.Now(), monitor: new(vhostuser.Monitor),
-		stats: blk.NewStats(cfg.numQueues), notifier: new(vhostuser.ConfigNotifier)}
-	if !cfg.readOnly {
-		d.cache = new(blk.WriteCache)
-	}
+	d := newDaemon(im, cfg.readOnly, cfg.numQueues)
 	ctlCtx, ctlStop := context.WithCancel(ctx)
 	defer ctlStop()
 	ctlWait := func() {}
@@ -182,15 +178,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("serve: %w", err)
 		}
 	}
-	serveErr := vhostuser.Serve(ctx, ln, vhostuser.Options{
-		Disk:      im,
-		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues), Cache: d.cache},
-		NumQueues: cfg.numQueues,
-		Events:    newLogEvents(entry),
-		Notifier:  d.notifier,
-		Monitor:   d.monitor,
-		Stats:     d.stats,
-	})
+	serveErr := vhostuser.Serve(ctx, ln, d.vhostOptions(blk.Options{Serial: serial}, cfg.numQueues, newLogEvents(entry)))
 	// Control commands use the image: they stop before it closes.
 	ctlStop()
 	ctlWait()
