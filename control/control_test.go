@@ -211,9 +211,9 @@ func TestOversizeLineGetsAnErrorAndADisconnectWhileOthersAreServed(t *testing.T)
 func TestIdleClientWithHalfARequestIsDisconnected(t *testing.T) {
 	ts := startServer(t, Options{IdleTimeout: 50 * time.Millisecond})
 	c, r := dialRaw(t, ts.path)
-	if _, err := c.Write([]byte(`{"execute": "ec`)); err != nil {
-		t.Fatal(err)
-	}
+	// On a loaded machine the server may time out before this write; the
+	// error reply is waiting for the read either way.
+	_, _ = c.Write([]byte(`{"execute": "ec`))
 	rp := readReply(t, r)
 	if rp.Error == nil || !strings.Contains(rp.Error.Desc, "idle") {
 		t.Errorf("reply %+v, want an idle error", rp)

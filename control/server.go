@@ -298,6 +298,11 @@ func (s *server) serveClient(ctx context.Context, c *net.UnixConn, p Peer) error
 		if err := c.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout)); err != nil {
 			return err
 		}
+		// Shutdown sets a past deadline after cancelling ctx; a deadline
+		// set here after that would undo it, so look at ctx after setting.
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		if _, err := c.Write(b); err != nil {
 			return fmt.Errorf("control: writing the reply: %w", err)
 		}
@@ -306,6 +311,9 @@ func (s *server) serveClient(ctx context.Context, c *net.UnixConn, p Peer) error
 	for {
 		if err := c.SetReadDeadline(time.Now().Add(s.opts.IdleTimeout)); err != nil {
 			return err
+		}
+		if ctx.Err() != nil { // see reply
+			return nil
 		}
 		line, err := br.ReadSlice('\n')
 		switch {
