@@ -464,12 +464,16 @@ type backendOpts struct {
 	// takes the logical sector size from the image itself.
 	logicalBlockSize int
 	serial           string // vhost-vhdx only
+	// controlSocket, vhost-vhdx only: serve --control-socket at
+	// backend.ctl.
+	controlSocket bool
 }
 
 type backend struct {
 	env  *env
 	args []string
 	sock string
+	ctl  string // control socket, with backendOpts.controlSocket
 	log  string
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -515,6 +519,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		}
 		if o.serial != "" {
 			b.args = append(b.args, "--serial", o.serial)
+		}
+		if o.controlSocket {
+			b.ctl = filepath.Join(e.work, "ctl.sock")
+			b.args = append(b.args, "--control-socket", b.ctl)
 		}
 		b.args = append(b.args, img.path)
 	}
