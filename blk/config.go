@@ -69,10 +69,10 @@ func Features(d Disk, o Options) uint64 {
 		}
 		// Discard and write-zeroes modify the disk, so a read-only device
 		// does not offer them.
-		if _, ok := d.(Discarder); ok {
+		if discarderOf(d) != nil {
 			f |= 1 << FeatureDiscard
 		}
-		if _, ok := d.(WriteZeroer); ok {
+		if writeZeroerOf(d) != nil {
 			f |= 1 << FeatureWriteZeroes
 		}
 	}

@@ -52,6 +52,12 @@
 //	    // p99/p99.9/max from a fixed log-linear histogram (4 buckets per
 //	    // power of two of ns; a percentile is the bucket's upper bound)
 //
+//	// A disk that can be replaced under a running device (diskref.go).
+//	func NewDiskRef(d Disk) *DiskRef // forwards every call to the current disk (one atomic load)
+//	func (r *DiskRef) Load() Disk
+//	func (r *DiskRef) Swap(d Disk) (old Disk, err error) // caller quiesced all requests first;
+//	    // ErrSwapMismatch unless sector sizes and Discard/WriteZeroes match
+//
 // A counting handler adds to its queue's counters with atomic adds and
 // reads the clock twice per request; nothing allocates per request
 // (BenchmarkHandleRead4KCounted beside BenchmarkHandleRead4K). Snapshot

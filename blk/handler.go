@@ -57,8 +57,8 @@ func NewHandler(d Disk, o Options) *Handler {
 	o = o.withDefaults()
 	h := &Handler{disk: d, opts: o, logical: sectorSizeOf(d)}
 	if !o.ReadOnly {
-		h.discard, _ = d.(Discarder)
-		h.zeroes, _ = d.(WriteZeroer)
+		h.discard = discarderOf(d)
+		h.zeroes = writeZeroerOf(d)
 	}
 	copy(h.serialID[:], o.Serial)
 	return h
