@@ -15,6 +15,7 @@
 //	    Stats     *blk.Stats      // optional: per-queue request statistics
 //	}
 //	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues
+//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
@@ -135,6 +136,14 @@
 // never state the connection goroutine owns. With Options.Stats each
 // worker's handler counts into Stats.Queue(its index) (blk/stats.go):
 // atomic adds on the worker's own counters, nothing shared between queues.
+//
+// Monitor.Quiesce(f) takes Monitor.mu, then the connected session's
+// dispatch lock for writing, and runs f: every worker is between batches
+// (each batch's requests completed and published), none starts another,
+// and control messages wait, until f returns. It is how the daemon swaps
+// the disk under a running guest (blk.DiskRef, serve's checkpoint). Lock
+// order: Monitor.mu before session.mu; the connection goroutine takes
+// Monitor.mu (attach, detach) only while holding no session lock.
 //
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //

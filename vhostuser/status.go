@@ -155,3 +155,25 @@ func bitNames(v uint64, names map[int]string) []string {
 	}
 	return out
 }
+
+// Quiesce runs f while no request is in progress on any queue and none
+// can start: it holds the connected session's dispatch lock for writing,
+// which every worker holds for reading while it drains a batch, so each
+// request popped before f runs has completed (its used entry published)
+// and no queue pops another until f returns. Control messages from the
+// front-end wait as well. Without a connected front-end f runs with
+// connections held off (a new one waits in attach). Use it to replace the
+// disk under a running guest (blk.DiskRef.Swap); keep f short: the guest's
+// I/O stalls for as long as it runs.
+//
+// Lock order: Monitor.mu, then session.mu; nothing that holds session.mu
+// takes Monitor.mu.
+func (m *Monitor) Quiesce(f func() error) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s := m.cur; s != nil {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+	}
+	return f()
+}

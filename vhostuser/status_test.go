@@ -2,7 +2,11 @@ package vhostuser_test
 
 import (
 	"context"
+	"fmt"
+	"runtime"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
@@ -74,5 +78,92 @@ func TestMonitorAndStatsReportTheConnectedFrontEndAndItsRequests(t *testing.T) {
 	s.waitClosed(t)
 	if got := mon.Status(); got.Connected || len(got.Queues) != 0 || got.Connections != 1 {
 		t.Errorf("status after the front-end left: %+v", got)
+	}
+}
+
+// quiesceDisk counts requests in progress and those that ran while a
+// Quiesce callback ran.
+type quiesceDisk struct {
+	*memDisk
+	inflight, violations atomic.Int64
+	quiet                atomic.Bool
+}
+
+func (d *quiesceDisk) enter() {
+	d.inflight.Add(1)
+	if d.quiet.Load() {
+		d.violations.Add(1)
+	}
+}
+
+func (d *quiesceDisk) WriteVec(b [][]byte, off int64) error {
+	d.enter()
+	defer d.inflight.Add(-1)
+	runtime.Gosched() // widen the window a racing Quiesce would hit
+	return d.memDisk.WriteVec(b, off)
+}
+
+func (d *quiesceDisk) ReadVec(b [][]byte, off int64) error {
+	d.enter()
+	defer d.inflight.Add(-1)
+	return d.memDisk.ReadVec(b, off)
+}
+
+// While Quiesce's callback runs no request is in progress on any queue and
+// none starts; requests in flight before complete, those after wait, and
+// none fails.
+func TestQuiesceHoldsEveryQueueOutsideItsCallback(t *testing.T) {
+	d := &quiesceDisk{memDisk: newMemDisk(testDiskSize)}
+	mon := new(vhostuser.Monitor)
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 2, Monitor: mon})
+	o := smallSetup
+	o.NumQueues = 2
+	f := s.connect(t, o)
+	ctx := context.Background()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var done atomic.Int64
+	for qi := range 2 {
+		wg.Add(1)
+		go func(q int) {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				r, err := f.Queues[q].Write(ctx, uint64(q*64+i%64), make([]byte, 512))
+				if err != nil || r.Status != blk.StatusOK {
+					t.Errorf("queue %d write %d: %+v %v", q, i, r, err)
+					return
+				}
+				done.Add(1)
+			}
+		}(qi)
+	}
+	// Quiesce over and over until the queues have done plenty of work
+	// between and around the calls.
+	for i := 0; i < 200 || done.Load() < 300; i++ {
+		err := mon.Quiesce(func() error {
+			d.quiet.Store(true)
+			defer d.quiet.Store(false)
+			if n := d.inflight.Load(); n != 0 {
+				return fmt.Errorf("%d requests in progress inside Quiesce", n)
+			}
+			runtime.Gosched()
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if v := d.violations.Load(); v != 0 {
+		t.Errorf("%d requests ran while Quiesce's callback ran", v)
+	}
+	if done.Load() == 0 {
+		t.Error("no write completed")
 	}
 }
