@@ -25,32 +25,37 @@ import (
 )
 
 // daemon is what control commands act on.
+//
+// The served disk is a blk.DiskRef over the top image, so checkpoint can
+// switch it. opMu orders commands against that switch: status, stats and
+// flush hold it for reading, checkpoint and resize for writing, so no
+// command uses an image a checkpoint is closing.
 type daemon struct {
-	im       *vhdx.Image
+	ref      *blk.DiskRef // current *vhdx.Image
+	opMu     sync.RWMutex
 	readOnly bool
 	started  time.Time
 	monitor  *vhostuser.Monitor
 	stats    *blk.Stats
 	notifier *vhostuser.ConfigNotifier
 	cache    *blk.WriteCache
-
-	// resizeMu serialises resize commands (two clients growing at once
-	// would race on "current size + N").
-	resizeMu sync.Mutex
 }
+
+// image is the image served now (the top of the chain).
+func (d *daemon) image() *vhdx.Image { return d.ref.Load().(*vhdx.Image) }
 
 // vhostOptions are the vhost-user server options for d: its image, with
 // the monitor, statistics, notifier and write cache the control commands
 // read.
 func (d *daemon) vhostOptions(o blk.Options, numQueues int, ev vhostuser.Events) vhostuser.Options {
 	o.ReadOnly, o.Cache = d.readOnly, d.cache
-	return vhostuser.Options{Disk: d.im, Blk: o, NumQueues: numQueues, Events: ev,
+	return vhostuser.Options{Disk: d.ref, Blk: o, NumQueues: numQueues, Events: ev,
 		Notifier: d.notifier, Monitor: d.monitor, Stats: d.stats}
 }
 
 // newDaemon prepares the state control commands act on for an open image.
 func newDaemon(im *vhdx.Image, readOnly bool, numQueues int) *daemon {
-	d := &daemon{im: im, readOnly: readOnly, started: time.Now(), monitor: new(vhostuser.Monitor),
+	d := &daemon{ref: blk.NewDiskRef(im), readOnly: readOnly, started: time.Now(), monitor: new(vhostuser.Monitor),
 		stats: blk.NewStats(numQueues), notifier: new(vhostuser.ConfigNotifier)}
 	if !readOnly {
 		d.cache = new(blk.WriteCache)
@@ -102,12 +107,15 @@ type ResizeReply struct {
 }
 
 func (d *daemon) status() StatusReply {
+	d.opMu.RLock()
+	defer d.opMu.RUnlock()
+	im := d.image()
 	r := StatusReply{
 		PID:         os.Getpid(),
 		Version:     version,
 		UptimeNS:    int64(time.Since(d.started)),
 		ReadOnly:    d.readOnly,
-		VirtualSize: uint64(d.im.Size()),
+		VirtualSize: uint64(im.Size()),
 		WriteCache:  "write-back",
 		FrontEnd:    d.monitor.Status(),
 	}
@@ -116,8 +124,8 @@ func (d *daemon) status() StatusReply {
 	} else if d.cache.WriteThrough() {
 		r.WriteCache = "write-through"
 	}
-	layer := d.im
-	for _, info := range d.im.BackingChain() {
+	layer := im
+	for _, info := range im.BackingChain() {
 		ls := LayerStatus{Type: info.Type.String(), VirtualSize: info.VirtualSize, AllocatedBytes: info.AllocatedBytes, FileSize: info.FileSize}
 		if layer != nil {
 			ls.Path = layer.Path()
@@ -129,11 +137,13 @@ func (d *daemon) status() StatusReply {
 }
 
 func (d *daemon) statsReply() StatsReply {
+	d.opMu.RLock()
+	defer d.opMu.RUnlock()
 	q, t := d.stats.Snapshot()
 	if q == nil {
 		q = []blk.QueueSnapshot{}
 	}
-	return StatsReply{UptimeNS: int64(time.Since(d.started)), Queues: q, Total: t, Image: d.im.Counters()}
+	return StatsReply{UptimeNS: int64(time.Since(d.started)), Queues: q, Total: t, Image: d.image().Counters()}
 }
 
 // sizeArg is a size given as a JSON number of bytes or a string with an
@@ -179,9 +189,10 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 	if d.readOnly {
 		return nil, errors.New("resize: the image is served read-only")
 	}
-	d.resizeMu.Lock()
-	defer d.resizeMu.Unlock()
-	old := uint64(d.im.Size())
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	im := d.image()
+	old := uint64(im.Size())
 	want := a.Size.n
 	if a.Size.rel {
 		if want > math.MaxInt64-old {
@@ -194,17 +205,17 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 		return nil, fmt.Errorf("resize: %d bytes is smaller than the current %d; shrinking a disk a guest uses is refused", want, old)
 	case want == old:
 		return ResizeReply{OldSize: old, NewSize: old, Note: "already this size"}, nil
-	case want%uint64(d.im.LogicalSectorSize()) != 0:
-		return nil, fmt.Errorf("resize: %d is not a multiple of the %d-byte logical sector", want, d.im.LogicalSectorSize())
+	case want%uint64(im.LogicalSectorSize()) != 0:
+		return nil, fmt.Errorf("resize: %d is not a multiple of the %d-byte logical sector", want, im.LogicalSectorSize())
 	}
-	g, ok := any(d.im).(grower)
+	g, ok := any(im).(grower)
 	if !ok {
 		return nil, errors.New("resize: blocked: this build's VHDX engine cannot grow an open image")
 	}
 	if err := g.Grow(want); err != nil {
 		return nil, fmt.Errorf("resize: %w", err)
 	}
-	r := ResizeReply{OldSize: old, NewSize: uint64(d.im.Size())}
+	r := ResizeReply{OldSize: old, NewSize: uint64(im.Size())}
 	nctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	switch err := d.notifier.NotifyConfigChange(nctx); {
@@ -230,13 +241,17 @@ func (d *daemon) commands() []control.Command {
 				if d.readOnly {
 					return map[string]any{"took_ns": 0, "note": "read-only: nothing to flush"}, nil
 				}
-				if err := d.im.Flush(); err != nil {
+				d.opMu.RLock()
+				defer d.opMu.RUnlock()
+				if err := d.image().Flush(); err != nil {
 					return nil, fmt.Errorf("flush: %w", err)
 				}
 				return map[string]any{"took_ns": time.Since(start).Nanoseconds()}, nil
 			}},
 		{Name: "resize", Args: `{"size": "SIZE or +SIZE"}`, Help: "grow the disk while the guest runs and tell the guest",
 			Run: d.resize},
+		{Name: "checkpoint", Args: `{"path": "/ABSOLUTE/NEW.vhdx"}`, Help: "create NEW as a differencing child of the current top and switch every write to it at one instant",
+			Run: d.checkpoint},
 	}
 }
 

@@ -85,7 +85,7 @@ func startLiveDaemon(t *testing.T, numQueues int) *liveDaemon {
 				t.Errorf("Serve: %v", err)
 			}
 			wait()
-			if err := im.Close(); err != nil {
+			if err := ld.d.image().Close(); err != nil { // the top after any checkpoint
 				t.Errorf("Close: %v", err)
 			}
 		})

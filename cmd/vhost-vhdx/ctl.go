@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -29,6 +30,7 @@ object; resize also takes its size alone:
   vhost-vhdx ctl /run/vm1.ctl status
   vhost-vhdx ctl /run/vm1.ctl resize +1G
   vhost-vhdx ctl /run/vm1.ctl flush
+  vhost-vhdx ctl /run/vm1.ctl checkpoint /var/lib/vm1/after-update.vhdx
 
 Options:
   --json        print the daemon's reply as JSON
@@ -118,6 +120,14 @@ func ctlArguments(name string, args []string) (map[string]any, error) {
 			if i != 0 || !known {
 				return nil, usagef("ctl", "argument %q is not KEY=VALUE", a)
 			}
+			if key == "path" {
+				// The daemon resolves nothing against its own directory.
+				abs, err := filepath.Abs(a)
+				if err != nil {
+					return nil, usagef("ctl", "%v", err)
+				}
+				a = abs
+			}
 			m[key] = a
 			continue
 		}
@@ -174,6 +184,14 @@ func printReply(w io.Writer, name string, raw json.RawMessage) error {
 			return nil
 		}
 		fmt.Fprintf(w, "flushed in %v\n", time.Duration(r.TookNS).Round(time.Microsecond))
+		return nil
+	case "checkpoint":
+		var r CheckpointReply
+		if err := json.Unmarshal(raw, &r); err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "writes now go to %s; %s is read-only (chain depth %d, I/O paused %v)\n",
+			r.Top, r.Parent, r.Depth, time.Duration(r.PausedNS).Round(time.Microsecond))
 		return nil
 	case "resize":
 		var r ResizeReply

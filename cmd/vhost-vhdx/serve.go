@@ -185,7 +185,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if cfg.socketPath != "" {
 		os.Remove(cfg.socketPath)
 	}
-	closeErr := im.Close()
+	closeErr := d.image().Close() // the top after any checkpoint
 	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
 		return fmt.Errorf("serve: %w", serveErr)
 	}
