@@ -3,7 +3,9 @@ package qemu_test
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -84,4 +86,70 @@ func TestControlSocketReportsARunningGuestAndCountsItsWrites(t *testing.T) {
 	b.stop(t)
 	e.check(t, img)
 	e.compare(t, img, want)
+}
+
+// A live checkpoint while a real guest writes: what the guest wrote before
+// stays in the old top, which qemu-img then reads as exactly that; what it
+// writes after goes to the new child; the guest reads both back without an
+// error, and the chain converts to exactly everything the guest wrote.
+func TestLiveCheckpointUnderARealGuestSplitsItsWritesAtOneInstant(t *testing.T) {
+	e := newEnv(t)
+	if e.backend != backendVhostVHDX {
+		t.Skip("checkpoint is vhost-vhdx's")
+	}
+	img := e.newImage(t, "base.vhdx", 16*mib, 512)
+	before := region{seed: 51, off: mib, len: mib}
+	after := region{seed: 52, off: mib + mib/2, len: mib} // overwrites half of before
+	wantBase := e.newExpected(t, img)
+	wantBase.write(t, before.seed, before.off, before.len)
+	top := &image{path: filepath.Join(e.work, "checkpoint.vhdx"), size: img.size, logicalSector: 512}
+	wantTop := e.newExpected(t, top)
+	wantTop.write(t, before.seed, before.off, before.len)
+	wantTop.write(t, after.seed, after.off, after.len)
+
+	b := e.startBackend(t, img, backendOpts{controlSocket: true})
+	e.boot(t, b, "boot", vmOpts{
+		control: true,
+		script: script(
+			writes(64*1024, before),
+			"echo WRITTEN",
+			"wait_host CHECKPOINTED",
+			writes(64*1024, after),
+			verifies(4096, region{seed: before.seed, off: before.off, len: before.len / 2}, after),
+		),
+		during: func(g *guestRun) *backend {
+			g.waitFor("WRITTEN")
+			cl, err := control.Dial(b.ctl)
+			if err != nil {
+				g.failGuest("control socket: " + err.Error())
+			}
+			defer cl.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var rep struct {
+				Top, Parent string
+				Depth       int
+			}
+			if err := cl.Call(ctx, "checkpoint", map[string]string{"path": top.path}, &rep); err != nil {
+				g.failGuest("checkpoint: " + err.Error())
+			}
+			if rep.Top != top.path || rep.Depth != 1 {
+				g.failGuest(fmt.Sprintf("checkpoint reply %+v", rep))
+			}
+			g.send("CHECKPOINTED")
+			return b
+		},
+	})
+	b.stop(t)
+	e.check(t, img)
+	e.compare(t, img, wantBase) // qemu-img reads the frozen old top
+	out := e.run(t, e.daemon, "check", top.path)
+	t.Logf("vhost-vhdx check %s: %s", filepath.Base(top.path), strings.TrimSpace(out))
+	raw := top.path + ".raw"
+	e.run(t, e.daemon, "convert", "-O", "raw", top.path, raw)
+	if off, err := firstDifference(raw, wantTop.path); err != nil {
+		t.Fatal(err)
+	} else if off >= 0 {
+		t.Fatalf("the chain differs from what the guest wrote at byte %d", off)
+	}
 }
