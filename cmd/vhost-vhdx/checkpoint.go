@@ -31,6 +31,15 @@ package main
 //
 // The guest's I/O pauses for the duration of 1-4 (a flush, creating a
 // small file, opening the chain); the reply reports it as paused_ns.
+//
+// Live merge (not built yet) would reuse the same two pieces: copy the
+// top's blocks into its parent in the background at a bounded rate while
+// the guest writes to the top, recording the blocks written meanwhile;
+// then under Quiesce copy what is left, and swap the DiskRef to the
+// parent reopened read-write. It needs from the engine what it lacks
+// today: a parent layer of an open chain that can be written (the chain
+// holds it read-only with a shared lock) and the crash-safe ordering of
+// vhdx.Commit (parent_linkage2, branch oracle) applied block by block.
 
 import (
 	"context"

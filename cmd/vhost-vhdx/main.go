@@ -2,6 +2,11 @@
 // vhost-user-blk and offers tools to create, inspect, check and convert
 // images.
 //
+// serve --control-socket adds live operations (control.go, checkpoint.go;
+// the protocol is package control): status, stats, flush, checkpoint and
+// resize run while the guest does I/O. The served disk is a blk.DiskRef so
+// checkpoint can replace it under vhostuser.Monitor.Quiesce.
+//
 // main only dispatches: each subcommand lives in its own file with its own
 // FlagSet and returns an error; run turns that error into one line on stderr
 // and an exit status.
