@@ -52,3 +52,18 @@ func TestDiskRefRefusesASwapToADifferentKindOfDisk(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkHandleRead4KThroughDiskRef is BenchmarkHandleRead4K with the
+// disk behind a DiskRef, as serve runs it.
+func BenchmarkHandleRead4KThroughDiskRef(b *testing.B) {
+	h := NewHandler(NewDiskRef(newMemDisk(1<<20, 512)), Options{})
+	readable := [][]byte{hdr(TypeIn, 64)}
+	writable := [][]byte{make([]byte, 4096), make([]byte, 1)}
+	b.ReportAllocs()
+	b.SetBytes(4096)
+	for b.Loop() {
+		if h.Handle(readable, writable) != 4097 {
+			b.Fatal(h.Err())
+		}
+	}
+}
