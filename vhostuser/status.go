@@ -164,7 +164,8 @@ func bitNames(v uint64, names map[int]string) []string {
 // front-end wait as well. Without a connected front-end f runs with
 // connections held off (a new one waits in attach). Use it to replace the
 // disk under a running guest (blk.DiskRef.Swap); keep f short: the guest's
-// I/O stalls for as long as it runs.
+// I/O stalls for as long as it runs. f must not wait for the front-end
+// (NotifyConfigChange, say): its messages wait for f.
 //
 // Lock order: Monitor.mu, then session.mu; nothing that holds session.mu
 // takes Monitor.mu.
