@@ -52,6 +52,14 @@
 //	func (im *Image) SetParentLinkage(linkage, linkage2 uuid.UUID) error
 //	func (im *Image) LayerExtents() ([]Extent, error)        // this file only; Extent.Layer
 //
+// Merging and inspecting chains (commit.go, chainfiles.go):
+//
+//	func Commit(childPath string, progress func(done, total int64)) error // child's layer into its parent, crash safe
+//	func ChainFiles(path string) ([]string, error)           // the layers' files by locator, links not validated
+//
+// Commit opens its own Images (the child alone and its parent read-write,
+// both with exclusive locks) and shares nothing with other callers.
+//
 // Concurrency. An Image is shared by the queues that serve it:
 //
 //   - The BAT (Image.bat) is an array of atomics. Readers and writers into

@@ -14,7 +14,7 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
-func fill(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+func fill4K(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
 
 func readBack(t *testing.T, q *frontend.Queue, sector uint64) []byte {
 	t.Helper()
@@ -47,7 +47,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 		sector uint64
 		b      byte
 	}{{0, s0, 'A'}, {1, s1, 'B'}} {
-		r, err := f.Queues[w.q].Write(ctx, w.sector, fill(w.b))
+		r, err := f.Queues[w.q].Write(ctx, w.sector, fill4K(w.b))
 		mustOK(t, r, err)
 	}
 
@@ -63,14 +63,14 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 		sector uint64
 		b      byte
 	}{{1, s0, 'C'}, {0, s4, 'D'}} {
-		r, err := f.Queues[w.q].Write(ctx, w.sector, fill(w.b))
+		r, err := f.Queues[w.q].Write(ctx, w.sector, fill4K(w.b))
 		mustOK(t, r, err)
 	}
 	for _, c := range []struct {
 		sector uint64
 		want   byte
 	}{{s0, 'C'}, {s1, 'B'}, {s4, 'D'}} {
-		if got := readBack(t, f.Queues[0], c.sector); !bytes.Equal(got, fill(c.want)) {
+		if got := readBack(t, f.Queues[0], c.sector); !bytes.Equal(got, fill4K(c.want)) {
 			t.Errorf("front-end reads %q... at sector %d, want %c", got[:4], c.sector, c.want)
 		}
 	}
@@ -81,7 +81,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 	if err != nil {
 		t.Fatalf("old top while the daemon runs: %v", err)
 	}
-	if !bytes.Equal(readFile(t, old, 0), fill('A')) || !bytes.Equal(readFile(t, old, 4<<20), make([]byte, 4096)) {
+	if !bytes.Equal(readFile(t, old, 0), fill4K('A')) || !bytes.Equal(readFile(t, old, 4<<20), make([]byte, 4096)) {
 		t.Error("old top does not read as it was at the checkpoint")
 	}
 	old.Close()
@@ -103,7 +103,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 	if code != 0 || !strings.Contains(out, filepath.Join(dir, "cp2.vhdx")) {
 		t.Fatalf("ctl checkpoint: %d %q %q", code, out, stderr)
 	}
-	r, err := f.Queues[0].Write(ctx, s1, fill('E'))
+	r, err := f.Queues[0].Write(ctx, s1, fill4K('E'))
 	mustOK(t, r, err)
 
 	ld.stop()
@@ -119,7 +119,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 		off  int64
 		want byte
 	}{{0, 'C'}, {1 << 20, 'E'}, {4 << 20, 'D'}} {
-		if got := readFile(t, top, c.off); !bytes.Equal(got, fill(c.want)) {
+		if got := readFile(t, top, c.off); !bytes.Equal(got, fill4K(c.want)) {
 			t.Errorf("chain reads %q... at %d, want %c", got[:4], c.off, c.want)
 		}
 	}
@@ -146,7 +146,7 @@ func TestFailedCheckpointKeepsServingTheSameTop(t *testing.T) {
 		if err := cl.Call(context.Background(), "checkpoint", map[string]any{"path": path}, nil); !errors.As(err, &e) {
 			t.Errorf("checkpoint %s: %v, want an error reply", path, err)
 		}
-		r, err := f.Queues[0].Write(context.Background(), 0, fill('Z'))
+		r, err := f.Queues[0].Write(context.Background(), 0, fill4K('Z'))
 		mustOK(t, r, err)
 	}
 	if b, _ := os.ReadFile(exists); string(b) != "not mine" {
@@ -157,7 +157,7 @@ func TestFailedCheckpointKeepsServingTheSameTop(t *testing.T) {
 	if len(st.Chain) != 1 || st.Chain[0].Path != ld.imgPath {
 		t.Errorf("chain after failed checkpoints: %+v", st.Chain)
 	}
-	if got := readBack(t, f.Queues[0], 0); !bytes.Equal(got, fill('Z')) {
+	if got := readBack(t, f.Queues[0], 0); !bytes.Equal(got, fill4K('Z')) {
 		t.Error("writes after a failed checkpoint are lost")
 	}
 }

@@ -284,6 +284,7 @@ func copyData(src *source, dst *sink, p *progress) error {
 // progress draws "converting: 42% (1.2 GiB / 3 GiB)" on a terminal, at most
 // five times a second; nothing when stderr is not a terminal.
 type progress struct {
+	verb  string // "converting", "committing"
 	w     io.Writer
 	total int64
 	last  time.Time
@@ -291,10 +292,14 @@ type progress struct {
 }
 
 func newProgress(w io.Writer, total int64) *progress {
+	return newProgressFor(w, "converting", total)
+}
+
+func newProgressFor(w io.Writer, verb string, total int64) *progress {
 	if !isTerminal(w) {
 		return &progress{}
 	}
-	return &progress{w: w, total: total}
+	return &progress{verb: verb, w: w, total: total}
 }
 
 func isTerminal(w io.Writer) bool {
@@ -316,7 +321,7 @@ func (p *progress) update(done int64) {
 	}
 	p.last = now
 	p.shown = true
-	fmt.Fprintf(p.w, "\rconverting: %3d%% (%s / %s)\x1b[K", done*100/p.total, formatSize(uint64(done)), formatSize(uint64(p.total)))
+	fmt.Fprintf(p.w, "\r%s: %3d%% (%s / %s)\x1b[K", p.verb, done*100/p.total, formatSize(uint64(done)), formatSize(uint64(p.total)))
 }
 
 func (p *progress) finish(ok bool) {
@@ -324,7 +329,7 @@ func (p *progress) finish(ok bool) {
 		return
 	}
 	if ok {
-		fmt.Fprintf(p.w, "\rconverting: 100%% (%s)\x1b[K\n", formatSize(uint64(p.total)))
+		fmt.Fprintf(p.w, "\r%s: 100%% (%s)\x1b[K\n", p.verb, formatSize(uint64(p.total)))
 		return
 	}
 	fmt.Fprint(p.w, "\n")

@@ -11,19 +11,25 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 )
 
-const infoUsage = `Usage: vhost-vhdx info [--json] IMAGE
+const infoUsage = `Usage: vhost-vhdx info [--backing-chain] [--json] IMAGE
 
 Show an image's size, type, block and sector sizes, allocation, log state
-and GUIDs. The image is opened read-only without a lock, so this works while
-the image is being served.
+and GUIDs; for a differencing image also its parent (the path the locator
+led to), parent_linkage and depth. The image, and the chain below a
+differencing image, are opened read-only without a lock, so this works
+while the image is being served.
 
 Options:
-  --json   print vhdx.Info as a JSON object
+  --backing-chain  show every layer of the chain, the image first, then its
+                   parent, down to the base
+  --json           print vhdx.Info as a JSON object (with --backing-chain:
+                   an array of them, the image first)
 `
 
 func runInfo(args []string, stdout, _ io.Writer) error {
 	fs := newFlagSet("info")
 	asJSON := fs.Bool("json", false, "")
+	chain := fs.Bool("backing-chain", false, "")
 	pos, err := parseArgs(fs, args, infoUsage, stdout, 1, 1)
 	if err != nil {
 		return err
@@ -33,16 +39,40 @@ func runInfo(args []string, stdout, _ io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("info %s: %s", path, cause(err, path))
 	}
-	info := im.Info()
+	infos := im.BackingChain()
+	paths := layerPaths(im)
 	if err := im.Close(); err != nil {
 		return fmt.Errorf("info %s: %s", path, cause(err, path))
+	}
+	if !*chain {
+		infos, paths = infos[:1], paths[:1]
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(info)
+		if *chain {
+			return enc.Encode(infos)
+		}
+		return enc.Encode(infos[0])
 	}
-	return printInfo(stdout, path, info)
+	for i, in := range infos {
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		if err := printInfo(stdout, paths[i], i, in); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// layerPaths lists the file of each layer of im's chain, im first.
+func layerPaths(im *vhdx.Image) []string {
+	var out []string
+	for l := im; l != nil; l = l.Parent() {
+		out = append(out, l.Path())
+	}
+	return out
 }
 
 // openInspect opens an image for inspection: read-only and without a lock,
@@ -52,13 +82,22 @@ func openInspect(path string) (*vhdx.Image, error) {
 	return vhdx.Open(path, vhdx.OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true})
 }
 
-func printInfo(w io.Writer, path string, in vhdx.Info) error {
+// printInfo prints one layer; layer is its depth below the image asked
+// about (0 for the image itself).
+func printInfo(w io.Writer, path string, layer int, in vhdx.Info) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	row := func(k, format string, args ...any) {
 		fmt.Fprintf(tw, "%s:\t%s\n", k, fmt.Sprintf(format, args...))
 	}
 	row("image", "%s", path)
+	if layer > 0 {
+		row("layer", "%d (backing file of layer %d)", layer, layer-1)
+	}
 	row("type", "%s", in.Type)
+	if in.Type == vhdx.Differencing {
+		row("parent", "%s", in.ParentPath)
+		row("parent linkage", "%s", in.ParentLinkage)
+	}
 	row("virtual size", "%s", formatSize(in.VirtualSize))
 	row("block size", "%s", formatSize(uint64(in.BlockSize)))
 	row("logical sector size", "%d", in.LogicalSectorSize)

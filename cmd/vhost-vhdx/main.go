@@ -51,6 +51,8 @@ func commands() []command {
 		{"check", "check an image for damage, optionally repair it", checkUsage, runCheck},
 		{"map", "list an image's data and zero extents", mapUsage, runMap},
 		{"convert", "convert between raw and VHDX", convertUsage, runConvert},
+		{"commit", "merge a differencing image into its parent", commitUsage, runCommit},
+		{"rebase", "point a differencing image at another parent", rebaseUsage, runRebase},
 		{"ctl", "operate on a running daemon through its control socket", ctlUsage, runCtl},
 		{"bench", "drive a vhost-user-blk back-end with load and measure it", benchUsage, runBench},
 	}

@@ -2,8 +2,9 @@
 # tests/qemu/setup.sh — prepare everything the QEMU integration tests need.
 #
 #   1. installs the Debian packages the tests run (qemu-system-x86, qemu-utils,
-#      busybox-static, cpio, kmod, e2fsprogs, ..., and gcc for go test -race)
-#      when any is missing;
+#      busybox-static, cpio, kmod, e2fsprogs, ..., gcc for go test -race, and
+#      the external VHDX readers the tests compare against: python3-libvhdi
+#      and 7zip) when any is missing;
 #   2. downloads Debian's cloud kernel (the real linux-image-*-cloud-amd64
 #      behind the linux-image-cloud-amd64 metapackage) and extracts it;
 #   3. builds a busybox initramfs whose /init loads the virtio modules, runs
@@ -55,7 +56,10 @@ guest_modules=(virtio_pci virtio_blk ext4 crc32c_generic)
 guest_host_tools=(/usr/sbin/mke2fs /usr/sbin/e2fsck)
 
 # gcc and libc6-dev are not for the guest: `go test -race` (make test) needs cgo.
-packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt gcc libc6-dev)
+# python3-libvhdi (libvhdi's pyvhdi, for /usr/bin/python3) and 7zip (7zz) are
+# not for the guest either: they are oracles, VHDX readers this project did not
+# write, that the Go tests compare our reads and writes against.
+packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod e2fsprogs gzip xz-utils zstd apt gcc libc6-dev python3-libvhdi 7zip)
 
 as_root() {
 	if [ "$(id -u)" = 0 ]; then
