@@ -107,7 +107,8 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 	mustOK(t, r, err)
 
 	ld.stop()
-	top, err := vhdx.Open(filepath.Join(dir, "cp2.vhdx"), vhdx.OpenOptions{ReadOnly: true})
+	cp2 := filepath.Join(dir, "cp2.vhdx")
+	top, err := vhdx.Open(cp2, vhdx.OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatalf("chain after the daemon stopped: %v", err)
 	}
@@ -123,6 +124,17 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 			t.Errorf("chain reads %q... at %d, want %c", got[:4], c.off, c.want)
 		}
 	}
+	// Other readers of the format read the chain written live the same.
+	want := make([]byte, top.Size())
+	if _, err := top.ReadAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Run("libvhdi", func(t *testing.T) {
+		sameBytes(t, "libvhdi reading the live checkpoint chain", readWithLibvhdi(t, cp2, cp1, ld.imgPath), want)
+	})
+	t.Run("7-Zip", func(t *testing.T) {
+		sameBytes(t, "7-Zip reading the live checkpoint chain", readWith7zip(t, cp2), want)
+	})
 }
 
 // A checkpoint that cannot be made (the file exists, a relative path, a
