@@ -226,7 +226,8 @@
 //
 // Packed rings (so no packed inflight layout), dirty logging
 // (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, back-end
-// requests other than CONFIG_CHANGE_MSG (and nothing in the daemon calls
-// NotifyConfigChange yet: online resize is to come), polling mode
+// requests other than CONFIG_CHANGE_MSG (the daemon's resize command
+// calls NotifyConfigChange, but the VHDX engine cannot grow an open image
+// yet), polling mode
 // (SET_VRING_KICK with the no-fd flag is refused).
 package vhostuser
