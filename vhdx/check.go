@@ -66,6 +66,18 @@ func Check(path string, repair bool) (*CheckReport, error) {
 		return rep, fmt.Errorf("check %s: %w", path, err)
 	}
 	im.f = f
+	im.path = path
+	if im.l.hasParent {
+		// The chain below must open and link (§2.6.2.6.3); a broken link
+		// is damage reported like any other, naming the layer at fault.
+		cs := &chainState{}
+		if id, err := fileIDOf(f); err == nil {
+			cs.seen = append(cs.seen, id)
+		}
+		if err := im.attachParent(OpenOptions{ReadOnly: true, ReplayLogInMemory: !repair}, cs); err != nil {
+			rep.Problems = append(rep.Problems, Problem{Offset: -1, What: err.Error()})
+		}
+	}
 	if im.logReplayed {
 		rep.LogReplayed = true
 		rep.Problems = append(rep.Problems, Problem{

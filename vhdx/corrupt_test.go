@@ -217,7 +217,7 @@ func TestOpenRefusesEachBrokenRule(t *testing.T) {
 		}, ErrCorrupt, "block size 0x80000"},
 		{"HasParent", CreateOptions{}, func(b []byte) {
 			le.PutUint32(mdItem(b, imgMDFileParams)[4:], fpFlagHasParent)
-		}, ErrUnsupported, "differencing images are not supported yet"},
+		}, ErrCorrupt, "HasParent is set but there is no parent locator item"},
 		{"LogicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, imgMDLogical), 1024) }, ErrCorrupt, "logical sector size 1024 is not 512 or 4096"},
 		{"PhysicalSectorSize", CreateOptions{}, func(b []byte) { le.PutUint32(mdItem(b, imgMDPhysical), 2048) }, ErrCorrupt, "physical sector size 2048 is not 512 or 4096"},
 		{"VirtualSizeZero", CreateOptions{}, func(b []byte) { le.PutUint64(mdItem(b, imgMDSize), 0) }, ErrCorrupt, "virtual disk size 0 is not"},

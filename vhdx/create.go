@@ -20,6 +20,12 @@ type CreateOptions struct {
 	PhysicalSectorSize uint32    // 0: 4096
 	DiskID             uuid.UUID // zero: random (page 83 identifier)
 	Creator            string    // file identifier creator string
+	// ParentPath, when set, makes a differencing child of that image
+	// (Type Dynamic or Differencing). Size, BlockSize, LogicalSectorSize,
+	// PhysicalSectorSize and DiskID default to the parent's; Size, the sector
+	// sizes and DiskID given explicitly must match it (§2.6.1.2: the
+	// IsVirtualDisk items are copied when forking). BlockSize may differ.
+	ParentPath string
 }
 
 // defaultBlockSize picks the payload block size when none is given: small
@@ -36,13 +42,29 @@ func defaultBlockSize(size uint64) uint32 {
 	return 32 * mib
 }
 
-// Create makes a new image at path; it refuses an existing path.
+// Create makes a new image at path; it refuses an existing path. With
+// ParentPath it makes a differencing child: the parent chain is opened
+// read-only (shared lock) to validate it and read its geometry and
+// DataWriteGuid, which becomes the child's parent_linkage.
 func Create(path string, opts CreateOptions) error {
+	var child *childSpec
+	if opts.ParentPath != "" {
+		parent, err := Open(opts.ParentPath, OpenOptions{ReadOnly: true})
+		if err != nil {
+			return fmt.Errorf("create %s: parent: %w", path, err)
+		}
+		defer parent.Close()
+		pl, err := newParentLocator(path, opts.ParentPath, parent.l.hdr.dataWriteGUID)
+		if err != nil {
+			return fmt.Errorf("create %s: %w", path, err)
+		}
+		child = &childSpec{parent: parent, locator: pl}
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return fmt.Errorf("create %s: %w: %w", path, ErrInvalidArgument, err)
 	}
-	err = CreateStorage(osStorage{f}, opts)
+	err = createStorage(osStorage{f}, opts, child)
 	if cerr := f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("create %s: close: %w", path, cerr)
 	}
@@ -53,9 +75,38 @@ func Create(path string, opts CreateOptions) error {
 	return nil
 }
 
-func normalizeCreate(o *CreateOptions) error {
+// childSpec is what creating a differencing image needs from its parent.
+type childSpec struct {
+	parent  *Image
+	locator *parentLocator
+}
+
+func normalizeCreate(o *CreateOptions, child *childSpec) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("create: "+format+": %w", append(args, ErrInvalidArgument)...)
+	}
+	if child != nil {
+		p := child.parent
+		mismatch := func(what string, got, want any) error {
+			return fmt.Errorf("create: %s %v differs from the parent's %v: %w", what, got, want, ErrParentGeometry)
+		}
+		switch {
+		case o.Type == Fixed:
+			return bad("a differencing image cannot be fixed")
+		case o.Size != 0 && o.Size != p.l.size:
+			return mismatch("size", o.Size, p.l.size)
+		case o.LogicalSectorSize != 0 && o.LogicalSectorSize != p.l.logicalSector:
+			return mismatch("logical sector size", o.LogicalSectorSize, p.l.logicalSector)
+		case o.PhysicalSectorSize != 0 && o.PhysicalSectorSize != p.l.physicalSector:
+			return mismatch("physical sector size", o.PhysicalSectorSize, p.l.physicalSector)
+		case o.DiskID != uuid.Nil && o.DiskID != p.l.diskID:
+			return mismatch("disk ID", o.DiskID, p.l.diskID)
+		}
+		o.Type = Differencing
+		o.Size, o.LogicalSectorSize, o.PhysicalSectorSize, o.DiskID = p.l.size, p.l.logicalSector, p.l.physicalSector, p.l.diskID
+		if o.BlockSize == 0 {
+			o.BlockSize = p.l.blockSize
+		}
 	}
 	if o.LogicalSectorSize == 0 {
 		o.LogicalSectorSize = 512
@@ -73,8 +124,8 @@ func normalizeCreate(o *CreateOptions) error {
 		o.DiskID = uuid.New()
 	}
 	switch {
-	case o.Type != Dynamic && o.Type != Fixed:
-		return bad("image type %v cannot be created", o.Type)
+	case o.Type != Dynamic && o.Type != Fixed && (o.Type != Differencing || child == nil):
+		return bad("image type %v cannot be created (a differencing image needs ParentPath)", o.Type)
 	case o.LogicalSectorSize != 512 && o.LogicalSectorSize != 4096:
 		return bad("logical sector size %d is not 512 or 4096", o.LogicalSectorSize)
 	case o.PhysicalSectorSize != 512 && o.PhysicalSectorSize != 4096:
@@ -96,7 +147,14 @@ func normalizeCreate(o *CreateOptions) error {
 // region, then the BAT region rounded up to 1 MiB; a fixed image's payload
 // blocks follow the BAT contiguously, all FULLY_PRESENT.
 func CreateStorage(s Storage, opts CreateOptions) error {
-	if err := normalizeCreate(&opts); err != nil {
+	if opts.ParentPath != "" {
+		return fmt.Errorf("create: a differencing image needs a path (use Create): %w", ErrInvalidArgument)
+	}
+	return createStorage(s, opts, nil)
+}
+
+func createStorage(s Storage, opts CreateOptions, child *childSpec) error {
+	if err := normalizeCreate(&opts, child); err != nil {
 		return err
 	}
 	if sz, err := s.Size(); err != nil {
@@ -106,8 +164,12 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 	}
 	cr := chunkRatio(opts.LogicalSectorSize, opts.BlockSize)
 	pb := payloadBlocks(opts.Size, opts.BlockSize)
-	// §2.5: TotalBATEntries = payload blocks + sector bitmap blocks.
+	// §2.5: TotalBATEntries = payload blocks + sector bitmap blocks; a
+	// differencing image's BAT reaches the last chunk's bitmap entry.
 	entries := pb + (pb+cr-1)/cr
+	if child != nil {
+		entries = (pb + cr - 1) / cr * (cr + 1)
+	}
 	batLen := roundUp(entries*8, alignment)
 	if batLen > 1<<32-alignment {
 		return fmt.Errorf("create: BAT of %d bytes does not fit a region: %w", batLen, ErrInvalidArgument)
@@ -154,7 +216,18 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 		return err
 	}
 
-	if err := write(encodeMetadata(opts), metaOff, "metadata region"); err != nil {
+	var loc []byte
+	if child != nil {
+		var err error
+		if loc, err = child.locator.encode(); err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+	}
+	md, err := encodeMetadata(opts, loc)
+	if err != nil {
+		return err
+	}
+	if err := write(md, metaOff, "metadata region"); err != nil {
 		return err
 	}
 
@@ -201,9 +274,13 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 }
 
 // encodeMetadata builds the metadata table and the five required items
-// (§2.6.2), items packed from 64 KiB as QEMU and Hyper-V do.
-func encodeMetadata(o CreateOptions) []byte {
-	b := make([]byte, mdItemMinOffset+64)
+// (§2.6.2), items packed from 64 KiB as QEMU and Hyper-V do, plus the parent
+// locator of a differencing image (IsRequired, not IsVirtualDisk: §2.6.2).
+func encodeMetadata(o CreateOptions, locator []byte) ([]byte, error) {
+	if mdItemMinOffset+64+len(locator) > 1*mib {
+		return nil, fmt.Errorf("create: parent locator of %d bytes does not fit the metadata region: %w", len(locator), ErrInvalidArgument)
+	}
+	b := make([]byte, mdItemMinOffset+64+len(locator))
 	le := binary.LittleEndian
 	copy(b, mdSignature)
 	type item struct {
@@ -216,6 +293,9 @@ func encodeMetadata(o CreateOptions) []byte {
 	if o.Type == Fixed {
 		fpFlags |= fpFlagLeaveBlockAllocated
 	}
+	if locator != nil {
+		fpFlags |= fpFlagHasParent
+	}
 	diskID := make([]byte, 16)
 	guidToDisk(diskID, o.DiskID)
 	items := []item{
@@ -224,6 +304,9 @@ func encodeMetadata(o CreateOptions) []byte {
 		{MetaVirtualDiskID, mdFlagIsRequired | mdFlagIsVirtual, diskID},
 		{MetaLogicalSectorSize, mdFlagIsRequired | mdFlagIsVirtual, u32(o.LogicalSectorSize)},
 		{MetaPhysicalSectorSize, mdFlagIsRequired | mdFlagIsVirtual, u32(o.PhysicalSectorSize)},
+	}
+	if locator != nil {
+		items = append(items, item{MetaParentLocator, mdFlagIsRequired, locator})
 	}
 	le.PutUint16(b[mdOffEntryCount:], uint16(len(items)))
 	off := uint32(mdItemMinOffset)
@@ -236,5 +319,5 @@ func encodeMetadata(o CreateOptions) []byte {
 		copy(b[off:], it.data)
 		off += uint32(len(it.data))
 	}
-	return b
+	return b, nil
 }

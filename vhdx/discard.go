@@ -142,8 +142,22 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 	if !im.hasParent() {
 		return nil // not present: reads as zeros already
 	}
-	// A child's block that is not (fully) present shows its parent where
-	// the sector bitmap says so: write real zeros, which marks them present.
+	if mode == trimDiscard {
+		// A child's sectors that are not present show the parent already;
+		// discarding them must not allocate. Present sectors of a
+		// PARTIALLY_PRESENT block are punched: they read zeros, never the
+		// parent's old data.
+		if batState(e) == statePartiallyPresent {
+			fo := batFileOffset(e) + in
+			if err := punch(im.s, fo, n); err != nil {
+				return fmt.Errorf("discard in block of BAT entry %d at file offset %#x: %w", idx, fo, err)
+			}
+		}
+		return nil
+	}
+	// Write-zeroes on a child's block that is not (fully) present: the
+	// parent shows where the sector bitmap bits are clear, so real zeros
+	// are written, which sets them (diffwrite.go).
 	return im.writeZeros(start, n)
 }
 
@@ -293,12 +307,12 @@ func (im *Image) journalBATChanges(changes []batChange) error {
 		first := sec * perSector
 		secOff := im.l.bat.offset + first*8
 		buf := make([]byte, batSectorSize)
-		if first+perSector > uint64(len(im.bat)) {
+		if first+perSector > im.l.batOnDisk {
 			if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
 				return err
 			}
 		}
-		for j := uint64(0); j < perSector && first+j < uint64(len(im.bat)); j++ {
+		for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
 			binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
 		}
 		for ; i < len(changes) && changes[i].idx/perSector == sec; i++ {

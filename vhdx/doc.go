@@ -37,8 +37,42 @@
 //	func (im *Image) BlockSize() uint32
 //	func (im *Image) DiskID() uuid.UUID
 //	func (im *Image) Info() Info           // JSON-tagged summary for `vhost-vhdx info`
-//	func (im *Image) Extents() ([]Extent, error) // Extent{Offset, Length, FileOffset int64; Data bool}
+//	func (im *Image) Extents() ([]Extent, error) // Extent{Offset, Length, FileOffset int64; Data bool; Layer int}
 //	func Check(path string, repair bool) (*CheckReport, error) // for `vhost-vhdx check`
+//
+// Differencing images (chain.go, locator.go, bitmap.go, diffwrite.go,
+// rebase.go):
+//
+//	type OpenOptions struct { ...; DataWriteGUID uuid.UUID } // DataWriteGuid of this session's first data write
+//	type CreateOptions struct { ...; ParentPath string }     // make a child of ParentPath
+//	func Rebase(childPath, newParentPath string) error        // rewrite locator + linkage, no data touched
+//	func (im *Image) Parent() *Image; Path() string; Depth() int
+//	func (im *Image) BackingChain() []Info                   // top first; Info.ParentPath, Info.ParentLinkage
+//	func (im *Image) SetParentLinkage(linkage, linkage2 uuid.UUID) error
+//	func (im *Image) LayerExtents() ([]Extent, error)        // this file only; Extent.Layer
+//
+// Concurrency. An Image is shared by the queues that serve it:
+//
+//   - The BAT (Image.bat) is an array of atomics. Readers and writers into
+//     sectors already present load entries without a lock. Entries change
+//     only under Image.mu (allocation, bitmap updates), after the journal
+//     commit that makes the change durable, and are published in an order
+//     that keeps readers consistent: sector bitmap pages, then the bitmap
+//     entry, then the payload entry.
+//   - The sector bitmap cache (bitmapCache, one per differencing image) has
+//     its own mutex, held only for a lookup (and the 4 KiB read of a
+//     missed page); data I/O happens after it is released. Writers replace
+//     a page's contents under it after their journal commit, while holding
+//     Image.mu, so the bits readers see never run ahead of durable data.
+//     Bounded: at most bitmapCachePages 4 KiB pages per image, LRU.
+//   - Parent layers are Images opened read-only, owned by the child (Close
+//     closes them) and never written; any number of readers walk down the
+//     chain concurrently. A read of a range NOT_PRESENT in the upper layers
+//     costs one atomic load per layer and no system call until the layer
+//     holding the data.
+//   - Writes into sectors a differencing image does not hold take Image.mu
+//     (serialising bitmap updates, so writers into different sectors of
+//     one block are safe together); writes into sectors it holds do not.
 //
 // Errors wrap one of the sentinels in errors.go.
 package vhdx

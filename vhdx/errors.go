@@ -1,6 +1,9 @@
 package vhdx
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // Sentinel errors. Every error the package returns wraps exactly one of these
 // (test with errors.Is) plus context naming the structure, the rule broken and
@@ -29,3 +32,29 @@ var (
 	// ErrClosed: use of an image after Close.
 	ErrClosed = errors.New("vhdx: image is closed")
 )
+
+// Chain errors: a differencing image whose parent cannot be used. Each wraps
+// ErrChain too (errors.Is(err, ErrChain) matches them all) and the message
+// names the child, the locator paths tried and the GUIDs involved.
+var (
+	// ErrChain: the backing chain of a differencing image is broken.
+	ErrChain = errors.New("vhdx: broken differencing chain")
+	// ErrParentNotFound: no locator path names an existing file.
+	ErrParentNotFound = fmt.Errorf("parent not found: %w", ErrChain)
+	// ErrParentLinkage: the parent's DataWriteGuid matches neither
+	// parent_linkage nor parent_linkage2 (it changed after the child was made).
+	ErrParentLinkage = fmt.Errorf("parent linkage mismatch: %w", ErrChain)
+	// ErrParentGeometry: the parent's virtual size or logical sector size
+	// differs from the child's.
+	ErrParentGeometry = fmt.Errorf("parent geometry mismatch: %w", ErrChain)
+	// ErrChainLoop: a file appears twice in the chain.
+	ErrChainLoop = fmt.Errorf("chain loop: %w", ErrChain)
+	// ErrChainTooDeep: more than MaxChainDepth parents.
+	ErrChainTooDeep = fmt.Errorf("chain too deep: %w", ErrChain)
+)
+
+// MaxChainDepth bounds the number of parents below an image.
+const MaxChainDepth = 256
+
+// maxChainDepth is MaxChainDepth; tests lower it.
+var maxChainDepth = MaxChainDepth

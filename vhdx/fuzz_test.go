@@ -105,11 +105,28 @@ func FuzzOpen(f *testing.F) {
 	}
 	f.Add(encodeSparse(fresh.bytes()))
 
+	// A child over a fixed parent, with PARTIALLY_PRESENT and FULLY_PRESENT
+	// blocks and a sector bitmap. Inputs that say HasParent are opened over
+	// that parent, so the mutator reaches the locator, the bitmap entries
+	// and reads through the chain.
+	mc := newMemChain(f, CreateOptions{Size: 64 * mib, BlockSize: mib}, []imageWrite{{0, bytes.Repeat([]byte{0x5A}, 2*mib)}})
+	cs := newMemStorage(bytes.Clone(mc.child))
+	if child, err := mc.openChild(f, cs, false); err == nil {
+		child.WriteAt(bytes.Repeat([]byte{0xC3}, 1024), mib-512)
+		child.WriteAt(bytes.Repeat([]byte{0x3C}, mib), 3*mib)
+		child.Close()
+		f.Add(encodeSparse(cs.bytes()))
+	}
+
 	f.Fuzz(func(t *testing.T, in []byte) {
 		data := decodeSparse(in)
 		for _, ro := range []bool{true, false} {
 			s := &memStorage{data: bytes.Clone(data), limit: 2 * fuzzMaxFile}
 			im, err := OpenStorage(s, OpenOptions{ReadOnly: ro})
+			if errors.Is(err, ErrParentNotFound) {
+				s = &memStorage{data: bytes.Clone(data), limit: 2 * fuzzMaxFile}
+				im, err = mc.openChild(t, s, ro)
+			}
 			if err != nil {
 				// A file refused as invalid is left exactly as it was,
 				// read-write open included (the replay is validated in

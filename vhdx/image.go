@@ -45,6 +45,10 @@ type OpenOptions struct {
 	// The file is not modified. For inspection tools (info, map) looking at
 	// an image a daemon is serving, or at a dirty image.
 	ReplayLogInMemory bool
+	// DataWriteGUID, when non-zero, is the DataWriteGuid written before the
+	// first data write of this session instead of a random one (§2.2.2; a
+	// merge keeps a child linked through parent_linkage2 with it).
+	DataWriteGUID uuid.UUID
 }
 
 // Image is an open VHDX image. ReadAt/WriteAt/ReadVec/WriteVec and Flush are
@@ -62,11 +66,20 @@ type Image struct {
 
 	// mu serialises block allocation, header updates and Close. Data I/O to
 	// allocated blocks never takes it.
-	mu       sync.Mutex
-	session  atomic.Bool // headers updated for this session (§2.2.2.1); set under mu
-	journal  *journal    // created with the session's log GUID; under mu
-	fileEnd  uint64      // next free 1 MiB-aligned offset; under mu
-	modified bool        // any write happened this session; under mu
+	// Differencing images (chain.go): the parent layer, opened read-only
+	// and owned by this image (closed with it), and the sector bitmap cache.
+	parent  *Image
+	path    string // as opened; "" for OpenStorage
+	depth   int    // layers below this one
+	bitmaps *bitmapCache
+	opts    OpenOptions
+
+	mu          sync.Mutex
+	session     atomic.Bool // headers updated for this session (§2.2.2.1); set under mu
+	dataSession atomic.Bool // DataWriteGuid rotated for this session; set under mu
+	journal     *journal    // created with the session's log GUID; under mu
+	fileEnd     uint64      // next free 1 MiB-aligned offset; under mu
+	modified    bool        // any write happened this session; under mu
 
 	ep    epochs    // grace periods for reusing freed space (epoch.go)
 	space freeSpace // free file space (space.go); under mu
@@ -84,7 +97,13 @@ func isCorrupt(err error) bool { return errors.Is(err, ErrCorrupt) }
 
 // Open opens the image at path. A read-write open takes an exclusive OFD lock
 // on the whole file and a read-only open a shared one, unless NoLock is set.
+// A differencing image opens its parents too, read-only (see chain.go).
 func Open(path string, opts OpenOptions) (*Image, error) {
+	return openChain(path, opts, &chainState{})
+}
+
+// openFile opens one file of a chain (no parents).
+func openFile(path string, opts OpenOptions) (*Image, error) {
 	flag := os.O_RDWR
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
@@ -105,6 +124,7 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	im.f = f
+	im.path = path
 	return im, nil
 }
 
@@ -131,8 +151,18 @@ func lockFile(f *os.File, exclusive bool) error {
 }
 
 // OpenStorage opens an image on s without locking (tests, fault injection).
+// A differencing image cannot find its parent without a path and is refused
+// with ErrParentNotFound.
 func OpenStorage(s Storage, opts OpenOptions) (*Image, error) {
-	return openStorage(s, opts, nil)
+	im, err := openStorage(s, opts, nil)
+	if err != nil {
+		return nil, err
+	}
+	if im.l.hasParent {
+		im.Close()
+		return nil, fmt.Errorf("differencing image on a storage without a path: parent_linkage %v: %w", im.l.locator.linkage, ErrParentNotFound)
+	}
+	return im, nil
 }
 
 func fileSizeOf(s Storage) (uint64, error) {
@@ -153,7 +183,7 @@ func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 	if !opts.ReadOnly {
 		s = &syncLatch{Storage: s}
 	}
-	im := &Image{s: s, readOnly: opts.ReadOnly}
+	im := &Image{s: s, readOnly: opts.ReadOnly, opts: opts}
 	l := &im.l
 	var err error
 	if l.fileSize, err = fileSizeOf(s); err != nil {
@@ -203,6 +233,9 @@ func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 		return nil, err
 	}
 	im.bat = res.entries
+	if l.hasParent {
+		im.bitmaps = newBitmapCache()
+	}
 	im.allocated.Store(res.allocated)
 	im.fileEnd = roundUp(max(l.fileSize, res.usedEnd), alignment)
 	if c != nil {
@@ -285,8 +318,12 @@ func (im *Image) updateHeaders(mut func(*header)) error {
 }
 
 // beginSession runs once before the first modification of a read-write
-// session (§2.2.2, §2.2.2.1): new FileWriteGuid and DataWriteGuid, and a new
-// non-zero LogGuid, which the log needs before its space may be overwritten.
+// session (§2.2.2, §2.2.2.1): a new FileWriteGuid, and a new non-zero
+// LogGuid, which the log needs before its space may be overwritten. It
+// leaves DataWriteGuid alone: metadata-only sessions (a repair truncating
+// leaked space, a locator update, log replay) do not change what a reader
+// of the virtual disk sees, and a parent's DataWriteGuid is what its
+// children are linked to (§2.6.2.6.3). beginDataSession changes it.
 func (im *Image) beginSession() error {
 	if im.session.Load() {
 		return nil
@@ -306,7 +343,6 @@ func (im *Image) beginSessionLocked() error {
 	logGUID := uuid.New()
 	err := im.updateHeaders(func(h *header) {
 		h.fileWriteGUID = uuid.New()
-		h.dataWriteGUID = uuid.New()
 		h.logGUID = logGUID
 	})
 	if err != nil {
@@ -315,6 +351,49 @@ func (im *Image) beginSessionLocked() error {
 	im.journal = newJournal(im.s, im.logRegion())
 	im.modified = true
 	im.session.Store(true)
+	return nil
+}
+
+// beginDataSession runs once before the first guest data write of a
+// session: §2.2.2 asks for a new DataWriteGuid "before the first
+// modification is made to user-visible data" (and §2.2.2.1 not before). It
+// is OpenOptions.DataWriteGUID when set. The first write of a session does
+// both updates with one header update.
+func (im *Image) beginDataSession() error {
+	if im.dataSession.Load() {
+		return nil
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.dataSession.Load() {
+		return nil
+	}
+	if im.closed.Load() {
+		return fmt.Errorf("write: %w", ErrClosed)
+	}
+	dw := im.opts.DataWriteGUID
+	if dw == uuid.Nil {
+		dw = uuid.New()
+	}
+	if im.session.Load() {
+		if err := im.updateHeaders(func(h *header) { h.dataWriteGUID = dw }); err != nil {
+			return err
+		}
+	} else {
+		logGUID := uuid.New()
+		err := im.updateHeaders(func(h *header) {
+			h.fileWriteGUID = uuid.New()
+			h.dataWriteGUID = dw
+			h.logGUID = logGUID
+		})
+		if err != nil {
+			return err
+		}
+		im.journal = newJournal(im.s, im.logRegion())
+		im.modified = true
+		im.session.Store(true)
+	}
+	im.dataSession.Store(true)
 	return nil
 }
 
@@ -358,6 +437,11 @@ func (im *Image) Close() error {
 			err = fmt.Errorf("close: %w", cerr)
 		}
 	}
+	if im.parent != nil {
+		if perr := im.parent.Close(); err == nil && perr != nil {
+			err = fmt.Errorf("close parent %s: %w", im.parent.path, perr)
+		}
+	}
 	return err
 }
 
@@ -377,6 +461,9 @@ func (im *Image) BlockSize() uint32 { return im.l.blockSize }
 func (im *Image) DiskID() uuid.UUID { return im.l.diskID }
 
 func (im *Image) imageType() ImageType {
+	if im.l.hasParent {
+		return Differencing
+	}
 	if im.l.leaveAllocated {
 		return Fixed
 	}

@@ -23,6 +23,10 @@ type Info struct {
 	LogLength          uint32    `json:"log_length"`
 	LogReplayed        bool      `json:"log_replayed"` // this open replayed the log
 	Creator            string    `json:"creator"`
+	// Differencing images: the parent as opened (its path; "" when not
+	// attached) and the locator's parent_linkage.
+	ParentPath    string    `json:"parent_path,omitempty"`
+	ParentLinkage uuid.UUID `json:"parent_linkage,omitempty"`
 }
 
 // Info summarises the image. The header fields are those of the current
@@ -34,6 +38,16 @@ func (im *Image) Info() Info {
 	fs, err := im.s.Size()
 	if err != nil {
 		fs = -1
+	}
+	var parentPath string
+	var linkage uuid.UUID
+	if im.parent != nil {
+		parentPath = im.parent.path
+	}
+	if im.l.hasParent {
+		im.mu.Lock()
+		linkage = im.l.locator.linkage
+		im.mu.Unlock()
 	}
 	return Info{
 		VirtualSize:        im.l.size,
@@ -51,41 +65,138 @@ func (im *Image) Info() Info {
 		LogLength:          h.logLength,
 		LogReplayed:        im.logReplayed,
 		Creator:            im.l.creator,
+		ParentPath:         parentPath,
+		ParentLinkage:      linkage,
 	}
 }
 
-// Extent is a run of the virtual disk that is either stored in the file
-// (Data, at FileOffset) or reads as zeros (FileOffset 0).
-type Extent struct {
-	Offset     int64
-	Length     int64
-	FileOffset int64
-	Data       bool
+// BackingChain returns Info for this image and each layer below it, top
+// first.
+func (im *Image) BackingChain() []Info {
+	var out []Info
+	for l := im; l != nil; l = l.parent {
+		out = append(out, l.Info())
+	}
+	return out
 }
 
-// Extents lists the virtual disk as merged runs of data and zeros; adjacent
-// data blocks merge only when they are also contiguous in the file.
+// Extent is a run of the virtual disk that is either stored in a file of
+// the chain (Data, at FileOffset of layer Layer: 0 this image, 1 its parent,
+// ...) or reads as zeros (FileOffset 0, Layer -1).
+type Extent struct {
+	Offset     int64 `json:"offset"`
+	Length     int64 `json:"length"`
+	FileOffset int64 `json:"file_offset"`
+	Data       bool  `json:"data"`
+	Layer      int   `json:"layer"`
+}
+
+// appendExtent adds ext to out, merging it with the last extent when both
+// are zeros, or data of the same layer contiguous in the file.
+func appendExtent(out []Extent, ext Extent) []Extent {
+	if n := len(out); n > 0 {
+		last := &out[n-1]
+		if last.Offset+last.Length == ext.Offset && last.Data == ext.Data && last.Layer == ext.Layer &&
+			(!ext.Data || last.FileOffset+last.Length == ext.FileOffset) {
+			last.Length += ext.Length
+			return out
+		}
+	}
+	return append(out, ext)
+}
+
+// Extents lists the virtual disk as merged runs of what the chain reads:
+// data (with the layer and file offset it comes from) and zeros; adjacent
+// data merges only when it is of the same layer and contiguous in its file.
 func (im *Image) Extents() ([]Extent, error) {
 	if im.closed.Load() {
 		return nil, fmt.Errorf("extents: %w", ErrClosed)
 	}
-	var out []Extent
-	bs := uint64(im.l.blockSize)
-	for b := uint64(0); b < im.l.payloadBlocks; b++ {
-		e := im.bat[batIndex(b, im.l.chunkRatio)].Load()
-		start := b * bs
-		ext := Extent{Offset: int64(start), Length: int64(min(bs, im.l.size-start))}
-		if batState(e) == stateFullyPresent {
-			ext.Data, ext.FileOffset = true, int64(batFileOffset(e))
-		}
-		if n := len(out); n > 0 {
-			last := &out[n-1]
-			if last.Data == ext.Data && (!ext.Data || last.FileOffset+last.Length == ext.FileOffset) {
-				last.Length += ext.Length
-				continue
+	return im.chainExtents(nil, 0, im.l.size, 0)
+}
+
+// chainExtents appends the extents of [start, end) as seen through this
+// layer, which is layer depth below the top.
+func (im *Image) chainExtents(out []Extent, start, end uint64, depth int) ([]Extent, error) {
+	lss := uint64(im.l.logicalSector)
+	for pos := start; pos < end; {
+		_, e, in, left := im.locate(pos)
+		n := min(left, end-pos)
+		off := batFileOffset(e) + in
+		switch st := batState(e); {
+		case st == stateFullyPresent:
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), FileOffset: int64(off), Data: true, Layer: depth})
+		case st == stateNotPresent && im.parent != nil:
+			var err error
+			if out, err = im.parent.chainExtents(out, pos, pos+n, depth+1); err != nil {
+				return nil, err
 			}
+		case st == statePartiallyPresent && im.l.hasParent:
+			for done := uint64(0); done < n; {
+				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
+				if err != nil {
+					return nil, err
+				}
+				k := run * lss
+				if set {
+					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true, Layer: depth})
+				} else if im.parent != nil {
+					if out, err = im.parent.chainExtents(out, pos+done, pos+done+k, depth+1); err != nil {
+						return nil, err
+					}
+				} else {
+					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: -1})
+				}
+				done += k
+			}
+		default:
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})
 		}
-		out = append(out, ext)
+		pos += n
+	}
+	return out, nil
+}
+
+// LayerExtents lists what THIS file defines, ignoring the layers below:
+// Data (Layer 0, at FileOffset) where the file holds the sectors
+// (FULLY_PRESENT, or PARTIALLY_PRESENT with the bitmap bit set); Layer -1
+// (no data) where this file defines zeros (ZERO, UNDEFINED, UNMAPPED; in a
+// base image also NOT_PRESENT); Layer 1 (no data) where a differencing image
+// leaves the sectors to its parent. A merge copies the Data runs and the
+// Layer -1 runs (as zeros) of a child into its parent.
+func (im *Image) LayerExtents() ([]Extent, error) {
+	if im.closed.Load() {
+		return nil, fmt.Errorf("extents: %w", ErrClosed)
+	}
+	var out []Extent
+	lss := uint64(im.l.logicalSector)
+	for pos := uint64(0); pos < im.l.size; {
+		_, e, in, left := im.locate(pos)
+		n := min(left, im.l.size-pos)
+		off := batFileOffset(e) + in
+		switch st := batState(e); {
+		case st == stateFullyPresent:
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), FileOffset: int64(off), Data: true})
+		case st == stateNotPresent && im.l.hasParent:
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: 1})
+		case st == statePartiallyPresent && im.l.hasParent:
+			for done := uint64(0); done < n; {
+				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
+				if err != nil {
+					return nil, err
+				}
+				k := run * lss
+				if set {
+					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true})
+				} else {
+					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: 1})
+				}
+				done += k
+			}
+		default:
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})
+		}
+		pos += n
 	}
 	return out, nil
 }

@@ -67,6 +67,12 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer im.ep.exit(im.ep.enter()) // epoch.go: no reuse of what we may load
+	if im.parent != nil {
+		if err := im.readChain(p, uint64(off)); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	done := 0
 	for done < len(p) {
 		_, e, in, left := im.locate(uint64(off) + uint64(done))
@@ -100,7 +106,7 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if len(p) == 0 {
 		return 0, nil // nothing to write: no session, no header update
 	}
-	if err := im.beginSession(); err != nil {
+	if err := im.beginDataSession(); err != nil {
 		return 0, err
 	}
 	defer im.ep.exit(im.ep.enter())
@@ -109,7 +115,7 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 		pos := uint64(off) + uint64(done)
 		idx, e, in, left := im.locate(pos)
 		n := int(min(uint64(len(p)-done), left))
-		if err := im.writeChunk(p[done:done+n], idx, e, in); err != nil {
+		if err := im.writeChunk(p[done:done+n], pos, idx, e, in); err != nil {
 			return done, err
 		}
 		done += n
@@ -117,9 +123,23 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-func (im *Image) writeChunk(p []byte, idx, e, in uint64) error {
-	if batState(e) == stateFullyPresent {
+// writeChunk writes p, which lies inside one block, at virtual offset pos
+// (BAT entry idx, read as e; offset in within the block).
+func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
+	switch batState(e) {
+	case stateFullyPresent:
 		return im.writePayload(p, batFileOffset(e)+in)
+	case statePartiallyPresent:
+		// Sectors this file already holds are overwritten in place
+		// without a lock, like a FULLY_PRESENT block.
+		if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
+			return err
+		} else if ok {
+			return im.writePayload(p, batFileOffset(e)+in)
+		}
+	}
+	if im.l.hasParent {
+		return im.writeDiff(p, pos, idx, in)
 	}
 	return im.allocate(p, idx, in)
 }
@@ -138,6 +158,11 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 	if im.closed.Load() {
 		return fmt.Errorf("write: %w", ErrClosed)
 	}
+	return im.allocateLocked(p, idx, in)
+}
+
+// allocateLocked is allocate with im.mu held.
+func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	e := im.bat[idx].Load()
 	if batState(e) == stateFullyPresent { // another writer won the race
 		return im.writePayload(p, batFileOffset(e)+in)
@@ -163,33 +188,56 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 const maxFileOffset = 1 << 62
 
 // journalBATEntry commits the 4 KiB BAT sector holding entry idx, with idx
-// set to newEntry, through the log. The sector is read from disk first so
-// that entries beyond the ones kept in memory are preserved; entries held in
-// memory are then written from memory, which is authoritative. Caller holds
-// im.mu, so no other BAT update races with this one.
+// set to newEntry, through the log. Caller holds im.mu, so no other BAT
+// update races with this one.
 func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
+	u, err := im.batSectorUpdate(idx, [][2]uint64{{idx, newEntry}})
+	if err != nil {
+		return err
+	}
+	if err := im.journal.commit([]logUpdate{u}, fileEnd, fileEnd); err != nil {
+		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
+	}
+	return nil
+}
+
+// batSectorUpdate builds the journal update of the 4 KiB BAT sector holding
+// entry idx, with the entries in set ({index, value} pairs) changed. The
+// sector is read from disk first so that entries beyond the ones kept in
+// memory are preserved; entries held in memory are then written from
+// memory, which is authoritative. Caller holds im.mu.
+func (im *Image) batSectorUpdate(idx uint64, set [][2]uint64) (logUpdate, error) {
 	secByte := (idx * 8) &^ (batSectorSize - 1)
 	secOff := im.l.bat.offset + secByte
 	buf := make([]byte, batSectorSize)
 	if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
-		return err
+		return logUpdate{}, err
 	}
 	first := secByte / 8
 	for i := uint64(0); i < batSectorSize/8; i++ {
 		j := first + i
-		if j >= uint64(len(im.bat)) {
+		if j >= im.l.batOnDisk {
 			break
 		}
 		v := im.bat[j].Load()
-		if j == idx {
-			v = newEntry
+		for _, kv := range set {
+			if kv[0] == j {
+				v = kv[1]
+			}
 		}
 		binary.LittleEndian.PutUint64(buf[i*8:], v)
 	}
-	if err := im.journal.commit([]logUpdate{{offset: secOff, data: buf}}, fileEnd, fileEnd); err != nil {
-		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
+	return logUpdate{offset: secOff, data: buf}, nil
+}
+
+// sectorSized reports whether every buffer is a whole number of sectors.
+func sectorSized(bufs [][]byte, lss uint64) bool {
+	for _, b := range bufs {
+		if uint64(len(b))%lss != 0 {
+			return false
+		}
 	}
-	return nil
+	return true
 }
 
 // vecLen sums the buffer lengths.
@@ -210,6 +258,15 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 	}
 	defer im.ep.exit(im.ep.enter())
 	pos := uint64(off)
+	if im.parent != nil {
+		for _, buf := range bufs {
+			if err := im.readChain(buf, pos); err != nil {
+				return err
+			}
+			pos += uint64(len(buf))
+		}
+		return nil
+	}
 	for _, buf := range bufs {
 		for len(buf) > 0 {
 			_, e, in, left := im.locate(pos)
@@ -241,7 +298,18 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	if vecLen(bufs) == 0 {
 		return nil // nothing to write: no session, no header update
 	}
-	if err := im.beginSession(); err != nil {
+	if im.l.hasParent && !sectorSized(bufs, uint64(im.l.logicalSector)) {
+		// A sector split across buffers would get its bitmap bit set
+		// with half its data written; gather it first (rare: guests send
+		// sector-sized segments).
+		flat := make([]byte, 0, vecLen(bufs))
+		for _, b := range bufs {
+			flat = append(flat, b...)
+		}
+		_, err := im.WriteAt(flat, off)
+		return err
+	}
+	if err := im.beginDataSession(); err != nil {
 		return err
 	}
 	defer im.ep.exit(im.ep.enter())
@@ -250,7 +318,7 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 		for len(buf) > 0 {
 			idx, e, in, left := im.locate(pos)
 			n := min(uint64(len(buf)), left)
-			if err := im.writeChunk(buf[:n], idx, e, in); err != nil {
+			if err := im.writeChunk(buf[:n], pos, idx, e, in); err != nil {
 				return err
 			}
 			buf = buf[n:]

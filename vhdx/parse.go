@@ -61,9 +61,16 @@ type layout struct {
 	diskID         uuid.UUID
 	leaveAllocated bool
 
+	// Differencing images (§2.6.2.6): HasParent and the parsed locator,
+	// with the metadata entry it came from (for rewrites).
+	hasParent   bool
+	locator     *parentLocator
+	locatorItem metadataItem
+
 	chunkRatio    uint64
 	payloadBlocks uint64
-	batEntries    uint64 // entries kept in memory: last payload block's index + 1
+	batEntries    uint64 // entries kept in memory: last payload block's index + 1; differencing: through the last sector bitmap entry
+	batOnDisk     uint64 // entries of batEntries the BAT region holds (fewer only for a differencing image's last bitmap entry)
 }
 
 func headerOffset(slot int) uint64 {
@@ -413,8 +420,21 @@ func readMetadata(s Storage, l *layout) error {
 
 	bs, fpFlags := le.Uint32(vals[0][0:]), le.Uint32(vals[0][4:])
 	if fpFlags&fpFlagHasParent != 0 {
-		return errAt(ErrUnsupported, itemOff(MetaFileParameters), "file parameters metadata item",
-			"HasParent is set: differencing images are not supported yet")
+		// §2.6.2.6: a differencing image MUST have a parent locator.
+		it, ok := known[MetaParentLocator]
+		if !ok || it.length == 0 {
+			return errAt(ErrCorrupt, itemOff(MetaFileParameters), "file parameters metadata item",
+				"HasParent is set but there is no parent locator item")
+		}
+		b := make([]byte, it.length) // ≤ 1 MiB, checked above
+		if err := readFull(s, b, l.meta.offset+uint64(it.offset), "parent locator metadata item"); err != nil {
+			return err
+		}
+		pl, err := parseParentLocator(b, l.meta.offset+uint64(it.offset))
+		if err != nil {
+			return err
+		}
+		l.hasParent, l.locator, l.locatorItem = true, pl, it
 	}
 	if bs < minBlockSize || bs > maxBlockSize || bits.OnesCount32(bs) != 1 {
 		return errAt(ErrCorrupt, itemOff(MetaFileParameters), "file parameters metadata item",
@@ -442,6 +462,16 @@ func readMetadata(s Storage, l *layout) error {
 	l.chunkRatio = chunkRatio(l.logicalSector, l.blockSize)
 	l.payloadBlocks = payloadBlocks(l.size, l.blockSize)
 	l.batEntries = batIndex(l.payloadBlocks-1, l.chunkRatio) + 1
+	l.batOnDisk = l.batEntries
+	if l.hasParent {
+		// §2.5: a differencing image's BAT reaches the sector bitmap entry
+		// of the last chunk, (k+1)*(ChunkRatio+1)-1 for chunk k. The spec's
+		// TotalBATEntries formula can fall short of it; a region that does
+		// not hold it leaves that chunk without a bitmap (loadBAT).
+		chunks := (l.payloadBlocks + l.chunkRatio - 1) / l.chunkRatio
+		l.batEntries = chunks * (l.chunkRatio + 1)
+		l.batOnDisk = min(l.batEntries, uint64(l.bat.length)/8)
+	}
 	return nil
 }
 
@@ -457,13 +487,17 @@ func isKnownMetadata(id uuid.UUID) bool {
 // span is a used byte range of the file, for overlap and leak checks.
 type span struct {
 	start, end uint64
-	what       string // "" for a payload block; see label
+	what       string // "" for a payload or sector bitmap block; see label
 	index      uint64 // BAT entry index for blocks
+	bitmap     bool   // a sector bitmap block
 }
 
 func (sp span) label() string {
-	if sp.what != "" {
+	switch {
+	case sp.what != "":
 		return sp.what
+	case sp.bitmap:
+		return fmt.Sprintf("sector bitmap block of BAT entry %d", sp.index)
 	}
 	return fmt.Sprintf("payload block of BAT entry %d", sp.index)
 }
@@ -472,24 +506,51 @@ func (sp span) label() string {
 type batResult struct {
 	entries   []atomic.Uint64
 	usedEnd   uint64 // end of the last used structure
-	allocated uint64 // number of FULLY_PRESENT payload blocks
+	allocated uint64 // number of FULLY_PRESENT and PARTIALLY_PRESENT payload blocks
 }
+
+func batEntryName(i uint64) string { return fmt.Sprintf("BAT entry %d", i) }
 
 // loadBAT reads and validates the BAT (§2.5). The buffer is allocated only
 // after checking that the BAT region holds the required entries and lies
-// inside the file, so its size is bounded by the file size.
+// inside the file, so its size is bounded by the file size. Nothing is
+// allocated per entry: messages are built only for a broken rule.
+//
+// In a differencing image sector bitmap entries may be SB_BLOCK_PRESENT
+// (§2.5.1.2) and payload entries PARTIALLY_PRESENT (§2.5.1.1); both point
+// to blocks (1 MiB for a bitmap) that must lie in the file and overlap
+// nothing, and a chunk with a PARTIALLY_PRESENT block must have its bitmap.
 func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
-	if l.batEntries > uint64(l.bat.length)/8 {
+	need := l.batEntries
+	if l.hasParent {
+		need = batIndex(l.payloadBlocks-1, l.chunkRatio) + 1
+	}
+	if need > uint64(l.bat.length)/8 {
 		return nil, errAt(ErrCorrupt, l.bat.offset, "BAT region",
 			"length %#x holds %d entries but the %d-byte disk with %d-byte blocks needs %d",
-			l.bat.length, l.bat.length/8, l.size, l.blockSize, l.batEntries)
+			l.bat.length, l.bat.length/8, l.size, l.blockSize, need)
 	}
-	n := l.batEntries
-	res := &batResult{entries: make([]atomic.Uint64, n)}
+	n := l.batOnDisk
+	res := &batResult{entries: make([]atomic.Uint64, l.batEntries)}
 	bs := uint64(l.blockSize)
 
 	var blocks []span
 	var retainedEnd uint64 // end of the blocks UNDEFINED/UNMAPPED entries still point to
+	chunkPartial := false  // the current chunk has a PARTIALLY_PRESENT block
+	// checkBlock validates the offset of a block of size sz pointed to by
+	// entry e; it returns the rule broken, or "".
+	checkBlock := func(e, sz uint64) string {
+		off := batFileOffset(e)
+		switch {
+		case e&batReservedMask != 0:
+			return fmt.Sprintf("reserved bits %#x are set", e&batReservedMask)
+		case off < headerSectionSize:
+			return fmt.Sprintf("block offset %#x lies in the header section", off)
+		case off > l.fileSize || sz > l.fileSize-off:
+			return fmt.Sprintf("block [%#x, %#x) extends past the end of the file (size %#x)", off, off+sz, l.fileSize)
+		}
+		return ""
+	}
 	buf := make([]byte, min(n*8, 1*mib))
 	for base := uint64(0); base < n; base += uint64(len(buf)) / 8 {
 		chunk := buf[:min(uint64(len(buf)), (n-base)*8)]
@@ -500,18 +561,45 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 			i := base + j
 			e := binary.LittleEndian.Uint64(chunk[j*8:])
 			eoff := l.bat.offset + i*8
-			what := fmt.Sprintf("BAT entry %d", i)
 			st := batState(e)
 			if isBitmapIndex(i, l.chunkRatio) {
-				// §2.5.1.2: fixed and dynamic images have no sector bitmaps.
-				if st != sbNotPresent {
-					if err := c.hard(errAt(ErrCorrupt, eoff, what,
-						"sector bitmap entry has state %d; only NOT_PRESENT is valid without a parent", st)); err != nil {
+				partial := chunkPartial
+				chunkPartial = false
+				if !l.hasParent {
+					// §2.5.1.2: fixed and dynamic images have no sector bitmaps.
+					if st != sbNotPresent {
+						if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i),
+							"sector bitmap entry has state %d; only NOT_PRESENT is valid without a parent", st)); err != nil {
+							return nil, err
+						}
+					}
+					// Keep the entry so a journaled BAT sector writes it back unchanged.
+					res.entries[i].Store(e)
+					continue
+				}
+				var rule string
+				switch st {
+				case sbNotPresent:
+					if partial {
+						rule = "sector bitmap entry is NOT_PRESENT but its chunk has a PARTIALLY_PRESENT block (§2.5.1.2)"
+					}
+				case stateFullyPresent: // SB_BLOCK_PRESENT
+					rule = checkBlock(e, 1*mib)
+				default:
+					rule = fmt.Sprintf("sector bitmap entry state %d is reserved", st)
+				}
+				if rule != "" {
+					if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule)); err != nil {
 						return nil, err
 					}
+					res.entries[i].Store(0)
+					continue
 				}
-				// Keep the entry so a journaled BAT sector writes it back unchanged.
 				res.entries[i].Store(e)
+				if st == stateFullyPresent {
+					off := batFileOffset(e)
+					blocks = append(blocks, span{start: off, end: off + 1*mib, index: i, bitmap: true})
+				}
 				continue
 			}
 			switch st {
@@ -528,37 +616,39 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 				res.entries[i].Store(e)
 				continue
 			case stateReserved4:
-				if err := c.hard(errAt(ErrCorrupt, eoff, what, "state 4 is reserved")); err != nil {
+				if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "state 4 is reserved")); err != nil {
 					return nil, err
 				}
 				continue
 			case statePartiallyPresent:
-				if err := c.hard(errAt(ErrCorrupt, eoff, what,
-					"PARTIALLY_PRESENT is valid only in a differencing image")); err != nil {
-					return nil, err
+				if !l.hasParent {
+					if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i),
+						"PARTIALLY_PRESENT is valid only in a differencing image")); err != nil {
+						return nil, err
+					}
+					continue
 				}
-				continue
+				chunkPartial = true
 			}
-			// FULLY_PRESENT.
-			off := batFileOffset(e)
-			var rule string
-			switch {
-			case e&batReservedMask != 0:
-				rule = fmt.Sprintf("reserved bits %#x are set", e&batReservedMask)
-			case off < headerSectionSize:
-				rule = fmt.Sprintf("block offset %#x lies in the header section", off)
-			case off > l.fileSize || bs > l.fileSize-off:
-				rule = fmt.Sprintf("block [%#x, %#x) extends past the end of the file (size %#x)", off, off+bs, l.fileSize)
-			}
-			if rule != "" {
-				if err := c.hard(errAt(ErrCorrupt, eoff, what, "%s", rule)); err != nil {
+			// FULLY_PRESENT, or PARTIALLY_PRESENT in a differencing image.
+			if rule := checkBlock(e, bs); rule != "" {
+				if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule)); err != nil {
 					return nil, err
 				}
 				continue
 			}
 			res.entries[i].Store(e)
 			res.allocated++
+			off := batFileOffset(e)
 			blocks = append(blocks, span{start: off, end: off + bs, index: i})
+		}
+	}
+	if chunkPartial {
+		// The last chunk's bitmap entry lies past the BAT region.
+		i := l.batEntries - 1
+		if err := c.hard(errAt(ErrCorrupt, l.bat.offset+i*8, batEntryName(i),
+			"the last chunk has a PARTIALLY_PRESENT block but its sector bitmap entry lies past the BAT region (length %#x)", l.bat.length)); err != nil {
+			return nil, err
 		}
 	}
 
@@ -579,8 +669,12 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 			if blk.what != "" {
 				blk, other = other, blk
 			}
-			err := errAt(ErrCorrupt, l.bat.offset+blk.index*8, fmt.Sprintf("BAT entry %d", blk.index),
-				"block [%#x, %#x) overlaps %s [%#x, %#x)", blk.start, blk.end, other.label(), other.start, other.end)
+			kind := "block"
+			if blk.bitmap {
+				kind = "sector bitmap block"
+			}
+			err := errAt(ErrCorrupt, l.bat.offset+blk.index*8, batEntryName(blk.index),
+				"%s [%#x, %#x) overlaps %s [%#x, %#x)", kind, blk.start, blk.end, other.label(), other.start, other.end)
 			if err := c.hard(err); err != nil {
 				return nil, err
 			}

@@ -370,11 +370,11 @@ func TestExtentsMergeRuns(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Extent{
-		{0, mib, 0, false},
-		{mib, 2 * mib, 4 * mib, true},
-		{3 * mib, 2 * mib, 0, false},
-		{5 * mib, mib, 6 * mib, true},
-		{6 * mib, 4*mib - 512, 0, false},
+		{0, mib, 0, false, -1},
+		{mib, 2 * mib, 4 * mib, true, 0},
+		{3 * mib, 2 * mib, 0, false, -1},
+		{5 * mib, mib, 6 * mib, true, 0},
+		{6 * mib, 4*mib - 512, 0, false, -1},
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("Extents = %v\nwant %v", got, want)

@@ -14,12 +14,22 @@ import (
 )
 
 const createUsage = `Usage: vhost-vhdx create --size SIZE [OPTIONS] IMAGE
+       vhost-vhdx create --parent PARENT [OPTIONS] CHILD
 
 Create a new VHDX image. IMAGE must not exist.
 
+With --parent, create a differencing image (a Hyper-V checkpoint, AVHDX)
+over PARENT: CHILD reads what PARENT reads until written; writes go to
+CHILD only. Size, block size, sector sizes and disk ID default to the
+parent's (a different size or sector size is refused). The parent locator
+holds the path relative to CHILD's directory (what Hyper-V, libvhdi and
+7-Zip follow) and the absolute path; writing to PARENT afterwards breaks
+the link (its DataWriteGuid changes).
+
 Options:
-  --size SIZE             virtual disk size (required), e.g. 10G; a multiple
-                          of the logical sector size
+  --size SIZE             virtual disk size (required without --parent),
+                          e.g. 10G; a multiple of the logical sector size
+  --parent PARENT         make a differencing child of PARENT
 ` + createOptionsUsage
 
 const createOptionsUsage = `  --type dynamic|fixed    dynamic allocates blocks on first write (default);
@@ -112,19 +122,25 @@ func runCreate(args []string, stdout, _ io.Writer) error {
 	fs := newFlagSet("create")
 	var size sizeFlag
 	fs.Var(&size, "size", "")
+	var parent string
+	fs.StringVar(&parent, "parent", "", "")
 	cf := addCreateFlags(fs)
 	pos, err := parseArgs(fs, args, createUsage, stdout, 1, 1)
 	if err != nil {
 		return err
 	}
-	if !size.set {
+	if !size.set && parent == "" {
 		return usagef("create", "--size is required")
 	}
 	o, err := cf.options("create")
 	if err != nil {
 		return err
 	}
+	if parent != "" && cf.typ == "fixed" {
+		return usagef("create", "--parent: a differencing image cannot be --type fixed")
+	}
 	o.Size = size.v
+	o.ParentPath = parent
 	return createImage(pos[0], o)
 }
 
