@@ -365,3 +365,70 @@ func TestDiscardRefusesBadRanges(t *testing.T) {
 		t.Fatal("WriteZeroes on a read-only image succeeded")
 	}
 }
+
+// TestDiscardOnAChildNeverShowsTheParentsOldData: on a differencing image,
+// whole discarded blocks read zeros whatever their state (the parent's data
+// does not show through), a partial discard zeroes the sectors the child
+// held and leaves the ones it never held showing the parent as before, and
+// write-zeroes reads zeros everywhere, partial blocks included.
+func TestDiscardOnAChildNeverShowsTheParentsOldData(t *testing.T) {
+	const bs, size = 1 * mib, 8 * mib
+	base := pattern(1, size)
+	paths := makeChain(t, CreateOptions{Size: size, BlockSize: bs}, 1, func(layer int, path string) {
+		if layer == 0 {
+			writeImage(t, path, 0, base)
+		}
+	})
+	child := paths[1]
+	im, err := Open(child, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	want := bytes.Clone(base)
+	put := func(off int64, p []byte) {
+		if _, err := im.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+	}
+	// Block 1 FULLY_PRESENT, blocks 2 and 5 PARTIALLY_PRESENT (first half), 3 and 4 NOT_PRESENT.
+	put(1*bs, pattern(2, bs))
+	put(2*bs, pattern(3, bs/2))
+	put(5*bs, pattern(4, bs/2))
+	check := func(when string) {
+		t.Helper()
+		got := readAll(t, im)
+		for i := 0; i < size; i += 512 {
+			if !bytes.Equal(got[i:i+512], want[i:i+512]) {
+				t.Fatalf("%s: sector at %#x differs from the model", when, i)
+			}
+		}
+	}
+	// Whole blocks 1..4: every state reads zeros afterwards.
+	if err := im.Discard(1*bs, 4*bs); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[1*bs : 5*bs])
+	check("after discarding whole blocks")
+	for b := 1; b <= 4; b++ {
+		if e := im.bat[batIndex(uint64(b), im.l.chunkRatio)].Load(); batState(e) != stateZero {
+			t.Fatalf("block %d is in state %d after a whole-block discard on a child; want ZERO", b, batState(e))
+		}
+	}
+	// Partial discard across the present/not-present edge of block 5.
+	if err := im.Discard(5*bs+bs/4, bs/2); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[5*bs+bs/4 : 5*bs+bs/2]) // present sectors: zeros; the rest still the parent's
+	check("after a partial discard")
+	// Write-zeroes over a not-present part of block 6 and present part of 5.
+	if err := im.WriteZeroes(5*bs+bs/2+4096, bs, false); err != nil {
+		t.Fatal(err)
+	}
+	clear(want[5*bs+bs/2+4096 : 6*bs+bs/2+4096])
+	check("after write-zeroes")
+	// Writing again into a discarded block reads the new data and zeros.
+	put(3*bs+4096, pattern(5, 4096))
+	check("after rewriting a discarded block")
+}
