@@ -84,8 +84,8 @@ type Image struct {
 	ep    epochs    // grace periods for reusing freed space (epoch.go)
 	space freeSpace // free file space (space.go); under mu
 
-	// Test hooks, nil in production: hookLoaded runs in ReadAt after a
-	// FULLY_PRESENT entry was loaded and before its range is read;
+	// Test hooks, nil in production: hookLoaded runs in ReadAt and WriteAt
+	// after a FULLY_PRESENT entry was loaded and before its range is used;
 	// beforeReuse when reserveBlock hands out freed space;
 	// beforeTrimCommit just before a discard's BAT commit.
 	hookLoaded       func(entry uint64)

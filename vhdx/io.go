@@ -128,6 +128,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 	switch batState(e) {
 	case stateFullyPresent:
+		if im.hookLoaded != nil {
+			im.hookLoaded(e)
+		}
 		return im.writePayload(p, batFileOffset(e)+in)
 	case statePartiallyPresent:
 		// Sectors this file already holds are overwritten in place
