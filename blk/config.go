@@ -42,15 +42,16 @@ const (
 // in place (no allocation). Write-zeroes requests carry one range in Linux;
 // we accept as many as for discard.
 //
-// Sectors per range: the disk's work per range is one journal commit per 64
-// BAT sectors of whole blocks plus one hole punch per run of freed blocks,
-// so it grows with the number of blocks, not bytes. 2 GiB (a multiple of any
-// block size) bounds the time a queue worker spends on one range to a few
-// commits and punches — measured by vhdx's BenchmarkDiscardFstrim (8 GiB of
-// 1 GiB ranges freeing 8 MiB blocks: ~1 ms of engine time per GiB on ext4)
-// — while an fstrim of a large file system is still a few thousand
-// requests per TiB rather than hundreds of thousands (Linux's default with
-// 0 would be UINT_MAX sectors).
+// Sectors per range: the disk's work per range is one journal commit (two
+// fdatasyncs) per 64 BAT sectors of whole blocks plus one hole punch per run
+// of freed blocks, so its cost is per range far more than per byte. vhdx's
+// BenchmarkDiscardFstrim on ext4 (8 GiB, every block allocated): 1 MiB
+// ranges of 1 MiB blocks take 3.4 ms each (27 s for 8 GiB); 1 GiB ranges of
+// 8 MiB blocks 2.6 ms each (21 ms for 8 GiB). So ranges should be large.
+// 2 GiB (a multiple of any block size) keeps one range to a single commit
+// for blocks of 8 MiB and more and bounds the time a queue worker spends on
+// it to a few milliseconds, where Linux's default for 0 (UINT_MAX sectors,
+// 2 TiB) could hold the queue for seconds.
 //
 // Alignment: discard_sector_alignment becomes Linux's discard_granularity.
 // Whole blocks are released by the BAT, but partial ranges are punched
