@@ -430,6 +430,9 @@ func (im *Image) Close() error {
 			if err = im.s.Sync(); err == nil {
 				err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
 			}
+			if err == nil {
+				err = im.truncateFreeTail() // space.go
+			}
 		}
 	}
 	if im.f != nil {

@@ -237,3 +237,40 @@ func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
 	}
 	return newOff, nil
 }
+
+// truncateFreeTail cuts free space at the end of the file off at Close, so
+// a file whose last blocks were discarded shrinks. It runs after LogGuid
+// was cleared: no log entry will be replayed whose FlushedFileOffset the
+// shorter file would contradict (§2.3.1.1), and what is cut is owned by no
+// BAT entry, so a crash before or after the truncation loses nothing. No
+// I/O runs at Close, so every pending range is past its grace period.
+// Caller holds im.mu.
+func (im *Image) truncateFreeTail() error {
+	fs := &im.space
+	if !fs.ready || len(fs.pending) == 0 && len(fs.free) == 0 {
+		return nil
+	}
+	for _, p := range fs.pending {
+		fs.setFree(p.off, p.n)
+	}
+	fs.pending = fs.pending[:0]
+	end := im.fileEnd >> unitShift
+	for end > 0 && fs.isFree(end-1) {
+		end--
+	}
+	newEnd := end << unitShift
+	if newEnd >= im.fileEnd {
+		return nil
+	}
+	if err := im.s.Truncate(int64(newEnd)); err != nil {
+		return fmt.Errorf("close: truncate free space at %#x: %w", newEnd, err)
+	}
+	for u := end; u < im.fileEnd>>unitShift; u++ {
+		fs.free[u/64] &^= 1 << (u % 64)
+	}
+	im.fileEnd = newEnd
+	if err := im.s.Sync(); err != nil {
+		return fmt.Errorf("close: sync after truncating free space: %w", err)
+	}
+	return nil
+}

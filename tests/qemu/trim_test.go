@@ -19,6 +19,15 @@ func hostAllocated(t *testing.T, path string) int64 {
 	return st.Blocks * 512
 }
 
+func fileSize(t *testing.T, path string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Size
+}
+
 // infoAllocation runs `vhost-vhdx info --json` and returns the bytes in
 // allocated blocks and the bytes the file occupies on the host.
 func (e *env) infoAllocation(t *testing.T, img *image) (blocks, host int64) {
@@ -67,14 +76,21 @@ func TestGuestFstrimGivesSpaceBackToTheHost(t *testing.T) {
 		"umount /mnt",
 	)})
 	b.stop(t)
-	if got := consoleValue(t, console, "discard_granularity"); got != "4096" {
-		t.Errorf("guest discard_granularity = %s, want 4096 (the physical sector)", got)
+	var geo struct {
+		Physical int `json:"physical_sector_size"`
+	}
+	if err := json.Unmarshal([]byte(e.run(t, e.daemon, "info", "--json", img.path)), &geo); err != nil {
+		t.Fatal(err)
+	}
+	if got := consoleValue(t, console, "discard_granularity"); got != fmt.Sprint(geo.Physical) {
+		t.Errorf("guest discard_granularity = %s, want %d (the physical sector)", got, geo.Physical)
 	}
 	if got := consoleValue(t, console, "max_discard_segments"); got == "1" {
 		t.Errorf("guest max_discard_segments = 1; want multi-segment discards")
 	}
 	e.check(t, img)
 	filled := hostAllocated(t, img.path)
+	sizeFilled := fileSize(t, img.path)
 
 	// Step 2: files deleted, fstrim.
 	b = e.startBackend(t, img, backendOpts{})
@@ -92,6 +108,9 @@ func TestGuestFstrimGivesSpaceBackToTheHost(t *testing.T) {
 	t.Logf("host allocation: %d bytes with the files, %d after fstrim", filled, trimmed)
 	if drop, want := filled-trimmed, int64(files*fileLen)*9/10; drop < want {
 		t.Fatalf("fstrim gave back %d bytes on the host; want at least %d (90%% of the %d bytes of files)", drop, want, files*fileLen)
+	}
+	if sz := fileSize(t, img.path); sz >= sizeFilled {
+		t.Errorf("file size %d after fstrim; want the free tail cut off (was %d)", sz, sizeFilled)
 	}
 	raw := filepath.Join(e.work, "trim.raw")
 	e.run(t, "qemu-img", "convert", "-f", "vhdx", "-O", "raw", img.path, raw)
