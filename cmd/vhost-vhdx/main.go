@@ -46,6 +46,7 @@ func commands() []command {
 		{"check", "check an image for damage, optionally repair it", checkUsage, runCheck},
 		{"map", "list an image's data and zero extents", mapUsage, runMap},
 		{"convert", "convert between raw and VHDX", convertUsage, runConvert},
+		{"resize", "change an image's virtual size (offline)", resizeUsage, runResize},
 		{"bench", "drive a vhost-user-blk back-end with load and measure it", benchUsage, runBench},
 	}
 }
