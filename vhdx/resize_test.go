@@ -130,3 +130,80 @@ func TestResizeShrinkRefusesDataPastTheNewEnd(t *testing.T) {
 		t.Fatalf("resize to an unaligned size: %v", err)
 	}
 }
+
+// TestResizeCrashAtEveryBoundaryLeavesOldOrNewSize: a power cut before any
+// operation of a resize (grow with the BAT relocated, grow in place, shrink)
+// leaves, in every crash mode, an image that opens with the old size or the
+// new one, the data intact, and no two BAT entries sharing a range.
+func TestResizeCrashAtEveryBoundaryLeavesOldOrNewSize(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		from, to uint64
+	}{
+		{"grow, BAT relocated", 64 * mib, 200 * gib},
+		{"grow in place", 64 * mib, 512 * mib},
+		{"shrink", 64 * mib, 8 * mib},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := newFaultStorage(nil)
+			if err := CreateStorage(base, CreateOptions{Size: tc.from, BlockSize: 1 * mib}); err != nil {
+				t.Fatal(err)
+			}
+			data := pattern(3, 4*mib)
+			{
+				im, err := OpenStorage(base, OpenOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := im.WriteAt(data, 0); err != nil {
+					t.Fatal(err)
+				}
+				if err := im.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			start := base.current()
+			resize := func(s Storage) error {
+				im, err := OpenStorage(s, OpenOptions{})
+				if err != nil {
+					return err
+				}
+				if err := im.resize(tc.to, true); err != nil {
+					return err
+				}
+				return im.Close()
+			}
+			ref := newFaultStorage(start)
+			if err := resize(ref); err != nil {
+				t.Fatal(err)
+			}
+			total := ref.opCount()
+			for crash := 1; crash <= total+1; crash++ {
+				s := newFaultStorage(start)
+				s.crashAfter(crash)
+				if err := resize(s); err != nil && !errors.Is(err, errCrashed) {
+					t.Fatalf("crash %d: %v is not the crash", crash, err)
+				}
+				for _, mode := range allCrashModes {
+					where := fmt.Sprintf("crash before op %d of %d (%s)", crash, total, mode)
+					im, err := OpenStorage(newMemStorage(s.crashImage(mode)), OpenOptions{})
+					if err != nil {
+						t.Fatalf("%s: reopen: %v", where, err)
+					}
+					if sz := uint64(im.Size()); sz != tc.from && sz != tc.to {
+						t.Fatalf("%s: size %d is neither %d nor %d", where, sz, tc.from, tc.to)
+					}
+					keep := min(int64(len(data)), im.Size())
+					got := make([]byte, keep)
+					if _, err := im.ReadAt(got, 0); err != nil || !bytes.Equal(got, data[:keep]) {
+						t.Fatalf("%s: data changed (err %v)", where, err)
+					}
+					assertNoSharedRanges(t, im)
+					if err := im.Close(); err != nil {
+						t.Fatalf("%s: close: %v", where, err)
+					}
+				}
+			}
+		})
+	}
+}
