@@ -47,6 +47,7 @@ func commands() []command {
 		{"map", "list an image's data and zero extents", mapUsage, runMap},
 		{"convert", "convert between raw and VHDX", convertUsage, runConvert},
 		{"resize", "change an image's virtual size (offline)", resizeUsage, runResize},
+		{"compact", "give unused space back to the host (offline)", compactUsage, runCompact},
 		{"bench", "drive a vhost-user-blk back-end with load and measure it", benchUsage, runBench},
 	}
 }
