@@ -53,18 +53,51 @@ func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 		im.Close()
 		return nil, fmt.Errorf("%s: stat: %w", path, err)
 	}
-	if cs.has(id) { // replaced between the stat in attachParent and the open
-		im.Close()
-		return nil, fmt.Errorf("%s (device %d, inode %d) is already a layer of this chain: %w", path, id.dev, id.ino, ErrChainLoop)
-	}
 	cs.seen = append(cs.seen, id)
 	if im.l.hasParent {
 		if err := im.attachParent(opts, cs); err != nil {
 			im.Close()
 			return nil, err
 		}
+		if err := im.refreshLocator(); err != nil {
+			im.Close()
+			return nil, err
+		}
 	}
 	return im, nil
+}
+
+// refreshLocator: §2.6.2.6.3 asks that, once a chain opens, stale path
+// entries be updated to the current parent. A read-write open whose parent
+// was not found through relative_path rewrites relative_path and
+// absolute_win32_path (a metadata-only update: DataWriteGuid is kept);
+// other keys, volume_path included, are left as they are. A read-only
+// open never writes.
+func (im *Image) refreshLocator() error {
+	if im.readOnly || im.parent == nil {
+		return nil
+	}
+	pl := im.l.locator
+	if rel, ok := pl.get(keyRelativePath); ok && rel != "" {
+		if c := pl.parentCandidates(im.path); len(c) > 0 && c[0] == im.parent.path {
+			return nil
+		}
+	}
+	fresh, err := newParentLocator(im.path, im.parent.path, pl.linkage)
+	if err != nil {
+		return nil // a path we cannot express: keep the locator as it is
+	}
+	np := pl.clone()
+	for _, k := range []string{keyRelativePath, keyAbsolutePath} {
+		v, _ := fresh.get(k)
+		np.set(k, v)
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err := im.rewriteLocatorLocked(np); err != nil {
+		return fmt.Errorf("%s: update the stale parent locator paths: %w", im.path, err)
+	}
+	return nil
 }
 
 // parentOpenOptions: parents are read-only, share the lock mode and the
@@ -73,33 +106,77 @@ func parentOpenOptions(opts OpenOptions) OpenOptions {
 	return OpenOptions{ReadOnly: true, NoLock: opts.NoLock, ReplayLogInMemory: opts.ReplayLogInMemory}
 }
 
-// attachParent finds, opens and validates im's parent.
+// attachParent finds, opens and validates im's parent. Each locator path
+// naming an existing file is tried in order (§2.6.2.6.3) until one is the
+// parent: a stale relative_path naming another image must not hide a good
+// absolute_win32_path. A candidate is checked (loop, linkage, geometry)
+// before its own parents are opened, and once one passes, a failure further
+// down is final, so opening a chain costs one open per layer, whatever the
+// locators say. With no candidate passing, the first failure is returned.
 func (im *Image) attachParent(opts OpenOptions, cs *chainState) error {
 	pl := im.l.locator
 	if len(cs.seen) > maxChainDepth {
-		return fmt.Errorf("%s: differencing image: more than %d parents below the top: %w", im.path, maxChainDepth, ErrChainTooDeep)
+		return fmt.Errorf("%s: differencing image: more than %d parents below the top (parent_linkage %v): %w", im.path, maxChainDepth, pl.linkage, ErrChainTooDeep)
 	}
-	pp, tried := pl.resolveParent(im.path)
-	if pp == "" {
-		return fmt.Errorf("%s: differencing image: %s (parent_linkage %v): %w",
-			im.path, describeTried(pl, tried), pl.linkage, ErrParentNotFound)
+	tried := pl.parentCandidates(im.path)
+	var firstErr error
+	for _, pp := range tried {
+		if fi, err := os.Stat(pp); err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		parent, err := im.openCandidate(pp, pl, tried, opts, cs)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		if parent.l.hasParent {
+			if err := parent.attachParent(parentOpenOptions(opts), cs); err != nil {
+				parent.Close()
+				return fmt.Errorf("%s: differencing image: parent %s (%s): %w", im.path, pp, describeTried(pl, tried), err)
+			}
+		}
+		im.parent = parent
+		im.depth = parent.depth + 1
+		return nil
 	}
+	if firstErr != nil {
+		return firstErr
+	}
+	return fmt.Errorf("%s: differencing image: %s (parent_linkage %v): %w",
+		im.path, describeTried(pl, tried), pl.linkage, ErrParentNotFound)
+}
+
+// openCandidate opens the file pp alone and checks it as im's parent (not a
+// layer already, linkage, geometry). On success pp is recorded as a layer.
+func (im *Image) openCandidate(pp string, pl *parentLocator, tried []string, opts OpenOptions, cs *chainState) (*Image, error) {
+	desc := fmt.Sprintf("parent %s (%s)", pp, describeTried(pl, tried))
 	// A loop is found before opening the file again: a second open would
 	// meet this chain's own (exclusive) lock first.
 	var st unix.Stat_t
 	if err := unix.Stat(pp, &st); err == nil && cs.has(fileID{uint64(st.Dev), uint64(st.Ino)}) {
-		return fmt.Errorf("%s: differencing image: parent %s (%s): %s (device %d, inode %d) is already a layer of this chain: %w",
-			im.path, pp, describeTried(pl, tried), pp, st.Dev, st.Ino, ErrChainLoop)
+		return nil, fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain (parent_linkage %v): %w",
+			im.path, desc, pp, st.Dev, st.Ino, pl.linkage, ErrChainLoop)
 	}
-	parent, err := openChain(pp, parentOpenOptions(opts), cs)
+	parent, err := openFile(pp, parentOpenOptions(opts))
 	if err != nil {
-		return fmt.Errorf("%s: differencing image: parent %s (%s): %w", im.path, pp, describeTried(pl, tried), err)
+		return nil, fmt.Errorf("%s: differencing image: %s: %w", im.path, desc, err)
 	}
-	if err := im.linkParent(parent, fmt.Sprintf("parent %s (%s)", pp, describeTried(pl, tried))); err != nil {
+	id, err := fileIDOf(parent.f)
+	if err == nil && cs.has(id) { // replaced between the stat and the open
+		err = fmt.Errorf("%s: differencing image: %s: %s (device %d, inode %d) is already a layer of this chain (parent_linkage %v, its DataWriteGuid %v): %w",
+			im.path, desc, pp, id.dev, id.ino, pl.linkage, parent.l.hdr.dataWriteGUID, ErrChainLoop)
+	}
+	if err == nil {
+		err = im.checkParent(parent, desc)
+	}
+	if err != nil {
 		parent.Close()
-		return err
+		return nil, err
 	}
-	return nil
+	cs.seen = append(cs.seen, id)
+	return parent, nil
 }
 
 func describeTried(pl *parentLocator, tried []string) string {
@@ -124,6 +201,17 @@ func quoteAll(ss []string) []string {
 // linkParent validates parent as im's parent and attaches it. On failure
 // parent is left open for the caller to close.
 func (im *Image) linkParent(parent *Image, desc string) error {
+	if err := im.checkParent(parent, desc); err != nil {
+		return err
+	}
+	im.parent = parent
+	im.depth = parent.depth + 1
+	return nil
+}
+
+// checkParent validates parent (its own file; its chain is not needed) as
+// im's parent: linkage (§2.6.2.6.3), logical sector and virtual size.
+func (im *Image) checkParent(parent *Image, desc string) error {
 	pl := im.l.locator
 	child := im.path
 	if child == "" {
@@ -146,8 +234,6 @@ func (im *Image) linkParent(parent *Image, desc string) error {
 		return fmt.Errorf("%s: %s: virtual size %d differs from the child's %d (parent DataWriteGuid %v, child parent_linkage %v): %w",
 			child, desc, parent.l.size, im.l.size, pdw, pl.linkage, ErrParentGeometry)
 	}
-	im.parent = parent
-	im.depth = parent.depth + 1
 	return nil
 }
 

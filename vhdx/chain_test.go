@@ -17,6 +17,13 @@ import (
 // not nil, is called on each layer before the next is created over it.
 func makeChain(t testing.TB, o CreateOptions, depth int, fill func(layer int, path string)) []string {
 	t.Helper()
+	return makeChainWith(t, o, CreateOptions{}, depth, fill)
+}
+
+// makeChainWith is makeChain with the children created with co (plus
+// ParentPath).
+func makeChainWith(t testing.TB, o, co CreateOptions, depth int, fill func(layer int, path string)) []string {
+	t.Helper()
 	dir := t.TempDir()
 	paths := []string{filepath.Join(dir, "base.vhdx")}
 	if err := Create(paths[0], o); err != nil {
@@ -27,7 +34,8 @@ func makeChain(t testing.TB, o CreateOptions, depth int, fill func(layer int, pa
 			fill(i-1, paths[i-1])
 		}
 		p := filepath.Join(dir, fmt.Sprintf("child%d.avhdx", i))
-		if err := Create(p, CreateOptions{ParentPath: paths[i-1]}); err != nil {
+		co.ParentPath = paths[i-1]
+		if err := Create(p, co); err != nil {
 			t.Fatalf("create child %d: %v", i, err)
 		}
 		paths = append(paths, p)
@@ -167,49 +175,55 @@ func TestChainReadsWhatAFlatModelReads(t *testing.T) {
 		opts   CreateOptions
 		depth  int
 		layers [][]imageWrite // writes per layer, base first
+		child  CreateOptions  // options of the children
 	}{
 		{"Depth1SingleSectors", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{0, pattern(1, 2*mib)}},
 			{{512, pattern(2, 512)}, {mib - 512, pattern(3, 512)}, {1536, pattern(4, 1024)}, {5 * mib, pattern(5, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth1RunAcrossBlocksAndWholeBlock", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{mib / 2, pattern(1, 3*mib)}},
 			{{mib - 1024, pattern(2, mib+4096)}, {3 * mib, pattern(3, mib)}, {10 * mib, pattern(4, mib)}, {mib - 512, pattern(5, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth1PartialBlockMadeWhole", CreateOptions{Size: 64 * mib, BlockSize: mib}, 1, [][]imageWrite{
 			{{0, pattern(1, 4*mib)}},
 			{{mib + 4096, pattern(2, 4096)}, {mib, pattern(3, mib)}, {mib + 8192, pattern(4, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth2ChunkBoundary", CreateOptions{Size: gb4 + 8*mib, BlockSize: mib}, 2, [][]imageWrite{
 			{{gb4 - mib, pattern(1, 2*mib)}},
 			{{gb4 - 2048, pattern(2, 4096)}},
 			{{gb4 - 512, pattern(3, 1024)}, {gb4 + 8*mib - 512, pattern(4, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth2BitmapPageBoundary", CreateOptions{Size: 256 * mib, BlockSize: 32 * mib}, 2, [][]imageWrite{
 			{{0, pattern(1, 40*mib)}},
 			{{16*mib - 512, pattern(2, 1024)}, {100 * mib, pattern(3, 512)}},
 			{{16*mib - 4096, pattern(4, 8192)}, {32*mib - 512, pattern(5, 1024)}, {100*mib + 512, pattern(6, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Depth3Layered", CreateOptions{Size: 32 * mib, BlockSize: mib}, 3, [][]imageWrite{
 			{{0, pattern(1, 8*mib)}},
 			{{4096, pattern(2, 512)}, {2 * mib, pattern(3, mib)}},
 			{{4096 + 512, pattern(4, 512)}, {2*mib + 512, pattern(5, 512)}},
 			{{0, pattern(6, 512)}, {4096, pattern(7, 1024)}, {20 * mib, pattern(8, 512)}},
-		}},
+		}, CreateOptions{}},
 		{"Sector4096Depth2", CreateOptions{Size: 64 * mib, BlockSize: mib, LogicalSectorSize: 4096}, 2, [][]imageWrite{
 			{{0, pattern(1, 3*mib)}},
 			{{4096, pattern(2, 4096)}, {mib - 4096, pattern(3, 8192)}},
 			{{8192, pattern(4, 4096)}, {2*mib + 4096, pattern(5, 4096)}, {mib, pattern(6, mib)}},
-		}},
+		}, CreateOptions{}},
+		{"ChildBlocksLargerThanParents", CreateOptions{Size: 64 * mib, BlockSize: mib}, 2, [][]imageWrite{
+			{{0, pattern(1, 6*mib)}},
+			{{3*mib - 512, pattern(2, 2048)}, {9 * mib, pattern(3, 512)}},
+			{{3*mib + 512, pattern(4, 512)}, {4 * mib, pattern(5, 4*mib)}, {8*mib - 512, pattern(6, 1024)}},
+		}, CreateOptions{BlockSize: 4 * mib}},
 		{"Sector4096ChunkBoundary", CreateOptions{Size: 32*gib + 4*mib, BlockSize: 4 * mib, LogicalSectorSize: 4096}, 1, [][]imageWrite{
 			{{32*gib - 4096, pattern(1, 8192)}},
 			{{32*gib - 8192, pattern(2, 16384)}},
-		}},
+		}, CreateOptions{}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			model := sparseModel{}
-			paths := makeChain(t, tc.opts, tc.depth, func(layer int, p string) {
+			paths := makeChainWith(t, tc.opts, tc.child, tc.depth, func(layer int, p string) {
 				for _, wr := range tc.layers[layer] {
 					writeImage(t, p, wr.off, wr.data)
 					model.write(wr.off, wr.data)
@@ -775,4 +789,139 @@ func TestConcurrentWritersIntoOneChildBlockKeepEverySector(t *testing.T) {
 	}
 	defer im.Close()
 	compareChain(t, im, model, "after reopen")
+}
+
+// TestChainIOAllocatesNothing: reads through a chain (a partially present
+// block, a block from the base) and writes into sectors the child holds
+// make no heap allocation per call once the bitmap page is cached.
+func TestChainIOAllocatesNothing(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 2, func(layer int, p string) {
+		switch layer {
+		case 0:
+			writeImage(t, p, 0, pattern(1, 4*mib))
+		case 2:
+			writeImage(t, p, 8192, pattern(2, 4096))
+		}
+	})
+	im, err := Open(paths[2], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	buf := make([]byte, 64*kib)
+	bufs := [][]byte{buf[:1000], buf[1000:40000], buf[40000:]}
+	for name, fn := range map[string]func() error{
+		"ReadAt partial block": func() error { _, err := im.ReadAt(buf, 0); return err },
+		"ReadAt base block":    func() error { _, err := im.ReadAt(buf, 2*mib); return err },
+		"ReadVec partial":      func() error { return im.ReadVec(bufs, 0) },
+		"WriteAt held sectors": func() error { _, err := im.WriteAt(buf[:4096], 8192); return err },
+	} {
+		if err := fn(); err != nil { // warm-up: session start, bitmap page load
+			t.Fatal(err)
+		}
+		if n := testing.AllocsPerRun(50, func() {
+			if err := fn(); err != nil {
+				t.Fatal(err)
+			}
+		}); n != 0 {
+			t.Errorf("%s: %.1f allocations per call", name, n)
+		}
+	}
+}
+
+// TestStaleRelativePathFallsBackToAbsolutePath: relative_path names an
+// existing image that is not the parent (its DataWriteGuid does not link);
+// absolute_win32_path names the real one, which is used.
+func TestStaleRelativePathFallsBackToAbsolutePath(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 1, func(layer int, p string) {
+		if layer == 0 {
+			writeImage(t, p, 0, pattern(5, 4096))
+		}
+	})
+	dir := filepath.Dir(paths[0])
+	real := filepath.Join(dir, "real", "base.vhdx")
+	os.MkdirAll(filepath.Dir(real), 0o755)
+	if err := os.Rename(paths[0], real); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(paths[0], CreateOptions{Size: 16 * mib, BlockSize: mib}); err != nil { // impostor at the relative path
+		t.Fatal(err)
+	}
+	im, err := openFile(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := im.l.locator.clone()
+	pl.set(keyAbsolutePath, strings.ReplaceAll(real, "/", `\`))
+	im.mu.Lock()
+	err = im.rewriteLocatorLocked(pl)
+	im.mu.Unlock()
+	im.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	defer im.Close()
+	if im.Parent().Path() != real {
+		t.Fatalf("parent %s, want %s", im.Parent().Path(), real)
+	}
+	got := make([]byte, 4096)
+	im.ReadAt(got, 0)
+	if !bytes.Equal(got, pattern(5, 4096)) {
+		t.Fatal("chain does not read the real parent's data")
+	}
+}
+
+// TestReadWriteOpenRefreshesStaleLocatorPaths: after the chain moved, a
+// read-only open finds the parent through absolute_win32_path and writes
+// nothing; a read-write open rewrites relative_path (§2.6.2.6.3) without
+// touching DataWriteGuid, so the next open finds the parent relatively.
+func TestReadWriteOpenRefreshesStaleLocatorPaths(t *testing.T) {
+	paths := makeChain(t, CreateOptions{Size: 16 * mib, BlockSize: mib}, 1, nil)
+	dir := filepath.Dir(paths[0])
+	moved := filepath.Join(dir, "parents", "base.vhdx")
+	os.MkdirAll(filepath.Dir(moved), 0o755)
+	os.Rename(paths[0], moved)
+	im, err := openFile(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := im.l.locator.clone()
+	pl.set(keyAbsolutePath, strings.ReplaceAll(moved, "/", `\`))
+	im.mu.Lock()
+	err = im.rewriteLocatorLocked(pl)
+	im.mu.Unlock()
+	im.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.ReadFile(paths[1])
+	ro, err := Open(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro.Close()
+	if after, _ := os.ReadFile(paths[1]); !bytes.Equal(before, after) {
+		t.Fatal("a read-only open modified the child")
+	}
+	dw := dataWriteGUID(t, paths[1])
+	rw, err := Open(paths[1], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw.Close()
+	child, err := openFile(paths[1], OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer child.Close()
+	if rel, _ := child.l.locator.get(keyRelativePath); rel != `.\parents\base.vhdx` {
+		t.Fatalf("relative_path after a read-write open: %q", rel)
+	}
+	if child.l.hdr.dataWriteGUID != dw {
+		t.Fatal("refreshing the locator changed DataWriteGuid")
+	}
 }

@@ -2,7 +2,9 @@ package vhdx
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/bits"
 	"os"
 	"unicode/utf16"
@@ -53,7 +55,15 @@ func Create(path string, opts CreateOptions) error {
 	var child *childSpec
 	if opts.ParentPath != "" {
 		parent, err := Open(opts.ParentPath, OpenOptions{ReadOnly: true})
-		if err != nil {
+		var pe *fs.PathError
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return fmt.Errorf("create %s: parent %s does not exist: %w", path, opts.ParentPath, ErrParentNotFound)
+		case errors.As(err, &pe):
+			// Keep the parent's name in the message: a bare file system
+			// reason would read as if it were about the new image.
+			return fmt.Errorf("create %s: parent: %v: %w", path, err, ErrInvalidArgument)
+		case err != nil:
 			return fmt.Errorf("create %s: parent: %w", path, err)
 		}
 		defer parent.Close()

@@ -123,10 +123,19 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 	}
 
 	// The bitmap pages holding the written sectors, with their bits set.
+	// A block that was NOT_PRESENT gets all its other bits cleared too:
+	// the spec does not consult the bitmap of a NOT_PRESENT block, so bits
+	// left over from an earlier life of the block (another writer's
+	// trim or merge) must not expose the fresh block's zeros.
 	perChunk := l.chunkRatio * l.sectorsPerBlock()
 	first := pos / lss
 	last := first + uint64(len(p))/lss - 1
-	firstPage, lastPage := (first%perChunk)/bitmapPageBits, (last%perChunk)/bitmapPageBits
+	clearFirst, clearLast := first, last
+	if newPayload {
+		clearFirst = block * l.sectorsPerBlock()
+		clearLast = clearFirst + l.sectorsPerBlock() - 1
+	}
+	firstPage, lastPage := (clearFirst%perChunk)/bitmapPageBits, (clearLast%perChunk)/bitmapPageBits
 	updates := make([]logUpdate, 0, lastPage-firstPage+3)
 	keys := make([]uint64, 0, lastPage-firstPage+1)
 	for page := firstPage; page <= lastPage; page++ {
@@ -137,8 +146,13 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 			}
 		}
 		pageFirst := chunk*perChunk + page*bitmapPageBits
-		lo, hi := max(first, pageFirst)-pageFirst, min(last, pageFirst+bitmapPageBits-1)-pageFirst
-		setBits(buf, lo, hi)
+		pageLast := pageFirst + bitmapPageBits - 1
+		if newPayload && !newSB {
+			clearBits(buf, max(clearFirst, pageFirst)-pageFirst, min(clearLast, pageLast)-pageFirst)
+		}
+		if first <= pageLast && last >= pageFirst {
+			setBits(buf, max(first, pageFirst)-pageFirst, min(last, pageLast)-pageFirst)
+		}
 		updates = append(updates, logUpdate{offset: sbOff + page*bitmapPageSize, data: buf})
 		keys = append(keys, chunk*bitmapPagesPerBlk+page)
 	}
@@ -218,6 +232,19 @@ func (im *Image) copyBitmapPage(b []byte, chunk, page, sb uint64) error {
 	}
 	copy(b, p.bits[:])
 	return nil
+}
+
+// clearBits clears bits lo..hi (inclusive) of b.
+func clearBits(b []byte, lo, hi uint64) {
+	for i := lo; i <= hi; {
+		if i&7 == 0 && hi-i >= 7 {
+			b[i>>3] = 0
+			i += 8
+			continue
+		}
+		b[i>>3] &^= 1 << (i & 7)
+		i++
+	}
 }
 
 // setBits sets bits lo..hi (inclusive) of b, LSB first within a byte (§2.4).

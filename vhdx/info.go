@@ -30,7 +30,7 @@ type Info struct {
 	// Differencing images: the parent as opened (its path; "" when not
 	// attached) and the locator's parent_linkage.
 	ParentPath    string    `json:"parent_path,omitempty"`
-	ParentLinkage uuid.UUID `json:"parent_linkage,omitempty"`
+	ParentLinkage uuid.UUID `json:"parent_linkage,omitempty,omitzero"`
 }
 
 // Info summarises the image. The header fields are those of the current

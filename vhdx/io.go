@@ -30,11 +30,13 @@ func (im *Image) checkRange(op string, off int64, n uint64) error {
 
 // locate returns the BAT entry index for virtual offset pos, the entry, the
 // offset within the block and the bytes left in the block.
+// BlockSize and the chunk ratio are powers of two (§2.6.2.1, §2.4), so
+// this is shifts and masks: it runs once per layer of a chain per request.
 func (im *Image) locate(pos uint64) (idx, entry, in, left uint64) {
 	bs := uint64(im.l.blockSize)
-	b := pos / bs
-	idx = batIndex(b, im.l.chunkRatio)
-	in = pos % bs
+	b := pos >> im.l.blockShift
+	idx = b + b>>im.l.chunkShift
+	in = pos & (bs - 1)
 	return idx, im.bat[idx].Load(), in, bs - in
 }
 

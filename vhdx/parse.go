@@ -68,6 +68,8 @@ type layout struct {
 	locatorItem metadataItem
 
 	chunkRatio    uint64
+	blockShift    uint8 // log2(blockSize)
+	chunkShift    uint8 // log2(chunkRatio)
 	payloadBlocks uint64
 	batEntries    uint64 // entries kept in memory: last payload block's index + 1; differencing: through the last sector bitmap entry
 	batOnDisk     uint64 // entries of batEntries the BAT region holds (fewer only for a differencing image's last bitmap entry)
@@ -460,6 +462,8 @@ func readMetadata(s Storage, l *layout) error {
 	}
 	l.diskID = guidFromDisk(vals[2][:])
 	l.chunkRatio = chunkRatio(l.logicalSector, l.blockSize)
+	l.blockShift = uint8(bits.TrailingZeros32(l.blockSize))
+	l.chunkShift = uint8(bits.TrailingZeros64(l.chunkRatio))
 	l.payloadBlocks = payloadBlocks(l.size, l.blockSize)
 	l.batEntries = batIndex(l.payloadBlocks-1, l.chunkRatio) + 1
 	l.batOnDisk = l.batEntries

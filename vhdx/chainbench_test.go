@@ -1,0 +1,163 @@
+package vhdx
+
+import (
+	"fmt"
+	"path/filepath"
+	"testing"
+)
+
+// benchChain builds a 64 GiB base (1 MiB blocks) whose first 64 MiB are
+// written, and depth empty children over it; it returns the paths, base
+// first.
+func benchChain(b *testing.B, depth int) []string {
+	b.Helper()
+	dir := b.TempDir()
+	paths := []string{filepath.Join(dir, "base.vhdx")}
+	if err := Create(paths[0], CreateOptions{Size: 64 * gib, BlockSize: mib}); err != nil {
+		b.Fatal(err)
+	}
+	writeImage(b, paths[0], 0, pattern(1, 64*mib))
+	for i := 1; i <= depth; i++ {
+		p := filepath.Join(dir, fmt.Sprintf("c%d.avhdx", i))
+		if err := Create(p, CreateOptions{ParentPath: paths[i-1]}); err != nil {
+			b.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// BenchmarkChainRead4K: 4 KiB reads at pseudo-random offsets of data that
+// lives in the base, through the base alone ("flat") and through 8 empty
+// children ("depth=8"); the target is depth=8 at ≥ 0.8× flat.
+func BenchmarkChainRead4K(b *testing.B) {
+	paths := benchChain(b, 8)
+	for _, c := range []struct {
+		name string
+		path string
+	}{{"flat", paths[0]}, {"depth=8", paths[8]}} {
+		b.Run(c.name, func(b *testing.B) {
+			im, err := Open(c.path, OpenOptions{ReadOnly: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer im.Close()
+			buf := make([]byte, 4*kib)
+			b.SetBytes(4 * kib)
+			b.ReportAllocs()
+			x := uint64(1)
+			for b.Loop() {
+				x = x*6364136223846793005 + 1442695040888963407
+				off := int64(x>>40) % (64 * mib / (4 * kib)) * 4 * kib
+				if _, err := im.ReadAt(buf, off); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkChildFirstWrite: 4 KiB writes into sectors the image does not
+// hold yet: a fresh block of a flat image (allocation), a fresh block of a
+// child (payload block, bitmap bits and BAT entry through the journal), and
+// fresh sectors of a block the child already holds partially (bitmap bits
+// only).
+func BenchmarkChildFirstWrite(b *testing.B) {
+	paths := benchChain(b, 1)
+	flat := filepath.Join(b.TempDir(), "flat.vhdx") // writing the base would orphan the child
+	if err := Create(flat, CreateOptions{Size: 64 * gib, BlockSize: mib}); err != nil {
+		b.Fatal(err)
+	}
+	buf := pattern(2, 4*kib)
+	for _, c := range []struct {
+		name  string
+		path  string
+		off   func(i int64) int64
+		limit int64
+	}{
+		{"flat/newblock", flat, func(i int64) int64 { return 64*mib + i*mib }, 60 * gib / mib},
+		{"child/newblock", paths[1], func(i int64) int64 { return 1*gib + i*mib }, 60 * gib / mib},
+		{"child/partialblock", paths[1], func(i int64) int64 { return 8*kib*(i%128) + (i/128)*mib }, 60 * gib / (8 * kib)},
+	} {
+		i := int64(0) // kept across -count runs: every write lands in fresh sectors
+		b.Run(c.name, func(b *testing.B) {
+			im, err := Open(c.path, OpenOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer im.Close()
+			b.SetBytes(4 * kib)
+			for b.Loop() {
+				if i >= c.limit {
+					b.Fatal("benchmark ran past its fresh range")
+				}
+				if _, err := im.WriteAt(buf, c.off(i)); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+		})
+	}
+}
+
+// BenchmarkChainWalk4K is BenchmarkChainRead4K on in-memory storage over a
+// cache-resident 256 KiB: no system call or cache miss hides the cost of
+// walking the layers, so the difference between flat and depth=8 is the
+// chain's own CPU cost (on a loaded machine the file-backed figures are
+// dominated by pread noise).
+func BenchmarkChainWalk4K(b *testing.B) {
+	base := newMemStorage(nil)
+	if err := CreateStorage(base, CreateOptions{Size: 64 * gib, BlockSize: mib}); err != nil {
+		b.Fatal(err)
+	}
+	im, err := OpenStorage(base, OpenOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(1, 64*mib), 0); err != nil {
+		b.Fatal(err)
+	}
+	im.Close()
+	// layers[i] is an open chain of depth i over base.
+	open := func(depth int) *Image {
+		top, err := OpenStorage(newMemStorage(base.bytes()), OpenOptions{ReadOnly: true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for range depth {
+			pl, err := newParentLocator("/c.avhdx", "/p.vhdx", top.l.hdr.dataWriteGUID)
+			if err != nil {
+				b.Fatal(err)
+			}
+			cs := newMemStorage(nil)
+			if err := createStorage(cs, CreateOptions{}, &childSpec{parent: top, locator: pl}); err != nil {
+				b.Fatal(err)
+			}
+			if top, err = openStorageWithParent(cs, OpenOptions{ReadOnly: true}, top); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return top
+	}
+	for _, depth := range []int{0, 8} {
+		name := "flat"
+		if depth > 0 {
+			name = fmt.Sprintf("depth=%d", depth)
+		}
+		b.Run(name, func(b *testing.B) {
+			im := open(depth)
+			defer im.Close()
+			buf := make([]byte, 4*kib)
+			b.SetBytes(4 * kib)
+			b.ReportAllocs()
+			x := uint64(1)
+			for b.Loop() {
+				x = x*6364136223846793005 + 1442695040888963407
+				off := int64(x>>40) % 64 * 4 * kib // 256 KiB: the copy stays in cache
+				if _, err := im.ReadAt(buf, off); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
