@@ -1,6 +1,8 @@
 package main
 
 import (
+	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -49,4 +51,51 @@ func TestCompactCommandReportsWhatItReclaimed(t *testing.T) {
 	if code, _, stderr := runCLI(t, "compact", fixed); code == 0 || !strings.Contains(stderr, "fixed") {
 		t.Fatalf("compact of a fixed image: status %d, %q", code, stderr)
 	}
+}
+
+// create --type fixed and convert to a fixed image occupy the whole disk on
+// the host, as Hyper-V's fixed disks do; --preallocation falloc does the
+// same for a dynamic image; info reports it.
+func TestFixedImagesOccupyTheirSizeOnTheHost(t *testing.T) {
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "src.raw")
+	if err := writeSparse(raw, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"create fixed", []string{"create", "--size", "32M", "--block-size", "1M", "--type", "fixed"}},
+		{"create dynamic falloc", []string{"create", "--size", "32M", "--block-size", "1M", "--preallocation", "falloc"}},
+		{"convert to fixed", []string{"convert", "-O", "vhdx", "--type", "fixed", "--block-size", "1M", raw}},
+	} {
+		path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".vhdx")
+		mustRun(t, append(tc.args, path)...)
+		out := mustRun(t, "info", "--json", path)
+		var in struct {
+			Host int64 `json:"host_allocated_bytes"`
+		}
+		if err := json.Unmarshal([]byte(out), &in); err != nil {
+			t.Fatal(err)
+		}
+		if in.Host < 32<<20 {
+			t.Errorf("%s: %d bytes allocated on the host for a 32 MiB disk", tc.name, in.Host)
+		}
+	}
+	if code, _, stderr := runCLI(t, "create", "--size", "1M", "--preallocation", "lots", filepath.Join(dir, "x.vhdx")); code != 2 || !strings.Contains(stderr, "preallocation") {
+		t.Errorf("bad --preallocation: status %d, %q", code, stderr)
+	}
+}
+
+func writeSparse(path string, size int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
