@@ -54,6 +54,8 @@ func commands() []command {
 		{"commit", "merge a differencing image into its parent", commitUsage, runCommit},
 		{"rebase", "point a differencing image at another parent", rebaseUsage, runRebase},
 		{"ctl", "operate on a running daemon through its control socket", ctlUsage, runCtl},
+		{"resize", "change an image's virtual size (offline)", resizeUsage, runResize},
+		{"compact", "give unused space back to the host (offline)", compactUsage, runCompact},
 		{"bench", "drive a vhost-user-blk back-end with load and measure it", benchUsage, runBench},
 	}
 }
