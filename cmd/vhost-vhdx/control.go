@@ -63,12 +63,6 @@ func newDaemon(im *vhdx.Image, readOnly bool, numQueues int) *daemon {
 	return d
 }
 
-// grower is the engine's online grow, found by type assertion on the
-// image: resize needs it.
-type grower interface {
-	Grow(newSize uint64) error
-}
-
 // LayerStatus is one file of the image chain in status.
 type LayerStatus struct {
 	Path           string `json:"path"`
@@ -102,7 +96,8 @@ type StatsReply struct {
 type ResizeReply struct {
 	OldSize  uint64 `json:"old_size"`
 	NewSize  uint64 `json:"new_size"`
-	Notified bool   `json:"notified"` // the front-end acknowledged CONFIG_CHANGE_MSG
+	Notified bool   `json:"notified"`  // the front-end acknowledged CONFIG_CHANGE_MSG
+	PausedNS int64  `json:"paused_ns"` // how long the queues were held
 	Note     string `json:"note,omitempty"`
 }
 
@@ -208,14 +203,37 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 	case want%uint64(im.LogicalSectorSize()) != 0:
 		return nil, fmt.Errorf("resize: %d is not a multiple of the %d-byte logical sector", want, im.LogicalSectorSize())
 	}
-	g, ok := any(im).(grower)
-	if !ok {
-		return nil, errors.New("resize: blocked: this build's VHDX engine cannot grow an open image")
-	}
-	if err := g.Grow(want); err != nil {
+	// The engine grows a closed image (vhdx.Resize: new BAT entries, and
+	// a larger BAT if needed, then the size, through the log). Online, the
+	// queues are held between batches while the top is closed, grown and
+	// reopened, so every request sees the old size or the new one.
+	r := ResizeReply{OldSize: old}
+	path := im.Path()
+	err := d.monitor.Quiesce(func() error {
+		start := time.Now()
+		defer func() { r.PausedNS = int64(time.Since(start)) }()
+		if err := im.Close(); err != nil {
+			return d.restoreTop(path, "", fmt.Errorf("closing %s: %w", path, err))
+		}
+		if err := vhdx.Resize(path, want, false); err != nil {
+			return d.restoreTop(path, "", err)
+		}
+		grown, err := vhdx.Open(path, vhdx.OpenOptions{})
+		if err != nil {
+			return d.restoreTop(path, "", fmt.Errorf("reopening %s: %w", path, err))
+		}
+		if _, err := d.ref.Swap(grown); err != nil {
+			grown.Close()
+			return d.restoreTop(path, "", err)
+		}
+		return nil
+	})
+	if err != nil {
 		return nil, fmt.Errorf("resize: %w", err)
 	}
-	r := ResizeReply{OldSize: old, NewSize: uint64(im.Size())}
+	r.NewSize = uint64(d.image().Size())
+	// Outside Quiesce: QEMU acks only after re-reading the config, which
+	// needs the session's control goroutine.
 	nctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	switch err := d.notifier.NotifyConfigChange(nctx); {

@@ -198,7 +198,7 @@ func printReply(w io.Writer, name string, raw json.RawMessage) error {
 		if err := json.Unmarshal(raw, &r); err != nil {
 			return err
 		}
-		fmt.Fprintf(w, "resized from %s to %s", formatSize(r.OldSize), formatSize(r.NewSize))
+		fmt.Fprintf(w, "resized from %s to %s (I/O paused %v)", formatSize(r.OldSize), formatSize(r.NewSize), time.Duration(r.PausedNS).Round(time.Microsecond))
 		if r.Notified {
 			fmt.Fprint(w, "; the front-end re-read the capacity")
 		}
