@@ -227,7 +227,6 @@
 // Packed rings (so no packed inflight layout), dirty logging
 // (LOG_SHMFD; so no live migration), CONFIGURE_MEM_SLOTS, back-end
 // requests other than CONFIG_CHANGE_MSG (the daemon's resize command
-// calls NotifyConfigChange, but the VHDX engine cannot grow an open image
-// yet), polling mode
+// calls NotifyConfigChange after growing the image), polling mode
 // (SET_VRING_KICK with the no-fd flag is refused).
 package vhostuser

@@ -55,7 +55,8 @@ Options:
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
   --control-socket PATH a unix socket (mode 0600) for live operations:
-                        status, stats, flush, resize (see 'vhost-vhdx ctl')
+                        status, stats, flush, resize, checkpoint
+                        (see 'vhost-vhdx ctl')
   --print-capabilities  print the vhost-user backend capabilities JSON and exit
 `
 

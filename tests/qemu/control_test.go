@@ -153,3 +153,61 @@ func TestLiveCheckpointUnderARealGuestSplitsItsWritesAtOneInstant(t *testing.T) 
 		t.Fatalf("the chain differs from what the guest wrote at byte %d", off)
 	}
 }
+
+// ctl resize while a real guest runs: the guest's kernel sees the new
+// capacity (dmesg "detected capacity change", /sys/block/vda/size) and
+// writes and reads past the old end with no I/O error; the data written
+// before is intact.
+func TestGuestSeesOnlineResizeAndWritesPastTheOldEnd(t *testing.T) {
+	e := newEnv(t)
+	if e.backend != backendVhostVHDX {
+		t.Skip("resize is vhost-vhdx's")
+	}
+	const small, big = 16 * mib, 48 * mib
+	img := e.newImage(t, "grow.vhdx", small, 512)
+	before := region{seed: 61, off: small - mib, len: mib}
+	past := region{seed: 62, off: big - 2*mib, len: 2 * mib}
+	b := e.startBackend(t, img, backendOpts{controlSocket: true})
+	e.boot(t, b, "boot", vmOpts{
+		control: true,
+		script: script(
+			writes(64*1024, before),
+			expect("sectors before", "$(cat /sys/block/vda/size)", fmt.Sprint(small/512)),
+			"echo READY",
+			"wait_host RESIZED",
+			"i=0; while [ \"$(cat /sys/block/vda/size)\" != "+fmt.Sprint(big/512)+" ]; do i=$((i+1)); [ $i -gt 300 ] && fail 'capacity did not change'; sleep 0.1; done",
+			"dmesg | grep -q 'detected capacity change' || fail 'no capacity change in dmesg'",
+			"echo ok: dmesg reports the capacity change",
+			writes(64*1024, past),
+			verifies(4096, before, past),
+		),
+		during: func(g *guestRun) *backend {
+			g.waitFor("READY")
+			cl, err := control.Dial(b.ctl)
+			if err != nil {
+				g.failGuest("control socket: " + err.Error())
+			}
+			defer cl.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var rep struct {
+				NewSize  uint64 `json:"new_size"`
+				Notified bool   `json:"notified"`
+			}
+			if err := cl.Call(ctx, "resize", map[string]string{"size": fmt.Sprintf("+%d", big-small)}, &rep); err != nil {
+				g.failGuest("resize: " + err.Error())
+			}
+			if rep.NewSize != uint64(big) || !rep.Notified {
+				g.failGuest(fmt.Sprintf("resize reply %+v", rep))
+			}
+			g.send("RESIZED")
+			return b
+		},
+	})
+	b.stop(t)
+	e.check(t, img)
+	want := e.newExpected(t, &image{path: img.path, size: big, logicalSector: 512})
+	want.write(t, before.seed, before.off, before.len)
+	want.write(t, past.seed, past.off, past.len)
+	e.compare(t, img, want)
+}
