@@ -104,13 +104,22 @@ func (d *daemon) checkpoint(ctx context.Context, c *control.Call) (any, error) {
 			top.Close()
 			return d.restoreTop(oldPath, path, err)
 		}
-		r.Top, r.Parent, r.Depth = top.Path(), oldPath, top.Depth()
+		r.Top, r.Parent, r.Depth = top.Path(), absPath(oldPath), top.Depth()
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
 	return r, nil
+}
+
+// absPath is p made absolute for a reply (the daemon may have been given
+// a relative image path), or p if that fails.
+func absPath(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
 }
 
 // restoreTop undoes a failed checkpoint: removes created (if set; it did
