@@ -71,7 +71,7 @@ func TestConfigLaysOutVirtioBlkConfig(t *testing.T) {
 			fields{capacity: 2048, sizeMax: DefaultSizeMax, segMax: DefaultSegMax, blkSize: 512, physExp: 0, minIO: 1, optIO: 1, numQueues: 1}},
 		{"discard limits only with the upgrades", &trimDisk{memDisk: d4k}, Options{},
 			fields{capacity: 2048, sizeMax: DefaultSizeMax, segMax: DefaultSegMax, blkSize: 4096, minIO: 1, optIO: 1, numQueues: 1,
-				maxDiscard: maxDiscardSectors, discardSeg: 1, discardAlign: 8, maxWZ: maxWriteZeroesSectors, wzSeg: 1, wzMayUnmap: 1}},
+				maxDiscard: 4 << 20, discardSeg: 256, discardAlign: 8, maxWZ: 4 << 20, wzSeg: 256, wzMayUnmap: 1}},
 	} {
 		c := Config(tc.disk, tc.opts)
 		if len(c) != ConfigSize {

@@ -3,6 +3,7 @@ package blk
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 )
 
 // struct virtio_blk_outhdr (VIRTIO 1.2 §5.2.6), the first bytes of the
@@ -44,6 +45,10 @@ type Handler struct {
 	serialID [idLen]byte
 	data     [][]byte // scratch: sub-slices of the guest buffers carrying data
 	err      error
+
+	stats    *QueueStats // nil: not counting (CountInto)
+	reqType  uint32      // type of the request being handled, for stats
+	reqBytes uint64      // data bytes it moved, for stats
 }
 
 // NewHandler returns a Handler for d. Optional Disk upgrades are looked up
@@ -52,8 +57,8 @@ func NewHandler(d Disk, o Options) *Handler {
 	o = o.withDefaults()
 	h := &Handler{disk: d, opts: o, logical: sectorSizeOf(d)}
 	if !o.ReadOnly {
-		h.discard, _ = d.(Discarder)
-		h.zeroes, _ = d.(WriteZeroer)
+		h.discard = discarderOf(d)
+		h.zeroes = writeZeroerOf(d)
 	}
 	copy(h.serialID[:], o.Serial)
 	return h
@@ -92,7 +97,15 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	in := writable[:si]
 	inTail := last[:len(last)-1]
 
+	var start time.Time
+	if h.stats != nil {
+		start = time.Now()
+		h.reqType, h.reqBytes = ^uint32(0), 0
+	}
 	n, err := h.execute(readable, in, inTail)
+	if h.stats != nil {
+		h.stats.record(opOf(h.reqType), h.reqBytes, err != nil, time.Since(start))
+	}
 	clear(h.data) // drop references to guest memory until the next request
 	h.data = h.data[:0]
 	h.err = err
@@ -124,6 +137,7 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 	}
 	typ := binary.LittleEndian.Uint32(hdr[hdrType:])
 	sector := binary.LittleEndian.Uint64(hdr[hdrSector:])
+	h.reqType = typ
 
 	switch typ {
 	case TypeIn:
@@ -154,6 +168,7 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 		if h.opts.ReadOnly {
 			return 0, nil
 		}
+		h.stats.countFlush()
 		if err := h.disk.Flush(); err != nil {
 			return 0, fmt.Errorf("blk: FLUSH: %w", err)
 		}
@@ -163,7 +178,8 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 			return 0, fmt.Errorf("%w: GET_ID request with device-readable data", ErrBadRequest)
 		}
 		h.carveIn(in, inTail)
-		return h.getID(), nil
+		h.reqBytes = h.getID()
+		return h.reqBytes, nil
 	case TypeDiscard, TypeWriteZeroes:
 		return 0, h.discardWriteZeroes(typ, readable, bi, bo)
 	default:
@@ -231,6 +247,7 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w (type %d)", err, typ)
 	}
+	h.reqBytes = n
 	if n == 0 {
 		return 0, nil
 	}
@@ -252,6 +269,7 @@ func (h *Handler) writeThrough(typ uint32, sector uint64) error {
 	if !h.opts.Cache.WriteThrough() {
 		return nil
 	}
+	h.stats.countFlush()
 	if err := h.disk.Flush(); err != nil {
 		return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
 	}
@@ -307,24 +325,66 @@ func (h *Handler) discardWriteZeroes(typ uint32, readable [][]byte, bi, bo int) 
 		}
 		return fmt.Errorf("%w: type %d not offered by this disk", ErrUnsupported, typ)
 	}
-	var seg [segSize]byte
-	got, total := 0, uint64(0)
-	for i := bi; i < len(readable); i++ {
-		b := readable[i]
-		if i == bi {
-			b = b[bo:]
+	// The segments follow the header. They are read in place, twice: all
+	// are validated before the first is executed, so a request with one bad
+	// segment changes nothing.
+	segs := segReader{bufs: readable, bi: bi, bo: bo}
+	total := segs.remaining()
+	if total%segSize != 0 {
+		return fmt.Errorf("%w: type %d with %d bytes of segments, not a multiple of %d", ErrBadRequest, typ, total, segSize)
+	}
+	count := total / segSize
+	if count == 0 {
+		return fmt.Errorf("%w: type %d without a segment", ErrBadRequest, typ)
+	}
+	if count > maxSegments {
+		return fmt.Errorf("%w: type %d with %d segments, more than the advertised %d", ErrUnsupported, typ, count, maxSegments)
+	}
+	for pass := 0; pass < 2; pass++ {
+		r := segs
+		for i := uint64(0); i < count; i++ {
+			var seg [segSize]byte
+			r.read(seg[:])
+			if err := h.trimSegment(typ, seg[:], pass == 1); err != nil {
+				if count > 1 {
+					return fmt.Errorf("segment %d of %d: %w", i, count, err)
+				}
+				return err
+			}
 		}
-		total += uint64(len(b))
-		got += copy(seg[got:], b)
 	}
-	// We advertise max_*_seg = 1; more segments are UNSUPP like in QEMU,
-	// a truncated segment is malformed.
-	if total > segSize {
-		return fmt.Errorf("%w: type %d with %d bytes of segments, only one segment supported", ErrUnsupported, typ, total)
+	return nil
+}
+
+// segReader reads consecutive bytes across a list of buffers, from offset bo
+// of bufs[bi]. It copies by value, so a saved reader restarts the walk.
+type segReader struct {
+	bufs   [][]byte
+	bi, bo int
+}
+
+func (r *segReader) remaining() uint64 {
+	var n uint64
+	for i := r.bi; i < len(r.bufs); i++ {
+		n += uint64(len(r.bufs[i]))
 	}
-	if got < segSize {
-		return fmt.Errorf("%w: type %d segment is %d bytes, want %d", ErrBadRequest, typ, got, segSize)
+	return n - uint64(r.bo)
+}
+
+// read fills p; the caller checked that enough bytes remain.
+func (r *segReader) read(p []byte) {
+	for len(p) > 0 && r.bi < len(r.bufs) {
+		c := copy(p, r.bufs[r.bi][r.bo:])
+		p = p[c:]
+		r.bo += c
+		if r.bo == len(r.bufs[r.bi]) {
+			r.bi, r.bo = r.bi+1, 0
+		}
 	}
+}
+
+// trimSegment validates one segment and, with exec, executes it.
+func (h *Handler) trimSegment(typ uint32, seg []byte, exec bool) error {
 	sector := binary.LittleEndian.Uint64(seg[segSector:])
 	nsec := uint64(binary.LittleEndian.Uint32(seg[segNumSectors:]))
 	flags := binary.LittleEndian.Uint32(seg[segFlags:])
@@ -336,19 +396,15 @@ func (h *Handler) discardWriteZeroes(typ uint32, readable [][]byte, bi, bo int) 
 	if typ == TypeDiscard && flags&segFlagUnmap != 0 {
 		return fmt.Errorf("%w: DISCARD with the UNMAP flag", ErrUnsupported)
 	}
-	limit := uint64(maxDiscardSectors)
-	if typ == TypeWriteZeroes {
-		limit = maxWriteZeroesSectors
-	}
-	if nsec > limit {
-		return fmt.Errorf("%w: type %d of %d sectors exceeds the advertised %d", ErrBadRequest, typ, nsec, limit)
+	if nsec > maxTrimSectors {
+		return fmt.Errorf("%w: type %d of %d sectors exceeds the advertised %d", ErrBadRequest, typ, nsec, maxTrimSectors)
 	}
 	off, err := h.checkRange(sector, nsec<<sectorShift)
 	if err != nil {
 		return fmt.Errorf("%w (type %d)", err, typ)
 	}
 	n := int64(nsec << sectorShift)
-	if n == 0 {
+	if !exec || n == 0 {
 		return nil
 	}
 	if typ == TypeDiscard {

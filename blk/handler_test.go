@@ -76,6 +76,15 @@ func wantCalls(calls ...string) func(t *testing.T, _ *memDisk, td *trimDisk, _ [
 	}
 }
 
+func wantCallCount(n int) func(t *testing.T, _ *memDisk, td *trimDisk, _ [][]byte) {
+	return func(t *testing.T, _ *memDisk, td *trimDisk, _ [][]byte) {
+		t.Helper()
+		if len(td.calls) != n {
+			t.Errorf("%d disk calls, want %d", len(td.calls), n)
+		}
+	}
+}
+
 func runHandleCases(t *testing.T, cases []handleCase) {
 	t.Helper()
 	for _, tc := range cases {
@@ -354,9 +363,27 @@ func TestHandleDiscardAndWriteZeroes(t *testing.T) {
 		{name: "unknown segment flag is UNSUPP", trim: true,
 			readable: [][]byte{hdr(TypeWriteZeroes, 0), seg(0, 1, 2)}, writable: []int{1},
 			wantStatus: StatusUnsupp, wantWritten: 1, wantErr: ErrUnsupported, check: wantCalls()},
-		{name: "two segments are UNSUPP (max_discard_seg is 1)", trim: true,
+		{name: "two segments reach the disk in order", trim: true,
 			readable: [][]byte{hdr(TypeDiscard, 0), seg(0, 1, 0), seg(8, 1, 0)}, writable: []int{1},
+			wantStatus: StatusOK, wantWritten: 1, check: wantCalls("discard 0+512", "discard 4096+512")},
+		{name: "segments split anywhere across buffers", trim: true,
+			readable: split(cat(hdr(TypeWriteZeroes, 0), seg(0, 1, 1), seg(8, 2, 0)), 17, 31, 33), writable: []int{1},
+			wantStatus: StatusOK, wantWritten: 1, check: wantCalls("zeroes 0+512 unmap=true", "zeroes 4096+1024 unmap=false")},
+		{name: "256 segments are accepted", trim: true,
+			readable: [][]byte{hdr(TypeDiscard, 0), bytes.Repeat(seg(0, 1, 0), 256)}, writable: []int{1},
+			wantStatus: StatusOK, wantWritten: 1, check: wantCallCount(256)},
+		{name: "257 segments are UNSUPP (max_discard_seg is 256)", trim: true,
+			readable: [][]byte{hdr(TypeDiscard, 0), bytes.Repeat(seg(0, 1, 0), 257)}, writable: []int{1},
 			wantStatus: StatusUnsupp, wantWritten: 1, wantErr: ErrUnsupported, check: wantCalls()},
+		{name: "a bad second segment executes nothing", trim: true,
+			readable: [][]byte{hdr(TypeDiscard, 0), seg(0, 1, 0), seg(testDiskSize/512, 1, 0)}, writable: []int{1},
+			wantStatus: StatusIOErr, wantWritten: 1, wantErr: ErrOutOfRange, check: wantCalls()},
+		{name: "no segment is IOERR", trim: true,
+			readable: [][]byte{hdr(TypeDiscard, 0)}, writable: []int{1},
+			wantStatus: StatusIOErr, wantWritten: 1, wantErr: ErrBadRequest, check: wantCalls()},
+		{name: "a range over the advertised sectors is IOERR", trim: true,
+			readable: [][]byte{hdr(TypeDiscard, 0), seg(0, maxTrimSectors+8, 0)}, writable: []int{1},
+			wantStatus: StatusIOErr, wantWritten: 1, wantErr: ErrBadRequest, check: wantCalls()},
 		{name: "truncated segment is IOERR", trim: true,
 			readable: [][]byte{hdr(TypeDiscard, 0), seg(0, 1, 0)[:15]}, writable: []int{1},
 			wantStatus: StatusIOErr, wantWritten: 1, wantErr: ErrBadRequest, check: wantCalls()},

@@ -28,6 +28,9 @@ type CreateOptions struct {
 	// sizes and DiskID given explicitly must match it (§2.6.1.2: the
 	// IsVirtualDisk items are copied when forking). BlockSize may differ.
 	ParentPath string
+	// Preallocation: how payload space is reserved (prealloc.go); the
+	// default is falloc for fixed images and off for dynamic ones.
+	Preallocation Preallocation
 }
 
 // defaultBlockSize picks the payload block size when none is given: small
@@ -190,7 +193,14 @@ func createStorage(s Storage, opts CreateOptions, child *childSpec) error {
 	dataOff := batOff + batLen
 	fileEnd := dataOff
 	bs := uint64(opts.BlockSize)
-	if opts.Type == Fixed {
+	if opts.Preallocation < PreallocDefault || opts.Preallocation > PreallocFull {
+		return fmt.Errorf("create: %v: %w", opts.Preallocation, ErrInvalidArgument)
+	}
+	allBlocks := mapsAllBlocks(opts) // prealloc.go
+	if allBlocks {
+		if child != nil {
+			return fmt.Errorf("create: a differencing image cannot be preallocated: %w", ErrInvalidArgument)
+		}
 		fileEnd += pb * bs
 	}
 
@@ -202,6 +212,11 @@ func createStorage(s Storage, opts CreateOptions, child *childSpec) error {
 	}
 	if err := s.Truncate(int64(fileEnd)); err != nil {
 		return fmt.Errorf("create: size file to %#x: %w", fileEnd, err)
+	}
+	if allBlocks {
+		if err := preallocate(s, opts.Preallocation.effective(opts.Type), dataOff, pb*bs); err != nil {
+			return fmt.Errorf("create: preallocate %d bytes of payload: %w", pb*bs, err)
+		}
 	}
 
 	// File type identifier (§2.2.1).
@@ -242,8 +257,9 @@ func createStorage(s Storage, opts CreateOptions, child *childSpec) error {
 	}
 
 	// BAT (§2.5). New dynamic blocks are NOT_PRESENT, which the sparse file
-	// already reads as; a fixed image maps every payload block in order.
-	if opts.Type == Fixed {
+	// already reads as; a fixed or preallocated image maps every payload
+	// block in order.
+	if allBlocks {
 		buf := make([]byte, min(batLen, 1*mib))
 		var blk uint64
 		for base := uint64(0); base < entries; base += uint64(len(buf)) / 8 {

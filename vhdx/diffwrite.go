@@ -194,6 +194,7 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 	if newPayload {
 		im.bat[idx].Store(makeBATEntry(statePartiallyPresent, payloadOff))
 		im.allocated.Add(1)
+		im.counters.allocations.Add(1)
 	}
 	return nil
 }

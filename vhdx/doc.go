@@ -37,6 +37,7 @@
 //	func (im *Image) BlockSize() uint32
 //	func (im *Image) DiskID() uuid.UUID
 //	func (im *Image) Info() Info           // JSON-tagged summary for `vhost-vhdx info`
+//	func (im *Image) Counters() Counters   // allocations and journal commits since Open (atomic)
 //	func (im *Image) Extents() ([]Extent, error) // Extent{Offset, Length, FileOffset int64; Data bool; Layer int}
 //	func Check(path string, repair bool) (*CheckReport, error) // for `vhost-vhdx check`
 //
@@ -58,6 +59,17 @@
 //
 // Commit opens its own Images (the child alone and its parent read-write,
 // both with exclusive locks) and shares nothing with other callers.
+//
+// Thin provisioning (discard.go, space.go, epoch.go, prealloc.go,
+// resize.go, compact.go, hostalloc.go):
+//
+//	func (im *Image) Discard(off, n int64) error                  // blk.Discarder
+//	func (im *Image) WriteZeroes(off, n int64, unmap bool) error  // blk.WriteZeroer
+//	type CreateOptions struct { ...; Preallocation Preallocation } // PreallocDefault/Off/Falloc/Full
+//	func ParsePreallocation(s string) (Preallocation, error)        // "off", "falloc", "full"
+//	func Resize(path string, newSize uint64, shrink bool) error     // offline
+//	func Compact(path string, progress CompactProgress) (*CompactReport, error) // offline
+//	Info.HostAllocatedBytes                                         // st_blocks*512, -1 unknown
 //
 // Concurrency. An Image is shared by the queues that serve it:
 //
@@ -81,6 +93,18 @@
 //   - Writes into sectors a differencing image does not hold take Image.mu
 //     (serialising bitmap updates, so writers into different sectors of
 //     one block are safe together); writes into sectors it holds do not.
+//   - Discard and WriteZeroes zero parts of blocks lock-free (hole punch or
+//     ZERO_RANGE into the loaded entry's range) and take Image.mu only to
+//     commit a batch of whole-block BAT changes; the ranges those blocks
+//     owned become free (space.go, under Image.mu).
+//   - Freed file space is reused by later allocations, so an entry loaded
+//     without a lock may point to a range that is no longer its block's.
+//     Every data I/O registers in an epoch for its duration (epoch.go: two
+//     atomic counters, nobody waits); a freed range is handed out only when
+//     every I/O that began before the free has finished, and it is punched
+//     when handed out, so a late write of such an I/O never shows in the
+//     new block. Close (which must not race with I/O) cuts a free tail off
+//     the file after LogGuid is cleared.
 //
 // Errors wrap one of the sentinels in errors.go.
 package vhdx

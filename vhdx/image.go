@@ -63,6 +63,7 @@ type Image struct {
 	bat         []atomic.Uint64 // indexed by BAT entry index; read without locks
 	logReplayed bool
 	allocated   atomic.Uint64 // FULLY_PRESENT payload blocks, for Info
+	counters    counters      // for Counters (counters.go)
 
 	// mu serialises block allocation, header updates and Close. Data I/O to
 	// allocated blocks never takes it.
@@ -80,6 +81,17 @@ type Image struct {
 	journal     *journal    // created with the session's log GUID; under mu
 	fileEnd     uint64      // next free 1 MiB-aligned offset; under mu
 	modified    bool        // any write happened this session; under mu
+
+	ep    epochs    // grace periods for reusing freed space (epoch.go)
+	space freeSpace // free file space (space.go); under mu
+
+	// Test hooks, nil in production: hookLoaded runs in ReadAt and WriteAt
+	// after a FULLY_PRESENT entry was loaded and before its range is used;
+	// beforeReuse when reserveBlock hands out freed space;
+	// beforeTrimCommit just before a discard's BAT commit.
+	hookLoaded       func(entry uint64)
+	beforeReuse      func(off uint64)
+	beforeTrimCommit func()
 }
 
 func isCorrupt(err error) bool { return errors.Is(err, ErrCorrupt) }
@@ -338,6 +350,7 @@ func (im *Image) beginSessionLocked() error {
 		return err
 	}
 	im.journal = newJournal(im.s, im.logRegion())
+	im.journal.commits = &im.counters.journalCommits
 	im.modified = true
 	im.session.Store(true)
 	return nil
@@ -379,6 +392,7 @@ func (im *Image) beginDataSession() error {
 			return err
 		}
 		im.journal = newJournal(im.s, im.logRegion())
+		im.journal.commits = &im.counters.journalCommits
 		im.modified = true
 		im.session.Store(true)
 	}
@@ -418,6 +432,9 @@ func (im *Image) Close() error {
 		default:
 			if err = im.s.Sync(); err == nil {
 				err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
+			}
+			if err == nil {
+				err = im.truncateFreeTail() // space.go
 			}
 		}
 	}

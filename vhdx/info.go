@@ -15,6 +15,10 @@ type Info struct {
 	PhysicalSectorSize uint32    `json:"physical_sector_size"`
 	FileSize           int64     `json:"file_size"` // -1 if the size could not be read
 	AllocatedBytes     int64     `json:"allocated_bytes"`
+	// HostAllocatedBytes is what the file occupies on the host file system
+	// (st_blocks × 512, hostalloc.go): less than FileSize for a sparse
+	// file, the space discards gave back; -1 when unknown.
+	HostAllocatedBytes int64     `json:"host_allocated_bytes"`
 	DiskID             uuid.UUID `json:"disk_id"`
 	FileWriteGUID      uuid.UUID `json:"file_write_guid"`
 	DataWriteGUID      uuid.UUID `json:"data_write_guid"`
@@ -57,6 +61,7 @@ func (im *Image) Info() Info {
 		PhysicalSectorSize: im.l.physicalSector,
 		FileSize:           fs,
 		AllocatedBytes:     int64(im.allocated.Load()) * int64(im.l.blockSize),
+		HostAllocatedBytes: im.hostAllocated(),
 		DiskID:             im.l.diskID,
 		FileWriteGUID:      h.fileWriteGUID,
 		DataWriteGUID:      h.dataWriteGUID,

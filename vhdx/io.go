@@ -68,6 +68,7 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := im.checkRange("read", off, uint64(len(p))); err != nil {
 		return 0, err
 	}
+	defer im.ep.exit(im.ep.enter()) // epoch.go: no reuse of what we may load
 	if im.parent != nil {
 		if err := im.readChain(p, uint64(off)); err != nil {
 			return 0, err
@@ -80,6 +81,9 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 		n := int(min(uint64(len(p)-done), left))
 		chunk := p[done : done+n]
 		if batState(e) == stateFullyPresent {
+			if im.hookLoaded != nil {
+				im.hookLoaded(e)
+			}
 			if err := im.readPayload(chunk, batFileOffset(e)+in); err != nil {
 				return done, err
 			}
@@ -107,6 +111,7 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := im.beginDataSession(); err != nil {
 		return 0, err
 	}
+	defer im.ep.exit(im.ep.enter())
 	done := 0
 	for done < len(p) {
 		pos := uint64(off) + uint64(done)
@@ -125,6 +130,9 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 	switch batState(e) {
 	case stateFullyPresent:
+		if im.hookLoaded != nil {
+			im.hookLoaded(e)
+		}
 		return im.writePayload(p, batFileOffset(e)+in)
 	case statePartiallyPresent:
 		// Sectors this file already holds are overwritten in place
@@ -142,12 +150,12 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 }
 
 // allocate handles the first write to block idx. Under im.mu it re-checks
-// the entry, reserves a fresh block at the 1 MiB-aligned end of the file,
-// writes p there (the rest of the block reads as zeros because the space is
-// new), journals the BAT sector holding the entry (§2.3: metadata changes go
+// the entry, reserves a block (reserveBlock: free space past its grace
+// period, zeroed, or fresh space at the 1 MiB-aligned end of the file),
+// writes p there (the rest of the block reads as zeros), journals the BAT sector holding the entry (§2.3: metadata changes go
 // through the log), and only then publishes the entry in memory. On failure
-// the in-memory BAT is unchanged; the reserved range is never reused, so a
-// half-done attempt cannot alias a later block (Check reports it as leaked).
+// the in-memory BAT is unchanged; the reserved range is not handed out again
+// this session, so a half-done attempt cannot alias a later block.
 // Stale-data states (UNDEFINED, UNMAPPED) and ZERO get a fresh block too.
 func (im *Image) allocate(p []byte, idx, in uint64) error {
 	im.mu.Lock()
@@ -164,25 +172,20 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	if batState(e) == stateFullyPresent { // another writer won the race
 		return im.writePayload(p, batFileOffset(e)+in)
 	}
-	bs := uint64(im.l.blockSize)
-	newOff := im.fileEnd
-	if newOff > maxFileOffset-bs {
-		return fmt.Errorf("allocate block for BAT entry %d: file would exceed %#x bytes: %w", idx, uint64(maxFileOffset), ErrUnsupported)
-	}
-	newEnd := newOff + bs
-	im.fileEnd = newEnd
-	if err := im.s.Truncate(int64(newEnd)); err != nil {
-		return fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, err)
+	newOff, err := im.reserveBlock(idx) // space.go: reused (zeroed) or fresh
+	if err != nil {
+		return err
 	}
 	if err := im.writePayload(p, newOff+in); err != nil {
 		return err
 	}
 	newEntry := makeBATEntry(stateFullyPresent, newOff)
-	if err := im.journalBATEntry(idx, newEntry, newEnd); err != nil {
+	if err := im.journalBATEntry(idx, newEntry, im.fileEnd); err != nil {
 		return err
 	}
 	im.bat[idx].Store(newEntry)
 	im.allocated.Add(1)
+	im.counters.allocations.Add(1)
 	return nil
 }
 
@@ -259,6 +262,7 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 	if err := im.checkRange("read", off, vecLen(bufs)); err != nil {
 		return err
 	}
+	defer im.ep.exit(im.ep.enter())
 	pos := uint64(off)
 	if im.parent != nil {
 		for _, buf := range bufs {
@@ -314,6 +318,7 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	if err := im.beginDataSession(); err != nil {
 		return err
 	}
+	defer im.ep.exit(im.ep.enter())
 	pos := uint64(off)
 	for _, buf := range bufs {
 		for len(buf) > 0 {

@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"math"
+	"sync/atomic"
 
 	"github.com/google/uuid"
 )
@@ -729,6 +730,8 @@ type journal struct {
 	run []byte // consecutive sectors being applied with one write, reused
 	ap  logApplier
 	err error // sticky failure
+
+	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
 }
 
 // newJournal returns a journal for lr; lr.guid must already be in the
@@ -753,6 +756,9 @@ func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset 
 	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset); err != nil {
 		j.err = err
 		return err
+	}
+	if j.commits != nil {
+		j.commits.Add(1)
 	}
 	return nil
 }

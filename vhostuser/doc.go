@@ -12,11 +12,15 @@
 //	    Events    Events      // nil: NopEvents
 //	    Notifier  *ConfigNotifier // optional: announce config changes
 //	    Gate      *RingGate       // optional: one disk on several sockets
+//	    Monitor   *Monitor        // optional: connection state for a control socket
+//	    Stats     *blk.Stats      // optional: per-queue request statistics
 //	}
 //	type RingGate struct{ ... } // handoff.go
 //	func NewRingGate() *RingGate
 //	func (g *RingGate) Owner() uint64 // connection whose rings run, 0: none
 //	func (g *RingGate) Waiting() int  // connections waiting to start a ring
+//	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues
+//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
@@ -165,6 +169,24 @@
 // teardown or by its ctx; any failure on the channel (or a cancelled wait)
 // closes it, so a late ack is never taken for the next request's.
 //
+// # Monitor and statistics
+//
+// Monitor.Status may be called from any goroutine. The connection
+// goroutine publishes an immutable snapshot of the negotiated features
+// and the rings it knows after each message (one atomic pointer store;
+// status.go); Status reads that and the rings' enabled and broken atomics,
+// never state the connection goroutine owns. With Options.Stats each
+// worker's handler counts into Stats.Queue(its index) (blk/stats.go):
+// atomic adds on the worker's own counters, nothing shared between queues.
+//
+// Monitor.Quiesce(f) takes Monitor.mu, then the connected session's
+// dispatch lock for writing, and runs f: every worker is between batches
+// (each batch's requests completed and published), none starts another,
+// and control messages wait, until f returns. It is how the daemon swaps
+// the disk under a running guest (blk.DiskRef, serve's checkpoint). Lock
+// order: Monitor.mu before session.mu; the connection goroutine takes
+// Monitor.mu (attach, detach) only while holding no session lock.
+//
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //
 //	stopped ──SET_VRING_KICK──▶ started ──GET_VRING_BASE──▶ stopped
@@ -248,7 +270,7 @@
 //
 // Postcopy migration, device state transfer (DEVICE_STATE), the
 // cross-host lock handoff (README "Live migration"), back-end
-// requests other than CONFIG_CHANGE_MSG (and nothing in the daemon calls
-// NotifyConfigChange yet: online resize is to come), polling mode
+// requests other than CONFIG_CHANGE_MSG (the daemon's resize command
+// calls NotifyConfigChange after growing the image), polling mode
 // (SET_VRING_KICK with the no-fd flag is refused).
 package vhostuser

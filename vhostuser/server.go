@@ -82,6 +82,12 @@ type Options struct {
 	// several sockets: the rings of only one connection run at a time
 	// (RingGate, handoff.go).
 	Gate *RingGate
+	// Monitor, if set, reports the connected front-end's state
+	// (status.go).
+	Monitor *Monitor
+	// Stats, if set, counts every request per queue (blk.Stats); queue
+	// i counts into Stats.Queue(i).
+	Stats *blk.Stats
 }
 
 func (o Options) normalize() (Options, error) {
@@ -180,6 +186,7 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	s := newSession(id, c, opts)
 	s.ctx = ctx
 	opts.Notifier.attach(s)
+	opts.Monitor.attach(s)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if
 	// any, completes first.
@@ -187,6 +194,7 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	err := s.run()
 	stop()
 	opts.Notifier.detach(s)
+	opts.Monitor.detach(s)
 	s.teardown()
 	c.Close()
 	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {

@@ -62,6 +62,9 @@ type session struct {
 	logState
 	// ctx is the Serve context: it ends a wait for Options.Gate.
 	ctx context.Context
+	// snap is the negotiated state for Monitor (status.go), replaced by
+	// the control goroutine after each message.
+	snap atomic.Pointer[sessionSnap]
 }
 
 // ring is one virtqueue's vhost-user state (vhost-user spec, "Ring states").
@@ -109,6 +112,7 @@ func (s *session) run() error {
 			return err
 		}
 		reply, err := s.handle(m)
+		s.publish()
 		m.closeFDs()
 		fd := s.replyFD
 		s.replyFD = -1

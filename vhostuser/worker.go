@@ -84,6 +84,7 @@ func (w *worker) run() {
 	// (style.md §10.4 item 6).
 	debug.SetPanicOnFault(true)
 	h := blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	h.CountInto(w.s.opts.Stats.Queue(w.r.index))
 	var chain virtqueue.Chain
 	var buf [8]byte
 	for {

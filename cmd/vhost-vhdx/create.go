@@ -33,7 +33,13 @@ Options:
 ` + createOptionsUsage
 
 const createOptionsUsage = `  --type dynamic|fixed    dynamic allocates blocks on first write (default);
-                          fixed allocates the whole disk up front
+                          fixed allocates the whole disk up front and keeps it
+  --preallocation off|falloc|full
+                          off: space on first write; falloc: every block
+                          mapped and its space reserved (fallocate), the
+                          default for fixed; full: also written with zeros.
+                          A preallocated dynamic image still gives space
+                          back on discard; a fixed one never does
   --block-size SIZE       payload block size, a power of two from 1M to 256M
                           (default: 8M up to 1 GiB, 16M below 100 GiB, else 32M)
   --log-size SIZE         metadata log size, a multiple of 1M (default 1M)
@@ -45,6 +51,7 @@ const createOptionsUsage = `  --type dynamic|fixed    dynamic allocates blocks o
 // createFlags are the image layout options shared by create and convert.
 type createFlags struct {
 	typ            string
+	prealloc       string
 	blockSize      sizeFlag
 	logSize        sizeFlag
 	logicalSector  uint
@@ -55,6 +62,7 @@ type createFlags struct {
 func addCreateFlags(fs *flag.FlagSet) *createFlags {
 	c := &createFlags{}
 	fs.StringVar(&c.typ, "type", "dynamic", "")
+	fs.StringVar(&c.prealloc, "preallocation", "", "")
 	fs.Var(&c.blockSize, "block-size", "")
 	fs.Var(&c.logSize, "log-size", "")
 	fs.UintVar(&c.logicalSector, "logical-sector", 0, "")
@@ -66,7 +74,7 @@ func addCreateFlags(fs *flag.FlagSet) *createFlags {
 // isCreateFlag tells convert which flags only make sense for a VHDX target.
 func isCreateFlag(name string) bool {
 	switch name {
-	case "type", "block-size", "log-size", "logical-sector", "physical-sector", "disk-id":
+	case "type", "preallocation", "block-size", "log-size", "logical-sector", "physical-sector", "disk-id":
 		return true
 	}
 	return false
@@ -83,6 +91,13 @@ func (c *createFlags) options(cmd string) (vhdx.CreateOptions, error) {
 		o.Type = vhdx.Fixed
 	default:
 		return o, usagef(cmd, "--type %q: want dynamic or fixed", c.typ)
+	}
+	if c.prealloc != "" {
+		p, err := vhdx.ParsePreallocation(c.prealloc)
+		if err != nil {
+			return o, usagef(cmd, "--preallocation %q: want off, falloc or full", c.prealloc)
+		}
+		o.Preallocation = p
 	}
 	if c.blockSize.set {
 		if c.blockSize.v > 1<<32-1 {
@@ -138,6 +153,9 @@ func runCreate(args []string, stdout, _ io.Writer) error {
 	}
 	if parent != "" && cf.typ == "fixed" {
 		return usagef("create", "--parent: a differencing image cannot be --type fixed")
+	}
+	if parent != "" && cf.prealloc != "" && cf.prealloc != "off" {
+		return usagef("create", "--parent: a differencing image cannot be preallocated")
 	}
 	o.Size = size.v
 	o.ParentPath = parent

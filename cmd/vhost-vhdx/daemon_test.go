@@ -70,8 +70,8 @@ func shortDir(t *testing.T) string {
 	return d
 }
 
-// daemon is a running vhost-vhdx serve process and its log.
-type daemon struct {
+// daemonProc is a running vhost-vhdx serve process and its log.
+type daemonProc struct {
 	cmd    *exec.Cmd
 	mu     sync.Mutex
 	log    strings.Builder
@@ -80,12 +80,12 @@ type daemon struct {
 }
 
 // startDaemon starts cmd with its stderr captured line by line.
-func startDaemon(t *testing.T, cmd *exec.Cmd) *daemon {
+func startDaemon(t *testing.T, cmd *exec.Cmd) *daemonProc {
 	t.Helper()
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	cmd.Stdout = pw
-	d := &daemon{cmd: cmd, lines: make(chan string, 1024), exited: make(chan error, 1)}
+	d := &daemonProc{cmd: cmd, lines: make(chan string, 1024), exited: make(chan error, 1)}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func startDaemon(t *testing.T, cmd *exec.Cmd) *daemon {
 
 // waitFor reads log lines until one contains s; it fails if the process
 // ends first.
-func (d *daemon) waitFor(t *testing.T, s string) string {
+func (d *daemonProc) waitFor(t *testing.T, s string) string {
 	t.Helper()
 	for line := range d.lines {
 		if strings.Contains(line, s) {
@@ -129,7 +129,7 @@ func (d *daemon) waitFor(t *testing.T, s string) string {
 	return ""
 }
 
-func (d *daemon) output() string {
+func (d *daemonProc) output() string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.log.String()
@@ -137,7 +137,7 @@ func (d *daemon) output() string {
 
 // stop sends SIGTERM to pid and expects a clean exit with the image
 // flushed and closed.
-func (d *daemon) stop(t *testing.T, pid int) {
+func (d *daemonProc) stop(t *testing.T, pid int) {
 	t.Helper()
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -441,7 +441,7 @@ func TestLogFileIsReopenedAtItsPathOnSIGHUP(t *testing.T) {
 }
 
 // stop2 is stop for a daemon that logs to a file, not to its stderr.
-func (d *daemon) stop2(t *testing.T, pid int) {
+func (d *daemonProc) stop2(t *testing.T, pid int) {
 	t.Helper()
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -456,7 +456,7 @@ func (d *daemon) stop2(t *testing.T, pid int) {
 // waitForFile polls path until it holds want: the daemon writes its log
 // there, not to a pipe the test could block on. It fails if the daemon
 // exits first.
-func waitForFile(t *testing.T, d *daemon, path, want string) {
+func waitForFile(t *testing.T, d *daemonProc, path, want string) {
 	t.Helper()
 	for {
 		if b, err := os.ReadFile(path); err == nil && strings.Contains(string(b), want) {

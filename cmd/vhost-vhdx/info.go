@@ -106,6 +106,11 @@ func printInfo(w io.Writer, path string, layer int, in vhdx.Info) error {
 		row("file size", "%s", formatSize(uint64(in.FileSize)))
 	}
 	row("allocated", "%s", formatSize(uint64(max(in.AllocatedBytes, 0))))
+	if in.HostAllocatedBytes >= 0 {
+		// What the file really occupies: below the file size when sparse,
+		// and what a guest's discards give back.
+		row("allocated on host", "%s", formatSize(uint64(in.HostAllocatedBytes)))
+	}
 	row("disk id", "%s", in.DiskID)
 	row("file write guid", "%s", in.FileWriteGUID)
 	row("data write guid", "%s", in.DataWriteGUID)

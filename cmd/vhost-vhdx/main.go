@@ -2,6 +2,11 @@
 // vhost-user-blk and offers tools to create, inspect, check and convert
 // images.
 //
+// serve --control-socket adds live operations (control.go, checkpoint.go;
+// the protocol is package control): status, stats, flush, checkpoint and
+// resize run while the guest does I/O. The served disk is a blk.DiskRef so
+// checkpoint can replace it under vhostuser.Monitor.Quiesce.
+//
 // main only dispatches: each subcommand lives in its own file with its own
 // FlagSet and returns an error; run turns that error into one line on stderr
 // and an exit status.
@@ -44,6 +49,9 @@ func commands() []command {
 		{"convert", "convert between raw and VHDX", convertUsage, runConvert},
 		{"commit", "merge a differencing image into its parent", commitUsage, runCommit},
 		{"rebase", "point a differencing image at another parent", rebaseUsage, runRebase},
+		{"ctl", "operate on a running daemon through its control socket", ctlUsage, runCtl},
+		{"resize", "change an image's virtual size (offline)", resizeUsage, runResize},
+		{"compact", "give unused space back to the host (offline)", compactUsage, runCompact},
 		{"bench", "drive a vhost-user-blk back-end with load and measure it", benchUsage, runBench},
 	}
 }

@@ -36,7 +36,7 @@ const capabilities = `{"type":"block","features":["read-only","blk-file"]}`
 
 const serveUsage = `Usage: vhost-vhdx serve [--socket-path PATH [--socket-owner U[:G]] [--socket-mode M]
                         | --fd N] [--read-only] [--num-queues N] [--serial S]
-                        [--log-level L] [--log-file F] IMAGE
+                        [--log-level L] [--log-file F] [--control-socket PATH] IMAGE
        vhost-vhdx serve --print-capabilities
 
 Serve IMAGE to one vhost-user front-end (QEMU) at a time. When a front-end
@@ -69,6 +69,9 @@ Options:
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
   --log-file F          append the log to F instead of stderr; SIGHUP reopens it
+  --control-socket PATH a unix socket (mode 0600) for live operations:
+                        status, stats, flush, resize, checkpoint
+                        (see 'vhost-vhdx ctl')
   --print-capabilities  print the vhost-user backend capabilities JSON and exit
 `
 
@@ -87,6 +90,7 @@ type serveConfig struct {
 	access                  socketAccess // parsed --socket-owner, --socket-mode
 	activated               bool         // fd came from systemd socket activation
 	logFile                 string
+	control                 string // --control-socket
 }
 
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
@@ -104,6 +108,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.socketOwner, "socket-owner", "", "")
 	fs.StringVar(&cfg.socketMode, "socket-mode", "", "")
 	fs.StringVar(&cfg.logFile, "log-file", "", "")
+	fs.StringVar(&cfg.control, "control-socket", "", "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -223,25 +228,37 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		"activated":    cfg.activated,
 	}).Info("serving VHDX image over vhost-user-blk")
 
-	opts := vhostuser.Options{
-		Disk:      im,
-		Blk:       blk.Options{ReadOnly: cfg.readOnly, Serial: serial, NumQueues: uint16(cfg.numQueues)},
-		NumQueues: cfg.numQueues,
-		Events:    newLogEvents(entry),
-	}
-	if len(lns) > 1 {
-		// One device on several sockets: one write cache mode and one
-		// front-end's queues at a time (vhostuser.RingGate).
-		opts.Gate = vhostuser.NewRingGate()
-		if !cfg.readOnly {
-			opts.Blk.Cache = new(blk.WriteCache)
+	d := newDaemon(im, cfg.readOnly, cfg.numQueues)
+	ctlCtx, ctlStop := context.WithCancel(ctx)
+	defer ctlStop()
+	ctlWait := func() {}
+	if cfg.control != "" {
+		if ctlWait, err = startControl(ctlCtx, cfg.control, d, entry); err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			for _, p := range cfg.socketPaths {
+				os.Remove(p)
+			}
+			im.Close()
+			return fmt.Errorf("serve: %w", err)
 		}
 	}
+	opts := d.vhostOptions(blk.Options{Serial: serial}, cfg.numQueues, newLogEvents(entry))
+	if len(lns) > 1 {
+		// One device on several sockets: one front-end's queues at a
+		// time (vhostuser.RingGate); the daemon's one write cache mode
+		// is shared already.
+		opts.Gate = vhostuser.NewRingGate()
+	}
 	serveErr := serveAll(ctx, stop, lns, opts)
+	// Control commands use the image: they stop before it closes.
+	ctlStop()
+	ctlWait()
 	for _, p := range cfg.socketPaths {
 		os.Remove(p)
 	}
-	closeErr := im.Close()
+	closeErr := d.image().Close() // the top after any checkpoint
 	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
 		return fmt.Errorf("serve: %w", serveErr)
 	}

@@ -482,6 +482,9 @@ type backendOpts struct {
 	// one-host migration needs: vhost-vhdx with a second --socket-path,
 	// qemu-storage-daemon with a second export of the node.
 	secondSocket bool
+	// controlSocket, vhost-vhdx only: serve --control-socket at
+	// backend.ctl.
+	controlSocket bool
 }
 
 type backend struct {
@@ -489,6 +492,7 @@ type backend struct {
 	args  []string
 	sock  string
 	sock2 string // with backendOpts.secondSocket
+	ctl   string // control socket, with backendOpts.controlSocket
 	log   string
 	cmd   *exec.Cmd
 	done  chan struct{}
@@ -542,6 +546,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		if o.secondSocket {
 			b.sock2 = filepath.Join(e.work, "vhost-b.sock")
 			b.args = append(b.args, "--socket-path", b.sock2)
+		}
+		if o.controlSocket {
+			b.ctl = filepath.Join(e.work, "ctl.sock")
+			b.args = append(b.args, "--control-socket", b.ctl)
 		}
 		b.args = append(b.args, img.path)
 	}

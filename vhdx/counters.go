@@ -1,0 +1,29 @@
+package vhdx
+
+import "sync/atomic"
+
+// counters are an open image's activity counts since Open, kept with
+// atomic adds where the work happens (under im.mu, but read without it).
+type counters struct {
+	allocations    atomic.Uint64 // payload blocks allocated in this file
+	journalCommits atomic.Uint64 // log entries committed (metadata updates)
+}
+
+// Counters is a snapshot of Image activity since Open, for statistics.
+type Counters struct {
+	// Allocations counts payload blocks this image allocated (a block
+	// becoming FULLY_PRESENT in this file).
+	Allocations uint64 `json:"allocations"`
+	// JournalCommits counts log entries committed: every BAT, bitmap or
+	// locator update goes through one (§2.3).
+	JournalCommits uint64 `json:"journal_commits"`
+}
+
+// Counters returns this image's (the top layer's) counts since Open. Safe
+// for concurrent use with I/O.
+func (im *Image) Counters() Counters {
+	return Counters{
+		Allocations:    im.counters.allocations.Load(),
+		JournalCommits: im.counters.journalCommits.Load(),
+	}
+}
