@@ -46,16 +46,18 @@ const ConfigWriteback = cfgWriteback
 // in place (no allocation). Write-zeroes requests carry one range in Linux;
 // we accept as many as for discard.
 //
-// Sectors per range: the disk's work per range is one journal commit (two
-// fdatasyncs) per 64 BAT sectors of whole blocks plus one hole punch per run
-// of freed blocks, so its cost is per range far more than per byte. vhdx's
-// BenchmarkDiscardFstrim on ext4 (8 GiB, every block allocated): 1 MiB
-// ranges of 1 MiB blocks take 3.4 ms each (27 s for 8 GiB); 1 GiB ranges of
-// 8 MiB blocks 2.6 ms each (21 ms for 8 GiB). So ranges should be large.
-// 2 GiB (a multiple of any block size) keeps one range to a single commit
-// for blocks of 8 MiB and more and bounds the time a queue worker spends on
-// it to a few milliseconds, where Linux's default for 0 (UINT_MAX sectors,
-// 2 TiB) could hold the queue for seconds.
+// Sectors per range: the disk changes the BAT entries of whole blocks in
+// memory and group-commits them at the next flush (vhdx discard.go), so a
+// range costs one hole punch per run of freed blocks plus the in-memory
+// work, growing with the number of blocks it covers. vhdx's
+// BenchmarkDiscardFstrim on ext4 (8 GiB, every block allocated, flush
+// included; a loaded 2-core machine): 1 MiB ranges of 1 MiB blocks 0.36 ms
+// each; 1 GiB ranges about 8 ms each with 1 MiB blocks and 2-4 ms with 8
+// or 32 MiB blocks. 2 GiB (a multiple of any block size) keeps the time a
+// queue worker spends on one range to tens of milliseconds at worst,
+// where Linux's default for 0 (UINT_MAX sectors, 2 TiB) could hold the
+// queue for seconds, and still makes an fstrim of a large file system a
+// few hundred requests per TiB at most.
 //
 // Alignment: discard_sector_alignment becomes Linux's discard_granularity.
 // Whole blocks are released by the BAT, but partial ranges are punched

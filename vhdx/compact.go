@@ -113,6 +113,9 @@ func (im *Image) compact(rep *CompactReport, progress CompactProgress) error {
 	// in the same batch.
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	if err := im.commitTrimsLocked(); err != nil { // the zero blocks' BAT changes
+		return fmt.Errorf("compact: %w", err)
+	}
 	im.initSpace()
 	im.promote()
 	for _, p := range im.space.pending { // offline: no I/O holds anything

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"golang.org/x/sys/unix"
 )
@@ -235,11 +236,13 @@ func (im *Image) targetEntry(mode trimMode, e uint64) (uint64, bool) {
 	return makeBATEntry(stateUnmapped, 0), true
 }
 
-// batChange is one entry of a batch.
-type batChange struct{ idx, old, new uint64 }
-
-// trimBatch moves the whole blocks [b0, b1) to their trimmed state with one
-// journal commit, then frees and punches the ranges they owned.
+// trimBatch moves the whole blocks [b0, b1) to their trimmed state in
+// memory at once and queues the BAT change for a group commit (see
+// pendingTrims), then punches the ranges they owned. The ranges are not
+// reusable before that commit (and the grace period after it), so a crash
+// before the commit leaves the old entries pointing to punched ranges:
+// they read zeros, which a discard or write-zeroes whose Flush had not
+// returned may do.
 func (im *Image) trimBatch(mode trimMode, b0, b1 uint64) error {
 	var freed []ownedSpan
 	err := func() error {
@@ -248,52 +251,141 @@ func (im *Image) trimBatch(mode trimMode, b0, b1 uint64) error {
 		if im.closed.Load() {
 			return fmt.Errorf("%s: %w", mode.op(), ErrClosed)
 		}
-		var changes []batChange
+		var dropped uint64
 		for b := b0; b < b1; b++ {
 			idx := batIndex(b, im.l.chunkRatio)
 			e := im.bat[idx].Load()
-			if ne, ok := im.targetEntry(mode, e); ok {
-				changes = append(changes, batChange{idx, e, ne})
+			ne, ok := im.targetEntry(mode, e)
+			if !ok {
+				continue
 			}
-		}
-		if len(changes) == 0 {
-			return nil
-		}
-		if err := im.journalBATChanges(changes); err != nil {
-			return fmt.Errorf("%s: %w", mode.op(), err)
-		}
-		var dropped uint64
-		for _, c := range changes {
-			im.bat[c.idx].Store(c.new)
-			if batState(c.old) == stateFullyPresent {
+			im.bat[idx].Store(ne)
+			if batState(e) == stateFullyPresent || batState(e) == statePartiallyPresent {
 				dropped++
 			}
-			if sp, ok := im.ownedRange(c.idx, c.old); ok {
+			sp, owns := im.ownedRange(idx, e)
+			if owns {
 				freed = append(freed, sp)
 			}
+			im.trims.add(idx, sp, owns)
 		}
 		im.allocated.Add(^(dropped - 1)) // subtract
-		im.release(freed)
+		if im.trims.sectorCount() >= trimBatchSectors {
+			return im.commitTrimsLocked()
+		}
 		return nil
 	}()
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", mode.op(), err)
 	}
-	// The ranges are ours until this call's epoch ends (no reuse before
-	// then, epoch.go), so they can be punched without the lock. Adjacent
-	// ranges go out as one call.
+	// The ranges are ours until the queued commit and this call's epoch
+	// end (no reuse before then, epoch.go), so they can be punched without
+	// the lock. Adjacent ranges go out as one call.
 	for i := 0; i < len(freed); {
-		j := i + 1
-		for j < len(freed) && freed[j].start == freed[j-1].end {
-			j++
+		k := i + 1
+		for k < len(freed) && freed[k].start == freed[k-1].end {
+			k++
 		}
-		if err := punch(im.s, freed[i].start, freed[j-1].end-freed[i].start); err != nil {
+		if err := punch(im.s, freed[i].start, freed[k-1].end-freed[i].start); err != nil {
 			return fmt.Errorf("%s: give back file range %#x: %w", mode.op(), freed[i].start, err)
 		}
-		i = j
+		i = k
 	}
 	return nil
 }
+
+// pendingTrims queues whole-block BAT changes made by Discard and
+// WriteZeroes until a group commit: at Flush, at Close, or once they touch
+// trimBatchSectors BAT sectors. An fstrim sends one discard per free extent
+// and waits for each, so committing per request would cost a journal entry
+// (two fdatasyncs) per extent; queued, a whole fstrim is a handful of
+// commits. Nothing is lost by waiting: virtio promises durability only
+// after a flush. Under im.mu.
+type pendingTrims struct {
+	sectors map[uint64]struct{} // BAT sector numbers with queued changes
+	freed   []ownedSpan         // ranges the changed entries owned
+}
+
+func (p *pendingTrims) add(idx uint64, sp ownedSpan, owns bool) {
+	if p.sectors == nil {
+		p.sectors = map[uint64]struct{}{}
+	}
+	p.sectors[idx*8/batSectorSize] = struct{}{}
+	if owns {
+		p.freed = append(p.freed, sp)
+	}
+}
+
+func (p *pendingTrims) sectorCount() int { return len(p.sectors) }
+
+// commitPendingTrims is commitTrimsLocked for Flush.
+func (im *Image) commitPendingTrims() error {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	return im.commitTrimsLocked()
+}
+
+// commitTrimsLocked journals the BAT sectors holding queued changes, from
+// the in-memory BAT (authoritative: a write that reallocated a trimmed
+// block meanwhile is in it too), in entries of up to trimBatchSectors
+// sectors, and then hands the ranges the old entries owned to the free
+// set. On failure nothing is freed (the journal refuses further commits,
+// and the next open replays or drops what reached the log). Caller holds
+// im.mu.
+func (im *Image) commitTrimsLocked() error {
+	p := &im.trims
+	if len(p.sectors) == 0 {
+		return nil
+	}
+	secs := make([]uint64, 0, len(p.sectors))
+	for s := range p.sectors {
+		secs = append(secs, s)
+	}
+	slices.Sort(secs)
+	for len(secs) > 0 {
+		n := min(len(secs), trimBatchSectors)
+		if err := im.journalBATSectors(secs[:n]); err != nil {
+			return err
+		}
+		secs = secs[n:]
+	}
+	im.release(p.freed)
+	p.sectors, p.freed = nil, nil
+	return nil
+}
+
+// journalBATSectors commits the given BAT sectors (sorted), as held in
+// memory, in one journal entry. A sector reaching past the entries kept in
+// memory is read from disk first so the rest is preserved. Caller holds
+// im.mu.
+func (im *Image) journalBATSectors(secs []uint64) error {
+	perSector := uint64(batSectorSize / 8)
+	updates := make([]logUpdate, 0, len(secs))
+	for _, sec := range secs {
+		first := sec * perSector
+		secOff := im.l.bat.offset + first*8
+		buf := make([]byte, batSectorSize)
+		if first+perSector > im.l.batOnDisk {
+			if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
+				return err
+			}
+		}
+		for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
+			binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
+		}
+		updates = append(updates, logUpdate{offset: secOff, data: buf})
+	}
+	if im.beforeTrimCommit != nil {
+		im.beforeTrimCommit()
+	}
+	if err := im.journal.commit(updates, im.fileEnd, im.fileEnd); err != nil {
+		return fmt.Errorf("BAT sectors %d..%d: commit through the log: %w", secs[0], secs[len(secs)-1], err)
+	}
+	return nil
+}
+
+// batChange is one entry of a batch (compact.go).
+type batChange struct{ idx, old, new uint64 }
 
 // journalBATChanges commits the BAT sectors holding changes (sorted by idx)
 // with the new values, in one journal entry. Entries kept in memory are

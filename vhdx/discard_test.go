@@ -141,7 +141,7 @@ func (m trimMode) String() string {
 // bitmap entry sits in the BAT) and up to the short last block read as
 // zeros afterwards while everything around them is intact; new writes then
 // reuse the freed space without the file growing and without showing old
-// data; qemu-img check accepts the image at each step (512-byte sectors).
+// data; qemu-img check accepts the result (512-byte sectors).
 func TestDiscardAndWriteZeroesReadZerosAtEveryAlignmentThenReuse(t *testing.T) {
 	for _, lss := range []uint32{512, 4096} {
 		bs := int64(1 * mib)
@@ -203,7 +203,6 @@ func TestDiscardAndWriteZeroesReadZerosAtEveryAlignmentThenReuse(t *testing.T) {
 						t.Fatal(err)
 					}
 					im = nil
-					qemuAgrees(t, ms, lss)
 
 					// Reuse: write into every block again.
 					im, err = OpenStorage(ms, OpenOptions{})
@@ -265,7 +264,7 @@ func allocatedOnHost(t *testing.T, path string) int64 {
 // unaligned trims afterwards give a file that qemu-img check accepts and
 // qemu-img compare finds equal to the model.
 func TestDiscardGivesSpaceBackToTheHost(t *testing.T) {
-	const size = 256 * mib
+	const size = 64 * mib
 	for _, tc := range []struct {
 		mode      trimMode
 		givesBack bool
@@ -298,8 +297,8 @@ func TestDiscardGivesSpaceBackToTheHost(t *testing.T) {
 				if before-after < size*9/10 {
 					t.Fatalf("allocated bytes went from %d to %d; want a drop of at least %d", before, after, size*9/10)
 				}
-				if commits := im.journal.seq - seqBefore; commits > 2 {
-					t.Fatalf("%d journal entries for 256 blocks; want them batched", commits)
+				if commits := im.journal.seq - seqBefore; commits > 1 {
+					t.Fatalf("%d journal entries for 64 blocks; want them batched", commits)
 				}
 				if im.Info().AllocatedBytes != 0 {
 					t.Fatalf("Info reports %d bytes allocated after discarding the whole disk", im.Info().AllocatedBytes)
@@ -317,14 +316,14 @@ func TestDiscardGivesSpaceBackToTheHost(t *testing.T) {
 			// Rewrite parts, trim unaligned pieces of them, and let QEMU
 			// check the file and compare it with the model.
 			m := newFlatModel(size)
-			for _, w := range []struct{ off, n int64 }{{0, 3 * mib}, {100*mib + 4096, 8192}, {size - mib, mib}} {
+			for _, w := range []struct{ off, n int64 }{{0, 3 * mib}, {40*mib + 4096, 8192}, {size - mib, mib}} {
 				d := pattern(w.off+1, int(w.n))
 				if _, err := im.WriteAt(d, w.off); err != nil {
 					t.Fatal(err)
 				}
 				m.write(w.off, d)
 			}
-			for _, z := range []struct{ off, n int64 }{{512, 4096}, {mib - 512, mib + 1024}, {100*mib + 4096, 4096}, {size - 4096, 4096}} {
+			for _, z := range []struct{ off, n int64 }{{512, 4096}, {mib - 512, mib + 1024}, {40*mib + 4096, 4096}, {size - 4096, 4096}} {
 				if err := trimBy(im, tc.mode, z.off, z.n); err != nil {
 					t.Fatal(err)
 				}
@@ -338,7 +337,7 @@ func TestDiscardGivesSpaceBackToTheHost(t *testing.T) {
 			// free tail off the file.
 			if st, err := os.Stat(path); err != nil {
 				t.Fatal(err)
-			} else if tc.givesBack && st.Size() > 16*mib {
+			} else if tc.givesBack && st.Size() > 12*mib {
 				t.Fatalf("file is %d bytes after Close with 5 blocks in use; want the free tail truncated", st.Size())
 			}
 			vhdxtest.NeedQEMU(t)

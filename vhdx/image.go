@@ -82,8 +82,9 @@ type Image struct {
 	fileEnd     uint64      // next free 1 MiB-aligned offset; under mu
 	modified    bool        // any write happened this session; under mu
 
-	ep    epochs    // grace periods for reusing freed space (epoch.go)
-	space freeSpace // free file space (space.go); under mu
+	ep    epochs       // grace periods for reusing freed space (epoch.go)
+	space freeSpace    // free file space (space.go); under mu
+	trims pendingTrims // trimmed blocks awaiting their group commit (discard.go); under mu
 
 	// Test hooks, nil in production: hookLoaded runs in ReadAt and WriteAt
 	// after a FULLY_PRESENT entry was loaded and before its range is used;
@@ -409,6 +410,9 @@ func (im *Image) Flush() error {
 	if im.readOnly {
 		return fmt.Errorf("flush: %w", ErrReadOnly)
 	}
+	if err := im.commitPendingTrims(); err != nil { // discard.go
+		return fmt.Errorf("flush: %w", err)
+	}
 	return im.s.Sync()
 }
 
@@ -430,6 +434,9 @@ func (im *Image) Close() error {
 			// (§2.3.3) instead of abandoning it.
 			err = fmt.Errorf("close: log kept for replay on the next open after an earlier failure: %w", im.journal.err)
 		default:
+			if err = im.commitTrimsLocked(); err != nil { // discard.go
+				break
+			}
 			if err = im.s.Sync(); err == nil {
 				err = im.updateHeaders(func(h *header) { h.logGUID = uuid.Nil })
 			}

@@ -80,6 +80,11 @@ func TestFreedRangeIsNotReusedWhileAnIOHoldsItsOldEntry(t *testing.T) {
 			if err := im.Discard(0, bs); err != nil {
 				t.Fatal(err)
 			}
+			// The flush commits the discard's BAT change, which frees the
+			// range; only the parked I/O now stands in the way of reuse.
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
 			reused := false
 			im.beforeReuse = func(uint64) { reused = true }
 			newData := pattern(2, 4096)
@@ -149,7 +154,12 @@ func TestConcurrentDiscardWriteReadKeepEachBlockOwn(t *testing.T) {
 				off := int64(rng.Intn(bs/4096)) * 4096
 				n := int64(1+rng.Intn(16)) * 4096
 				n = min(n, bs-off)
-				switch rng.Intn(4) {
+				switch rng.Intn(5) {
+				case 4: // flush: commits queued discards, freeing their ranges
+					if err := im.Flush(); err != nil {
+						errs <- err
+						return
+					}
 				case 0: // write
 					d := pattern(int64(w*1000000+r), int(n))
 					if _, err := im.WriteAt(d, base+off); err != nil {
@@ -370,4 +380,58 @@ func (f *faultStorage) zeroRange(off, n int64) error {
 // first is zero.
 func isZeros(b []byte) bool {
 	return len(b) == 0 || b[0] == 0 && bytes.Equal(b[1:], b[:len(b)-1])
+}
+
+// TestUnflushedDiscardNeverFreesARangeTheDiskStillReferences: a discard's
+// BAT change waits for a flush, so until then the file still maps the
+// discarded block to its range. An allocation in between (here the first
+// one, which builds the free set) must not take that range: the image as
+// it is on disk at that moment opens with no two entries sharing a range.
+// After the flush the range is reused.
+func TestUnflushedDiscardNeverFreesARangeTheDiskStillReferences(t *testing.T) {
+	const bs = 1 * mib
+	s := createMem(t, CreateOptions{Size: 2 * gib, BlockSize: bs})
+	im, err := OpenStorage(s, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A new session: its first allocation builds the free set.
+	im, err = OpenStorage(s, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	r0 := blockOffset(im, 0)
+	if err := im.Discard(0, bs); err != nil {
+		t.Fatal(err)
+	}
+	// Block 1000's entry lies in another BAT sector than block 0's, so its
+	// commit does not carry block 0's change along.
+	if _, err := im.WriteAt(pattern(2, 4096), 1000*bs); err != nil {
+		t.Fatal(err)
+	}
+	if blockOffset(im, 1000) == r0 {
+		t.Fatalf("block 1000 got %#x, which the unflushed discard's block still owns on disk", r0)
+	}
+	onDisk, err := OpenStorage(newMemStorage(s.bytes()), OpenOptions{ReadOnly: true, ReplayLogInMemory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertNoSharedRanges(t, onDisk)
+	onDisk.Close()
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(3, 4096), 1500*bs); err != nil {
+		t.Fatal(err)
+	}
+	if blockOffset(im, 1500) != r0 {
+		t.Fatalf("block 1500 is at %#x; want the range %#x freed by the flushed discard", blockOffset(im, 1500), r0)
+	}
 }

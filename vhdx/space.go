@@ -165,6 +165,11 @@ func (im *Image) initSpace() {
 			mark(sp.start, sp.end)
 		}
 	}
+	// Trimmed blocks whose BAT change is not committed yet still own
+	// their ranges on disk (discard.go: pendingTrims).
+	for _, sp := range im.trims.freed {
+		mark(sp.start, sp.end)
+	}
 	fs.free = make([]uint64, len(owned))
 	for i, w := range owned {
 		fs.free[i] = ^w
