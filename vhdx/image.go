@@ -350,6 +350,28 @@ func (im *Image) beginSessionLocked() error {
 	if err != nil {
 		return err
 	}
+	return im.startJournalLocked()
+}
+
+// startJournalLocked finishes the start of a write session once its header
+// update is durable: it opens the journal. Every journal entry of the
+// session records im.fileEnd as its FlushedFileOffset and LastFileOffset
+// (§2.3.1.1), which must not exceed the file's size. Allocation at the end
+// of the file extends it that far, but a block reused from freed space, a
+// discard or a locator rewrite does not, so a file whose size is not 1 MiB
+// aligned (other writers leave such files) is extended to im.fileEnd here
+// (sparse; what it adds is unused tail, which Check reports as a harmless
+// leak). Caller holds im.mu.
+func (im *Image) startJournalLocked() error {
+	sz, err := fileSizeOf(im.s)
+	if err != nil {
+		return err
+	}
+	if sz < im.fileEnd {
+		if err := im.s.Truncate(int64(im.fileEnd)); err != nil {
+			return fmt.Errorf("extend file to %#x: %w", im.fileEnd, err)
+		}
+	}
 	im.journal = newJournal(im.s, im.logRegion())
 	im.journal.commits = &im.counters.journalCommits
 	im.modified = true
@@ -392,10 +414,9 @@ func (im *Image) beginDataSession() error {
 		if err != nil {
 			return err
 		}
-		im.journal = newJournal(im.s, im.logRegion())
-		im.journal.commits = &im.counters.journalCommits
-		im.modified = true
-		im.session.Store(true)
+		if err := im.startJournalLocked(); err != nil {
+			return err
+		}
 	}
 	im.dataSession.Store(true)
 	return nil
