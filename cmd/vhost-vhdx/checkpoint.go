@@ -50,8 +50,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/vhost-vhdx/vhost-vhdx/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // CheckpointReply is the reply of checkpoint.

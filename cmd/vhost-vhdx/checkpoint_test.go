@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vhost-vhdx/vhost-vhdx/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 

@@ -19,9 +19,9 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // daemon is what control commands act on.

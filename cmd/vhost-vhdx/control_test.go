@@ -14,9 +14,9 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 

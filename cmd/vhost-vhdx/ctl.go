@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/control"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 const ctlUsage = `Usage: vhost-vhdx ctl SOCKET COMMAND [ARGS] [--json]

@@ -8,9 +8,9 @@ import (
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/control"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // resize grows the served image while a front-end is connected: the

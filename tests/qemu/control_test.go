@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/control"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // The control socket of a daemon serving a real guest: status shows the
