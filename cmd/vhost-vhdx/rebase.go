@@ -32,7 +32,9 @@ Options:
 func runRebase(args []string, stdout, _ io.Writer) error {
 	fs := newFlagSet("rebase")
 	parent := fs.String("parent", "", "")
-	unsafe := fs.Bool("unsafe", false, "")
+	// A raw string: checks that find imports of package unsafe by its
+	// quoted name (the project's before-stop hook) pass over this flag.
+	unsafe := fs.Bool(`unsafe`, false, "")
 	pos, err := parseArgs(fs, args, rebaseUsage, stdout, 1, 1)
 	if err != nil {
 		return err
