@@ -49,8 +49,7 @@ func (pl *parentLocator) clone() *parentLocator {
 
 // Rebase points the differencing image at childPath to newParentPath
 // (an unsafe rebase, as qemu-img calls it: the data of neither file is read
-// or changed). The
-// locator gets relative_path and absolute_win32_path for the new parent and
+// or changed). The locator gets relative_path and absolute_win32_path for the new parent and
 // parent_linkage = its DataWriteGuid; parent_linkage2 and volume_path, stale
 // now, are dropped; other keys are kept. The old parent need not exist. The
 // new parent's chain must open, have the child's virtual and logical sector

@@ -115,17 +115,22 @@ func classifyCheck(path string, rep *vhdx.CheckReport, err error) checkResult {
 			}
 		}
 	}
+	r.code = r.exitCode()
+	return r
+}
+
+// exitCode is qemu-img check's status for the counts: could not check,
+// corrupted, only leaks, consistent, in that order.
+func (r *checkResult) exitCode() int {
 	switch {
 	case r.CheckErrors > 0:
-		r.code = exitFailure
+		return exitFailure
 	case r.Corruptions > 0:
-		r.code = exitCheckCorrupt
+		return exitCheckCorrupt
 	case r.Leaks > 0:
-		r.code = exitCheckLeaks
-	default:
-		r.code = exitOK
+		return exitCheckLeaks
 	}
-	return r
+	return exitOK
 }
 
 func leakRepaired(rep *vhdx.CheckReport) bool {
@@ -241,22 +246,15 @@ func classifyLayers(layers []layerCheck) checkResult {
 			p.What = prefix + p.What
 			total.Problems = append(total.Problems, p)
 		}
-		if l.depth > 0 && r.code == exitCheckCorrupt {
-			total.damaged = append(total.damaged, strings.TrimSuffix(prefix, ": "))
-		} else if l.depth == 0 && r.code == exitCheckCorrupt {
-			total.damaged = append(total.damaged, l.path)
+		if r.code == exitCheckCorrupt {
+			name := l.path
+			if l.depth > 0 {
+				name = strings.TrimSuffix(prefix, ": ")
+			}
+			total.damaged = append(total.damaged, name)
 		}
 	}
-	switch {
-	case total.CheckErrors > 0:
-		total.code = exitFailure
-	case total.Corruptions > 0:
-		total.code = exitCheckCorrupt
-	case total.Leaks > 0:
-		total.code = exitCheckLeaks
-	default:
-		total.code = exitOK
-	}
+	total.code = total.exitCode()
 	return total
 }
 
