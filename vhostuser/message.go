@@ -97,12 +97,29 @@ func AppendMemTable(b []byte, regions []MemRegion) []byte {
 	b = le.AppendUint32(b, uint32(len(regions)))
 	b = le.AppendUint32(b, 0)
 	for _, r := range regions {
-		b = le.AppendUint64(b, r.GuestPhysAddr)
-		b = le.AppendUint64(b, r.Size)
-		b = le.AppendUint64(b, r.UserAddr)
-		b = le.AppendUint64(b, r.MmapOffset)
+		b = appendRegion(b, r)
 	}
 	return b
+}
+
+// appendRegion appends one memory region's wire form, the same in
+// SET_MEM_TABLE and in ADD_MEM_REG / REM_MEM_REG.
+func appendRegion(b []byte, r MemRegion) []byte {
+	b = le.AppendUint64(b, r.GuestPhysAddr)
+	b = le.AppendUint64(b, r.Size)
+	b = le.AppendUint64(b, r.UserAddr)
+	return le.AppendUint64(b, r.MmapOffset)
+}
+
+// decodeRegion reads one memory region (MemRegionSize bytes of b); the
+// caller checks it.
+func decodeRegion(b []byte) MemRegion {
+	return MemRegion{
+		GuestPhysAddr: le.Uint64(b[mrGuestAddrOff:]),
+		Size:          le.Uint64(b[mrSizeOff:]),
+		UserAddr:      le.Uint64(b[mrUserAddrOff:]),
+		MmapOffset:    le.Uint64(b[mrMmapOffOff:]),
+	}
 }
 
 // ParseMemTable decodes and validates a SET_MEM_TABLE payload: 1..8
@@ -122,13 +139,7 @@ func ParseMemTable(p []byte) ([]MemRegion, error) {
 	}
 	regions := make([]MemRegion, n)
 	for i := range regions {
-		b := p[memHeaderSize+i*MemRegionSize:]
-		r := MemRegion{
-			GuestPhysAddr: le.Uint64(b[mrGuestAddrOff:]),
-			Size:          le.Uint64(b[mrSizeOff:]),
-			UserAddr:      le.Uint64(b[mrUserAddrOff:]),
-			MmapOffset:    le.Uint64(b[mrMmapOffOff:]),
-		}
+		r := decodeRegion(p[memHeaderSize+i*MemRegionSize:])
 		if err := checkRegion(r); err != nil {
 			return nil, fmt.Errorf("SET_MEM_TABLE: region %d %v: %w", i, err, ErrInvalidMessage)
 		}
@@ -156,11 +167,7 @@ func checkRegion(r MemRegion) error {
 // AppendMemRegion appends an ADD_MEM_REG / REM_MEM_REG payload (u64
 // padding, then the region) to b.
 func AppendMemRegion(b []byte, r MemRegion) []byte {
-	b = le.AppendUint64(b, 0)
-	b = le.AppendUint64(b, r.GuestPhysAddr)
-	b = le.AppendUint64(b, r.Size)
-	b = le.AppendUint64(b, r.UserAddr)
-	return le.AppendUint64(b, r.MmapOffset)
+	return appendRegion(le.AppendUint64(b, 0), r)
 }
 
 // ParseMemRegion decodes and validates an ADD_MEM_REG / REM_MEM_REG
@@ -169,13 +176,7 @@ func ParseMemRegion(p []byte) (MemRegion, error) {
 	if len(p) != SingleMemRegionSize {
 		return MemRegion{}, fmt.Errorf("memory region: %d bytes: %w", len(p), ErrInvalidMessage)
 	}
-	b := p[8:]
-	r := MemRegion{
-		GuestPhysAddr: le.Uint64(b[mrGuestAddrOff:]),
-		Size:          le.Uint64(b[mrSizeOff:]),
-		UserAddr:      le.Uint64(b[mrUserAddrOff:]),
-		MmapOffset:    le.Uint64(b[mrMmapOffOff:]),
-	}
+	r := decodeRegion(p[8:])
 	if err := checkRegion(r); err != nil {
 		return MemRegion{}, fmt.Errorf("memory region: %v: %w", err, ErrInvalidMessage)
 	}
