@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -114,9 +115,15 @@ type memDisk struct {
 	corrupt func(b []byte, off int64)
 	// failWrites makes every write fail (the device answers IOERR).
 	failWrites bool
+	// beforeWrite, when set, runs before each write outside the lock (a
+	// hook to hold writes); reads and flushes count the calls.
+	beforeWrite func(off int64)
+	reads       atomic.Int64
+	flushes     atomic.Int64
 }
 
 func (d *memDisk) ReadVec(bufs [][]byte, off int64) error {
+	d.reads.Add(1)
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	for _, b := range bufs {
@@ -133,6 +140,9 @@ func (d *memDisk) ReadVec(bufs [][]byte, off int64) error {
 }
 
 func (d *memDisk) WriteVec(bufs [][]byte, off int64) error {
+	if d.beforeWrite != nil {
+		d.beforeWrite(off)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.failWrites {
@@ -155,7 +165,10 @@ func (d *memDisk) snapshot() []byte {
 	return append([]byte(nil), d.data...)
 }
 
-func (d *memDisk) Flush() error               { return nil }
+func (d *memDisk) Flush() error {
+	d.flushes.Add(1)
+	return nil
+}
 func (d *memDisk) Size() int64                { return int64(len(d.data)) }
 func (d *memDisk) LogicalSectorSize() uint32  { return 512 }
 func (d *memDisk) PhysicalSectorSize() uint32 { return 512 }
@@ -293,10 +306,162 @@ func TestConfigCheckRefusesOutOfRangeValues(t *testing.T) {
 		"too much RAM":  func(c *Config) { c.Queues, c.IODepth, c.BS = 64, 256, MaxBS },
 		"negative time": func(c *Config) { c.Runtime = -1 },
 		"mode":          func(c *Config) { c.Mode = Mode(99) },
+		"odd offset":    func(c *Config) { c.Offset = 4000 },
+		"huge offset":   func(c *Config) { c.Offset = 1<<63 - 512 },
+		"flush-every":   func(c *Config) { c.FlushEvery = -1 },
+		"bg depth":      func(c *Config) { c.Background = &Stream{Queues: 1, IODepth: 0, BS: 4096} },
+		"bg stride":     func(c *Config) { c.Background = &Stream{Queues: 1, IODepth: 1, BS: 4096, Stride: 7} },
+		"queues in all": func(c *Config) { c.Queues, c.Background = MaxQueues, &Stream{Queues: 1, IODepth: 1, BS: 4096} },
+		"bg RAM":        func(c *Config) { c.Background = &Stream{Queues: 64, IODepth: 256, BS: MaxBS} },
 	} {
 		c := good
 		mut(&c)
 		if err := c.check(); !errors.Is(err, ErrConfig) {
+			t.Errorf("%s: got %v, want ErrConfig", name, err)
+		}
+	}
+}
+
+func TestFlushEveryNSendsOneFlushAfterEachNDataRequests(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		queues, every    int
+		mode             Mode
+		ios, wantFlushes uint64
+	}{
+		// 320 writes on one queue: a FLUSH after the 32nd, 64th, ...,
+		// 288th (the run ends with the 320th, before its flush).
+		{"randwrite, 1 queue, every 32", 1, 32, RandWrite, 320, 9},
+		// 160 per queue: after the 32nd .. 128th on each.
+		{"randwrite, 2 queues, every 32", 2, 32, RandWrite, 320, 8},
+		// Reads count as requests too.
+		{"randrw, 1 queue, every 16", 1, 16, RandRW, 100, 6},
+		{"no flushes", 1, 0, RandWrite, 100, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := &memDisk{data: make([]byte, 4<<20)}
+			sock := serve(t, d, tc.queues)
+			res, err := Run(context.Background(), Config{
+				Socket: sock, Queues: tc.queues, IODepth: 8, BS: 4096, Mode: tc.mode, RWMix: 70,
+				IOs: tc.ios, FlushEvery: tc.every, Seed: 11,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.IOs != tc.ios || res.Flushes != tc.wantFlushes || d.flushes.Load() != int64(tc.wantFlushes) {
+				t.Errorf("%d data requests and %d flushes (the disk saw %d); want %d and %d",
+					res.IOs, res.Flushes, d.flushes.Load(), tc.ios, tc.wantFlushes)
+			}
+			if tc.wantFlushes == 0 && res.FlushLatency != nil {
+				t.Errorf("flush latency %+v without flushes", res.FlushLatency)
+			}
+			if tc.wantFlushes > 0 && (res.FlushLatency == nil || res.FlushLatency.Count != tc.wantFlushes || res.Latency.Count != tc.ios) {
+				t.Errorf("latency counts: data %d, flush %+v", res.Latency.Count, res.FlushLatency)
+			}
+		})
+	}
+}
+
+func TestRWMixSetsTheShareOfReads(t *testing.T) {
+	d := &memDisk{data: make([]byte, 4<<20)}
+	sock := serve(t, d, 1)
+	for _, tc := range []struct {
+		mix    int
+		lo, hi uint64 // reads out of 4000
+	}{{0, 0, 0}, {100, 4000, 4000}, {70, 2600, 3000}, {30, 1000, 1400}} {
+		res, err := Run(context.Background(), Config{Socket: sock, Queues: 1, IODepth: 16, BS: 4096, Mode: RandRW, RWMix: tc.mix, IOs: 4000, Seed: 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Reads < tc.lo || res.Reads > tc.hi || res.Reads+res.Writes != 4000 || res.RWMix != tc.mix {
+			t.Errorf("rwmix %d: %d reads, %d writes; want %d..%d reads of 4000", tc.mix, res.Reads, res.Writes, tc.lo, tc.hi)
+		}
+	}
+}
+
+// TestBackgroundStreamHasItsOwnQueueRangeAndStats holds every write of the
+// background stream inside the disk until the main stream's reads have
+// been served: with a back-end that serves each queue in order, only a
+// stream on another queue can be served meanwhile. The two results count
+// only their own requests, each in its own range.
+func TestBackgroundStreamHasItsOwnQueueRangeAndStats(t *testing.T) {
+	const mainReads = 2000
+	d := &memDisk{data: make([]byte, 4<<20)}
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	var outside atomic.Int64
+	var gaveUp atomic.Bool
+	d.beforeWrite = func(off int64) {
+		if off < 2<<20 {
+			outside.Add(1) // the pre-fill of the main range, or a stray write
+			return
+		}
+		select {
+		case <-release:
+		case <-time.After(time.Minute):
+			// Not a timing assertion: a safety net so that a back-end
+			// serving both streams on one queue fails instead of hanging.
+			gaveUp.Store(true)
+		}
+	}
+	go func() {
+		// Open the gate once the disk has served half the main reads
+		// while background writes were held.
+		for d.reads.Load() < mainReads/2 {
+			time.Sleep(time.Millisecond)
+		}
+		releaseOnce.Do(func() { close(release) })
+	}()
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	sock := serve(t, d, 2)
+	res, err := Run(context.Background(), Config{
+		Socket: sock, Queues: 1, IODepth: 8, BS: 4096, Mode: RandRead, Range: 2 << 20, IOs: mainReads,
+		Verify: true, Seed: 21,
+		Background: &Stream{Queues: 1, IODepth: 4, BS: 4096, Mode: RandWrite, Offset: 2 << 20, Stride: 64 << 10, RandomMap: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gaveUp.Load() {
+		t.Error("a held background write was released by the safety net, not by the main stream's reads")
+	}
+	if res.Reads != mainReads || res.Writes != 0 || res.Latency.Count != mainReads {
+		t.Errorf("main stream: %d reads, %d writes, %d latencies; want %d reads only", res.Reads, res.Writes, res.Latency.Count, mainReads)
+	}
+	bg := res.Background
+	if bg == nil {
+		t.Fatal("no background result")
+	}
+	if bg.Reads != 0 || bg.Writes == 0 || bg.Offset != 2<<20 || bg.Range != 2<<20 || bg.RW != "randwrite" || bg.BackendCPUPerIO != -1 {
+		t.Errorf("background result %+v", bg)
+	}
+	// The main range was pre-filled once (512 4K writes); every other
+	// write the disk saw is in the background range, at a 64K stride.
+	if n := outside.Load(); n != 512 {
+		t.Errorf("%d writes below 2 MiB, want the 512 of the pre-fill", n)
+	}
+	data := d.snapshot()
+	written := 0
+	for off := int64(2 << 20); off < 4<<20; off += 64 << 10 {
+		if CheckTagged(data[off:off+4096], uint64(off/SectorSize), 21) == nil {
+			written++
+		}
+	}
+	if want := min(bg.Writes, 32); uint64(written) != want {
+		t.Errorf("%d strides of the background range tagged, %d background writes", written, bg.Writes)
+	}
+}
+
+func TestRunRefusesAnOffsetBeyondTheDisk(t *testing.T) {
+	d := &memDisk{data: make([]byte, 1<<20)}
+	sock := serve(t, d, 2)
+	for name, c := range map[string]Config{
+		"main":       {Socket: sock, Queues: 1, IODepth: 1, BS: 4096, Mode: RandRead, IOs: 1, Offset: 1 << 20},
+		"main range": {Socket: sock, Queues: 1, IODepth: 1, BS: 4096, Mode: RandRead, IOs: 1, Offset: 512 << 10, Range: 1 << 20},
+		"background": {Socket: sock, Queues: 1, IODepth: 1, BS: 4096, Mode: RandRead, IOs: 1,
+			Background: &Stream{Queues: 1, IODepth: 1, BS: 4096, Offset: 2 << 20}},
+	} {
+		if _, err := Run(context.Background(), c); !errors.Is(err, ErrConfig) {
 			t.Errorf("%s: got %v, want ErrConfig", name, err)
 		}
 	}
