@@ -13,7 +13,8 @@ import (
 )
 
 const benchUsage = `Usage: vhost-vhdx bench --socket PATH [OPTIONS]
-       vhost-vhdx bench report [--svg FILE] [--md FILE] RESULTS.jsonl
+       vhost-vhdx bench report [--svg FILE] [--rows-svg FILE] RESULTS.jsonl
+       vhost-vhdx bench exec [--json] -- COMMAND [ARGS]
 
 Drive a vhost-user-blk back-end (vhost-vhdx serve, qemu-storage-daemon, ...)
 with no guest: the bench is the front-end, with memfd guest memory, split
@@ -29,9 +30,12 @@ Options:
   --rwmix PCT       randrw: percentage of reads (default 50)
   --runtime DUR     how long to run, e.g. 10s (default 5s unless --ios)
   --ios N           stop after N requests in total
-  --range SIZE      use only the first SIZE bytes of the disk (default all)
+  --offset SIZE     start of the range (default 0)
+  --range SIZE      use only SIZE bytes from --offset (default: to the end)
   --stride SIZE     align random offsets to SIZE (default --bs)
   --randommap       use each aligned offset once per pass, in random order
+  --flush-every N   send a FLUSH after every N requests on each queue (it
+                    does not wait for the requests before it to complete)
   --verify          tag every 512-byte sector with its LBA and a seed and
                     check every read; read modes write the range first
   --seed N          seed for offsets and tags (default: from the clock)
@@ -42,9 +46,23 @@ Options:
                     suite: each malformed message or request on a fresh
                     connection, then a normal connection that must work
 
+A background stream runs at the same time on queues of its own (after the
+--queues of the main one) and is reported apart; the run ends when either
+stream is done. --bg-rw turns it on; its other options default to the main
+stream's values except --bg-queues (1), --bg-offset (0), --bg-range (all),
+--bg-stride (--bg-bs), --bg-flush-every (0) and --bg-ios (0: until the
+main stream ends):
+  --bg-rw MODE --bg-queues N --bg-iodepth N --bg-bs SIZE --bg-rwmix PCT
+  --bg-offset SIZE --bg-range SIZE --bg-stride SIZE --bg-randommap
+  --bg-flush-every N --bg-ios N
+
 "bench report" reads JSON lines written by scripts/bench.sh and prints the
 Markdown tables of docs/benchmarks/README.md; --svg writes the IOPS against
-queue depth plot.
+queue depth plot, --rows-svg the bars of ours against the other back-end
+for issue 12's rows.
+
+"bench exec" runs COMMAND and prints its wall time, maximum RSS and exit
+status (for the open-time rows: vhost-vhdx info against qemu-img info).
 `
 
 type benchFlags struct {
@@ -65,6 +83,24 @@ type benchFlags struct {
 	noEventIdx bool
 	json       bool
 	hostile    bool
+	offset     sizeFlag
+	flushEvery int
+	bg         bgFlags
+}
+
+// bgFlags are the background stream's options (--bg-*).
+type bgFlags struct {
+	rw         string
+	queues     int
+	iodepth    int
+	bs         sizeFlag
+	rwmix      int
+	offset     sizeFlag
+	rangeSize  sizeFlag
+	stride     sizeFlag
+	randommap  bool
+	flushEvery int
+	ios        uint64
 }
 
 // benchOutput says what runBench does besides loading: the output format,
@@ -95,6 +131,19 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutp
 	fs.BoolVar(&b.noEventIdx, "no-event-idx", false, "")
 	fs.BoolVar(&b.json, "json", false, "")
 	fs.BoolVar(&b.hostile, "hostile", false, "")
+	fs.Var(&b.offset, "offset", "")
+	fs.IntVar(&b.flushEvery, "flush-every", 0, "")
+	fs.StringVar(&b.bg.rw, "bg-rw", "", "")
+	fs.IntVar(&b.bg.queues, "bg-queues", 1, "")
+	fs.IntVar(&b.bg.iodepth, "bg-iodepth", 0, "")
+	fs.Var(&b.bg.bs, "bg-bs", "")
+	fs.IntVar(&b.bg.rwmix, "bg-rwmix", -1, "")
+	fs.Var(&b.bg.offset, "bg-offset", "")
+	fs.Var(&b.bg.rangeSize, "bg-range", "")
+	fs.Var(&b.bg.stride, "bg-stride", "")
+	fs.BoolVar(&b.bg.randommap, "bg-randommap", false, "")
+	fs.IntVar(&b.bg.flushEvery, "bg-flush-every", 0, "")
+	fs.Uint64Var(&b.bg.ios, "bg-ios", 0, "")
 	if _, err := parseArgs(fs, args, benchUsage, stdout, 0, 0); err != nil {
 		return loadgen.Config{}, benchOutput{}, err
 	}
@@ -106,7 +155,7 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutp
 	c := loadgen.Config{
 		Socket: b.socket, Queues: b.queues, IODepth: b.iodepth, BS: 4096, Mode: mode, RWMix: b.rwmix,
 		Runtime: b.runtime, IOs: b.ios, RandomMap: b.randommap, Verify: b.verify, Seed: b.seed,
-		PID: b.pid, NoEventIdx: b.noEventIdx,
+		PID: b.pid, NoEventIdx: b.noEventIdx, FlushEvery: b.flushEvery,
 	}
 	if b.socket == "" {
 		return c, out, usagef("bench", "--socket is required")
@@ -115,7 +164,8 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutp
 		name string
 		f    *sizeFlag
 		max  uint64
-	}{{"bs", &b.bs, loadgen.MaxBS}, {"range", &b.rangeSize, 1 << 62}, {"stride", &b.stride, 1 << 62}} {
+	}{{"bs", &b.bs, loadgen.MaxBS}, {"range", &b.rangeSize, 1 << 62}, {"stride", &b.stride, 1 << 62}, {"offset", &b.offset, 1 << 62},
+		{"bg-bs", &b.bg.bs, loadgen.MaxBS}, {"bg-range", &b.bg.rangeSize, 1 << 62}, {"bg-stride", &b.bg.stride, 1 << 62}, {"bg-offset", &b.bg.offset, 1 << 62}} {
 		if s.f.set && s.f.v > s.max {
 			return c, out, usagef("bench", "--%s %d is too large", s.name, s.f.v)
 		}
@@ -125,6 +175,14 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutp
 	}
 	c.Range = int64(b.rangeSize.v)
 	c.Stride = int64(b.stride.v)
+	c.Offset = int64(b.offset.v)
+	if b.bg.rw != "" {
+		bg, err := b.bg.stream(c)
+		if err != nil {
+			return c, out, err
+		}
+		c.Background = bg
+	}
 	if c.Runtime == 0 && c.IOs == 0 {
 		c.Runtime = 5 * time.Second
 	}
@@ -134,9 +192,34 @@ func parseBenchFlags(args []string, stdout io.Writer) (loadgen.Config, benchOutp
 	return c, out, nil
 }
 
+// stream is the background stream the --bg-* flags describe; the ones not
+// given take the main stream's values (c, already parsed).
+func (g *bgFlags) stream(c loadgen.Config) (*loadgen.Stream, error) {
+	mode, err := loadgen.ParseMode(g.rw)
+	if err != nil {
+		return nil, usagef("bench", "--bg-rw %q: want randread, randwrite, read, write or randrw", g.rw)
+	}
+	s := &loadgen.Stream{Queues: g.queues, IODepth: c.IODepth, BS: c.BS, Mode: mode, RWMix: c.RWMix,
+		Offset: int64(g.offset.v), Range: int64(g.rangeSize.v), Stride: int64(g.stride.v), RandomMap: g.randommap,
+		FlushEvery: g.flushEvery, IOs: g.ios}
+	if g.iodepth != 0 {
+		s.IODepth = g.iodepth
+	}
+	if g.bs.set {
+		s.BS = int(g.bs.v)
+	}
+	if g.rwmix >= 0 {
+		s.RWMix = g.rwmix
+	}
+	return s, nil
+}
+
 func runBench(args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "report" {
 		return runBenchReport(args[1:], stdout)
+	}
+	if len(args) > 0 && args[0] == "exec" {
+		return runBenchExec(args[1:], stdout, stderr)
 	}
 	c, out, err := parseBenchFlags(args, stdout)
 	if err != nil {
@@ -172,22 +255,38 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 }
 
 func printBench(w io.Writer, r *loadgen.Result) {
-	mix := ""
-	if r.RW == "randrw" {
-		mix = fmt.Sprintf(" (%d%% reads)", r.RWMix)
+	printStream(w, "", r)
+	if r.Background != nil {
+		printStream(w, "background: ", r.Background)
 	}
-	fmt.Fprintf(w, "%s%s bs=%s queues=%d iodepth=%d range=%s event_idx=%v verify=%v\n",
-		r.RW, mix, formatShort(uint64(r.BS)), r.Queues, r.IODepth, formatShort(uint64(r.Range)), r.EventIdx, r.Verified)
-	fmt.Fprintf(w, "  %d requests (%d reads, %d writes) in %.2fs\n", r.IOs, r.Reads, r.Writes, r.Seconds)
-	fmt.Fprintf(w, "  IOPS %.0f   bandwidth %.1f MiB/s\n", r.IOPS, r.MiBps)
-	l := r.Latency
-	fmt.Fprintf(w, "  latency µs: mean %.1f  p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", l.Mean, l.P50, l.P90, l.P99, l.P999, l.Max)
 	be := "n/a (no --pid)"
 	if r.BackendCPUPerIO >= 0 {
 		be = fmt.Sprintf("%.2f µs", r.BackendCPUPerIO)
 	}
 	fmt.Fprintf(w, "  CPU per request: back-end %s, bench %.2f µs\n", be, r.OwnCPUPerIO)
 	fmt.Fprintf(w, "  notifications per request: %.3f kicks, %.3f interrupts waited for\n", r.KicksPerIO, r.WaitsPerIO)
+}
+
+// printStream prints one stream's pattern, counts and latencies.
+func printStream(w io.Writer, label string, r *loadgen.Result) {
+	mix := ""
+	if r.RW == "randrw" {
+		mix = fmt.Sprintf(" (%d%% reads)", r.RWMix)
+	}
+	flush := ""
+	if r.FlushEvery > 0 {
+		flush = fmt.Sprintf(" flush-every=%d", r.FlushEvery)
+	}
+	fmt.Fprintf(w, "%s%s%s bs=%s queues=%d iodepth=%d offset=%s range=%s%s event_idx=%v verify=%v\n",
+		label, r.RW, mix, formatShort(uint64(r.BS)), r.Queues, r.IODepth, formatShort(uint64(r.Offset)), formatShort(uint64(r.Range)),
+		flush, r.EventIdx, r.Verified)
+	fmt.Fprintf(w, "  %d requests (%d reads, %d writes) in %.2fs\n", r.IOs, r.Reads, r.Writes, r.Seconds)
+	fmt.Fprintf(w, "  IOPS %.0f   bandwidth %.1f MiB/s\n", r.IOPS, r.MiBps)
+	l := r.Latency
+	fmt.Fprintf(w, "  latency µs: mean %.1f  p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", l.Mean, l.P50, l.P90, l.P99, l.P999, l.Max)
+	if f := r.FlushLatency; f != nil {
+		fmt.Fprintf(w, "  %d flushes, latency µs: p50 %.1f  p99 %.1f  max %.1f\n", r.Flushes, f.P50, f.P99, f.Max)
+	}
 }
 
 // formatShort prints a byte count as 4K, 1M, 1G when exact.

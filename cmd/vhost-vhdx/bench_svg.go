@@ -1,9 +1,11 @@
 package main
 
 import (
+	"encoding/xml"
 	"fmt"
 	"io"
 	"math"
+	"strings"
 )
 
 // writeSweepSVG plots median IOPS against queue depth (log2 axis) for each
@@ -101,4 +103,72 @@ func kilo(v float64) string {
 		return fmt.Sprintf("%gk", v/1e3)
 	}
 	return fmt.Sprintf("%g", v)
+}
+
+// writeRowsSVG draws, for each benchRow marked plot, a pair of horizontal
+// bars: ours and the other back-end's median, IOPS for loads and seconds
+// for commands. Each pair has its own scale (the rows differ by orders of
+// magnitude), so the figure compares within a row; the ratio is printed
+// beside it.
+func writeRowsSVG(w io.Writer, s benchSummary) {
+	const (
+		width, left, right, top = 900, 20, 170, 50
+		barH, rowH              = 14, 62
+	)
+	var rows []benchRow
+	for _, r := range benchRows {
+		if r.plot {
+			rows = append(rows, r)
+		}
+	}
+	height := top + rowH*len(rows) + 40
+	pw := float64(width - left - right)
+	fmt.Fprintf(w, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">`+"\n", width, height, width, height)
+	fmt.Fprintf(w, `<rect width="%d" height="%d" fill="white"/>`+"\n", width, height)
+	fmt.Fprintf(w, `<text x="%d" y="22" text-anchor="middle" font-size="14">Issue 12 rows: vhost-vhdx against the other back-end (medians; each pair on its own scale)</text>`+"\n", width/2)
+	colors := [2]string{"#1f77b4", "#d62728"}
+	for i, label := range []string{"vhost-vhdx (ours)", "qsd / qemu-img / flat"} {
+		fmt.Fprintf(w, `<rect x="%d" y="%d" width="12" height="12" fill="%s"/><text x="%d" y="%d">%s</text>`+"\n",
+			left+190*i, 32, colors[i], left+190*i+16, 42, label)
+	}
+	for i, r := range rows {
+		o, b := s.pair(r)
+		metric, unit, better := "iops", "IOPS", "higher is better"
+		if r.exec {
+			metric, unit, better = "seconds", "s", "time: lower is better"
+		}
+		vals := [2]float64{o.metric(metric), b.metric(metric)}
+		labels := [2]string{r.oursLabel(), r.baseLabel()}
+		y := top + rowH*i + 14
+		fmt.Fprintf(w, `<text x="%d" y="%d" font-weight="bold">%s</text>`+"\n", left, y, xmlEscape(r.title))
+		vmax := max(vals[0], vals[1])
+		for j, v := range vals {
+			by := y + 6 + (barH+3)*j
+			if math.IsNaN(v) || vmax <= 0 {
+				fmt.Fprintf(w, `<text x="%d" y="%d" fill="#777">%s: not measured</text>`+"\n", left, by+11, labels[j])
+				continue
+			}
+			bw := v / vmax * pw
+			exact, val := fmtNum(v, 0), kilo(math.Round(v))
+			if r.exec {
+				exact = fmtNum(v, 3)
+				val = exact
+			}
+			fmt.Fprintf(w, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"><title>%s: %s %s</title></rect>`+"\n",
+				left, by, bw, barH, colors[j], labels[j], exact, unit)
+			fmt.Fprintf(w, `<text x="%.1f" y="%d">%s %s (%s)</text>`+"\n", float64(left)+bw+4, by+11, val, unit, labels[j])
+		}
+		fmt.Fprintf(w, `<text x="%d" y="%d" text-anchor="end"><tspan font-weight="bold">%s</tspan> <tspan fill="#777">(%s)</tspan></text>`+"\n",
+			width-10, y, fmtRatio(ratio(vals[0], vals[1])), better)
+	}
+	fmt.Fprintln(w, "</svg>")
+}
+
+// xmlEscape escapes the characters SVG text cannot hold as they are.
+func xmlEscape(s string) string {
+	var b strings.Builder
+	if err := xml.EscapeText(&b, []byte(s)); err != nil {
+		return ""
+	}
+	return b.String()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -131,10 +132,11 @@ func TestBenchReportTakesMediansAndMarksTargets(t *testing.T) {
 		t.Fatalf("report: %d %s", code, stderr)
 	}
 	for _, want := range []string{
-		"| 4K randread QD32 IOPS ≥ 1.5× qsd | 3.30× | **met** |",
-		"| 4K randread QD1 p50 latency ≤ 0.8× qsd | 0.91× | **not met** |",
-		"| 4K allocating writes QD32 IOPS ≥ 1.2× qsd | – | not measured |",
-		"| 4K randread QD32, allocated | 330000 | 100000 | 3.30× |",
+		"| 4K randread QD32 IOPS ≥ 4× qsd | 12 | 3.30× | **not met** |",
+		"| 4K randread QD1 p50 latency ≤ 0.6× qsd | 12 | 0.91× | **not met** |",
+		"| 4K allocating randwrite QD32, fresh image, IOPS ≥ 8× qsd | 12 | – | not measured |",
+		"| 4K randread QD32, allocated | qsd | 330000 | 100000 | 3.30× |",
+		"| 1M read QD8 × 2 queues against dd of the file | dd | – | – | – | – | 1000.0 |",
 		"| ours | 50000 | 330000 |",
 	} {
 		if !strings.Contains(stdout, want) {
@@ -148,7 +150,7 @@ func TestBenchReportTakesMediansAndMarksTargets(t *testing.T) {
 	if s := string(b); !strings.HasPrefix(s, "<svg") || strings.Count(s, "<polyline") != 2 || !strings.Contains(s, "QD32: 330000 IOPS") {
 		t.Errorf("plot:\n%s", s)
 	}
-	if err := os.WriteFile(res, []byte("{\"backend\":\"ours\"}\n"), 0o644); err != nil {
+	if err := os.WriteFile(res, []byte("{\"backend\":\"ours\",\"workload\":\"x\"}\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if code, _, stderr := runCLI(t, "bench", "report", res); code != exitFailure || !strings.Contains(stderr, "line 1") {
@@ -171,5 +173,112 @@ func TestBenchHostileRunsEveryCaseAndTheServerSurvives(t *testing.T) {
 	// The server still serves a normal load afterwards.
 	if code, _, stderr := runCLI(t, "bench", "--socket", sock, "--ios", "64", "--verify", "--rw", "randrw"); code != 0 {
 		t.Fatalf("bench after the hostile suite: status %d: %s", code, stderr)
+	}
+}
+
+// TestBenchReportComparesTheIssue12Rows: the background stream of a
+// result, the chain against the flat image and the commands' wall time
+// and RSS each get their row, ratio, target and bars.
+func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
+	var in strings.Builder
+	line := func(rec benchRecord) {
+		b, err := json.Marshal(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in.Write(append(b, '\n'))
+	}
+	for run := 1; run <= 3; run++ {
+		for _, be := range []struct {
+			name          string
+			reads, allocs float64
+			info, infoRSS float64
+		}{{"ours", 200000, 9000, 0.05, 300 << 10}, {"qsd", 40000, 1000, 0.20, 150 << 10}} {
+			r := loadgen.Result{IOPS: be.reads, BackendCPUPerIO: -1, Latency: loadgen.Latency{P99: 1e6 / be.reads},
+				Background: &loadgen.Result{IOPS: be.allocs, BackendCPUPerIO: -1}}
+			line(benchRecord{Backend: be.name, Workload: wlReadWhileFill, Run: run, Result: &r})
+			backend := be.name
+			if backend == "qsd" {
+				backend = "qemu-img"
+			}
+			line(benchRecord{Backend: backend, Workload: wlOpenInfo, Run: run,
+				Exec: &execResult{Seconds: be.info * float64(run), MaxRSSKiB: int64(be.infoRSS)}})
+		}
+		for be, iops := range map[string]float64{"ours-chain": 150000, "ours-flat": 300000, "qsd": 50000} {
+			line(benchRecord{Backend: be, Workload: wlChainRead, Run: run, Result: &loadgen.Result{IOPS: iops, BackendCPUPerIO: -1}})
+		}
+	}
+	dir := t.TempDir()
+	res := filepath.Join(dir, "r.jsonl")
+	if err := os.WriteFile(res, []byte(in.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	svg := filepath.Join(dir, "rows.svg")
+	code, stdout, stderr := runCLI(t, "bench", "report", "--rows-svg", svg, res)
+	if code != 0 {
+		t.Fatalf("report: %d %s", code, stderr)
+	}
+	for _, want := range []string{
+		"| 4K randread QD32 (allocated) while queue 2 allocates | qsd | 200000 | 40000 | 5.00× |",
+		"| … queue 2: 4K randwrite QD32 into fresh blocks, same time | qsd | 9000 | 1000 | 9.00× |",
+		"| cached 4K randread QD32 while another queue allocates, IOPS ≥ 4× qsd | 12 | 5.00× | **met** |",
+		"| 4K randread QD32, 4-layer chain (ours) vs flat image (qsd) | ours-chain vs qsd | 150000 | 50000 | 3.00× |",
+		"| 4K randread QD32, 4-layer chain vs flat image, both ours | ours-chain vs ours-flat | 150000 | 300000 | 0.50× |",
+		// Medians of 0.05/0.10/0.15 s and 0.20/0.40/0.60 s.
+		"| qemu-img | 0.100 | 0.400 | 0.25× | 300.0 | 150.0 | 2.00× | 3+3 |",
+		"| info of a 16 TiB / 1 MiB-block image ≤ 0.5× qemu-img info's time | 12 | 0.25× | **met** |",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("report lacks %q:\n%s", want, stdout)
+		}
+	}
+	b, err := os.ReadFile(svg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	for _, want := range []string{"<svg", "ours: 200000 IOPS", "qsd: 40000 IOPS", "5.00×", "ours-chain: 150000 IOPS",
+		"qemu-img: 0.400 s", "0.25×", "time: lower is better", "not measured"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("rows plot lacks %q:\n%s", want, s)
+		}
+	}
+}
+
+func TestBenchExecMeasuresACommandAndRefusesAFailedOne(t *testing.T) {
+	code, stdout, stderr := runCLI(t, "bench", "exec", "--json", "--", "sh", "-c", "echo hidden; exit 0")
+	if code != 0 {
+		t.Fatalf("bench exec: %d %s", code, stderr)
+	}
+	var r execResult
+	if err := json.Unmarshal([]byte(stdout), &r); err != nil {
+		t.Fatalf("output %q: %v", stdout, err)
+	}
+	if r.Command != "sh -c echo hidden; exit 0" || r.Seconds <= 0 || r.MaxRSSKiB <= 0 {
+		t.Errorf("result %+v", r)
+	}
+	code, _, stderr = runCLI(t, "bench", "exec", "--", "sh", "-c", "echo broken >&2; exit 3")
+	if code != exitFailure || !strings.Contains(stderr, "exit status 3") || !strings.Contains(stderr, "broken") {
+		t.Errorf("failing command: status %d, stderr %q", code, stderr)
+	}
+}
+
+func TestBenchBackgroundFlagsDefaultToTheMainStream(t *testing.T) {
+	c, _, err := parseBenchFlags([]string{"--socket", "s", "--iodepth", "32", "--bs", "8K", "--flush-every", "16",
+		"--offset", "1M", "--bg-rw", "randwrite", "--bg-offset", "256M", "--bg-stride", "1M", "--bg-randommap"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := loadgen.Stream{Queues: 1, IODepth: 32, BS: 8192, Mode: loadgen.RandWrite, RWMix: 50, Offset: 256 << 20,
+		Stride: 1 << 20, RandomMap: true}
+	if c.FlushEvery != 16 || c.Offset != 1<<20 || c.Background == nil || *c.Background != want {
+		t.Errorf("flush-every %d, offset %d, background %+v; want %+v", c.FlushEvery, c.Offset, c.Background, want)
+	}
+	c, _, err = parseBenchFlags([]string{"--socket", "s"}, io.Discard)
+	if err != nil || c.Background != nil {
+		t.Errorf("no --bg-rw: background %+v, %v", c.Background, err)
+	}
+	if _, _, err := parseBenchFlags([]string{"--socket", "s", "--bg-rw", "up"}, io.Discard); err == nil || !strings.Contains(err.Error(), "--bg-rw") {
+		t.Errorf("bad --bg-rw: %v", err)
 	}
 }
