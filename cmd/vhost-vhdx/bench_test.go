@@ -261,6 +261,19 @@ func TestBenchExecMeasuresACommandAndRefusesAFailedOne(t *testing.T) {
 	if code != exitFailure || !strings.Contains(stderr, "exit status 3") || !strings.Contains(stderr, "broken") {
 		t.Errorf("failing command: status %d, stderr %q", code, stderr)
 	}
+	// A check that found only leaks (status 3) may be accepted, and then
+	// its status is recorded.
+	code, stdout, stderr = runCLI(t, "bench", "exec", "--json", "--ok-exit", "0,3", "--", "sh", "-c", "exit 3")
+	if err := json.Unmarshal([]byte(stdout), &r); code != 0 || err != nil || r.Exit != 3 {
+		t.Errorf("--ok-exit 0,3 and status 3: %d %q %q %v", code, stdout, stderr, err)
+	}
+	code, _, stderr = runCLI(t, "bench", "exec", "--ok-exit", "3", "--", "true")
+	if code != exitFailure || !strings.Contains(stderr, "exit status 0") {
+		t.Errorf("--ok-exit 3 and status 0: %d %q", code, stderr)
+	}
+	if code, _, _ := runCLI(t, "bench", "exec", "--ok-exit", "x", "--", "true"); code != exitUsage {
+		t.Errorf("--ok-exit x: status %d, want a usage error", code)
+	}
 }
 
 func TestBenchBackgroundFlagsDefaultToTheMainStream(t *testing.T) {
