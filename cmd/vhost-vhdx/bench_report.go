@@ -208,6 +208,8 @@ type stats struct {
 	iopsMin, iopsMax float64
 	iopsSpreadPct    float64
 	seconds, rssMiB  float64 // bench exec records
+	// Medians of the runs' FLUSH latency percentiles (NaN: no flushes).
+	flushP50, flushP99 float64
 }
 
 // metric is one of the medians by name (benchTarget.metric).
@@ -246,7 +248,7 @@ func median(v []float64) float64 {
 
 func summarizeRecords(recs []benchRecord) benchSummary {
 	type key struct{ wl, be string }
-	type acc struct{ iops, mibps, p50, p99, cpu, seconds, rss []float64 }
+	type acc struct{ iops, mibps, p50, p99, cpu, seconds, rss, fp50, fp99 []float64 }
 	groups := map[key]*acc{}
 	sweep := map[string]map[int][]float64{}
 	for _, r := range recs {
@@ -278,6 +280,10 @@ func summarizeRecords(recs []benchRecord) benchSummary {
 				if res.BackendCPUPerIO >= 0 {
 					a.cpu = append(a.cpu, res.BackendCPUPerIO)
 				}
+				if f := res.FlushLatency; f != nil {
+					a.fp50 = append(a.fp50, f.P50)
+					a.fp99 = append(a.fp99, f.P99)
+				}
 			}
 		}
 		add(r.Workload, r.Result)
@@ -288,7 +294,8 @@ func summarizeRecords(recs []benchRecord) benchSummary {
 	s := benchSummary{by: map[string]map[string]*stats{}, sweep: map[string]map[int]float64{}}
 	for k, a := range groups {
 		st := &stats{runs: max(len(a.iops), len(a.mibps), len(a.seconds)), iops: median(a.iops), mibps: median(a.mibps),
-			p50: median(a.p50), p99: median(a.p99), beCPU: -1, seconds: median(a.seconds), rssMiB: median(a.rss)}
+			p50: median(a.p50), p99: median(a.p99), beCPU: -1, seconds: median(a.seconds), rssMiB: median(a.rss),
+			flushP50: median(a.fp50), flushP99: median(a.fp99)}
 		if len(a.cpu) > 0 {
 			st.beCPU = median(a.cpu)
 		}
@@ -357,7 +364,7 @@ func (s benchSummary) get(wl, be string) *stats {
 		return st
 	}
 	return &stats{iops: math.NaN(), mibps: math.NaN(), p50: math.NaN(), p99: math.NaN(), beCPU: -1,
-		seconds: math.NaN(), rssMiB: math.NaN(), iopsSpreadPct: math.NaN()}
+		seconds: math.NaN(), rssMiB: math.NaN(), iopsSpreadPct: math.NaN(), flushP50: math.NaN(), flushP99: math.NaN()}
 }
 
 // pair returns the medians a row compares.
@@ -423,6 +430,19 @@ func writeBenchTables(w io.Writer, s benchSummary) {
 			r.title, vs, fmtNum(o.iops, 0), fmtNum(q.iops, 0), fmtRatio(ratio(o.iops, q.iops)),
 			fmtNum(o.mibps, 1), fmtNum(q.mibps, 1), fmtNum(o.p50, 1), fmtNum(q.p50, 1), fmtNum(o.p99, 1), fmtNum(q.p99, 1),
 			fmtNum(o.beCPU, 2), fmtNum(q.beCPU, 2), fmtRatio(cpuRatio), o.runs, q.runs)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "FLUSH latency of the rows that flush (medians of the runs' percentiles):")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| Workload | vs | FLUSH p50 µs ours | other | FLUSH p99 µs ours | other |")
+	fmt.Fprintln(w, "|---|---|--:|--:|--:|--:|")
+	for _, r := range benchRows {
+		o, q := s.pair(r)
+		if r.exec || math.IsNaN(o.flushP50) && math.IsNaN(q.flushP50) {
+			continue
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s |\n", r.title, r.baseLabel(),
+			fmtNum(o.flushP50, 1), fmtNum(q.flushP50, 1), fmtNum(o.flushP99, 1), fmtNum(q.flushP99, 1))
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| Command | vs | seconds ours | seconds other | ratio | max RSS MiB ours | other | ratio | runs |")

@@ -197,6 +197,9 @@ func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
 			r := loadgen.Result{IOPS: be.reads, BackendCPUPerIO: -1, Latency: loadgen.Latency{P99: 1e6 / be.reads},
 				Background: &loadgen.Result{IOPS: be.allocs, BackendCPUPerIO: -1}}
 			line(benchRecord{Backend: be.name, Workload: wlReadWhileFill, Run: run, Result: &r})
+			f := loadgen.Result{IOPS: be.allocs, BackendCPUPerIO: -1, Flushes: 10,
+				FlushLatency: &loadgen.Latency{P50: 100 * float64(run), P99: 1e6 / be.allocs}}
+			line(benchRecord{Backend: be.name, Workload: wlAllocFlush, Run: run, Result: &f})
 			backend := be.name
 			if backend == "qsd" {
 				backend = "qemu-img"
@@ -220,6 +223,8 @@ func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
 	}
 	for _, want := range []string{
 		"| 4K randread QD32 (allocated) while queue 2 allocates | qsd | 200000 | 40000 | 5.00× |",
+		// Only the row that flushed has FLUSH latencies.
+		"| 4K randwrite QD32 + FLUSH every 32, fresh image | qsd | 200.0 | 200.0 | 111.1 | 1000.0 |\n\n",
 		"| … queue 2: 4K randwrite QD32 into fresh blocks, same time | qsd | 9000 | 1000 | 9.00× |",
 		"| cached 4K randread QD32 while another queue allocates, IOPS ≥ 4× qsd | 12 | 5.00× | **met** |",
 		"| 4K randread QD32, 4-layer chain (ours) vs flat image (qsd) | ours-chain vs qsd | 150000 | 50000 | 3.00× |",
@@ -231,6 +236,9 @@ func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("report lacks %q:\n%s", want, stdout)
 		}
+	}
+	if n := strings.Count(stdout, "| 4K randread QD32 (allocated) while queue 2 allocates | qsd |"); n != 1 {
+		t.Errorf("the read row appears %d times in the tables, want once (it has no flushes)", n)
 	}
 	b, err := os.ReadFile(svg)
 	if err != nil {
