@@ -312,6 +312,7 @@ func (d *device) phase(ctx context.Context, c *Config, streams []Stream, rings [
 			go func() {
 				defer wg.Done()
 				w.run(base, deadline, &stop)
+				w.end = time.Since(base)
 				// A failed queue ends the run for all; so does the last
 				// queue of a stream, unless this is the pre-fill (whose
 				// streams each write their whole range).
@@ -322,7 +323,6 @@ func (d *device) phase(ctx context.Context, c *Config, streams []Stream, rings [
 		}
 	}
 	wg.Wait()
-	elapsed := time.Since(base)
 	own := SelfCPU() - own0
 	close(progressDone)
 	progressWG.Wait()
@@ -335,7 +335,7 @@ func (d *device) phase(ctx context.Context, c *Config, streams []Stream, rings [
 	results := make([]*Result, len(groups))
 	var ios uint64
 	for si, g := range groups {
-		results[si] = collect(c, &streams[si], g, d, elapsed)
+		results[si] = collect(c, &streams[si], g, d)
 		ios += results[si].IOs
 	}
 	if ios > 0 {
@@ -350,8 +350,14 @@ func (d *device) phase(ctx context.Context, c *Config, streams []Stream, rings [
 	return results, nil
 }
 
-// collect sums what the workers of one stream counted.
-func collect(c *Config, s *Stream, ws []*worker, d *device, elapsed time.Duration) *Result {
+// collect sums what the workers of one stream counted. The stream's span
+// ends when its last queue has reaped its last request: a stream that ran
+// beside another is not charged for the other's draining.
+func collect(c *Config, s *Stream, ws []*worker, d *device) *Result {
+	var elapsed time.Duration
+	for _, w := range ws {
+		elapsed = max(elapsed, w.end)
+	}
 	var h, fh Histogram
 	res := &Result{
 		RW: s.Mode.String(), BS: s.BS, Queues: s.Queues, IODepth: s.IODepth, Offset: s.Offset, Range: s.Range,
@@ -416,6 +422,7 @@ type worker struct {
 	kicks, waits         uint64
 	progIOs, progBytes   atomic.Uint64
 	err                  error
+	end                  time.Duration // when run returned, since base
 }
 
 // reqKind is what a slot's request does.
