@@ -303,3 +303,28 @@ func TestBenchBackgroundFlagsDefaultToTheMainStream(t *testing.T) {
 		t.Errorf("bad --bg-rw: %v", err)
 	}
 }
+
+// FuzzBenchReportNeverPanics: the results file is read back from disk, so
+// any content must give an error or a report and plots, never a panic.
+func FuzzBenchReportNeverPanics(f *testing.F) {
+	f.Add(benchLine("ours", wlRandRead32, 1, 32, 300000, 50, 2) + benchLine("qsd", wlRandRead32, 1, 32, 100000, 150, 10))
+	f.Add(`{"backend":"ours","workload":"info-16t","run":1,"exec":{"command":"x","seconds":0.5,"max_rss_kib":1000,"exit":0}}` + "\n" +
+		`{"backend":"qemu-img","workload":"info-16t","run":1,"exec":{"seconds":-1,"max_rss_kib":-5}}` + "\n")
+	f.Add(`{"backend":"ours","workload":"randread-4k-qd32-while-allocating","run":1,"result":{"iops":1e308,"background":{"iops":-0,"flush_latency":{"p50_us":1}}}}` + "\n")
+	f.Add(`{"backend":"dd","workload":"read-1m-qd8-2q","run":1,"mib_per_s":1000}` + "\n")
+	f.Add(benchLine("ours", wlSweep, 1, 1, 5e307, 1, 1) + benchLine("qsd", wlSweep, 1, 0, 4.9e-324, 1, 1) + benchLine("qsd", wlSweep, 1, -3, 1e5, 1, 1))
+	f.Fuzz(func(t *testing.T, in string) {
+		recs, err := readBenchRecords(strings.NewReader(in))
+		if err != nil {
+			return
+		}
+		s := summarizeRecords(recs)
+		var out strings.Builder
+		writeBenchTables(&out, s)
+		writeSweepSVG(&out, s)
+		writeRowsSVG(&out, s)
+		if !strings.Contains(out.String(), "| Target | issue |") {
+			t.Fatalf("report without its target table:\n%s", out.String())
+		}
+	})
+}
