@@ -123,7 +123,9 @@ type Config struct {
 	FlushEvery int
 	// Background, if set, runs a second stream at the same time on
 	// queues Queues..Queues+Background.Queues-1. The run ends when either
-	// stream is done (Runtime, or a stream's IOs). Verify applies to it
+	// stream is done (Runtime, or a stream's IOs); each stream's rates are
+	// over its own span, from the start to its own last completion, so
+	// neither is charged for the other's draining. Verify applies to it
 	// too; Seed is shared.
 	Background *Stream
 	// Progress, if set, is called about once a second from a separate
