@@ -14,7 +14,7 @@ import (
 
 const benchUsage = `Usage: vhost-vhdx bench --socket PATH [OPTIONS]
        vhost-vhdx bench report [--svg FILE] [--rows-svg FILE] RESULTS.jsonl
-       vhost-vhdx bench exec [--json] -- COMMAND [ARGS]
+       vhost-vhdx bench exec [--json] [--ok-exit LIST] -- COMMAND [ARGS]
 
 Drive a vhost-user-blk back-end (vhost-vhdx serve, qemu-storage-daemon, ...)
 with no guest: the bench is the front-end, with memfd guest memory, split
@@ -49,7 +49,7 @@ Options:
 A background stream runs at the same time on queues of its own (after the
 --queues of the main one) and is reported apart; the run ends when either
 stream is done. --bg-rw turns it on; its other options default to the main
-stream's values except --bg-queues (1), --bg-offset (0), --bg-range (all),
+stream's values except --bg-queues (1), --bg-offset (0), --bg-range (to the end),
 --bg-stride (--bg-bs), --bg-flush-every (0) and --bg-ios (0: until the
 main stream ends):
   --bg-rw MODE --bg-queues N --bg-iodepth N --bg-bs SIZE --bg-rwmix PCT
@@ -61,8 +61,9 @@ Markdown tables of docs/benchmarks/README.md; --svg writes the IOPS against
 queue depth plot, --rows-svg the bars of ours against the other back-end
 for issue 12's rows.
 
-"bench exec" runs COMMAND and prints its wall time, maximum RSS and exit
-status (for the open-time rows: vhost-vhdx info against qemu-img info).
+"bench exec" runs COMMAND and prints its wall time and maximum RSS (for the
+open-time rows: vhost-vhdx info against qemu-img info); see
+'vhost-vhdx bench exec --help'.
 `
 
 type benchFlags struct {
