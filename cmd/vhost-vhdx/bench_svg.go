@@ -127,7 +127,7 @@ func writeRowsSVG(w io.Writer, s benchSummary) {
 	fmt.Fprintf(w, `<rect width="%d" height="%d" fill="white"/>`+"\n", width, height)
 	fmt.Fprintf(w, `<text x="%d" y="22" text-anchor="middle" font-size="14">Issue 12 rows: vhost-vhdx against the other back-end (medians; each pair on its own scale)</text>`+"\n", width/2)
 	colors := [2]string{"#1f77b4", "#d62728"}
-	for i, label := range []string{"vhost-vhdx (ours)", "qsd / qemu-img / flat"} {
+	for i, label := range []string{"vhost-vhdx (ours)", "qemu-storage-daemon or qemu-img"} {
 		fmt.Fprintf(w, `<rect x="%d" y="%d" width="12" height="12" fill="%s"/><text x="%d" y="%d">%s</text>`+"\n",
 			left+190*i, 32, colors[i], left+190*i+16, 42, label)
 	}
