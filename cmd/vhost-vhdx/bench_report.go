@@ -159,19 +159,23 @@ func runBenchReport(args []string, stdout io.Writer) error {
 	}
 	s := summarizeRecords(recs)
 	writeBenchTables(stdout, s)
-	for _, out := range []struct {
-		path  string
-		write func(io.Writer, benchSummary)
-	}{{*svg, writeSweepSVG}, {*rowsSVG, writeRowsSVG}} {
-		if out.path == "" {
-			continue
-		}
-		f, err := os.Create(out.path)
+	if *svg != "" {
+		out, err := os.Create(*svg)
 		if err != nil {
 			return fmt.Errorf("bench report: %w", err)
 		}
-		out.write(f, s)
-		if err := f.Close(); err != nil {
+		writeSweepSVG(out, s)
+		if err := out.Close(); err != nil {
+			return fmt.Errorf("bench report: %w", err)
+		}
+	}
+	if *rowsSVG != "" {
+		out, err := os.Create(*rowsSVG)
+		if err != nil {
+			return fmt.Errorf("bench report: %w", err)
+		}
+		writeRowsSVG(out, s)
+		if err := out.Close(); err != nil {
 			return fmt.Errorf("bench report: %w", err)
 		}
 	}
