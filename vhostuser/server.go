@@ -136,6 +136,8 @@ func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	socket := ln.Addr().String()
+	opts.Monitor.listening(socket)
 	var backoff time.Duration
 	for {
 		c, err := ln.AcceptUnix()
@@ -159,7 +161,7 @@ func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
 		}
 		backoff = 0
 		// Errors are reported through Events.ConnClosed; the server lives on.
-		_ = serveConn(ctx, c, opts)
+		_ = serveConn(ctx, c, opts, socket)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -177,16 +179,17 @@ func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 		c.Close()
 		return err
 	}
-	return serveConn(ctx, c, opts)
+	return serveConn(ctx, c, opts, c.LocalAddr().String())
 }
 
-func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
+// serveConn serves c, which came in on socket (for Monitor).
+func serveConn(ctx context.Context, c *net.UnixConn, opts Options, socket string) error {
 	id := connIDs.Add(1)
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
 	s.ctx = ctx
 	opts.Notifier.attach(s)
-	opts.Monitor.attach(s)
+	opts.Monitor.attach(s, socket)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if
 	// any, completes first.
