@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
@@ -234,6 +235,7 @@ func printStatus(w io.Writer, s StatusReply) {
 		fmt.Fprintf(w, "  %-9s  %s (%s, %s allocated, file %s)\n", role, l.Path, l.Type, formatBytes(l.AllocatedBytes), formatBytes(l.FileSize))
 	}
 	fe := s.FrontEnd
+	defer printSockets(w, fe.Frontends)
 	if !fe.Connected {
 		fmt.Fprintf(w, "front-end:   not connected (%d connections served)\n", fe.Connections)
 		return
@@ -410,4 +412,31 @@ func watchStats(ctx context.Context, cl *control.Client, w io.Writer, every time
 		prev = cur
 	}
 	return nil
+}
+
+// printSockets lists each socket's front-end when the disk is served on
+// several sockets (a migration on one host).
+func printSockets(w io.Writer, fs []vhostuser.FrontendStatus) {
+	if len(fs) < 2 {
+		return
+	}
+	// One disk on several sockets: each socket's front-end.
+	for _, f := range fs {
+		switch {
+		case !f.Connected:
+			fmt.Fprintf(w, "  socket     %s: not connected\n", f.Socket)
+		default:
+			started := 0
+			for _, q := range f.Queues {
+				if q.Started {
+					started++
+				}
+			}
+			active := ""
+			if f.Active {
+				active = ", active"
+			}
+			fmt.Fprintf(w, "  socket     %s: connection %d%s, %d queues started\n", f.Socket, f.Conn, active, started)
+		}
+	}
 }

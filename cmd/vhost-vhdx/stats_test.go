@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
@@ -165,5 +166,43 @@ func TestImageCountersCountSinceStartAcrossCheckpointAndResize(t *testing.T) {
 	}
 	if s.Total.Ops["write"].Ops != 6 {
 		t.Errorf("%d writes counted, want 6", s.Total.Ops["write"].Ops)
+	}
+}
+
+// status keeps its front_end fields (the active front-end) and adds one
+// frontends entry per socket; ctl status lists the sockets when there are
+// several.
+func TestStatusListsEachSocketsFrontEndAndKeepsTheActiveOnesFields(t *testing.T) {
+	st := StatusReply{Chain: []LayerStatus{{Path: "/x.vhdx", Type: "dynamic"}}, FrontEnd: vhostuser.DeviceStatus{
+		Connected: true, Conn: 7, Connections: 7, FeatureNames: []string{"VERSION_1"}, ProtocolNames: []string{},
+		Queues: []vhostuser.QueueStatus{{Index: 0, Started: true, Enabled: true}},
+		Frontends: []vhostuser.FrontendStatus{
+			{Socket: "/run/a.sock", Connected: true, Active: true, Conn: 7, Queues: []vhostuser.QueueStatus{{Index: 0, Started: true}}},
+			{Socket: "/run/b.sock"},
+		},
+	}}
+	b, err := json.Marshal(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var raw struct {
+		FrontEnd map[string]any `json:"front_end"`
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"connected", "conn", "connections", "features", "feature_names", "queues", "frontends"} {
+		if _, ok := raw.FrontEnd[k]; !ok {
+			t.Errorf("front_end lacks %q: %s", k, b)
+		}
+	}
+	var out bytes.Buffer
+	if err := printReply(&out, "status", b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"/run/a.sock: connection 7, active, 1 queues started", "/run/b.sock: not connected", "connected (connection 7"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("ctl status lacks %q:\n%s", want, out.String())
+		}
 	}
 }
