@@ -197,8 +197,10 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options, socket string
 	err := s.run()
 	stop()
 	opts.Notifier.detach(s)
-	opts.Monitor.detach(s)
+	// The Monitor keeps s until its workers have stopped: a Quiesce in
+	// between must still hold their last requests (status.go).
 	s.teardown()
+	opts.Monitor.detach(s)
 	c.Close()
 	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {
 		err = nil

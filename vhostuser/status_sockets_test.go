@@ -160,3 +160,61 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 		t.Errorf("after the source left: %+v", st)
 	}
 }
+
+// gatedDisk holds every write until release is closed.
+type gatedDisk struct {
+	*memDisk
+	entered  chan struct{}
+	release  chan struct{}
+	inflight atomic.Int64
+}
+
+func (d *gatedDisk) WriteVec(b [][]byte, off int64) error {
+	d.inflight.Add(1)
+	defer d.inflight.Add(-1)
+	select {
+	case d.entered <- struct{}{}:
+	default:
+	}
+	<-d.release
+	return d.memDisk.WriteVec(b, off)
+}
+
+// A front-end that disconnects while a request of its runs stays in the
+// Monitor until its queues have stopped: Status shows it and Quiesce waits
+// for the request, so a disk swapped inside Quiesce is never used by a
+// leaving connection's last requests.
+func TestQuiesceWaitsForTheRequestsOfAFrontEndThatIsLeaving(t *testing.T) {
+	d := &gatedDisk{memDisk: newMemDisk(testDiskSize), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	mon := new(vhostuser.Monitor)
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, Monitor: mon})
+	f := s.connect(t, smallSetup)
+	go f.Queues[0].Write(context.Background(), 0, make([]byte, 512)) // fails once f is closed
+	<-d.entered
+	f.Close()
+	// Give the connection every chance to be forgotten too early: the
+	// session sees EOF at once, its worker stays in the disk.
+	for i := 0; i < 20000 && mon.Status().Connected; i++ {
+		runtime.Gosched()
+	}
+	if !mon.Status().Connected {
+		t.Error("status forgot the connection while a request of it runs")
+	}
+	quiesced := make(chan error, 1)
+	go func() {
+		quiesced <- mon.Quiesce(func() error {
+			if n := d.inflight.Load(); n != 0 {
+				return fmt.Errorf("%d requests of the leaving front-end in progress inside Quiesce", n)
+			}
+			return nil
+		})
+	}()
+	close(d.release)
+	if err := <-quiesced; err != nil {
+		t.Error(err)
+	}
+	s.waitClosed(t)
+	if st := mon.Status(); st.Connected {
+		t.Errorf("status after the connection ended: %+v", st)
+	}
+}
