@@ -20,7 +20,7 @@
 //	func (g *RingGate) Owner() uint64 // connection whose rings run, 0: none
 //	func (g *RingGate) Waiting() int  // connections waiting to start a ring
 //	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues; Frontends: one per socket
-//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue
+//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue of any connection
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
