@@ -49,7 +49,7 @@ type Handler struct {
 	stats    *QueueStats // nil: not counting (CountInto)
 	reqType  uint32      // type of the request being handled, for stats
 	reqBytes uint64      // data bytes it moved, for stats
-	sampler  sampler     // which requests' latency is timed (stats.go)
+	sampler  sampler     // which requests' latency is timed (statsample.go)
 }
 
 // NewHandler returns a Handler for d. Optional Disk upgrades are looked up

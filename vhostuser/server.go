@@ -179,7 +179,11 @@ func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 		c.Close()
 		return err
 	}
-	return serveConn(ctx, c, opts, c.LocalAddr().String())
+	socket := ""
+	if a := c.LocalAddr(); a != nil { // nil for some inherited or socketpair conns
+		socket = a.String()
+	}
+	return serveConn(ctx, c, opts, socket)
 }
 
 // serveConn serves c, which came in on socket (for Monitor).
