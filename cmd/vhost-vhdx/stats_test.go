@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -12,6 +14,7 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
 // fakeStatsDaemon serves a control socket whose stats command returns the
@@ -205,4 +208,58 @@ func TestStatusListsEachSocketsFrontEndAndKeepsTheActiveOnesFields(t *testing.T)
 			t.Errorf("ctl status lacks %q:\n%s", want, out.String())
 		}
 	}
+}
+
+// The daemon on two sockets: status lists both sockets from the start and
+// shows which one's front-end is connected and active.
+func TestDaemonOnTwoSocketsReportsEachSocketsFrontEnd(t *testing.T) {
+	bin := daemonBinary(t)
+	dir := shortDir(t)
+	img := newImage(t, dir)
+	a, b, ctl := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock"), filepath.Join(dir, "ctl.sock")
+	cmd := exec.Command(bin, "serve", "--socket-path", a, "--socket-path", b, "--control-socket", ctl, img)
+	d := startDaemon(t, cmd)
+	d.waitFor(t, "serving VHDX image")
+	status := func() StatusReply {
+		t.Helper()
+		code, out, stderr := runCLI(t, "ctl", ctl, "status", "--json")
+		var st StatusReply
+		if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
+			t.Fatalf("ctl status --json: %d %q %q", code, out, stderr)
+		}
+		return st
+	}
+	// The control socket may be up before both Serve calls listed theirs.
+	st := status()
+	for len(st.FrontEnd.Frontends) < 2 {
+		runtime.Gosched()
+		st = status()
+	}
+	if fs := st.FrontEnd.Frontends; len(fs) != 2 || fs[0].Connected || fs[1].Connected || st.FrontEnd.Connected {
+		t.Fatalf("before any front-end: %+v", st.FrontEnd)
+	}
+	f, err := frontend.Dial(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Setup(frontend.Options{NumQueues: 1}); err != nil {
+		t.Fatal(err)
+	}
+	st = status()
+	for _, fe := range st.FrontEnd.Frontends {
+		if want := fe.Socket == b; fe.Connected != want || fe.Active != want {
+			t.Errorf("socket %s: connected %t active %t, want %t", fe.Socket, fe.Connected, fe.Active, want)
+		}
+	}
+	if !st.FrontEnd.Connected || len(st.FrontEnd.Queues) != 1 || !st.FrontEnd.Queues[0].Started {
+		t.Errorf("top-level front_end: %+v", st.FrontEnd)
+	}
+	code, out, _ := runCLI(t, "ctl", ctl, "status")
+	if code != 0 || !strings.Contains(out, a+": not connected") || !strings.Contains(out, b+": connection") {
+		t.Errorf("ctl status:\n%s", out)
+	}
+	f.Close()
+	d.stop(t, cmd.Process.Pid)
+	checkClean(t, img)
 }
