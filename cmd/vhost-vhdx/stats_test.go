@@ -219,7 +219,7 @@ func TestDaemonOnTwoSocketsReportsEachSocketsFrontEnd(t *testing.T) {
 	a, b, ctl := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock"), filepath.Join(dir, "ctl.sock")
 	cmd := exec.Command(bin, "serve", "--socket-path", a, "--socket-path", b, "--control-socket", ctl, img)
 	d := startDaemon(t, cmd)
-	d.waitFor(t, "serving VHDX image")
+	d.waitFor(t, "control socket listening")
 	status := func() StatusReply {
 		t.Helper()
 		code, out, stderr := runCLI(t, "ctl", ctl, "status", "--json")
