@@ -208,16 +208,60 @@ func TestSampledLatencyKeepsCountsExactAndTimesFewFastRequests(t *testing.T) {
 	if got := q.ops[OpRead].bytes.Load(); got != n*4096 {
 		t.Fatalf("%d bytes counted, want %d", got, n*4096)
 	}
-	// Fast requests are timed about one in sampleEvery (the loaded
-	// machine may make a few slow, and those are followed by a timed one).
-	if timed > n/sampleEvery*2 || timed < n/sampleEvery/2 {
-		t.Errorf("%d of %d fast requests timed, want about %d", timed, n, n/sampleEvery)
+	// Fast requests are timed about one in sampleEvery; a loaded machine
+	// makes some slow, and each of those is followed by a timed one
+	// (TestSamplerTimesOneFastRequestInAboutSampleEvery has the exact
+	// rate).
+	if timed > n/4 || timed < n/sampleEvery/2 {
+		t.Errorf("%d of %d requests timed, want about %d", timed, n, n/sampleEvery)
 	}
 	// Each timed one stands for the requests since the previous one: the
 	// histogram sums to the requests up to the last timed one.
 	all, _ := histSum(t, q, OpRead, 0)
 	if all > n || all < n-2*sampleEvery {
 		t.Errorf("histogram holds %d requests, want %d less at most %d not yet stood for", all, n, 2*sampleEvery)
+	}
+}
+
+func TestSamplerTimesOneFastRequestInAboutSampleEvery(t *testing.T) {
+	var s sampler
+	const n = 32000
+	timed, weights := 0, uint64(0)
+	var gaps [2 * sampleEvery]int
+	last := 0
+	for i := 0; i < n; i++ {
+		for _, op := range []Op{OpRead, OpWrite} { // types sample apart
+			w := s.take(op)
+			if w == 0 {
+				continue
+			}
+			if op == OpRead {
+				timed++
+				weights += w
+				if timed > 1 {
+					gaps[i-last]++
+				}
+				last = i
+			}
+			s.timed(op, time.Microsecond)
+		}
+	}
+	if timed < n/sampleEvery*9/10 || timed > n/sampleEvery*11/10 {
+		t.Errorf("%d of %d fast reads timed, want about %d", timed, n, n/sampleEvery)
+	}
+	if weights > n || weights < n-2*sampleEvery {
+		t.Errorf("timed reads weigh %d, want the %d reads less at most %d", weights, n, 2*sampleEvery)
+	}
+	// The distance varies over 1..2N-1, so no period of the workload
+	// lines up with it.
+	for g := 1; g < 2*sampleEvery; g++ {
+		if gaps[g] == 0 {
+			t.Errorf("no two timed reads %d apart: gaps %v", g, gaps)
+			break
+		}
+	}
+	if gaps[0] != 0 {
+		t.Errorf("gaps %v", gaps)
 	}
 }
 
