@@ -44,7 +44,11 @@ type daemon struct {
 	// the current one (a checkpoint or resize swaps in a newly opened
 	// image, whose counters start at zero), so stats shows the image
 	// counters since the daemon started. Added to by the DiskRef's OnSwap
-	// hook, whoever swaps; retiredMu because a swap need not hold opMu.
+	// hook, whoever swaps (the old image is quiesced or closed by then, so
+	// its counts are final); retiredMu because a swap need not hold opMu.
+	// checkpoint and resize do hold it, so a stats reply never falls
+	// between their Swap and the hook; a swapper that does not could make
+	// one reply miss the old image's counts for that instant.
 	retiredMu sync.Mutex
 	retired   vhdx.Counters
 }
