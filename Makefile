@@ -115,7 +115,10 @@ run: build
 	@echo "Or your own guest: add these options to its QEMU command line (-m must be $(GUEST_MEM)):"
 	@echo '  $(QEMU_ATTACH)'
 	@echo
-	exec $(BIN) serve --socket $(SOCKET) $(IMAGE)
+	@# exec: make's SIGTERM reaches the daemon. --stop-with-parent: GNU make
+	@# keeps a SIGINT sent to make alone and waits for the recipe; the daemon
+	@# sees make stop catching it and stops (cmd/vhost-vhdx/serve_parent.go).
+	exec $(BIN) serve --stop-with-parent --socket $(SOCKET) $(IMAGE)
 
 # Boots the test kernel and initramfs with an interactive shell against a
 # running `make run` (or any vhost-user-blk backend on $(SOCKET)).

@@ -23,7 +23,8 @@ var ErrSwapMismatch = errors.New("blk: replacement disk differs in sector size o
 // them (see discarderOf); Swap refuses a disk whose capabilities or sector
 // sizes differ, since the driver negotiated features for the first one.
 type DiskRef struct {
-	cur atomic.Pointer[diskBox]
+	cur     atomic.Pointer[diskBox]
+	retired func(old Disk) // OnSwap; set before the first Swap
 }
 
 type diskBox struct {
@@ -46,6 +47,12 @@ func NewDiskRef(d Disk) *DiskRef {
 	return r
 }
 
+// OnSwap makes every successful Swap call f with the disk it replaced,
+// before Swap returns (so still under the caller's quiesce). The daemon
+// uses it to keep the counters of images a checkpoint or resize retired
+// (control.go), whoever swaps. Call it before the first Swap.
+func (r *DiskRef) OnSwap(f func(old Disk)) { r.retired = f }
+
 // Load returns the current disk.
 func (r *DiskRef) Load() Disk { return r.cur.Load().d }
 
@@ -59,6 +66,9 @@ func (r *DiskRef) Swap(d Disk) (Disk, error) {
 		return nil, fmt.Errorf("swap: %w", ErrSwapMismatch)
 	}
 	r.cur.Store(nb)
+	if r.retired != nil {
+		r.retired(old.d)
+	}
 	return old.d, nil
 }
 

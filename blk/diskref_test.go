@@ -53,6 +53,26 @@ func TestDiskRefRefusesASwapToADifferentKindOfDisk(t *testing.T) {
 	}
 }
 
+func TestDiskRefTellsOnSwapWhichDiskEachSuccessfulSwapRetired(t *testing.T) {
+	a := &trimDisk{memDisk: newMemDisk(testDiskSize, 512)}
+	b := &trimDisk{memDisk: newMemDisk(testDiskSize, 512)}
+	ref := NewDiskRef(a)
+	var retired []Disk
+	ref.OnSwap(func(old Disk) { retired = append(retired, old) })
+	if _, err := ref.Swap(newMemDisk(testDiskSize, 512)); err == nil {
+		t.Fatal("a swap to a disk without Discard succeeded")
+	}
+	if _, err := ref.Swap(b); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ref.Swap(a); err != nil {
+		t.Fatal(err)
+	}
+	if len(retired) != 2 || retired[0] != Disk(a) || retired[1] != Disk(b) {
+		t.Errorf("OnSwap saw %v, want a then b (the refused swap retires nothing)", retired)
+	}
+}
+
 // BenchmarkHandleRead4KThroughDiskRef is BenchmarkHandleRead4K with the
 // disk behind a DiskRef, as serve runs it.
 func BenchmarkHandleRead4KThroughDiskRef(b *testing.B) {

@@ -50,13 +50,18 @@
 //	    // ops, bytes and errors per request type (read, write, flush, get-id,
 //	    // discard, write-zeroes, other), Disk.Flush calls, latency p50/p90/
 //	    // p99/p99.9/max from a fixed log-linear histogram (4 buckets per
-//	    // power of two of ns; a percentile is the bucket's upper bound)
+//	    // power of two of ns; a percentile is the bucket's upper bound).
+//	    // Counts are exact; latency is timed for every slow request and a
+//	    // random one in about 16 fast ones, weighted (statsample.go)
+//	func (q *QueueSnapshot) IncludeBuckets() // sparse histograms in the reply
+//	func Interval(cur, prev QueueSnapshot) QueueSnapshot // counts and percentiles between two snapshots
 //
 //	// A disk that can be replaced under a running device (diskref.go).
 //	func NewDiskRef(d Disk) *DiskRef // forwards every call to the current disk (one atomic load)
 //	func (r *DiskRef) Load() Disk
 //	func (r *DiskRef) Swap(d Disk) (old Disk, err error) // caller quiesced all requests first;
 //	    // ErrSwapMismatch unless sector sizes and Discard/WriteZeroes match
+//	func (r *DiskRef) OnSwap(f func(old Disk)) // told of each disk a Swap retired
 //
 // A counting handler adds to its queue's counters with atomic adds and
 // reads the clock twice per request; nothing allocates per request

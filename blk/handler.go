@@ -49,6 +49,7 @@ type Handler struct {
 	stats    *QueueStats // nil: not counting (CountInto)
 	reqType  uint32      // type of the request being handled, for stats
 	reqBytes uint64      // data bytes it moved, for stats
+	sampler  sampler     // which requests' latency is timed (statsample.go)
 }
 
 // NewHandler returns a Handler for d. Optional Disk upgrades are looked up
@@ -97,14 +98,26 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	in := writable[:si]
 	inTail := last[:len(last)-1]
 
-	var start time.Time
+	var (
+		slot   Op
+		weight uint64 // 0: latency not timed
+		start  time.Duration
+	)
 	if h.stats != nil {
-		start = time.Now()
 		h.reqType, h.reqBytes = ^uint32(0), 0
+		slot = peekOp(readable)
+		if weight = h.sampler.take(slot); weight != 0 {
+			start = monotonic()
+		}
 	}
 	n, err := h.execute(readable, in, inTail)
 	if h.stats != nil {
-		h.stats.record(opOf(h.reqType), h.reqBytes, err != nil, time.Since(start))
+		var d time.Duration
+		if weight != 0 {
+			d = monotonic() - start
+			h.sampler.timed(slot, d)
+		}
+		h.stats.record(opOf(h.reqType), h.reqBytes, err != nil, weight, d)
 	}
 	clear(h.data) // drop references to guest memory until the next request
 	h.data = h.data[:0]

@@ -16,6 +16,12 @@ import (
 // the same atomics, so a snapshot taken while requests run is a set of
 // counters each exact at some instant during the call, not one instant
 // for all.
+//
+// Ops, bytes and errors count every request. Latency is timed for a
+// sample of the fast requests and for every slow one, each timed request
+// weighted by the requests it stands for (statsample.go), so the
+// histogram sums to about the request count and its percentiles estimate
+// those of every request.
 
 // Op indexes statistics by request type.
 type Op int
@@ -108,7 +114,9 @@ type QueueStats struct {
 	flushes atomic.Uint64 // Disk.Flush calls: FLUSH requests and write-through
 }
 
-func (q *QueueStats) record(op Op, n uint64, failed bool, d time.Duration) {
+// record counts one request; weight is the number of requests its latency
+// d stands for (statsample.go), 0 when it was not timed.
+func (q *QueueStats) record(op Op, n uint64, failed bool, weight uint64, d time.Duration) {
 	c := &q.ops[op]
 	c.ops.Add(1)
 	if failed {
@@ -116,11 +124,14 @@ func (q *QueueStats) record(op Op, n uint64, failed bool, d time.Duration) {
 	} else {
 		c.bytes.Add(n)
 	}
+	if weight == 0 {
+		return
+	}
 	ns := uint64(0)
 	if d > 0 {
 		ns = uint64(d)
 	}
-	c.lat[bucketOf(ns)].Add(1)
+	c.lat[bucketOf(ns)].Add(weight)
 }
 
 // Stats are a device's request statistics, one QueueStats per queue.
@@ -158,6 +169,9 @@ type OpSnapshot struct {
 	P99    uint64 `json:"p99_ns"`
 	P999   uint64 `json:"p99_9_ns"`
 	Max    uint64 `json:"max_ns"` // upper bound of the highest bucket used
+	// Buckets is the latency histogram, sparse, when asked for
+	// (QueueSnapshot.IncludeBuckets; statsinterval.go).
+	Buckets []Bucket `json:"buckets,omitempty"`
 
 	hist [NumBuckets]uint64
 }

@@ -3,6 +3,7 @@ package blk
 import (
 	"sync"
 	"testing"
+	"time"
 )
 
 func TestStatsCountEveryRequestByTypeWithBytesAndErrors(t *testing.T) {
@@ -141,8 +142,9 @@ func TestCountingHandlerDoesNotAllocate(t *testing.T) {
 }
 
 // BenchmarkHandleRead4KCounted is BenchmarkHandleRead4K with statistics:
-// the difference is the cost of counting (two clock reads, four atomic
-// adds).
+// the difference is the cost of counting (two atomic adds per request, and
+// two clock reads and one more add for the one in about sampleEvery whose
+// latency is timed).
 func BenchmarkHandleRead4KCounted(b *testing.B) {
 	d := newMemDisk(1<<20, 512)
 	h := NewHandler(d, Options{})
@@ -155,5 +157,158 @@ func BenchmarkHandleRead4KCounted(b *testing.B) {
 		if h.Handle(readable, writable) != 4097 {
 			b.Fatal(h.Err())
 		}
+	}
+}
+
+// slowSectorDisk takes at least slowFor on every read that starts at
+// sector slowAt.
+type slowSectorDisk struct {
+	*memDisk
+	slowAt  int64
+	slowFor time.Duration
+}
+
+func (d *slowSectorDisk) ReadVec(bufs [][]byte, off int64) error {
+	if off == d.slowAt*SectorSize {
+		time.Sleep(d.slowFor)
+	}
+	return d.memDisk.ReadVec(bufs, off)
+}
+
+// histSum is the weighted request count the histogram of one type holds,
+// and the part of it at or above ns.
+func histSum(t *testing.T, q *QueueStats, op Op, ns uint64) (all, above uint64) {
+	t.Helper()
+	for b := range q.ops[op].lat {
+		v := q.ops[op].lat[b].Load()
+		all += v
+		if lo, _ := BucketBounds(b); lo >= ns {
+			above += v
+		}
+	}
+	return all, above
+}
+
+func TestSampledLatencyKeepsCountsExactAndTimesFewFastRequests(t *testing.T) {
+	h := NewHandler(newMemDisk(testDiskSize, 512), Options{})
+	q := NewStats(1).Queue(0)
+	h.CountInto(q)
+	const n = 16000
+	timed := 0
+	w := [][]byte{make([]byte, 4096), make([]byte, 1)}
+	for i := 0; i < n; i++ {
+		if h.sampler.left[OpRead] == 0 {
+			timed++
+		}
+		h.Handle([][]byte{hdr(TypeIn, 8)}, w)
+	}
+	if got := q.ops[OpRead].ops.Load(); got != n {
+		t.Fatalf("%d reads counted, want %d", got, n)
+	}
+	if got := q.ops[OpRead].bytes.Load(); got != n*4096 {
+		t.Fatalf("%d bytes counted, want %d", got, n*4096)
+	}
+	// Fast requests are timed about one in sampleEvery; a loaded machine
+	// makes some slow, and each of those is followed by a timed one
+	// (TestSamplerTimesOneFastRequestInAboutSampleEvery has the exact
+	// rate).
+	if timed > n/4 || timed < n/sampleEvery/2 {
+		t.Errorf("%d of %d requests timed, want about %d", timed, n, n/sampleEvery)
+	}
+	// Each timed one stands for the requests since the previous one: the
+	// histogram sums to the requests up to the last timed one.
+	all, _ := histSum(t, q, OpRead, 0)
+	if all > n || all < n-2*sampleEvery {
+		t.Errorf("histogram holds %d requests, want %d less at most %d not yet stood for", all, n, 2*sampleEvery)
+	}
+}
+
+func TestSamplerTimesOneFastRequestInAboutSampleEvery(t *testing.T) {
+	var s sampler
+	const n = 32000
+	timed, weights := 0, uint64(0)
+	var gaps [2 * sampleEvery]int
+	last := 0
+	for i := 0; i < n; i++ {
+		for _, op := range []Op{OpRead, OpWrite} { // types sample apart
+			w := s.take(op)
+			if w == 0 {
+				continue
+			}
+			if op == OpRead {
+				timed++
+				weights += w
+				if timed > 1 {
+					gaps[i-last]++
+				}
+				last = i
+			}
+			s.timed(op, time.Microsecond)
+		}
+	}
+	if timed < n/sampleEvery*9/10 || timed > n/sampleEvery*11/10 {
+		t.Errorf("%d of %d fast reads timed, want about %d", timed, n, n/sampleEvery)
+	}
+	if weights > n || weights < n-2*sampleEvery {
+		t.Errorf("timed reads weigh %d, want the %d reads less at most %d", weights, n, 2*sampleEvery)
+	}
+	// The distance varies over 1..2N-1, so no period of the workload
+	// lines up with it.
+	for g := 1; g < 2*sampleEvery; g++ {
+		if gaps[g] == 0 {
+			t.Errorf("no two timed reads %d apart: gaps %v", g, gaps)
+			break
+		}
+	}
+	if gaps[0] != 0 {
+		t.Errorf("gaps %v", gaps)
+	}
+}
+
+func TestSlowRequestsAreEveryOneTimed(t *testing.T) {
+	d := &slowSectorDisk{memDisk: newMemDisk(testDiskSize, 512), slowAt: 8, slowFor: 2 * slowNS}
+	h := NewHandler(d, Options{})
+	q := NewStats(1).Queue(0)
+	h.CountInto(q)
+	const n = 50
+	w := [][]byte{make([]byte, 512), make([]byte, 1)}
+	for i := 0; i < n; i++ {
+		h.Handle([][]byte{hdr(TypeIn, 8)}, w)
+	}
+	all, slow := histSum(t, q, OpRead, uint64(slowNS)*3/4)
+	if all != n || slow != n {
+		t.Errorf("histogram holds %d requests, %d of them slow; want all %d timed and slow", all, slow, n)
+	}
+	_, total := NewStats(0).Snapshot()
+	if len(total.Ops) != 0 {
+		t.Errorf("empty stats report %v", total.Ops)
+	}
+}
+
+// A periodic workload must not alias with the sampling: with one slow read
+// in every 16 a fixed one-in-16 sampler would see all slow or none. The
+// weighted histogram estimates the slow share.
+func TestPeriodicSlowRequestsKeepTheirShareOfTheHistogram(t *testing.T) {
+	d := &slowSectorDisk{memDisk: newMemDisk(testDiskSize, 512), slowAt: 16, slowFor: 2 * slowNS}
+	h := NewHandler(d, Options{})
+	q := NewStats(1).Queue(0)
+	h.CountInto(q)
+	const period, rounds = 16, 2000
+	w := [][]byte{make([]byte, 512), make([]byte, 1)}
+	fast := [][]byte{hdr(TypeIn, 0)}
+	slowReq := [][]byte{hdr(TypeIn, 16)}
+	for r := 0; r < rounds; r++ {
+		for i := 0; i < period-1; i++ {
+			h.Handle(fast, w)
+		}
+		h.Handle(slowReq, w)
+	}
+	all, slow := histSum(t, q, OpRead, uint64(slowNS)*3/4)
+	share := float64(slow) / float64(all)
+	// True share 1/16 = 6.25%; the estimate's standard deviation here is
+	// about 0.6% (some 125 slow requests among the 2000 timed, weights 1..31).
+	// Fast reads the loaded machine made slow only add to it.
+	if share < 0.03 || share > 0.12 {
+		t.Errorf("slow requests are %.1f%% of the histogram (%d of %d), want about 6.25%%", 100*share, slow, all)
 	}
 }

@@ -19,8 +19,8 @@
 //	func NewRingGate() *RingGate
 //	func (g *RingGate) Owner() uint64 // connection whose rings run, 0: none
 //	func (g *RingGate) Waiting() int  // connections waiting to start a ring
-//	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues
-//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue
+//	func (m *Monitor) Status() DeviceStatus // connected, features (bits and names), queues; Frontends: one per socket
+//	func (m *Monitor) Quiesce(f func() error) error // f runs with no request in progress on any queue of any connection
 //	type Events interface {
 //	    ConnOpened(id uint64)
 //	    ConnClosed(id uint64, err error)               // nil err: orderly end
@@ -179,13 +179,20 @@
 // worker's handler counts into Stats.Queue(its index) (blk/stats.go):
 // atomic adds on the worker's own counters, nothing shared between queues.
 //
-// Monitor.Quiesce(f) takes Monitor.mu, then the connected session's
-// dispatch lock for writing, and runs f: every worker is between batches
-// (each batch's requests completed and published), none starts another,
-// and control messages wait, until f returns. It is how the daemon swaps
-// the disk under a running guest (blk.DiskRef, serve's checkpoint). Lock
-// order: Monitor.mu before session.mu; the connection goroutine takes
-// Monitor.mu (attach, detach) only while holding no session lock.
+// One Monitor may serve several sockets (Serve calls sharing Options):
+// it keeps every connection being served with its socket, and Status
+// reports each in Frontends, its top-level fields describing the active
+// one (the RingGate's owner, else the last to connect).
+//
+// Monitor.Quiesce(f) takes Monitor.mu, then the dispatch lock of every
+// session being served, for writing, and runs f: every worker of every
+// front-end is between batches (each batch's requests completed and
+// published), none starts another, and control messages wait, until f
+// returns. It is how the daemon swaps the disk under a running guest
+// (blk.DiskRef, serve's checkpoint). Lock order: Monitor.mu before
+// session.mu, sessions in attach order; the connection goroutine takes
+// Monitor.mu (attach, detach) only while holding no session lock, and no
+// goroutine but Quiesce holds two session locks.
 //
 // # Ring state machine (vhost-user spec "Ring states", vhost-user.md §1.6-1.7)
 //

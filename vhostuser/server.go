@@ -136,6 +136,8 @@ func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	socket := ln.Addr().String()
+	opts.Monitor.listening(socket)
 	var backoff time.Duration
 	for {
 		c, err := ln.AcceptUnix()
@@ -159,7 +161,7 @@ func Serve(ctx context.Context, ln *net.UnixListener, opts Options) error {
 		}
 		backoff = 0
 		// Errors are reported through Events.ConnClosed; the server lives on.
-		_ = serveConn(ctx, c, opts)
+		_ = serveConn(ctx, c, opts, socket)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -177,16 +179,21 @@ func ServeConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 		c.Close()
 		return err
 	}
-	return serveConn(ctx, c, opts)
+	socket := ""
+	if a := c.LocalAddr(); a != nil { // nil for some inherited or socketpair conns
+		socket = a.String()
+	}
+	return serveConn(ctx, c, opts, socket)
 }
 
-func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
+// serveConn serves c, which came in on socket (for Monitor).
+func serveConn(ctx context.Context, c *net.UnixConn, opts Options, socket string) error {
 	id := connIDs.Add(1)
 	opts.Events.ConnOpened(id)
 	s := newSession(id, c, opts)
 	s.ctx = ctx
 	opts.Notifier.attach(s)
-	opts.Monitor.attach(s)
+	opts.Monitor.attach(s, socket)
 	// Cancellation interrupts the blocked read, and a reply write blocked
 	// by a front-end that does not read; the request being handled, if
 	// any, completes first.
@@ -194,8 +201,10 @@ func serveConn(ctx context.Context, c *net.UnixConn, opts Options) error {
 	err := s.run()
 	stop()
 	opts.Notifier.detach(s)
-	opts.Monitor.detach(s)
+	// The Monitor keeps s until its workers have stopped: a Quiesce in
+	// between must still hold their last requests (status.go).
 	s.teardown()
+	opts.Monitor.detach(s)
 	c.Close()
 	if ctx.Err() != nil && errors.Is(err, ErrDisconnected) {
 		err = nil

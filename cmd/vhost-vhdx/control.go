@@ -39,6 +39,18 @@ type daemon struct {
 	stats    *blk.Stats
 	notifier *vhostuser.ConfigNotifier
 	cache    *blk.WriteCache
+
+	// retired sums the counters of the images the DiskRef served before
+	// the current one (a checkpoint or resize swaps in a newly opened
+	// image, whose counters start at zero), so stats shows the image
+	// counters since the daemon started. Added to by the DiskRef's OnSwap
+	// hook, whoever swaps (the old image is quiesced or closed by then, so
+	// its counts are final); retiredMu because a swap need not hold opMu.
+	// checkpoint and resize do hold it, so a stats reply never falls
+	// between their Swap and the hook; a swapper that does not could make
+	// one reply miss the old image's counts for that instant.
+	retiredMu sync.Mutex
+	retired   vhdx.Counters
 }
 
 // image is the image served now (the top of the chain).
@@ -60,6 +72,14 @@ func newDaemon(im *vhdx.Image, readOnly bool, numQueues int) *daemon {
 	if !readOnly {
 		d.cache = new(blk.WriteCache)
 	}
+	d.ref.OnSwap(func(old blk.Disk) {
+		if im, ok := old.(*vhdx.Image); ok {
+			c := im.Counters() // atomics: readable after Close
+			d.retiredMu.Lock()
+			d.retired = d.retired.Add(c)
+			d.retiredMu.Unlock()
+		}
+	})
 	return d
 }
 
@@ -89,7 +109,11 @@ type StatsReply struct {
 	UptimeNS int64               `json:"uptime_ns"`
 	Queues   []blk.QueueSnapshot `json:"queues"`
 	Total    blk.QueueSnapshot   `json:"total"`
-	Image    vhdx.Counters       `json:"image"`
+	// Image counts since the daemon started, over every image that was
+	// the top (checkpoints and resizes open a new one); ImageTop only
+	// the current top's, since it became the top.
+	Image    vhdx.Counters `json:"image"`
+	ImageTop vhdx.Counters `json:"image_top"`
 }
 
 // ResizeReply is the reply of resize.
@@ -131,14 +155,37 @@ func (d *daemon) status() StatusReply {
 	return r
 }
 
-func (d *daemon) statsReply() StatsReply {
+// statsReply answers stats; with buckets the latency histograms travel
+// too (sparse), for a client that subtracts two replies (blk.Interval,
+// ctl stats --watch).
+func (d *daemon) statsReply(buckets bool) StatsReply {
 	d.opMu.RLock()
 	defer d.opMu.RUnlock()
 	q, t := d.stats.Snapshot()
 	if q == nil {
 		q = []blk.QueueSnapshot{}
 	}
-	return StatsReply{UptimeNS: int64(time.Since(d.started)), Queues: q, Total: t, Image: d.image().Counters()}
+	if buckets {
+		for i := range q {
+			q[i].IncludeBuckets()
+		}
+		t.IncludeBuckets()
+	}
+	d.retiredMu.Lock()
+	top := d.image().Counters()
+	all := d.retired.Add(top)
+	d.retiredMu.Unlock()
+	return StatsReply{UptimeNS: int64(time.Since(d.started)), Queues: q, Total: t, Image: all, ImageTop: top}
+}
+
+func (d *daemon) statsCommand(_ context.Context, c *control.Call) (any, error) {
+	var a struct {
+		Buckets bool `json:"buckets"`
+	}
+	if err := c.Decode(&a); err != nil {
+		return nil, err
+	}
+	return d.statsReply(a.Buckets), nil
 }
 
 // sizeArg is a size given as a JSON number of bytes or a string with an
@@ -251,8 +298,8 @@ func (d *daemon) commands() []control.Command {
 	return []control.Command{
 		{Name: "status", Help: "image chain, front-end, negotiated features, queues, uptime",
 			Run: func(context.Context, *control.Call) (any, error) { return d.status(), nil }},
-		{Name: "stats", Help: "requests per queue and in total: ops, bytes, errors, latency percentiles; allocations, journal commits",
-			Run: func(context.Context, *control.Call) (any, error) { return d.statsReply(), nil }},
+		{Name: "stats", Args: `{"buckets": false}`, Help: "requests per queue and in total: ops, bytes, errors, latency percentiles (buckets: with the histograms); allocations, journal commits since start",
+			Run: d.statsCommand},
 		{Name: "flush", Help: "make every acknowledged write durable; returns when done",
 			Run: func(context.Context, *control.Call) (any, error) {
 				start := time.Now()

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
@@ -34,7 +35,9 @@ object; resize also takes its size alone:
 
 Options:
   --json        print the daemon's reply as JSON
-  --watch       (stats) print one line of rates per interval until interrupted
+  --watch       (stats) print one line per interval until interrupted: ops/s,
+                MiB/s, errors and read/write latency p50/p99, all of the
+                requests in that interval (not since the daemon started)
   --interval D  --watch interval (default 1s)
   --count N     --watch: stop after N lines (default: never)
   --timeout D   give up on a reply after D (default 60s; 0: never)
@@ -232,6 +235,7 @@ func printStatus(w io.Writer, s StatusReply) {
 		fmt.Fprintf(w, "  %-9s  %s (%s, %s allocated, file %s)\n", role, l.Path, l.Type, formatBytes(l.AllocatedBytes), formatBytes(l.FileSize))
 	}
 	fe := s.FrontEnd
+	defer printSockets(w, fe.Frontends)
 	if !fe.Connected {
 		fmt.Fprintf(w, "front-end:   not connected (%d connections served)\n", fe.Connections)
 		return
@@ -292,8 +296,9 @@ func printStats(w io.Writer, s StatsReply) {
 		}
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "flushes %d, blocks allocated %d, journal commits %d, uptime %v\n",
-		s.Total.Flushes, s.Image.Allocations, s.Image.JournalCommits, time.Duration(s.UptimeNS).Round(time.Second))
+	fmt.Fprintf(w, "flushes %d, blocks allocated %d, journal commits %d (the current top: %d, %d), uptime %v\n",
+		s.Total.Flushes, s.Image.Allocations, s.Image.JournalCommits, s.ImageTop.Allocations, s.ImageTop.JournalCommits,
+		time.Duration(s.UptimeNS).Round(time.Second))
 }
 
 func opIndex(name string) int {
@@ -312,16 +317,65 @@ func dur(ns uint64) string {
 	return time.Duration(ns).Round(time.Microsecond / 10).String()
 }
 
-// watchStats prints one line of rates per interval: requests and bytes
-// per second by type since the previous sample, errors, and the p99 of
-// all requests so far.
+// watchLine is one interval of ctl stats --watch: rates and latency
+// percentiles of the requests between two stats replies, not since the
+// daemon started.
+type watchLine struct {
+	Time          string  `json:"time"`
+	ReadOps       float64 `json:"read_ops_per_s"`
+	WriteOps      float64 `json:"write_ops_per_s"`
+	ReadBytes     float64 `json:"read_bytes_per_s"`
+	WriteBytes    float64 `json:"write_bytes_per_s"`
+	Flushes       float64 `json:"flush_per_s"`
+	Errors        uint64  `json:"errors"` // since the daemon started
+	IntervalErrs  uint64  `json:"interval_errors"`
+	ReadP50       uint64  `json:"read_p50_ns"` // 0: no read timed in the interval
+	ReadP99       uint64  `json:"read_p99_ns"`
+	WriteP50      uint64  `json:"write_p50_ns"`
+	WriteP99      uint64  `json:"write_p99_ns"`
+	ImageAllocs   uint64  `json:"allocations"` // in the interval
+	JournalCommit uint64  `json:"journal_commits"`
+}
+
+// interval computes the watch line from two stats replies taken with
+// their histograms; every is the nominal interval, used if the uptimes
+// give none.
+func interval(cur, prev StatsReply, every time.Duration, now time.Time) watchLine {
+	secs := float64(cur.UptimeNS-prev.UptimeNS) / 1e9
+	if secs <= 0 {
+		secs = every.Seconds()
+	}
+	iv := blk.Interval(cur.Total, prev.Total)
+	r, w := iv.Ops["read"], iv.Ops["write"]
+	l := watchLine{
+		Time:    now.UTC().Format(time.RFC3339),
+		ReadOps: float64(r.Ops) / secs, WriteOps: float64(w.Ops) / secs,
+		ReadBytes: float64(r.Bytes) / secs, WriteBytes: float64(w.Bytes) / secs,
+		Flushes: float64(iv.Ops["flush"].Ops) / secs,
+		ReadP50: r.P50, ReadP99: r.P99, WriteP50: w.P50, WriteP99: w.P99,
+		ImageAllocs:   cur.Image.Allocations - min(prev.Image.Allocations, cur.Image.Allocations),
+		JournalCommit: cur.Image.JournalCommits - min(prev.Image.JournalCommits, cur.Image.JournalCommits),
+	}
+	for _, o := range cur.Total.Ops {
+		l.Errors += o.Errors
+	}
+	for _, o := range iv.Ops {
+		l.IntervalErrs += o.Errors
+	}
+	return l
+}
+
+// watchStats prints one line per interval: requests and bytes per second
+// by type, errors, and read and write latency p50/p99, all of the
+// requests since the previous line. It asks for the histograms (stats
+// buckets=true) and subtracts (blk.Interval); a daemon that sends none
+// gets "-" for the percentiles.
 func watchStats(ctx context.Context, cl *control.Client, w io.Writer, every time.Duration, count int, asJSON bool) error {
-	var prev StatsReply
 	get := func() (StatsReply, error) {
 		var s StatsReply
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		err := cl.Call(cctx, "stats", nil, &s)
+		err := cl.Call(cctx, "stats", map[string]any{"buckets": true}, &s)
 		return s, err
 	}
 	prev, err := get()
@@ -329,7 +383,7 @@ func watchStats(ctx context.Context, cl *control.Client, w io.Writer, every time
 		return fmt.Errorf("ctl stats: %w", err)
 	}
 	if !asJSON {
-		fmt.Fprintf(w, "%-8s %9s %9s %10s %10s %8s %7s %10s %10s\n", "time", "read/s", "write/s", "rMiB/s", "wMiB/s", "flush/s", "errors", "read p99", "write p99")
+		fmt.Fprintf(w, "%-8s %9s %9s %9s %9s %8s %6s %9s %9s %9s %9s\n", "time", "read/s", "write/s", "rMiB/s", "wMiB/s", "flush/s", "errors", "read p50", "read p99", "write p50", "write p99")
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -346,32 +400,43 @@ func watchStats(ctx context.Context, cl *control.Client, w io.Writer, every time
 			}
 			return fmt.Errorf("ctl stats: %w", err)
 		}
-		secs := float64(cur.UptimeNS-prev.UptimeNS) / 1e9
-		if secs <= 0 {
-			secs = every.Seconds()
-		}
-		rate := func(op string, f func(blk.OpSnapshot) uint64) float64 {
-			return float64(f(cur.Total.Ops[op])-f(prev.Total.Ops[op])) / secs
-		}
-		ops := func(o blk.OpSnapshot) uint64 { return o.Ops }
-		byt := func(o blk.OpSnapshot) uint64 { return o.Bytes }
-		var errs uint64
-		for _, o := range cur.Total.Ops {
-			errs += o.Errors
-		}
+		l := interval(cur, prev, every, time.Now())
 		if asJSON {
-			b, _ := json.Marshal(map[string]any{
-				"time": time.Now().UTC().Format(time.RFC3339), "read_ops_per_s": rate("read", ops), "write_ops_per_s": rate("write", ops),
-				"read_bytes_per_s": rate("read", byt), "write_bytes_per_s": rate("write", byt), "flush_per_s": rate("flush", ops),
-				"errors": errs, "read_p99_ns": cur.Total.Ops["read"].P99, "write_p99_ns": cur.Total.Ops["write"].P99,
-			})
+			b, _ := json.Marshal(l)
 			fmt.Fprintln(w, string(b))
 		} else {
-			fmt.Fprintf(w, "%-8s %9.0f %9.0f %10.2f %10.2f %8.0f %7d %10s %10s\n", time.Now().Format("15:04:05"),
-				rate("read", ops), rate("write", ops), rate("read", byt)/(1<<20), rate("write", byt)/(1<<20), rate("flush", ops),
-				errs, dur(cur.Total.Ops["read"].P99), dur(cur.Total.Ops["write"].P99))
+			fmt.Fprintf(w, "%-8s %9.0f %9.0f %9.2f %9.2f %8.0f %6d %9s %9s %9s %9s\n", time.Now().Format("15:04:05"),
+				l.ReadOps, l.WriteOps, l.ReadBytes/(1<<20), l.WriteBytes/(1<<20), l.Flushes,
+				l.IntervalErrs, dur(l.ReadP50), dur(l.ReadP99), dur(l.WriteP50), dur(l.WriteP99))
 		}
 		prev = cur
 	}
 	return nil
+}
+
+// printSockets lists each socket's front-end when the disk is served on
+// several sockets (a migration on one host).
+func printSockets(w io.Writer, fs []vhostuser.FrontendStatus) {
+	if len(fs) < 2 {
+		return
+	}
+	// One disk on several sockets: each socket's front-end.
+	for _, f := range fs {
+		switch {
+		case !f.Connected:
+			fmt.Fprintf(w, "  socket     %s: not connected\n", f.Socket)
+		default:
+			started := 0
+			for _, q := range f.Queues {
+				if q.Started {
+					started++
+				}
+			}
+			active := ""
+			if f.Active {
+				active = ", active"
+			}
+			fmt.Fprintf(w, "  socket     %s: connection %d%s, %d queues started\n", f.Socket, f.Conn, active, started)
+		}
+	}
 }

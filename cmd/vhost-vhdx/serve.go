@@ -72,6 +72,9 @@ Options:
   --control-socket PATH a unix socket (mode 0600) for live operations:
                         status, stats, flush, resize, checkpoint
                         (see 'vhost-vhdx ctl')
+  --stop-with-parent    also stop cleanly when the parent process is stopping on
+                        a signal it does not pass on (GNU make with SIGINT;
+                        make run uses it) or has exited
   --print-capabilities  print the vhost-user backend capabilities JSON and exit
 `
 
@@ -91,6 +94,7 @@ type serveConfig struct {
 	activated               bool         // fd came from systemd socket activation
 	logFile                 string
 	control                 string // --control-socket
+	stopWithParent          bool   // --stop-with-parent (serve_parent.go)
 }
 
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
@@ -109,6 +113,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.socketMode, "socket-mode", "", "")
 	fs.StringVar(&cfg.logFile, "log-file", "", "")
 	fs.StringVar(&cfg.control, "control-socket", "", "")
+	fs.BoolVar(&cfg.stopWithParent, "stop-with-parent", false, "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -215,6 +220,12 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 
 	entry := log.WithFields(logrus.Fields{"image": cfg.image})
+	if cfg.stopWithParent {
+		go watchParent(ctx, procParent, parentWatchEvery, func(why string) {
+			entry.WithField("reason", why).Info("stopping with the parent process")
+			stop()
+		})
+	}
 	sockets := make([]string, len(lns))
 	for i, ln := range lns {
 		sockets[i] = ln.Addr().String()
