@@ -31,26 +31,40 @@ func (im *Image) replayInterruptedParent(opts OpenOptions) {
 		return
 	}
 	for _, pp := range pl.parentCandidates(im.path) {
-		q, err := openFile(pp, OpenOptions{ReadOnly: true, NoLock: opts.NoLock})
-		if err == nil {
-			q.Close()
-			continue
+		open := func(o OpenOptions) (*Image, error) {
+			o.NoLock = opts.NoLock
+			return openFile(pp, o)
 		}
-		if !errors.Is(err, ErrDirtyLog) {
-			continue
+		if replayLinkedParent(pl, open) {
+			return
 		}
-		q, err = openFile(pp, OpenOptions{ReadOnly: true, NoLock: opts.NoLock, ReplayLogInMemory: true})
-		if err != nil {
-			continue
-		}
-		dw := q.l.hdr.dataWriteGUID
-		q.Close()
-		if dw != pl.linkage && dw != pl.linkage2 {
-			continue
-		}
-		if p, err := openFile(pp, OpenOptions{NoLock: opts.NoLock}); err == nil {
-			p.Close()
-		}
-		return
 	}
+}
+
+// replayLinkedParent replays the log of the candidate parent open opens
+// (with the options given) if it has one that must be replayed and its
+// DataWriteGuid, replayed in memory, is one of pl's linkage keys. It
+// reports whether it did.
+func replayLinkedParent(pl *parentLocator, open func(OpenOptions) (*Image, error)) bool {
+	q, err := open(OpenOptions{ReadOnly: true})
+	if err == nil {
+		q.Close()
+		return false
+	}
+	if !errors.Is(err, ErrDirtyLog) {
+		return false
+	}
+	if q, err = open(OpenOptions{ReadOnly: true, ReplayLogInMemory: true}); err != nil {
+		return false
+	}
+	dw := q.l.hdr.dataWriteGUID
+	q.Close()
+	if dw != pl.linkage && dw != pl.linkage2 {
+		return false
+	}
+	p, err := open(OpenOptions{})
+	if err != nil {
+		return false
+	}
+	return p.Close() == nil
 }
