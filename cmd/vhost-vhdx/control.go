@@ -39,10 +39,20 @@ type daemon struct {
 	stats    *blk.Stats
 	notifier *vhostuser.ConfigNotifier
 	cache    *blk.WriteCache
+	log      *logrus.Entry // nil: the standard logger
+
+	mergeMu  sync.Mutex
+	mergeJob *mergeJob // the current or last merge (merge.go); under mergeMu
 }
 
-// image is the image served now (the top of the chain).
-func (d *daemon) image() *vhdx.Image { return d.ref.Load().(*vhdx.Image) }
+// image is the image served now (the top of the chain; during a merge
+// the LiveMerge serves it).
+func (d *daemon) image() *vhdx.Image {
+	if m, ok := d.ref.Load().(*vhdx.LiveMerge); ok {
+		return m.Current()
+	}
+	return d.ref.Load().(*vhdx.Image)
+}
 
 // vhostOptions are the vhost-user server options for d: its image, with
 // the monitor, statistics, notifier and write cache the control commands
@@ -82,6 +92,7 @@ type StatusReply struct {
 	WriteCache  string                 `json:"write_cache"`
 	Chain       []LayerStatus          `json:"chain"` // top first
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
+	Merge       *MergeStatus           `json:"merge,omitempty"` // the current or last merge (merge.go)
 }
 
 // StatsReply is the reply of stats.
@@ -113,6 +124,7 @@ func (d *daemon) status() StatusReply {
 		VirtualSize: uint64(im.Size()),
 		WriteCache:  "write-back",
 		FrontEnd:    d.monitor.Status(),
+		Merge:       d.mergeStatus(),
 	}
 	if d.readOnly {
 		r.WriteCache = "none (read-only)"
@@ -186,6 +198,9 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 	}
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
+	if err := d.refuseDuringMerge("resize"); err != nil {
+		return nil, err
+	}
 	im := d.image()
 	old := uint64(im.Size())
 	want := a.Size.n
@@ -248,7 +263,7 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 }
 
 func (d *daemon) commands() []control.Command {
-	return []control.Command{
+	return append([]control.Command{
 		{Name: "status", Help: "image chain, front-end, negotiated features, queues, uptime",
 			Run: func(context.Context, *control.Call) (any, error) { return d.status(), nil }},
 		{Name: "stats", Help: "requests per queue and in total: ops, bytes, errors, latency percentiles; allocations, journal commits",
@@ -270,7 +285,7 @@ func (d *daemon) commands() []control.Command {
 			Run: d.resize},
 		{Name: "checkpoint", Args: `{"path": "/ABSOLUTE/NEW.vhdx"}`, Help: "create NEW as a differencing child of the current top and switch every write to it at one instant",
 			Run: d.checkpoint},
-	}
+	}, d.mergeCommands()...)
 }
 
 // controlLog logs every control client and command with the peer's
@@ -323,6 +338,7 @@ func startControl(ctx context.Context, path string, d *daemon, log *logrus.Entry
 	if err != nil {
 		return nil, err
 	}
+	d.log = log // merge logs its end through it
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
