@@ -15,7 +15,8 @@
 #
 # Environment: RUNS (default 5), RUNTIME (default 4s), SWEEP_RUNTIME
 # (default 2s), BENCH_DIR (images and results; default .cache/bench),
-# OUT (default docs/benchmarks).
+# OUT (default docs/benchmarks), MERGE_FILL_MB and MERGE_RATE
+# (scripts/bench_merge.sh).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -207,6 +208,10 @@ done
 for be in ours qsd; do
 	qemu-img check -q "$BENCH_DIR/fresh-$be.vhdx" || die "fresh-$be.vhdx fails qemu-img check after the run"
 done
+
+# What a running live merge costs the guest (merge-idle, merge-running).
+. scripts/bench_merge.sh
+merge_bench
 
 # --- report -----------------------------------------------------------------
 cp "$RESULTS" "$OUT/results.jsonl"
