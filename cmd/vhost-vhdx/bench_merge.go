@@ -7,7 +7,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"math"
 )
 
 const (
@@ -32,9 +31,5 @@ func writeMergeTable(w io.Writer, s benchSummary) {
 	}{{"no merge", idle}, {"merge running", running}} {
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %d |\n", r.name, fmtNum(r.st.iops, 0), fmtNum(r.st.p50, 1), fmtNum(r.st.p99, 1), fmtNum(r.st.beCPU, 2), r.st.runs)
 	}
-	cost := math.NaN()
-	if idle.iops > 0 {
-		cost = 100 * (1 - running.iops/idle.iops)
-	}
-	fmt.Fprintf(w, "\nIOPS lost to the merge: %s %%.\n", fmtNum(cost, 0))
+	fmt.Fprintf(w, "\nIOPS with a merge running / without: %s.\n", fmtRatio(ratio(running.iops, idle.iops)))
 }

@@ -20,7 +20,7 @@ func TestBenchReportShowsTheIOPSAMergeCosts(t *testing.T) {
 	var b strings.Builder
 	writeMergeTable(&b, summarizeRecords(recs))
 	out := b.String()
-	for _, want := range []string{"| no merge | 1000 |", "| merge running | 700 |", "IOPS lost to the merge: 30 %"} {
+	for _, want := range []string{"| no merge | 1000 |", "| merge running | 700 |", "IOPS with a merge running / without: 0.70×"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("merge table lacks %q:\n%s", want, out)
 		}

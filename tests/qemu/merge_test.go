@@ -222,7 +222,8 @@ func TestKilledDuringMergeTheRestartedDaemonServesTheChainWithEveryAcknowledgedW
 			}
 			t.Logf("killing the daemon mid-merge: %+v", m)
 			b.kill(t)
-			return e.startBackend(t, cp, backendOpts{controlSocket: true})
+			b = e.startBackend(t, cp, backendOpts{controlSocket: true})
+			return b
 		},
 	})
 	b.stop(t)
