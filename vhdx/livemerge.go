@@ -363,9 +363,16 @@ func (m *LiveMerge) Run(ctx context.Context) error {
 			if !m.clean(b) {
 				continue
 			}
-			n, err := m.copyBlock(b, buf)
-			if err != nil {
-				m.mark(b)
+			var paceErr error
+			n, err := m.copyBlock(b, buf, func(k int64) bool {
+				paceErr = lim.wait(ctx, k) // per piece: a big block is no burst
+				return paceErr == nil
+			})
+			if err != nil || paceErr != nil {
+				m.mark(b) // copied in part at most: again later
+				if paceErr != nil {
+					return paceErr
+				}
 				return m.fail(err)
 			}
 			if first {
@@ -375,9 +382,6 @@ func (m *LiveMerge) Run(ctx context.Context) error {
 			}
 			if m.afterBlock != nil {
 				m.afterBlock(b)
-			}
-			if err := lim.wait(ctx, n); err != nil {
-				return err
 			}
 		}
 		if first {
@@ -468,9 +472,13 @@ func (m *LiveMerge) forHeld(b uint64, f func(pos, length, fileOff uint64, data b
 	}
 }
 
+// errPaced stops a block's copy when pace says so.
+var errPaced = errors.New("live merge: copy paused")
+
 // copyBlock writes what the top defines in block b into the parent and
-// returns the bytes copied.
-func (m *LiveMerge) copyBlock(b uint64, buf []byte) (int64, error) {
+// returns the bytes copied. pace, if not nil, is called after each piece
+// and stops the copy by returning false.
+func (m *LiveMerge) copyBlock(b uint64, buf []byte, pace func(n int64) bool) (int64, error) {
 	var n int64
 	err := m.forHeld(b, func(pos, length, fileOff uint64, data bool) error {
 		for off := uint64(0); off < length; off += uint64(len(buf)) {
@@ -479,9 +487,15 @@ func (m *LiveMerge) copyBlock(b uint64, buf []byte) (int64, error) {
 				return err
 			}
 			n += int64(k)
+			if pace != nil && !pace(int64(k)) {
+				return errPaced
+			}
 		}
 		return nil
 	})
+	if errors.Is(err, errPaced) {
+		err = nil // the caller has the pacing error
+	}
 	return n, err
 }
 
@@ -532,7 +546,7 @@ func (m *LiveMerge) Finish() (*Image, error) {
 		if !m.clean(b) {
 			continue
 		}
-		n, err := m.copyBlock(b, buf)
+		n, err := m.copyBlock(b, buf, nil)
 		if err != nil {
 			m.mark(b)
 			return nil, m.fail(err)
