@@ -66,6 +66,10 @@ func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 			im.Close()
 			return nil, err
 		}
+		if err := im.settleInterruptedLinkage(); err != nil { // livemerge_recover.go
+			im.Close()
+			return nil, err
+		}
 	}
 	return im, nil
 }

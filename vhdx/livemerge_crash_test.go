@@ -237,7 +237,8 @@ func TestLiveMergeCrashAtEveryStorageBoundaryReadsTheSame(t *testing.T) {
 
 // reopenMergedChain opens the child on ts over the parent on ps read-write
 // as Open does after a crash: the parent's log replayed first if the child
-// is linked to it through parent_linkage2, then the parent read-only.
+// is linked to it through parent_linkage2, then the parent read-only, and
+// the linkage settled.
 func reopenMergedChain(ps, ts Storage) (*Image, error) {
 	probe, err := openStorage(ts, OpenOptions{ReadOnly: true, ReplayLogInMemory: true}, nil)
 	if err != nil {
@@ -255,6 +256,11 @@ func reopenMergedChain(ps, ts Storage) (*Image, error) {
 	im, err := openStorageWithParent(ts, OpenOptions{}, p)
 	if err != nil {
 		p.Close()
+		return nil, err
 	}
-	return im, err
+	if err := im.settleInterruptedLinkage(); err != nil {
+		im.Close()
+		return nil, err
+	}
+	return im, nil
 }

@@ -15,9 +15,19 @@ package vhdx
 // abandoned cleanly. A candidate is replayed only if, replayed in memory,
 // its DataWriteGuid is one of the child's two linkage keys: an unrelated
 // file a stale locator path names is never written.
+//
+// Once the chain is open, a read-write open also settles the linkage when
+// the parent's DataWriteGuid is parent_linkage2 (the merge had written the
+// parent): parent_linkage becomes it and parent_linkage2 is dropped, as
+// Commit's last step does. The old parent_linkage can never match again
+// (DataWriteGuids are not reused), so nothing is lost, and readers that
+// only know parent_linkage (libvhdi) read the chain again. A linkage2
+// set ahead of a parent's change (the parent still has the old
+// DataWriteGuid) is left alone.
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/google/uuid"
 )
@@ -67,4 +77,20 @@ func replayLinkedParent(pl *parentLocator, open func(OpenOptions) (*Image, error
 		return false
 	}
 	return p.Close() == nil
+}
+
+// settleInterruptedLinkage: see above. Read-write opens of a child only.
+func (im *Image) settleInterruptedLinkage() error {
+	pl := im.l.locator
+	if im.readOnly || im.parent == nil || pl == nil || pl.linkage2 == uuid.Nil {
+		return nil
+	}
+	dw := im.parent.l.hdr.dataWriteGUID
+	if dw != pl.linkage2 || dw == pl.linkage {
+		return nil
+	}
+	if err := im.SetParentLinkage(dw, uuid.Nil); err != nil {
+		return fmt.Errorf("%s: settle parent_linkage after an interrupted merge: %w", im.path, err)
+	}
+	return nil
 }

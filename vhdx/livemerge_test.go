@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/google/uuid"
+
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 )
 
@@ -294,8 +296,8 @@ func TestLiveMergeRefusesWhatItCannotMerge(t *testing.T) {
 // TestRestartAfterInterruptedLiveMergeServesTheSameChain: the files as a
 // SIGKILL leaves them mid-merge (the parent open read-write, its log not
 // cleared, part of the child copied) open read-write as the chain again,
-// the parent's log replayed first, reading the same; a new merge of them
-// completes.
+// the parent's log replayed first, reading the same, with the linkage
+// settled so libvhdi follows it too; a new merge of them completes.
 func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	o := CreateOptions{Size: 8 * mib, BlockSize: mib}
 	paths, top := liveMergeChain(t, o)
@@ -323,6 +325,20 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	}
 	if got := readAll(t, im); !bytes.Equal(got, want) {
 		t.Fatalf("the restarted chain differs at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	// The parent had been written: the open settled the linkage on its
+	// DataWriteGuid, so readers that know only parent_linkage follow it.
+	if pl := im.l.locator; pl.linkage2 != uuid.Nil || pl.linkage != im.Parent().Info().DataWriteGUID {
+		t.Fatalf("linkage after the restart: %v, %v (parent %v)", pl.linkage, pl.linkage2, im.Parent().Info().DataWriteGUID)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := vhdxtest.ReadWithLibvhdi(t, killed[1], killed[0]); !bytes.Equal(got, want) {
+		t.Fatalf("libvhdi reads the restarted chain differently at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	if im, err = Open(killed[1], OpenOptions{}); err != nil {
+		t.Fatal(err)
 	}
 	m, err = StartLiveMerge(im, LiveMergeOptions{})
 	if err != nil {
