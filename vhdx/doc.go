@@ -75,7 +75,8 @@
 //
 // A read-write Open of a child whose parent_linkage2 is set (an interrupted
 // merge or commit) first replays its parent's log, so the chain opens again
-// after a crash mid-merge.
+// after a crash mid-merge, and then, if the parent's DataWriteGuid is
+// parent_linkage2, makes it parent_linkage (linkage2 dropped).
 //
 // Thin provisioning (discard.go, space.go, epoch.go, prealloc.go,
 // resize.go, compact.go, hostalloc.go):
