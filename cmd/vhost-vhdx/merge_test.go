@@ -63,6 +63,11 @@ func TestMergeCommandFoldsTheTopIntoItsParentWhileTheFrontEndWrites(t *testing.T
 	if msg := ld.callErr(t, "merge", nil); !strings.Contains(msg, "no parent") {
 		t.Errorf("merge of a base image: %q", msg)
 	}
+	for _, bad := range []any{"fast", "+1M", -5, true} {
+		if msg := ld.callErr(t, "merge", map[string]any{"rate": bad}); !strings.Contains(msg, "rate") {
+			t.Errorf("merge with rate %v: %q", bad, msg)
+		}
+	}
 	cp1 := filepath.Join(filepath.Dir(ld.imgPath), "cp1.vhdx")
 	ld.call(t, "checkpoint", map[string]any{"path": cp1}, nil)
 	write(1, s1, 'B')
