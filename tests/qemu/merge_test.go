@@ -231,7 +231,12 @@ func TestKilledDuringMergeTheRestartedDaemonServesTheChainWithEveryAcknowledgedW
 			ctlCall(g, b.ctl, "merge", map[string]any{"rate": "512K"}, nil)
 			g.send("MERGING")
 			g.waitFor(fmt.Sprintf("ACKED %d.", killAt))
+			// Mid-way: at least one block copied (2 s at this rate) and
+			// the merge still running (12 s in all).
 			m := mergeStatus(g, b.ctl)
+			for deadline := time.Now().Add(60 * time.Second); m.Running && m.Done == 0 && time.Now().Before(deadline); m = mergeStatus(g, b.ctl) {
+				time.Sleep(100 * time.Millisecond) // polling
+			}
 			if !m.Running || m.Done == 0 {
 				g.failGuest(fmt.Sprintf("at the kill the merge is not mid-way: %+v", m))
 			}
