@@ -29,9 +29,12 @@ import (
 // The served disk is a blk.DiskRef over the top image, so checkpoint can
 // switch it. opMu orders commands against that switch: status, stats and
 // flush hold it for reading, checkpoint and resize for writing, so no
-// command uses an image a checkpoint is closing.
+// command uses an image a checkpoint is closing. A merge (merge.go) holds
+// it for writing to start and to finish, not while it copies; meanwhile
+// the DiskRef serves the vhdx.LiveMerge, and checkpoint and resize are
+// refused.
 type daemon struct {
-	ref      *blk.DiskRef // current *vhdx.Image
+	ref      *blk.DiskRef // current *vhdx.Image, or *vhdx.LiveMerge during a merge
 	opMu     sync.RWMutex
 	readOnly bool
 	started  time.Time
