@@ -65,10 +65,15 @@ type MergeReply struct {
 	Rate   int64  `json:"rate"`
 }
 
-// rateArg is a rate in bytes/s: a JSON number or a size string ("10M").
+// rateArg is a rate in bytes/s: a JSON number or a size string ("10M");
+// 0 is unbounded.
 type rateArg int64
 
 func (r *rateArg) UnmarshalJSON(b []byte) error {
+	if t := string(b); t == "0" || t == `"0"` {
+		*r = 0 // unbounded, as when the argument is absent
+		return nil
+	}
 	var s sizeArg
 	if err := s.UnmarshalJSON(b); err != nil || s.rel {
 		return errors.New("rate must be a number of bytes per second or a string such as \"50M\"")
