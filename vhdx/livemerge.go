@@ -176,7 +176,7 @@ func StartLiveMerge(top *Image, o LiveMergeOptions) (*LiveMerge, error) {
 		return nil, fmt.Errorf("live merge %s: %w", top.path, err)
 	}
 	top.parent = parent
-	if err := top.SetParentLinkage(cur, g); err == nil {
+	if err = top.SetParentLinkage(cur, g); err == nil {
 		err = top.Flush()
 	} else {
 		err = fmt.Errorf("set parent_linkage2: %w", err)

@@ -11,9 +11,10 @@ import (
 )
 
 // crashClock numbers the state-changing operations of several files
-// together: power goes out for all of them at once, before operation at.
+// together: power goes out for all of them at once, before operation at;
+// or operation failAt alone fails (an I/O error) and later ones run.
 type crashClock struct {
-	n, at int
+	n, at, failAt int
 }
 
 // clockedStorage counts its writes, truncates and syncs on a shared
@@ -28,6 +29,9 @@ func (s clockedStorage) tick() error {
 	s.c.n++
 	if s.c.at > 0 && s.c.n >= s.c.at {
 		return errCrashed
+	}
+	if s.c.n == s.c.failAt {
+		return errFault
 	}
 	return nil
 }
@@ -144,7 +148,8 @@ func (r *mergeCrashRun) run(mc memChain, c *crashClock) error {
 // the child was dropped, the parent alone) reading every flushed write:
 // each sector reads as after the flushed writes or the one in flight.
 // The parent's log, when the crash left one, is replayed by the same code
-// a read-write open of the child runs (replayLinkedParent).
+// a read-write open of the child runs (replayLinkedParent). The same for
+// an I/O error at each operation.
 func TestLiveMergeCrashAtEveryStorageBoundaryReadsTheSame(t *testing.T) {
 	o := CreateOptions{Size: 16 * mib, BlockSize: mib}
 	mc := newMemChain(t, o, []imageWrite{{0, pattern(1, 12*mib)}})
@@ -189,6 +194,37 @@ func TestLiveMergeCrashAtEveryStorageBoundaryReadsTheSame(t *testing.T) {
 	t.Logf("%d operations", total)
 	replayed, sawChain, sawParent := false, false, false
 	got := make([]byte, len(states[0]))
+	verify := func(where string, r *mergeCrashRun, pimg, timg []byte) {
+		t.Helper()
+		replayed = replayed || imageHasActiveLog(t, pimg)
+		ps := newMemStorage(pimg)
+		var im *Image
+		var err error
+		if r.removed {
+			sawParent = true
+			im, err = openStorage(ps, OpenOptions{}, nil) // serve PARENT
+		} else {
+			sawChain = true
+			im, err = reopenMergedChain(ps, newMemStorage(timg))
+		}
+		if err != nil {
+			t.Fatalf("%s: reopen: %v", where, err)
+		}
+		if _, err := im.ReadAt(got, 0); err != nil {
+			t.Fatalf("%s: read: %v", where, err)
+		}
+		old, next := states[r.durable], states[min(r.durable+1, len(states)-1)]
+		mixed := !bytes.Equal(got, old) && !bytes.Equal(got, next)
+		for sec := 0; mixed && sec < len(got); sec += 512 {
+			g := got[sec : sec+512]
+			if !bytes.Equal(g, old[sec:sec+512]) && !bytes.Equal(g, next[sec:sec+512]) {
+				t.Fatalf("%s: sector at %#x reads neither the old nor the new data", where, sec)
+			}
+		}
+		if err := im.Close(); err != nil {
+			t.Fatalf("%s: close after reopen: %v", where, err)
+		}
+	}
 	for crash := 1; crash <= total+1; crash++ {
 		var r mergeCrashRun
 		if err := r.run(mc, &crashClock{at: crash}); err != nil && !errors.Is(err, errCrashed) {
@@ -199,39 +235,23 @@ func TestLiveMergeCrashAtEveryStorageBoundaryReadsTheSame(t *testing.T) {
 				break // nothing pending: every mode leaves the same files
 			}
 			where := fmt.Sprintf("crash before op %d of %d (%s), %d writes flushed, child removed %v", crash, total, mode, r.durable, r.removed)
-			pimg, timg := r.parent.crashImage(mode), r.top.crashImage(mode)
-			replayed = replayed || imageHasActiveLog(t, pimg)
-			ps := newMemStorage(pimg)
-			var im *Image
-			var err error
-			if r.removed {
-				sawParent = true
-				im, err = openStorage(ps, OpenOptions{}, nil) // serve PARENT
-			} else {
-				sawChain = true
-				im, err = reopenMergedChain(ps, newMemStorage(timg))
-			}
-			if err != nil {
-				t.Fatalf("%s: reopen: %v", where, err)
-			}
-			if _, err := im.ReadAt(got, 0); err != nil {
-				t.Fatalf("%s: read: %v", where, err)
-			}
-			old, next := states[r.durable], states[min(r.durable+1, len(states)-1)]
-			mixed := !bytes.Equal(got, old) && !bytes.Equal(got, next)
-			for sec := 0; mixed && sec < len(got); sec += 512 {
-				g := got[sec : sec+512]
-				if !bytes.Equal(g, old[sec:sec+512]) && !bytes.Equal(g, next[sec:sec+512]) {
-					t.Fatalf("%s: sector at %#x reads neither the old nor the new data", where, sec)
-				}
-			}
-			if err := im.Close(); err != nil {
-				t.Fatalf("%s: close after reopen: %v", where, err)
-			}
+			verify(where, &r, r.parent.crashImage(mode), r.top.crashImage(mode))
 		}
 	}
 	if !replayed || !sawChain || !sawParent {
 		t.Errorf("crash points left a parent log %v, a chain %v, the parent alone %v: want all", replayed, sawChain, sawParent)
+	}
+
+	// An I/O error at each operation instead: the merge (or the guest
+	// write) fails with it, the files are closed as the daemon would, and
+	// they open as above reading every write that succeeded.
+	for fail := 1; fail <= total; fail++ {
+		var r mergeCrashRun
+		if err := r.run(mc, &crashClock{failAt: fail}); err != nil && !errors.Is(err, errFault) {
+			t.Fatalf("failure at op %d: the run's error %v is not the injected one", fail, err)
+		}
+		verify(fmt.Sprintf("I/O error at op %d of %d, %d writes flushed, child removed %v", fail, total, r.durable, r.removed),
+			&r, r.parent.current(), r.top.current())
 	}
 }
 
