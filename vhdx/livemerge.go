@@ -149,9 +149,10 @@ type LiveMerge struct {
 // StartLiveMerge begins merging top (a read-write differencing image) into
 // its parent: steps 1 above. The caller has quiesced every I/O on top and
 // from now on sends all of it through the returned LiveMerge. On error
-// nothing changed on disk and top serves as before (with its parent opened
-// read-only again; if even that failed, the error says so and reads of
-// what the parent holds fail).
+// nothing was written to the parent and top serves the same data as
+// before: with its parent opened read-only again if reopening it failed
+// (if even that failed, the error says so and reads of what the parent
+// holds fail), or still open read-write under it if a later step failed.
 func StartLiveMerge(top *Image, o LiveMergeOptions) (*LiveMerge, error) {
 	if top.closed.Load() {
 		return nil, fmt.Errorf("live merge: %w", ErrClosed)
