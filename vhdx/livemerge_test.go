@@ -366,3 +366,50 @@ func mustRead(t testing.TB, path string) []byte {
 	}
 	return b
 }
+
+// TestLiveMergeIntoAMiddleLayerKeepsTheLayersBelow: in base <- child1 <-
+// child2, merging child2 live makes child1 (still over the base) read what
+// the three layers read, after a reopen and for libvhdi too; the base is
+// not written.
+func TestLiveMergeIntoAMiddleLayerKeepsTheLayersBelow(t *testing.T) {
+	o := CreateOptions{Size: 12*mib + 1024, BlockSize: mib}
+	paths := commitChain(t, o, 2)
+	baseBefore := mustRead(t, paths[0])
+	top, err := Open(paths[2], OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := readAll(t, top)
+	m, err := StartLiveMerge(top, LiveMergeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p, err := m.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Path() != paths[1] || p.Depth() != 1 {
+		t.Fatalf("the new top is %s at depth %d, want %s at depth 1", p.Path(), p.Depth(), paths[1])
+	}
+	if got := readAll(t, p); !bytes.Equal(got, want) {
+		t.Fatalf("the middle layer differs at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readChainOf(t, paths[1]); !bytes.Equal(got, want) {
+		t.Fatalf("the reopened middle layer differs at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	if !bytes.Equal(mustRead(t, paths[0]), baseBefore) {
+		t.Error("the base was written")
+	}
+	for _, p := range paths[:2] {
+		mustCheckClean(t, p)
+	}
+	if got := vhdxtest.ReadWithLibvhdi(t, paths[1], paths[0]); !bytes.Equal(got, want) {
+		t.Fatalf("libvhdi reads the merged middle layer differently at %#x", vhdxtest.FirstDiff(got, want))
+	}
+}
