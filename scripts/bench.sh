@@ -23,7 +23,8 @@
 #
 # Environment: RUNS (default 5), RUNTIME (default 3s), SWEEP_RUNTIME
 # (default 2s), BENCH_DIR (images and results; default .cache/bench),
-# OUT (default docs/benchmarks).
+# OUT (default docs/benchmarks), MERGE_FILL_MB and MERGE_RATE
+# (scripts/bench_merge.sh).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -339,6 +340,10 @@ for ext in scripts/bench.d/*.sh; do
 	# shellcheck source=/dev/null
 	. "$ext"
 done
+
+# What a running live merge costs the guest (merge-idle, merge-running).
+. scripts/bench_merge.sh
+merge_bench
 
 # --- report -----------------------------------------------------------------
 cp "$RESULTS" "$OUT/results.jsonl"

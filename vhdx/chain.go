@@ -55,11 +55,18 @@ func openChain(path string, opts OpenOptions, cs *chainState) (*Image, error) {
 	}
 	cs.seen = append(cs.seen, id)
 	if im.l.hasParent {
+		if !opts.ReadOnly {
+			im.replayInterruptedParent(opts) // livemerge_recover.go
+		}
 		if err := im.attachParent(opts, cs); err != nil {
 			im.Close()
 			return nil, err
 		}
 		if err := im.refreshLocator(); err != nil {
+			im.Close()
+			return nil, err
+		}
+		if err := im.settleInterruptedLinkage(); err != nil { // livemerge_recover.go
 			im.Close()
 			return nil, err
 		}

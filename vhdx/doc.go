@@ -60,6 +60,24 @@
 // Commit opens its own Images (the child alone and its parent read-write,
 // both with exclusive locks) and shares nothing with other callers.
 //
+// Live merge of an open chain's top into its parent (livemerge.go,
+// livemerge_recover.go):
+//
+//	type LiveMergeOptions struct { Rate int64 }                      // bytes/s, 0 unbounded
+//	func StartLiveMerge(top *Image, o LiveMergeOptions) (*LiveMerge, error) // top's I/O quiesced by the caller
+//	func (m *LiveMerge) Run(ctx context.Context) error              // background copy; nil: Finish may follow
+//	func (m *LiveMerge) Finish() (*Image, error)                    // final pass, top removed; the parent is the top
+//	func (m *LiveMerge) Abandon() *Image                            // stop; the chain is served as it is
+//	func (m *LiveMerge) Progress() MergeProgress                    // State, Done, Total, Recopied, DirtyBlocks, Rate
+//	func (m *LiveMerge) Top(), Parent(), Current() *Image
+//	// *LiveMerge is a blk.Disk with Discard and WriteZeroes: during a merge
+//	// every I/O of the top goes through it (it marks the blocks written).
+//
+// A read-write Open of a child whose parent_linkage2 is set (an interrupted
+// merge or commit) first replays its parent's log, so the chain opens again
+// after a crash mid-merge, and then, if the parent's DataWriteGuid is
+// parent_linkage2, makes it parent_linkage (linkage2 dropped).
+//
 // Thin provisioning (discard.go, space.go, epoch.go, prealloc.go,
 // resize.go, compact.go, hostalloc.go):
 //
@@ -87,7 +105,14 @@
 //     Bounded: at most bitmapCachePages 4 KiB pages per image, LRU.
 //   - Parent layers are Images opened read-only, owned by the child (Close
 //     closes them) and never written; any number of readers walk down the
-//     chain concurrently. A read of a range NOT_PRESENT in the upper layers
+//     chain concurrently. The one exception is a live merge: the top's
+//     parent is reopened read-write (exclusive lock) while I/O is quiesced,
+//     and then written by the merge's single copier goroutine only in
+//     sectors the top holds, which readers never read from the parent;
+//     the parent's own Image rules (below) keep its allocations safe. The
+//     LiveMerge's RWMutex is held for reading by each I/O through it and
+//     for writing by Finish and Abandon, so no I/O is in flight when the
+//     top is removed and the parent becomes the top. A read of a range NOT_PRESENT in the upper layers
 //     costs one atomic load per layer and no system call until the layer
 //     holding the data.
 //   - Writes into sectors a differencing image does not hold take Image.mu

@@ -159,6 +159,7 @@ func runBenchReport(args []string, stdout io.Writer) error {
 	}
 	s := summarizeRecords(recs)
 	writeBenchTables(stdout, s)
+	writeMergeTable(stdout, s) // bench_merge.go
 	if *svg != "" {
 		out, err := os.Create(*svg)
 		if err != nil {

@@ -32,14 +32,9 @@ package main
 // The guest's I/O pauses for the duration of 1-4 (a flush, creating a
 // small file, opening the chain); the reply reports it as paused_ns.
 //
-// Live merge (not built yet) would reuse the same two pieces: copy the
-// top's blocks into its parent in the background at a bounded rate while
-// the guest writes to the top, recording the blocks written meanwhile;
-// then under Quiesce copy what is left, and swap the DiskRef to the
-// parent reopened read-write. It needs from the engine what it lacks
-// today: a parent layer of an open chain that can be written (the chain
-// holds it read-only with a shared lock) and the crash-safe ordering of
-// vhdx.Commit (parent_linkage2, branch oracle) applied block by block.
+// Live merge (merge.go) reuses the same two pieces: Quiesce to start and
+// to finish, and the DiskRef swapped to the vhdx.LiveMerge and then to the
+// parent. A checkpoint while a merge runs is refused.
 
 import (
 	"context"
@@ -78,6 +73,9 @@ func (d *daemon) checkpoint(ctx context.Context, c *control.Call) (any, error) {
 	}
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
+	if err := d.refuseDuringMerge("checkpoint"); err != nil {
+		return nil, err
+	}
 	if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("checkpoint: %s already exists or cannot be checked (%v)", path, err)
 	}

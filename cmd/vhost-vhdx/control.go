@@ -29,9 +29,12 @@ import (
 // The served disk is a blk.DiskRef over the top image, so checkpoint can
 // switch it. opMu orders commands against that switch: status, stats and
 // flush hold it for reading, checkpoint and resize for writing, so no
-// command uses an image a checkpoint is closing.
+// command uses an image a checkpoint is closing. A merge (merge.go) holds
+// it for writing to start and to finish, not while it copies; meanwhile
+// the DiskRef serves the vhdx.LiveMerge, and checkpoint and resize are
+// refused.
 type daemon struct {
-	ref      *blk.DiskRef // current *vhdx.Image
+	ref      *blk.DiskRef // current *vhdx.Image, or *vhdx.LiveMerge during a merge
 	opMu     sync.RWMutex
 	readOnly bool
 	started  time.Time
@@ -51,10 +54,20 @@ type daemon struct {
 	// one reply miss the old image's counts for that instant.
 	retiredMu sync.Mutex
 	retired   vhdx.Counters
+	log       *logrus.Entry // nil: the standard logger
+
+	mergeMu  sync.Mutex
+	mergeJob *mergeJob // the current or last merge (merge.go); under mergeMu
 }
 
-// image is the image served now (the top of the chain).
-func (d *daemon) image() *vhdx.Image { return d.ref.Load().(*vhdx.Image) }
+// image is the image served now (the top of the chain; during a merge
+// the LiveMerge serves it).
+func (d *daemon) image() *vhdx.Image {
+	if m, ok := d.ref.Load().(*vhdx.LiveMerge); ok {
+		return m.Current()
+	}
+	return d.ref.Load().(*vhdx.Image)
+}
 
 // vhostOptions are the vhost-user server options for d: its image, with
 // the monitor, statistics, notifier and write cache the control commands
@@ -73,14 +86,36 @@ func newDaemon(im *vhdx.Image, readOnly bool, numQueues int) *daemon {
 		d.cache = new(blk.WriteCache)
 	}
 	d.ref.OnSwap(func(old blk.Disk) {
-		if im, ok := old.(*vhdx.Image); ok {
-			c := im.Counters() // atomics: readable after Close
-			d.retiredMu.Lock()
-			d.retired = d.retired.Add(c)
-			d.retiredMu.Unlock()
+		// A merge swaps in a LiveMerge serving the same top, and at its
+		// end the parent it already forwards to: the image underneath
+		// did not change, so its counts are not final yet (runMerge
+		// retires the merged child itself).
+		if im := servedImage(old); im != nil && im != servedImage(d.ref.Load()) {
+			d.retire(im)
 		}
 	})
 	return d
+}
+
+// servedImage is the image a disk of the DiskRef writes to: the image, or
+// the current top of a running merge.
+func servedImage(disk blk.Disk) *vhdx.Image {
+	switch x := disk.(type) {
+	case *vhdx.Image:
+		return x
+	case *vhdx.LiveMerge:
+		return x.Current()
+	}
+	return nil
+}
+
+// retire adds the counters of an image no longer served to those since
+// the daemon started.
+func (d *daemon) retire(im *vhdx.Image) {
+	c := im.Counters() // atomics: readable after Close
+	d.retiredMu.Lock()
+	d.retired = d.retired.Add(c)
+	d.retiredMu.Unlock()
 }
 
 // LayerStatus is one file of the image chain in status.
@@ -102,6 +137,7 @@ type StatusReply struct {
 	WriteCache  string                 `json:"write_cache"`
 	Chain       []LayerStatus          `json:"chain"` // top first
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
+	Merge       *MergeStatus           `json:"merge,omitempty"` // the current or last merge (merge.go)
 }
 
 // StatsReply is the reply of stats.
@@ -137,6 +173,7 @@ func (d *daemon) status() StatusReply {
 		VirtualSize: uint64(im.Size()),
 		WriteCache:  "write-back",
 		FrontEnd:    d.monitor.Status(),
+		Merge:       d.mergeStatus(),
 	}
 	if d.readOnly {
 		r.WriteCache = "none (read-only)"
@@ -233,6 +270,9 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 	}
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
+	if err := d.refuseDuringMerge("resize"); err != nil {
+		return nil, err
+	}
 	im := d.image()
 	old := uint64(im.Size())
 	want := a.Size.n
@@ -295,7 +335,7 @@ func (d *daemon) resize(ctx context.Context, c *control.Call) (any, error) {
 }
 
 func (d *daemon) commands() []control.Command {
-	return []control.Command{
+	return append([]control.Command{
 		{Name: "status", Help: "image chain, front-end, negotiated features, queues, uptime",
 			Run: func(context.Context, *control.Call) (any, error) { return d.status(), nil }},
 		{Name: "stats", Args: `{"buckets": false}`, Help: "requests per queue and in total: ops, bytes, errors, latency percentiles (buckets: with the histograms); allocations, journal commits since start",
@@ -317,7 +357,7 @@ func (d *daemon) commands() []control.Command {
 			Run: d.resize},
 		{Name: "checkpoint", Args: `{"path": "/ABSOLUTE/NEW.vhdx"}`, Help: "create NEW as a differencing child of the current top and switch every write to it at one instant",
 			Run: d.checkpoint},
-	}
+	}, d.mergeCommands()...)
 }
 
 // controlLog logs every control client and command with the peer's
@@ -370,6 +410,7 @@ func startControl(ctx context.Context, path string, d *daemon, log *logrus.Entry
 	if err != nil {
 		return nil, err
 	}
+	d.log = log // merge logs its end through it
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -21,6 +21,7 @@ import (
 
 const ctlUsage = `Usage: vhost-vhdx ctl SOCKET COMMAND [ARGS] [--json]
        vhost-vhdx ctl SOCKET stats --watch [--interval D] [--count N]
+       vhost-vhdx ctl SOCKET merge [--rate BYTES/S] [--wait]
        vhost-vhdx ctl SOCKET help
 
 Run COMMAND on the daemon listening on SOCKET (serve --control-socket).
@@ -32,6 +33,12 @@ object; resize also takes its size alone:
   vhost-vhdx ctl /run/vm1.ctl resize +1G
   vhost-vhdx ctl /run/vm1.ctl flush
   vhost-vhdx ctl /run/vm1.ctl checkpoint /var/lib/vm1/after-update.vhdx
+  vhost-vhdx ctl /run/vm1.ctl merge --rate 50M --wait
+
+merge starts folding the top into its parent and returns; status shows
+its progress, merge-cancel stops it. When it is done the parent is the
+disk and the top's file is removed: restart the daemon with the parent's
+path from then on.
 
 Options:
   --json        print the daemon's reply as JSON
@@ -41,10 +48,12 @@ Options:
   --interval D  --watch interval (default 1s)
   --count N     --watch: stop after N lines (default: never)
   --timeout D   give up on a reply after D (default 60s; 0: never)
+  --rate N      (merge) copy at most N bytes/s (K/M/G suffixes; default unbounded)
+  --wait        (merge) print progress until the merge ends; fail unless it is done
 `
 
 // positionalArg names the argument a command's first bare ARG fills.
-var positionalArg = map[string]string{"resize": "size", "checkpoint": "path"}
+var positionalArg = map[string]string{"resize": "size", "checkpoint": "path", "merge": "rate"}
 
 func runCtl(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("ctl")
@@ -53,6 +62,8 @@ func runCtl(args []string, stdout, stderr io.Writer) error {
 	interval := fs.Duration("interval", time.Second, "")
 	count := fs.Int("count", 0, "")
 	timeout := fs.Duration("timeout", 60*time.Second, "")
+	rate := fs.String("rate", "", "")
+	wait := fs.Bool("wait", false, "")
 	pos, err := parseArgs(fs, args, ctlUsage, stdout, 2, 64)
 	if err != nil {
 		return err
@@ -63,6 +74,9 @@ func runCtl(args []string, stdout, stderr io.Writer) error {
 	}
 	cmdArgs, err := ctlArguments(name, pos[2:])
 	if err != nil {
+		return err
+	}
+	if cmdArgs, err = mergeFlags(name, cmdArgs, *rate, *wait); err != nil { // ctl_merge.go
 		return err
 	}
 	if *watch && name != "stats" {
@@ -90,6 +104,9 @@ func runCtl(args []string, stdout, stderr io.Writer) error {
 	raw, err := cl.CallRaw(cctx, name, cmdArgs)
 	if err != nil {
 		return fmt.Errorf("ctl %s: %w", name, err)
+	}
+	if *wait {
+		return waitMerge(ctx, cl, stdout, raw, *asJSON)
 	}
 	if *asJSON {
 		var v any
@@ -196,6 +213,8 @@ func printReply(w io.Writer, name string, raw json.RawMessage) error {
 		fmt.Fprintf(w, "writes now go to %s; %s is read-only (chain depth %d, I/O paused %v)\n",
 			r.Top, r.Parent, r.Depth, time.Duration(r.PausedNS).Round(time.Microsecond))
 		return nil
+	case "merge":
+		return printMergeReply(w, raw) // ctl_merge.go
 	case "resize":
 		var r ResizeReply
 		if err := json.Unmarshal(raw, &r); err != nil {
@@ -234,6 +253,7 @@ func printStatus(w io.Writer, s StatusReply) {
 		}
 		fmt.Fprintf(w, "  %-9s  %s (%s, %s allocated, file %s)\n", role, l.Path, l.Type, formatBytes(l.AllocatedBytes), formatBytes(l.FileSize))
 	}
+	printMergeStatus(w, s.Merge) // ctl_merge.go
 	fe := s.FrontEnd
 	defer printSockets(w, fe.Frontends)
 	if !fe.Connected {

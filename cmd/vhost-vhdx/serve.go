@@ -266,6 +266,9 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	// Control commands use the image: they stop before it closes.
 	ctlStop()
 	ctlWait()
+	if d.cancelMerge() { // merge.go: the chain is served as it was
+		entry.Warn("a running merge was cancelled by the shutdown; run merge again to complete it")
+	}
 	for _, p := range cfg.socketPaths {
 		os.Remove(p)
 	}
