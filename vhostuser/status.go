@@ -157,10 +157,10 @@ func bitNames(v uint64, names map[int]string) []string {
 }
 
 // Quiesce runs f while no request is in progress on any queue and none
-// can start: it holds the connected session's dispatch lock for writing,
-// which every worker holds for reading while it drains a batch, so each
-// request popped before f runs has completed (its used entry published)
-// and no queue pops another until f returns. Control messages from the
+// can start: it drains the connected session's request gate (drain.go:
+// no queue pops another chain, and every request popped before has
+// completed and had its used entry published), then holds the dispatch
+// lock for writing, until f returns. Control messages from the
 // front-end wait as well. Without a connected front-end f runs with
 // connections held off (a new one waits in attach). Use it to replace the
 // disk under a running guest (blk.DiskRef.Swap); keep f short: the guest's
@@ -173,6 +173,10 @@ func (m *Monitor) Quiesce(f func() error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if s := m.cur; s != nil {
+		// Workers do I/O without the dispatch lock: hold new requests
+		// off and wait for those in flight first (drain.go).
+		s.reqs.drain()
+		defer s.reqs.resume()
 		s.mu.Lock()
 		defer s.mu.Unlock()
 	}

@@ -1,0 +1,282 @@
+package vhostuser_test
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"testing"
+
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
+	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
+)
+
+// parkDisk is a memDisk whose Flush, and reads at chosen byte offsets,
+// park until the test releases them. Each parked call reports itself on
+// parked first, so a test knows the request is executing.
+type parkDisk struct {
+	*memDisk
+	parkFlush bool
+	flushGo   chan struct{}           // closed: parked flushes return
+	readGo    map[int64]chan struct{} // offset → closed: that read returns
+	parked    chan string             // "flush" or "read"
+	mu        sync.Mutex              // guards readGo lookups against the test
+}
+
+func newParkDisk(parkFlush bool, readOffs ...int64) *parkDisk {
+	d := &parkDisk{memDisk: newMemDisk(testDiskSize), parkFlush: parkFlush, flushGo: make(chan struct{}),
+		readGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
+	for _, off := range readOffs {
+		d.readGo[off] = make(chan struct{})
+	}
+	return d
+}
+
+func (d *parkDisk) Flush() error {
+	if d.parkFlush {
+		d.parked <- "flush"
+		<-d.flushGo
+	}
+	return d.memDisk.Flush()
+}
+
+func (d *parkDisk) ReadVec(b [][]byte, off int64) error {
+	d.mu.Lock()
+	ch := d.readGo[off]
+	d.mu.Unlock()
+	if ch != nil {
+		d.parked <- "read"
+		<-ch
+	}
+	return d.memDisk.ReadVec(b, off)
+}
+
+// ringKinds runs a test on a split and on a packed ring.
+var ringKinds = []struct {
+	name   string
+	packed bool
+}{{"split", false}, {"packed", true}}
+
+// parallelSetup leaves room for several requests in flight per queue.
+func parallelSetup(packed bool) frontend.Options {
+	return frontend.Options{MemSize: 2 << 20, QueueSize: 64, MaxIO: 8192, MaxInflight: 16, Packed: packed}
+}
+
+func awaitParked(t *testing.T, d *parkDisk, want string) {
+	t.Helper()
+	if got := <-d.parked; got != want {
+		t.Fatalf("parked %q, want %q", got, want)
+	}
+}
+
+// A FLUSH parked in the disk does not hold up the reads queued behind it
+// on the same queue: they complete, with their data, while it waits.
+func TestReadsBehindAParkedFlushComplete(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			d := newParkDisk(true)
+			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+			copy(d.data, pattern(3, 64*512))
+			f := s.connect(t, parallelSetup(k.packed))
+			q := f.Queues[0]
+			ctx := context.Background()
+			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
+			if err != nil {
+				t.Fatal(err)
+			}
+			awaitParked(t, d, "flush")
+			for i := range 8 {
+				r, err := q.Read(ctx, uint64(8*i), 4096)
+				mustOK(t, "read behind the parked flush", r, err)
+				if !bytes.Equal(r.Data, d.bytes(8*i*512, 4096)) {
+					t.Fatalf("read %d: wrong data", i)
+				}
+			}
+			close(d.flushGo)
+			r, err := q.Reap(ctx, 0)
+			mustOK(t, "the flush", r, err)
+			if r.Head != flushHead || r.Written != 1 {
+				t.Errorf("flush completion: head %d written %d, want head %d written 1", r.Head, r.Written, flushHead)
+			}
+		})
+	}
+}
+
+// Requests that finish in the reverse order of their submission land in
+// the used ring in finishing order, each with its own id and used length.
+func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			const n = 4
+			offs := make([]int64, n)
+			for i := range offs {
+				offs[i] = int64(16 * i * 512)
+			}
+			d := newParkDisk(false, offs...)
+			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+			copy(d.data, pattern(9, 64*512))
+			f := s.connect(t, parallelSetup(k.packed))
+			q := f.Queues[0]
+			heads := make([]uint16, n)
+			for i := range n {
+				h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTIn, Sector: uint64(16 * i), InLen: 512 * (i + 1)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				heads[i] = h
+			}
+			for range n {
+				awaitParked(t, d, "read")
+			}
+			for i := n - 1; i >= 0; i-- {
+				close(d.readGo[offs[i]])
+				r, err := q.Reap(context.Background(), 512*(i+1))
+				mustOK(t, "read", r, err)
+				if r.Head != heads[i] || r.Written != uint32(512*(i+1)+1) {
+					t.Fatalf("completion after releasing read %d: head %d written %d, want head %d written %d",
+						i, r.Head, r.Written, heads[i], 512*(i+1)+1)
+				}
+				if !bytes.Equal(r.Data, d.bytes(int(offs[i]), 512*(i+1))) {
+					t.Fatalf("read %d: wrong data", i)
+				}
+			}
+		})
+	}
+}
+
+// SET_MEM_TABLE sent while a request is executing waits until that
+// request has completed and been published, then installs the new table,
+// and the queue serves requests from it.
+func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			draining := make(chan struct{})
+			var once sync.Once
+			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
+				if what == "drain" {
+					once.Do(func() { close(draining) })
+				}
+			}))
+			d := newParkDisk(true)
+			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+			f := s.connect(t, parallelSetup(k.packed))
+			q := f.Queues[0]
+			ctx := context.Background()
+			if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
+				t.Fatal(err)
+			}
+			awaitParked(t, d, "flush")
+			replied := make(chan error, 1)
+			go func() { replied <- f.SetMemTable() }()
+			<-draining
+			select {
+			case err := <-replied:
+				t.Fatalf("SET_MEM_TABLE replied (%v) while a request was executing", err)
+			default:
+			}
+			close(d.flushGo)
+			if err := <-replied; err != nil {
+				t.Fatalf("SET_MEM_TABLE: %v", err)
+			}
+			r, err := q.Reap(ctx, 0)
+			mustOK(t, "the flush that was in flight", r, err)
+			w, err := q.Write(ctx, 4, pattern(5, 1024))
+			mustOK(t, "write after the new table", w, err)
+			if !bytes.Equal(d.bytes(4*512, 1024), pattern(5, 1024)) {
+				t.Error("the write after SET_MEM_TABLE did not reach the disk")
+			}
+		})
+	}
+}
+
+// GET_VRING_BASE sent while a request is executing replies only after it
+// completed and was published, with a base that counts every request.
+func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			stopping := make(chan struct{})
+			var once sync.Once
+			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
+				if what == "stop" {
+					once.Do(func() { close(stopping) })
+				}
+			}))
+			d := newParkDisk(true)
+			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+			f := s.connect(t, parallelSetup(k.packed))
+			q := f.Queues[0]
+			ctx := context.Background()
+			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
+			if err != nil {
+				t.Fatal(err)
+			}
+			awaitParked(t, d, "flush")
+			for i := range 2 {
+				r, err := q.Read(ctx, uint64(i), 512)
+				mustOK(t, "read", r, err)
+			}
+			type result struct {
+				base uint32
+				err  error
+			}
+			replied := make(chan result, 1)
+			go func() {
+				b, err := f.GetVringBase(0)
+				replied <- result{b, err}
+			}()
+			<-stopping
+			close(d.flushGo)
+			res := <-replied
+			if res.err != nil {
+				t.Fatalf("GET_VRING_BASE: %v", res.err)
+			}
+			r, err := q.Reap(ctx, 0)
+			mustOK(t, "the flush that was in flight", r, err)
+			if r.Head != flushHead {
+				t.Errorf("flush completed with head %d, want %d", r.Head, flushHead)
+			}
+			if k.packed {
+				// Both positions and wrap counters agree: nothing in flight.
+				if avail, used := uint16(res.base), uint16(res.base>>16); avail != used || avail&0x7fff != 8 {
+					t.Errorf("packed base %#x: avail half %#x, used half %#x, want both at slot 8 (2+3+3 descriptors)", res.base, avail, used)
+				}
+			} else if res.base != 3 || q.UsedIdx() != 3 {
+				t.Errorf("base %d, used.idx %d after the drain, want 3 and 3", res.base, q.UsedIdx())
+			}
+		})
+	}
+}
+
+// Monitor.Quiesce called while a request is executing waits for it, and
+// its callback sees the request's completion already published.
+func TestQuiesceWaitsForAParkedRequestAndSeesItPublished(t *testing.T) {
+	draining := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(vhostuser.SetWaitHook(func(what string) {
+		if what == "drain" {
+			once.Do(func() { close(draining) })
+		}
+	}))
+	d := newParkDisk(true)
+	mon := new(vhostuser.Monitor)
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, Monitor: mon})
+	f := s.connect(t, parallelSetup(false))
+	q := f.Queues[0]
+	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
+		t.Fatal(err)
+	}
+	awaitParked(t, d, "flush")
+	seen := make(chan uint16, 1)
+	go func() {
+		_ = mon.Quiesce(func() error {
+			seen <- q.UsedIdx()
+			return nil
+		})
+	}()
+	<-draining
+	close(d.flushGo)
+	if idx := <-seen; idx != 1 {
+		t.Errorf("used.idx %d inside Quiesce, want 1: the parked flush was not published first", idx)
+	}
+	r, err := q.Reap(context.Background(), 0)
+	mustOK(t, "the flush", r, err)
+}
