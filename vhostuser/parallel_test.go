@@ -10,25 +10,21 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
-// parkDisk is a memDisk whose Flush, and reads at chosen byte offsets,
+// parkDisk is a memDisk whose Flush, and writes at chosen byte offsets,
 // park until the test releases them. Each parked call reports itself on
 // parked first, so a test knows the request is executing.
 type parkDisk struct {
 	*memDisk
 	parkFlush bool
 	flushGo   chan struct{}           // closed: parked flushes return
-	readGo    map[int64]chan struct{} // offset → closed: that read returns
-	parked    chan string             // "flush" or "read"
-	mu        sync.Mutex              // guards readGo lookups against the test
+	writeGo   map[int64]chan struct{} // offset → closed: that write goes on
+	parked    chan string             // "flush" or "write"
+	mu        sync.Mutex              // guards the map lookups against the test
 }
 
-func newParkDisk(parkFlush bool, readOffs ...int64) *parkDisk {
-	d := &parkDisk{memDisk: newMemDisk(testDiskSize), parkFlush: parkFlush, flushGo: make(chan struct{}),
-		readGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
-	for _, off := range readOffs {
-		d.readGo[off] = make(chan struct{})
-	}
-	return d
+func newParkDisk(parkFlush bool) *parkDisk {
+	return &parkDisk{memDisk: newMemDisk(testDiskSize), parkFlush: parkFlush, flushGo: make(chan struct{}),
+		writeGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
 }
 
 func (d *parkDisk) Flush() error {
@@ -39,15 +35,15 @@ func (d *parkDisk) Flush() error {
 	return d.memDisk.Flush()
 }
 
-func (d *parkDisk) ReadVec(b [][]byte, off int64) error {
+func (d *parkDisk) WriteVec(b [][]byte, off int64) error {
 	d.mu.Lock()
-	ch := d.readGo[off]
+	ch := d.writeGo[off]
 	d.mu.Unlock()
 	if ch != nil {
-		d.parked <- "read"
+		d.parked <- "write"
 		<-ch
 	}
-	return d.memDisk.ReadVec(b, off)
+	return d.memDisk.WriteVec(b, off)
 }
 
 // ringKinds runs a test on a split and on a packed ring.
@@ -102,41 +98,55 @@ func TestReadsBehindAParkedFlushComplete(t *testing.T) {
 }
 
 // Requests that finish in the reverse order of their submission land in
-// the used ring in finishing order, each with its own id and used length.
+// the used ring in finishing order, each with its own id and used length:
+// three writes park in the disk, a read submitted after them completes
+// first, then the writes are let go one by one, last first.
 func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			const n = 4
+			const n = 3
 			offs := make([]int64, n)
 			for i := range offs {
 				offs[i] = int64(16 * i * 512)
 			}
-			d := newParkDisk(false, offs...)
+			d := newParkDisk(false)
+			for _, off := range offs {
+				d.writeGo[off] = make(chan struct{})
+			}
 			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(9, 64*512))
+			copy(d.data, pattern(9, 128*512))
 			f := s.connect(t, parallelSetup(k.packed))
 			q := f.Queues[0]
+			ctx := context.Background()
 			heads := make([]uint16, n)
 			for i := range n {
-				h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTIn, Sector: uint64(16 * i), InLen: 512 * (i + 1)})
+				h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTOut, Sector: uint64(16 * i), Data: pattern(byte(i+1), 512*(i+1))})
 				if err != nil {
 					t.Fatal(err)
 				}
 				heads[i] = h
 			}
 			for range n {
-				awaitParked(t, d, "read")
+				awaitParked(t, d, "write")
+			}
+			readHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTIn, Sector: 100, InLen: 2048})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, err := q.Reap(ctx, 2048)
+			mustOK(t, "read behind three parked writes", r, err)
+			if r.Head != readHead || r.Written != 2048+1 || !bytes.Equal(r.Data, pattern(9, 128*512)[100*512:100*512+2048]) {
+				t.Fatalf("first completion: head %d written %d, want the read, head %d written %d, with its data", r.Head, r.Written, readHead, 2048+1)
 			}
 			for i := n - 1; i >= 0; i-- {
-				close(d.readGo[offs[i]])
-				r, err := q.Reap(context.Background(), 512*(i+1))
-				mustOK(t, "read", r, err)
-				if r.Head != heads[i] || r.Written != uint32(512*(i+1)+1) {
-					t.Fatalf("completion after releasing read %d: head %d written %d, want head %d written %d",
-						i, r.Head, r.Written, heads[i], 512*(i+1)+1)
+				close(d.writeGo[offs[i]])
+				r, err := q.Reap(ctx, 0)
+				mustOK(t, "write", r, err)
+				if r.Head != heads[i] || r.Written != 1 {
+					t.Fatalf("completion after releasing write %d: head %d written %d, want head %d written 1", i, r.Head, r.Written, heads[i])
 				}
-				if !bytes.Equal(r.Data, d.bytes(int(offs[i]), 512*(i+1))) {
-					t.Fatalf("read %d: wrong data", i)
+				if !bytes.Equal(d.bytes(int(offs[i]), 512*(i+1)), pattern(byte(i+1), 512*(i+1))) {
+					t.Fatalf("write %d did not reach the disk", i)
 				}
 			}
 		})
