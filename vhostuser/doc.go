@@ -215,9 +215,11 @@
 // written only by the control goroutine; workers never start or stop one
 // another.
 //
-// Each started ring has one owner goroutine and up to 64 executor
-// goroutines (worker.go), so requests of one queue run in parallel: a read
-// never waits behind a FLUSH or an allocating write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
+// Each started ring has one owner goroutine, which pops chains and runs
+// the reads itself, and up to 16 executor goroutines for every other
+// request (worker.go), so requests of one queue run in parallel (at most
+// 64 in flight) and a read never waits behind a FLUSH or an allocating
+// write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
 // parked Read costs no thread and Close unblocks it. SET_VRING_KICK, _CALL and
 // _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file
 // type, and for anonymous inodes the /proc/self/fd link, which must be
@@ -295,7 +297,7 @@
 // Nothing is sized by a length the front-end or the guest sends without a
 // cap. Per connection: one fixed message buffer (12 + 4096 bytes) and
 // control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
-// fixed at Serve) and ring state for each ring a message named; per started ring one owner goroutine, up to 64 executor goroutines (started on demand, ended with the ring), its kick fd and
+// fixed at Serve) and ring state for each ring a message named; per started ring one owner goroutine, up to 16 executor goroutines (started on demand, ended with the ring), its kick fd and
 // at most one call and one err fd (a new one closes the old); at most one
 // back-end channel socket (likewise), one dirty log mapping (≤ MaxLogSize,
 // 1 GiB, replaced on each SET_LOG_BASE) and one log fd; per ring

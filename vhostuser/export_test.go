@@ -9,3 +9,6 @@ func SetWaitHook(f func(what string)) (restore func()) {
 	waitHook = f
 	return func() { waitHook = old }
 }
+
+// MaxExecutors is the executor goroutines a queue may start.
+const MaxExecutors = maxExecutors

@@ -290,3 +290,61 @@ func TestQuiesceWaitsForAParkedRequestAndSeesItPublished(t *testing.T) {
 	r, err := q.Reap(context.Background(), 0)
 	mustOK(t, "the flush", r, err)
 }
+
+// With every executor of a queue parked in the disk, a further write waits
+// for the first one to come back, while reads (run by the ring owner) still
+// complete; nothing is lost or completed twice.
+func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
+	const parked = vhostuser.MaxExecutors
+	d := newParkDisk(false)
+	for i := range parked {
+		d.writeGo[int64(8*i*512)] = make(chan struct{})
+	}
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	o := parallelSetup(false)
+	o.QueueSize, o.MaxInflight = 64, parked+2
+	f := s.connect(t, o)
+	q := f.Queues[0]
+	ctx := context.Background()
+	heads := map[uint16]int{}
+	for i := range parked {
+		h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTOut, Sector: uint64(8 * i), Data: pattern(byte(i+1), 512)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		heads[h] = i
+	}
+	for range parked {
+		awaitParked(t, d, "write")
+	}
+	extra, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTOut, Sector: 500, Data: pattern(99, 512)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := q.Read(ctx, 600, 512)
+	mustOK(t, "read while every executor is parked", r, err)
+	close(d.writeGo[0])
+	seen := map[uint16]bool{}
+	for range 2 {
+		r, err := q.Reap(ctx, 0)
+		mustOK(t, "write", r, err)
+		if r.Head != extra && heads[r.Head] != 0 {
+			t.Fatalf("head %d completed while its write is parked", r.Head)
+		}
+		seen[r.Head] = true
+	}
+	if !seen[extra] || !bytes.Equal(d.bytes(500*512, 512), pattern(99, 512)) {
+		t.Fatal("the write beyond the limit did not run once an executor was free")
+	}
+	for i := 1; i < parked; i++ {
+		close(d.writeGo[int64(8*i*512)])
+	}
+	for range parked - 1 {
+		r, err := q.Reap(ctx, 0)
+		mustOK(t, "write", r, err)
+		if seen[r.Head] {
+			t.Fatalf("head %d completed twice", r.Head)
+		}
+		seen[r.Head] = true
+	}
+}

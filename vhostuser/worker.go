@@ -20,12 +20,18 @@ import (
 // for at most one batch of pops (never for a request's I/O).
 const batchSize = 64
 
-// maxInflight bounds the requests of one queue executing at once (and the
-// executor goroutines the queue may start). QEMU's default queue size is
-// 256 and Linux keeps up to that many requests per queue in flight; 64
-// parallel requests keep a disk's queue full while bounding the
-// goroutines and the descriptor-chain buffers a queue holds.
+// maxInflight bounds the requests of one queue in flight at once. QEMU's
+// default queue size is 256 and Linux keeps up to that many requests per
+// queue in flight; 64 keep a disk's queue full while bounding the
+// descriptor-chain buffers a queue holds.
 const maxInflight = 64
+
+// maxExecutors bounds the goroutines of one queue running requests other
+// than reads (reads run on the ring owner). Parallel writes to one file
+// mostly queue on the kernel's inode lock, and every blocked one holds an
+// OS thread; 16 keep FLUSHes and allocating writes (whose syncs group
+// commit can share) overlapping without that cost growing with the ring.
+const maxExecutors = 16
 
 // request is one chain taken from the ring, from Next until its completion
 // is published. Its Chain buffers are reused by the next request that takes
@@ -345,12 +351,13 @@ func (w *worker) pop(q virtqueue.Queue) (st popState, err error) {
 			w.local = append(w.local, req) // capacity nreq
 			continue
 		}
-		// Every request sent must have an executor committed to receive
-		// it, or it could sit in todo behind executors parked in the disk.
-		// Only the owner takes from idle, so the test-then-decrement holds.
-		if w.idle.Load() > 0 {
-			w.idle.Add(-1)
-		} else if w.execs < w.nreq {
+		// While executors can still be started, every request sent has
+		// one committed to receive it (idle), so none sits in todo behind
+		// executors parked in the disk. At the limit a request takes the
+		// next executor to come back (idle goes negative: a debt its
+		// commit pays).
+		if w.idle.Add(-1) < 0 && w.execs < maxExecutors {
+			w.idle.Add(1)
 			w.execs++
 			w.execWG.Add(1)
 			go w.exec()
