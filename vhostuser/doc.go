@@ -216,10 +216,11 @@
 // another.
 //
 // Each started ring has one owner goroutine, which pops chains and runs
-// the reads itself, and up to 16 executor goroutines for every other
-// request (worker.go), so requests of one queue run in parallel (at most
-// 64 in flight) and a read never waits behind a FLUSH or an allocating
-// write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
+// the quick ones itself (blk.Quick: reads, and overwrites of allocated
+// blocks in write-back mode), and up to 16 executor goroutines for every
+// other request (worker.go), so requests of one queue run in parallel (at
+// most 64 in flight) and nothing quick waits behind a FLUSH or an
+// allocating write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
 // parked Read costs no thread and Close unblocks it. SET_VRING_KICK, _CALL and
 // _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file
 // type, and for anonymous inodes the /proc/self/fd link, which must be
@@ -272,8 +273,9 @@
 //     been published; then its executors end. GET_VRING_BASE therefore
 //     reports a base with nothing in flight.
 //   - Write-through mode is per request, inside blk.Handler: the flush
-//     runs in the executor before the status is written and the request
-//     is handed to the publisher.
+//     runs before the status is written and the request is handed to the
+//     publisher (no write is quick in write-through mode, so that is
+//     always on an executor).
 //   - Requests recovered from the inflight region run one at a time in
 //     their pop order, before any new request (see "Inflight tracking").
 //

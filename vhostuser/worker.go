@@ -236,9 +236,10 @@ func (w *worker) awaitAllBack(stop chan struct{}) {
 // them to executors.
 func (w *worker) batch() popState {
 	st := w.popBatch()
-	// Reads popped in this batch run here, with no lock held, and are
-	// published together (one used index store, one notification), as a
-	// queue of reads was before requests ran in parallel.
+	// Quick requests (reads, overwrites: blk.Quick) popped in this batch
+	// run here, with no lock held, and are published together (one used
+	// index store, one notification), as a queue of them was before
+	// requests ran in parallel.
 	if len(w.local) > 0 {
 		for _, req := range w.local {
 			w.handle(w.h, req)
@@ -344,8 +345,9 @@ func (w *worker) pop(q virtqueue.Queue) (st popState, err error) {
 			w.addDone(req)
 			continue
 		}
-		if !resubmit && blk.IsRead(req.chain.Readable) {
-			// A read never waits for an allocation or a sync: the owner
+		if !resubmit && blk.Quick(w.s.opts.Disk, w.s.opts.Blk, req.chain.Readable) {
+			// A read, or an overwrite of allocated blocks in write-back
+			// mode, never waits for an allocation or a sync: the owner
 			// runs it after this batch (batch), saving two goroutine
 			// switches per request; everything else gets an executor.
 			w.local = append(w.local, req) // capacity nreq
