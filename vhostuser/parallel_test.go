@@ -348,3 +348,28 @@ func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
 		seen[r.Head] = true
 	}
 }
+
+// SET_VRING_CALL (and any control message that does not touch what
+// requests use) is answered while a request is executing: no session lock
+// is held across I/O.
+func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
+	d := newParkDisk(true)
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	f := s.connect(t, parallelSetup(false))
+	q := f.Queues[0]
+	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
+		t.Fatal(err)
+	}
+	awaitParked(t, d, "flush")
+	// The same call fd again: the reply (REPLY_ACK) comes while the flush
+	// is parked, or this test hangs.
+	if err := f.SetVringFD(vhostuser.ReqSetVringCall, 0, q.CallFD()); err != nil {
+		t.Fatalf("SET_VRING_CALL: %v", err)
+	}
+	if _, err := f.GetConfig(0, 8); err != nil {
+		t.Fatalf("GET_CONFIG: %v", err)
+	}
+	close(d.flushGo)
+	r, err := q.Reap(context.Background(), 0)
+	mustOK(t, "the flush", r, err)
+}
