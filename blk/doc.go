@@ -17,6 +17,9 @@
 //	// offered and executed only when the Disk has them.
 //	type Discarder interface{ Discard(off, n int64) error }
 //	type WriteZeroer interface{ WriteZeroes(off, n int64, unmap bool) error }
+//	type QuickWriter interface{ QuickWrite(off, n int64) bool } // hint: range allocated, no sync (classify.go)
+//	func IsRead(readable [][]byte) bool                       // IN or GET_ID
+//	func Quick(d Disk, o Options, readable [][]byte) bool     // read, or write-back overwrite the disk calls quick
 //	type Options struct {
 //	    ReadOnly  bool
 //	    Serial    string // GET_ID, at most 20 bytes (longer is truncated)
@@ -33,7 +36,7 @@
 //	    // write-through: OUT, DISCARD and WRITE_ZEROES call Disk.Flush before the status byte
 //	func Features(d Disk, o Options) uint64 // virtio-blk device feature bits to offer (without transport bits)
 //	func Config(d Disk, o Options) []byte   // struct virtio_blk_config, little-endian, ConfigSize bytes
-//	type Handler struct{ ... }              // one per queue worker; not safe for concurrent use
+//	type Handler struct{ ... }              // one per goroutine running requests; not safe for concurrent use
 //	func NewHandler(d Disk, o Options) *Handler
 //	func (h *Handler) Handle(readable, writable [][]byte) (written uint32)
 //	    // parses, executes, writes the status byte; written counts bytes written

@@ -28,7 +28,9 @@
 //	func (im *Image) ReadAt(p []byte, off int64) (int, error)  // sector-aligned off and len(p)
 //	func (im *Image) WriteAt(p []byte, off int64) (int, error)
 //	func (im *Image) ReadVec(bufs [][]byte, off int64) error   // scatter/gather, zero copy
-//	func (im *Image) WriteVec(bufs [][]byte, off int64) error
+//	func (im *Image) WriteVec(bufs [][]byte, off int64) error  // (vector.go: one preadv/pwritev per run
+//	                                                           // back to back in the file when the Storage
+//	                                                           // has ReadvAt/WritevAt, as a file does)
 //	func (im *Image) Flush() error // data then metadata durable (fdatasync)
 //	func (im *Image) Close() error // flushes, clears the log GUID, unlocks
 //	func (im *Image) Size() int64

@@ -256,8 +256,9 @@ func vecLen(bufs [][]byte) uint64 {
 }
 
 // ReadVec reads into bufs (scatter) starting at virtual offset off. Only the
-// total length needs to be sector aligned. Each (buffer ∩ block) run is one
-// pread, or a clear for unallocated blocks; no heap allocation per call.
+// total length needs to be sector aligned. Each (buffer ∩ block) piece is
+// one pread, or a clear for unallocated blocks; on a file (vector.go)
+// pieces back to back in the file share one preadv.
 func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 	if err := im.checkRange("read", off, vecLen(bufs)); err != nil {
 		return err
@@ -272,6 +273,9 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 			pos += uint64(len(buf))
 		}
 		return nil
+	}
+	if vs := vectorOf(im.s); vs != nil {
+		return im.readVecv(vs, bufs, pos) // vector.go: one preadv per run
 	}
 	for _, buf := range bufs {
 		for len(buf) > 0 {
@@ -292,8 +296,9 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 }
 
 // WriteVec writes bufs (gather) starting at virtual offset off. Each
-// (buffer ∩ block) run is one pwrite; the first run landing in an
-// unallocated block allocates it and later runs find it allocated.
+// (buffer ∩ block) piece is one pwrite (on a file, pieces back to back in
+// allocated blocks share one pwritev, vector.go); the first piece landing
+// in an unallocated block allocates it and later pieces find it allocated.
 func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	if im.readOnly {
 		return fmt.Errorf("write: %w", ErrReadOnly)
@@ -320,6 +325,9 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	}
 	defer im.ep.exit(im.ep.enter())
 	pos := uint64(off)
+	if vs := vectorOf(im.s); vs != nil {
+		return im.writeVecv(vs, bufs, pos) // vector.go: one pwritev per run
+	}
 	for _, buf := range bufs {
 		for len(buf) > 0 {
 			idx, e, in, left := im.locate(pos)

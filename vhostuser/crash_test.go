@@ -73,7 +73,7 @@ func (d *fileDisk) PhysicalSectorSize() uint32 { return 512 }
 func TestHelperBackendProcess(t *testing.T) {
 	sock := os.Getenv(envHelperSocket)
 	if sock == "" {
-		t.Skip("helper process for TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests")
+		t.Skip("helper process for TestBackendKilledWithWritesInFlightResubmitsExactlyTheUnfinishedOnes")
 	}
 	f, err := os.OpenFile(os.Getenv(envHelperDisk), os.O_RDWR, 0)
 	if err != nil {
@@ -145,7 +145,7 @@ func (p *backendProc) kill() {
 	}
 }
 
-func TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests(t *testing.T) {
+func TestBackendKilledWithWritesInFlightResubmitsExactlyTheUnfinishedOnes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts back-end processes")
 	}
@@ -158,10 +158,20 @@ func TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests(t *testing.T
 	o := inflightSetup
 	o.NumQueues = 2
 
-	// The first back-end dies while executing the 4th write of each queue;
-	// the requests behind those were never popped.
+	// Requests run in parallel inside a queue: the first back-end parks
+	// the 2nd and the 4th write of each queue, completes the others around
+	// them, and dies with those two executing.
 	sectorOf := func(queue, i int) uint64 { return uint64(8 * (queue*perQueue + i)) }
-	a := startBackend(t, sock, disk, int64(sectorOf(0, 3)*512), int64(sectorOf(1, 3)*512))
+	blocked := func(i int) bool { return i == 1 || i == 3 }
+	var blockAt []int64
+	for qi := range 2 {
+		for i := range perQueue {
+			if blocked(i) {
+				blockAt = append(blockAt, int64(sectorOf(qi, i)*512))
+			}
+		}
+	}
+	a := startBackend(t, sock, disk, blockAt...)
 	f, err := frontend.Dial(sock)
 	if err != nil {
 		t.Fatal(err)
@@ -173,8 +183,9 @@ func TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests(t *testing.T
 	}
 	defer in.Close()
 	want := map[uint64][]byte{}
-	blockedHead := make([]uint16, len(f.Queues))
+	blockedHeads := make([]map[uint16]bool, len(f.Queues))
 	for qi, q := range f.Queues {
+		blockedHeads[qi] = map[uint16]bool{}
 		for i := range perQueue {
 			sector := sectorOf(qi, i)
 			data := pattern(byte(16*qi+i+1), 4096)
@@ -183,21 +194,31 @@ func TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests(t *testing.T
 			if err != nil {
 				t.Fatal(err)
 			}
-			if i == 3 {
-				blockedHead[qi] = h
+			if blocked(i) {
+				blockedHeads[qi][h] = true
 			}
 		}
 	}
-	a.await(t, "blocked")
-	a.await(t, "blocked")
+	for range blockAt {
+		a.await(t, "blocked")
+	}
+	for qi, q := range f.Queues {
+		for range perQueue - len(blockedHeads[qi]) {
+			r, err := q.Reap(context.Background(), 0)
+			mustOK(t, fmt.Sprintf("queue %d write around the parked ones", qi), r, err)
+			if blockedHeads[qi][r.Head] {
+				t.Fatalf("queue %d: parked write %d completed", qi, r.Head)
+			}
+		}
+	}
 	a.kill()
-	// What the dead back-end left: in each queue the write it was
-	// executing, and only that one, is marked in flight.
+	// What the dead back-end left: in each queue the writes it was
+	// executing, and only those, are marked in flight.
 	for qi := range f.Queues {
 		region := in.QueueRegion(qi, virtqueue.InflightRegionSize(o.QueueSize))
 		for h := 0; h < int(o.QueueSize); h++ {
-			if marked := region[16+16*h] == 1; marked != (uint16(h) == blockedHead[qi]) {
-				t.Errorf("queue %d descriptor %d: in flight %t after the kill; the write being executed has head %d", qi, h, marked, blockedHead[qi])
+			if marked := region[16+16*h] == 1; marked != blockedHeads[qi][uint16(h)] {
+				t.Errorf("queue %d descriptor %d: in flight %t after the kill; the writes being executed have heads %v", qi, h, marked, blockedHeads[qi])
 			}
 		}
 	}
@@ -213,9 +234,12 @@ func TestBackendKilledMidWriteStreamIsReplacedWithoutLosingRequests(t *testing.T
 		t.Fatalf("reconnecting: %v", err)
 	}
 	for qi, q := range f.Queues {
-		for range perQueue {
+		for range len(blockedHeads[qi]) {
 			r, err := q.Reap(context.Background(), 0)
-			mustOK(t, fmt.Sprintf("queue %d write", qi), r, err)
+			mustOK(t, fmt.Sprintf("queue %d resubmitted write", qi), r, err)
+			if !blockedHeads[qi][r.Head] {
+				t.Errorf("queue %d: head %d completed again after the restart", qi, r.Head)
+			}
 		}
 		if _, ok := q.PopUsed(); ok {
 			t.Errorf("queue %d: a request completed twice", qi)

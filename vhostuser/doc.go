@@ -118,7 +118,7 @@
 // ring first validates and recovers it (spec reconnect algorithm); the
 // next avail index becomes used.idx plus the requests still marked, so
 // SET_VRING_BASE = used.idx (what QEMU sends when GET_VRING_BASE failed)
-// is fine, and those requests are redone, in counter order, before any
+// is fine, and those requests are redone, one at a time in counter order, before any
 // new avail entry. A region no spec-following back-end could have left
 // (unknown version, wrong desc_num, flags other than 0/1, a last batch
 // longer than the ring or leaving it, more in flight than published) ends
@@ -184,11 +184,11 @@
 // reports each in Frontends, its top-level fields describing the active
 // one (the RingGate's owner, else the last to connect).
 //
-// Monitor.Quiesce(f) takes Monitor.mu, then the dispatch lock of every
-// session being served, for writing, and runs f: every worker of every
-// front-end is between batches (each batch's requests completed and
-// published), none starts another, and control messages wait, until f
-// returns. It is how the daemon swaps the disk under a running guest
+// Monitor.Quiesce(f) takes Monitor.mu, drains the request gate of every
+// session being served (drain.go: no queue pops another chain, and every
+// request already popped has completed and had its used entry published),
+// then takes each one's dispatch lock for writing and runs f; control
+// messages wait too, until f returns. It is how the daemon swaps the disk under a running guest
 // (blk.DiskRef, serve's checkpoint). Lock order: Monitor.mu before
 // session.mu, sessions in attach order; the connection goroutine takes
 // Monitor.mu (attach, detach) only while holding no session lock, and no
@@ -221,8 +221,12 @@
 // written only by the control goroutine; workers never start or stop one
 // another.
 //
-// Each started ring has one worker goroutine that owns its blk.Handler. The
-// kick eventfd is made non-blocking and wrapped with os.NewFile, so a
+// Each started ring has one owner goroutine, which pops chains and runs
+// the quick ones itself (blk.Quick: reads, and overwrites of allocated
+// blocks in write-back mode), and up to 16 executor goroutines for every
+// other request (worker.go), so requests of one queue run in parallel (at
+// most 64 in flight) and nothing quick waits behind a FLUSH or an
+// allocating write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
 // parked Read costs no thread and Close unblocks it. SET_VRING_KICK, _CALL and
 // _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file
 // type, and for anonymous inodes the /proc/self/fd link, which must be
@@ -231,18 +235,62 @@
 // blocking and a timerfd or signalfd becomes readable with no front-end
 // write, so as kick fds they would make the worker spin; as call fds a
 // regular file would grow with every completion. The control path's own wake-up write to the kick fd
-// (SET_VRING_ENABLE 1) never waits for the fd to become writable. The loop: drain (disable
-// notifications; Next → Handle → PushUsed, up to 64 chains per batch;
-// re-enable notifications and look again), signal the call eventfd when
-// NeedsNotification says so, wait for a kick.
+// (SET_VRING_ENABLE 1) never waits for the fd to become writable.
+//
+// Who touches what, and when:
+//
+//   - The ring (virtqueue.Queue: avail, descriptors, used ring, inflight
+//     region) is touched only under the worker's qmu, with the dispatch
+//     lock held for reading. The owner takes both to pop a batch (disable
+//     notifications; Next up to 64 chains or until no request slot is
+//     free; re-enable notifications and look again); a publisher takes
+//     both to complete. The inflight region is thus updated in the order
+//     the ring is: marked at Next, linked into the batch at AddUsed,
+//     cleared after the used index is stored, for whatever order the
+//     requests finish in.
+//   - The request slots (min(64, queue size) per ring, each a reused
+//     virtqueue.Chain) form a free list guarded by qmu: the owner takes
+//     one per chain popped, the publisher returns it. A slot between the
+//     two belongs to the one executor that runs it; an executor owns its
+//     blk.Handler (not safe for concurrent use; the handlers of a queue
+//     count into its blk.QueueStats with atomics).
+//   - Completions: an executor appends its request to the worker's
+//     completed list (doneMu) and, if qmu is free, publishes every
+//     completion waiting there with AddUsed each, one Publish (one used
+//     index store) and at most one call notification (NeedsNotification,
+//     so EVENT_IDX and the suppression flags are honoured per batch). If
+//     qmu is held, the holder publishes it before letting go (worker.unlockQ
+//     re-checks after unlocking, so none is stranded). VIRTIO_F_IN_ORDER is
+//     never offered: split used entries carry their head, packed used
+//     descriptors their buffer id, and move the used position by the
+//     completed chain's own length (virtqueue.PackedQueue.AddUsed).
+//   - Guest memory: no lock is held while a request does I/O. The
+//     session's request gate (drain.go) counts requests from pop to
+//     publication; SET_MEM_TABLE, ADD/REM_MEM_REG and Monitor.Quiesce
+//     drain it (no pop admitted, wait for the count to reach 0) before
+//     taking the dispatch lock for writing, so the table a request's
+//     slices point into is swapped and unmapped only when none is in
+//     flight. Call and err fds, ring addresses and the dirty log are read
+//     by publishers under the dispatch read lock, so SET_VRING_CALL waits
+//     at most for a batch of pops or publishes, never for I/O.
+//   - Stopping (GET_VRING_BASE, SET_VRING_KICK again, RESET_OWNER,
+//     RESET_DEVICE, close): the owner pops nothing more and returns only
+//     once every slot is back, i.e. every request popped has completed and
+//     been published; then its executors end. GET_VRING_BASE therefore
+//     reports a base with nothing in flight.
+//   - Write-through mode is per request, inside blk.Handler: the flush
+//     runs before the status is written and the request is handed to the
+//     publisher (no write is quick in write-through mode, so that is
+//     always on an executor).
+//   - Requests recovered from the inflight region run one at a time in
+//     their pop order, before any new request (see "Inflight tracking").
 //
 // The session goroutine handles control messages one at a time. The
 // session's dispatch RWMutex is held for writing by the control path when it
-// changes anything a worker reads (memory table, a ring's queue, call/err
-// fds) and for reading by a worker while it drains one batch, so
-// SET_MEM_TABLE swaps mappings only when no worker is inside the old ones,
-// and unmaps them after. There is no lock shared between sessions or on the
-// request path beyond that read lock.
+// changes anything the ring owner or a publisher reads (memory table, a
+// ring's queue, call/err fds, log state) and for reading by them while
+// they pop or publish. There is no lock shared between sessions, and none
+// between queues on the request path beyond that read lock.
 //
 // A malformed descriptor chain is completed with used length 0 and reported
 // through RequestFailed; the queue goes on. A ring-level error (guest broke
@@ -257,13 +305,13 @@
 // Nothing is sized by a length the front-end or the guest sends without a
 // cap. Per connection: one fixed message buffer (12 + 4096 bytes) and
 // control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
-// fixed at Serve) and ring state for each ring a message named; per started ring one worker goroutine, its kick fd and
+// fixed at Serve) and ring state for each ring a message named; per started ring one owner goroutine, up to 16 executor goroutines (started on demand, ended with the ring), its kick fd and
 // at most one call and one err fd (a new one closes the old); at most one
 // back-end channel socket (likewise), one dirty log mapping (≤ MaxLogSize,
 // 1 GiB, replaced on each SET_LOG_BASE) and one log fd; per ring
-// one reused descriptor-chain buffer of at most queue size + 509 slices
-// (≤ 32768 + 509, about 800 KiB, only if the guest really sends such a
-// chain) and, with inflight tracking, a resubmit list and a batch list of
+// up to 64 reused descriptor-chain buffers (one per request slot) of at
+// most queue size + 509 slices each (≤ 32768 + 509, about 800 KiB, only if
+// the guest really sends such chains) and, with inflight tracking, a resubmit list and a batch list of
 // at most queue size entries. Mappings: the guest memory regions (≤ 8
 // from SET_MEM_TABLE, ≤ MaxMemSlots with ADD_MEM_REG; a region is unmapped
 // when a table without it is installed) and the inflight buffer (≤ num_queues ×

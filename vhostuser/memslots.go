@@ -44,6 +44,11 @@ import (
 // the regions of the old table that g does not keep are unmapped, after the
 // swap. Preconditions: control goroutine; mu not held.
 func (s *session) installMem(g *guestMem) error {
+	// Requests hold slices of the old table while they run: wait until
+	// every one in flight has completed and been published, and start no
+	// other, before swapping (and later unmapping) it.
+	s.reqs.drain()
+	defer s.reqs.resume()
 	s.mu.Lock()
 	prev := s.mem
 	s.mem = g

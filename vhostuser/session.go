@@ -44,8 +44,12 @@ type session struct {
 	// owned by the session until run has sent and closed it.
 	replyFD int
 
-	mu  sync.RWMutex
-	mem *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
+	mu sync.RWMutex
+	// reqs counts the requests in flight on every queue (drain.go); the
+	// control path and Monitor.Quiesce drain it before touching what
+	// requests use.
+	reqs *requestGate
+	mem  *guestMem // +checklocks:mu (written under mu, read by workers under RLock)
 	// rings has one slot per offered queue; a slot stays nil until a
 	// message names that ring (ring), so queues the front-end never sets
 	// up cost one pointer each. Only the control goroutine reads or
@@ -93,6 +97,7 @@ func newSession(id uint64, c *net.UnixConn, opts Options) *session {
 		w:       newWireConn(c),
 		offered: blk.Features(opts.Disk, opts.Blk) | FeatureVersion1 | FeatureEventIdx | FeatureIndirectDesc | FeatureRingPacked | FeatureProtocolFeatures,
 		replyFD: -1,
+		reqs:    newRequestGate(),
 	}
 	s.logFD = -1
 	s.offered |= FeatureLogAll

@@ -247,11 +247,11 @@ func bitNames(v uint64, names map[int]string) []string {
 }
 
 // Quiesce runs f while no request is in progress on any queue of any
-// connection and none can start: it holds the dispatch lock of every
-// connection being served for writing, which every worker holds for
-// reading while it drains a batch, so each request popped before f runs
-// has completed (its used entry published) and no queue pops another
-// until f returns. With one device on several sockets that is every
+// connection and none can start: it drains the request gate of every
+// connection being served (drain.go: no queue pops another chain, and
+// every request popped before has completed and had its used entry
+// published), then holds each one's dispatch lock for writing, until f
+// returns. With one device on several sockets that is every
 // front-end's queues, not only the one Status shows. Control messages
 // from the front-ends wait as well. Without a connected front-end f runs
 // with connections held off (a new one waits in attach). Use it to
@@ -266,6 +266,13 @@ func bitNames(v uint64, names map[int]string) []string {
 func (m *Monitor) Quiesce(f func() error) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// Workers do I/O without the dispatch lock: hold new requests off and
+	// wait for those in flight first, on every connection (drain.go; a
+	// drain must not hold a session lock, so all drains come first).
+	for _, a := range m.live {
+		a.s.reqs.drain()
+		defer a.s.reqs.resume()
+	}
 	for _, a := range m.live {
 		a.s.mu.Lock()
 		defer a.s.mu.Unlock()

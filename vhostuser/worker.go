@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -14,13 +15,42 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 )
 
-// batchSize bounds how many chains a worker completes per hold of the
-// dispatch read lock, so a control message that needs the write lock
-// (SET_MEM_TABLE) waits for at most one batch.
+// batchSize bounds how many chains the ring owner pops per hold of the
+// dispatch read lock, so a control message that needs the write lock waits
+// for at most one batch of pops (never for a request's I/O).
 const batchSize = 64
 
-// worker drains one started ring. It owns its blk.Handler; nothing on the
-// data path is shared with other queues.
+// maxInflight bounds the requests of one queue in flight at once. QEMU's
+// default queue size is 256 and Linux keeps up to that many requests per
+// queue in flight; 64 keep a disk's queue full while bounding the
+// descriptor-chain buffers a queue holds.
+const maxInflight = 64
+
+// maxExecutors bounds the goroutines of one queue running requests other
+// than reads (reads run on the ring owner). Parallel writes to one file
+// mostly queue on the kernel's inode lock, and every blocked one holds an
+// OS thread; 16 keep FLUSHes and allocating writes (whose syncs group
+// commit can share) overlapping without that cost growing with the ring.
+const maxExecutors = 16
+
+// request is one chain taken from the ring, from Next until its completion
+// is published. Its Chain buffers are reused by the next request that takes
+// the slot, so after warm-up popping a chain allocates nothing.
+type request struct {
+	chain   virtqueue.Chain
+	written uint32
+	fault   error // a memory fault while executing: the queue breaks
+}
+
+// worker drives one started ring. See the package doc, "Workers and
+// locking", for who touches what.
+//
+// The ring owner (run) pops chains and hands them to executor goroutines,
+// each of which owns a blk.Handler. A completion is appended to done and
+// published by whoever holds qmu next (flat combining): the executor
+// itself if qmu is free, else the holder before it lets go, so completions
+// that arrive together reach the used ring under one index store and one
+// call notification.
 type worker struct {
 	s      *session
 	r      *ring
@@ -28,18 +58,50 @@ type worker struct {
 	stop   chan struct{} // closed by stopAndWait
 	done   chan struct{} // closed when run returns
 	broken atomic.Bool   // a ring-level error was reported; no more work
+
+	// qmu serialises every call on r.q (virtqueue.Queue is not safe for
+	// concurrent use) and guards free. Lock order: session.mu (read),
+	// then qmu, then doneMu.
+	qmu  sync.Mutex
+	free []*request // +checklocks:qmu; requests not in flight
+	// spare is the publisher's second done list (swapped with completed).
+	spare []*request // +checklocks:qmu
+
+	doneMu    sync.Mutex
+	completed []*request   // +checklocks:doneMu; completed, not yet published
+	pending   atomic.Int32 // len(completed), readable without doneMu
+
+	local  []*request    // reads popped in this batch, run by the owner; owner only
+	h      *blk.Handler  // the owner's handler, for local; owner only
+	todo   chan *request // to executors; capacity = requests, never blocks
+	freed  chan struct{} // capacity 1: a publish returned requests to free
+	nreq   int           // requests allocated (min(maxInflight, queue size))
+	execs  int           // executors started; owner only
+	idle   atomic.Int32  // executors committed to receive from todo, not yet claimed
+	execWG sync.WaitGroup
 }
 
 func startWorker(s *session, r *ring, kick *os.File) *worker {
-	w := &worker{s: s, r: r, kick: kick, stop: make(chan struct{}), done: make(chan struct{})}
+	n := min(maxInflight, int(r.num))
+	w := &worker{
+		s: s, r: r, kick: kick,
+		stop: make(chan struct{}), done: make(chan struct{}),
+		free: make([]*request, 0, n), spare: make([]*request, 0, n),
+		completed: make([]*request, 0, n), local: make([]*request, 0, n),
+		todo: make(chan *request, n), freed: make(chan struct{}, 1),
+		nreq: n,
+	}
+	for range n {
+		w.free = append(w.free, &request{})
+	}
 	go w.run()
 	return w
 }
 
-// stopAndWait stops the worker and waits for it: a drain in progress
-// completes its batch, so every request popped from the ring has been
-// pushed to the used ring before this returns (GET_VRING_BASE drain rule,
-// vhost-user.md §1.7).
+// stopAndWait stops the worker and waits for it: the owner pops no more
+// chains, and returns only after every request it popped has completed and
+// been published to the used ring (GET_VRING_BASE drain rule,
+// vhost-user.md §1.7), and its executors have exited.
 func (w *worker) stopAndWait() {
 	close(w.stop)
 	w.kick.Close() // unblocks a parked Read with os.ErrClosed
@@ -77,20 +139,51 @@ func (w *worker) stopping() bool {
 	}
 }
 
+// popState is what one pass of the owner over the ring found.
+type popState int
+
+const (
+	popIdle   popState = iota // ring empty (or not to be touched): wait for a kick
+	popMore                   // batch full: look again at once
+	popFull                   // every request is in flight: wait for one to finish
+	popPaused                 // a drain holds new requests off: wait for resume
+	popSerial                 // recovery: wait until every request is back
+)
+
 func (w *worker) run() {
 	defer close(w.done)
 	// A SIGBUS from a front-end that truncated its memfd becomes a
 	// recoverable panic in this goroutine instead of killing the daemon
 	// (style.md §10.4 item 6).
 	debug.SetPanicOnFault(true)
-	h := blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
-	h.CountInto(w.s.opts.Stats.Queue(w.r.index))
-	var chain virtqueue.Chain
+	w.h = blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	w.h.CountInto(w.s.opts.Stats.Queue(w.r.index))
+	defer w.finish()
 	var buf [8]byte
 	for {
 		// The ring is processed when it starts, without waiting for a
 		// first kick (vhost-user.md §1.6), and after every kick.
-		for !w.stopping() && w.batch(h, &chain) {
+		for !w.stopping() {
+			st := w.batch()
+			if st == popIdle {
+				break
+			}
+			switch st {
+			case popFull:
+				select {
+				case <-w.freed:
+				case <-w.stop:
+				}
+			case popSerial:
+				w.awaitAllBack(w.stop)
+			case popPaused:
+				if ch := w.s.reqs.reopened(); ch != nil {
+					select {
+					case <-ch:
+					case <-w.stop:
+					}
+				}
+			}
 		}
 		if w.stopping() {
 			return
@@ -110,87 +203,320 @@ func (w *worker) run() {
 	}
 }
 
-// batch processes up to batchSize chains under the dispatch read lock and
-// reports whether more may be pending.
-func (w *worker) batch(h *blk.Handler, c *virtqueue.Chain) bool {
+// finish waits until every request is back (completed and published),
+// then ends the executors.
+func (w *worker) finish() {
+	w.awaitAllBack(nil)
+	close(w.todo)
+	w.execWG.Wait()
+}
+
+// awaitAllBack waits until no request of the queue is in flight, or until
+// stop is closed (nil: no way out).
+func (w *worker) awaitAllBack(stop chan struct{}) {
+	for {
+		w.qmu.Lock()
+		back := len(w.free) == w.nreq
+		w.qmu.Unlock()
+		if back {
+			return
+		}
+		if stop == nil && waitHook != nil {
+			waitHook("stop")
+		}
+		select {
+		case <-w.freed:
+		case <-stop:
+			return
+		}
+	}
+}
+
+// batch pops up to batchSize chains under the dispatch read lock and hands
+// them to executors.
+func (w *worker) batch() popState {
+	st := w.popBatch()
+	// Quick requests (reads, overwrites: blk.Quick) popped in this batch
+	// run here, with no lock held, and are published together (one used
+	// index store, one notification), as a queue of them was before
+	// requests ran in parallel.
+	if len(w.local) > 0 {
+		for _, req := range w.local {
+			w.handle(w.h, req)
+		}
+		w.doneMu.Lock()
+		w.completed = append(w.completed, w.local...) // capacity nreq
+		w.doneMu.Unlock()
+		w.pending.Add(int32(len(w.local)))
+		clear(w.local)
+		w.local = w.local[:0]
+		w.s.mu.RLock()
+		if w.qmu.TryLock() {
+			w.unlockQ()
+		}
+		w.s.mu.RUnlock()
+	}
+	return st
+}
+
+// popBatch pops under the dispatch read lock and qmu.
+func (w *worker) popBatch() popState {
 	s := w.s
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	// Stopped or disabled rings are not touched (spec "Ring states"): a
 	// disabled blk ring has no side-effect-free way to process requests.
 	if w.broken.Load() || !w.r.enabled.Load() || w.r.q == nil {
-		return false
+		return popIdle
 	}
-	more, err := w.process(w.r.q, h, c)
+	w.qmu.Lock()
+	st, err := w.pop(w.r.q)
+	w.unlockQ()
 	if err != nil {
 		w.failLocked(err)
-		return false
+		return popIdle
 	}
-	return more
+	return st
 }
 
-// process is the drain loop of VIRTIO 1.2 §2.7.10 with notification
-// suppression: disable kicks, pop and complete chains, re-enable kicks and
-// look once more so a chain published in between is not missed.
-func (w *worker) process(q virtqueue.Queue, h *blk.Handler, c *virtqueue.Chain) (more bool, err error) {
+// pop is the drain loop of VIRTIO 1.2 §2.7.10 with notification
+// suppression: disable kicks, pop chains, re-enable kicks and look once
+// more so a chain published in between is not missed. Preconditions: mu
+// held for reading, qmu held.
+func (w *worker) pop(q virtqueue.Queue) (st popState, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			fe := faultError(r)
 			if fe == nil {
 				panic(r)
 			}
-			err = fe
+			st, err = popIdle, fe
 		}
 	}()
-	lg := w.s.logging // nil unless dirty logging is on (dirtylog.go)
 	q.DisableNotifications()
 	n := 0
-	// Each pass either completes a chain or re-arms notifications; a
-	// ring that keeps reporting "work arrived" without yielding chains is
-	// cut off by the bound rather than spinning.
+	// Each pass either pops a chain or re-arms notifications; a ring that
+	// keeps reporting "work arrived" without yielding chains is cut off
+	// by the bound rather than spinning.
 	for pass := 0; n < batchSize && pass < 2*batchSize+2; pass++ {
-		ok, err := q.Next(c)
+		if len(w.free) == 0 {
+			// Kicks stay disabled: the ring is looked at again as soon
+			// as a request finishes.
+			return popFull, nil
+		}
+		// Requests recovered from the inflight region are redone one at a
+		// time in the order the dead back-end popped them, and before any
+		// new request (package doc, "Inflight tracking"): the guest may
+		// have had overlapping writes in flight, and their last state on
+		// the disk must be the one the last pop would have left.
+		resubmit := q.Resubmits() > 0
+		if resubmit && len(w.free) < w.nreq {
+			return popSerial, nil
+		}
+		if !w.s.reqs.admit() {
+			return popPaused, nil
+		}
+		req := w.free[len(w.free)-1]
+		ok, err := q.Next(&req.chain)
+		if err != nil || !ok {
+			w.s.reqs.leave(1)
+		}
 		if err != nil {
-			return false, err
+			return popIdle, err
 		}
 		if !ok {
 			again, err := q.EnableNotifications()
 			if err != nil {
-				return false, err
+				return popIdle, err
 			}
 			if !again {
-				break
+				return popIdle, nil
 			}
 			q.DisableNotifications()
 			continue
 		}
-		var written uint32
-		if c.Err != nil {
+		w.free = w.free[:len(w.free)-1]
+		n++
+		req.written, req.fault = 0, nil
+		if req.chain.Err != nil {
 			// A malformed chain is completed with length 0 so the head is
 			// not leaked (CH #8401); the queue goes on.
-			w.s.ev.RequestFailed(w.s.id, w.r.index, c.Err)
-		} else {
-			written = h.Handle(c.Readable, c.Writable)
-			if herr := h.Err(); herr != nil {
-				w.s.ev.RequestFailed(w.s.id, w.r.index, herr)
-			}
-			if lg != nil {
-				w.logChain(lg, c)
-			}
+			w.s.ev.RequestFailed(w.s.id, w.r.index, req.chain.Err)
+			w.addDone(req)
+			continue
 		}
-		if err := q.PushUsed(c.Head, written); err != nil {
-			return false, err
+		if !resubmit && blk.Quick(w.s.opts.Disk, w.s.opts.Blk, req.chain.Readable) {
+			// A read, or an overwrite of allocated blocks in write-back
+			// mode, never waits for an allocation or a sync: the owner
+			// runs it after this batch (batch), saving two goroutine
+			// switches per request; everything else gets an executor.
+			w.local = append(w.local, req) // capacity nreq
+			continue
+		}
+		// While executors can still be started, every request sent has
+		// one committed to receive it (idle), so none sits in todo behind
+		// executors parked in the disk. At the limit a request takes the
+		// next executor to come back (idle goes negative: a debt its
+		// commit pays).
+		if w.idle.Add(-1) < 0 && w.execs < maxExecutors {
+			w.idle.Add(1)
+			w.execs++
+			w.execWG.Add(1)
+			go w.exec()
+		}
+		w.todo <- req // capacity nreq: never blocks
+		if resubmit {
+			return popSerial, nil
+		}
+	}
+	return popMore, nil
+}
+
+// exec runs requests until the owner closes todo. Each executor owns one
+// blk.Handler (not safe for concurrent use); they count into the queue's
+// statistics with atomics.
+func (w *worker) exec() {
+	defer w.execWG.Done()
+	debug.SetPanicOnFault(true)
+	h := blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	h.CountInto(w.s.opts.Stats.Queue(w.r.index))
+	for {
+		req, ok := <-w.todo
+		if !ok {
+			return
+		}
+		w.handle(h, req)
+		// Committed to take the next request before req's slot can be
+		// seen free: with every executor started, a free slot thus
+		// always finds one in idle.
+		w.idle.Add(1)
+		w.complete(req)
+	}
+}
+
+// handle executes req with no session lock held: guest memory stays mapped
+// because the gate counts req until its completion is published.
+func (w *worker) handle(h *blk.Handler, req *request) {
+	defer func() {
+		if r := recover(); r != nil {
+			fe := faultError(r)
+			if fe == nil {
+				panic(r)
+			}
+			req.written, req.fault = 0, fe
+		}
+	}()
+	req.written = h.Handle(req.chain.Readable, req.chain.Writable)
+	if herr := h.Err(); herr != nil {
+		w.s.ev.RequestFailed(w.s.id, w.r.index, herr)
+	}
+}
+
+// complete queues req's completion and publishes it, with any others
+// waiting, unless another goroutine holds qmu: that one publishes it
+// before letting go (unlockQ).
+func (w *worker) complete(req *request) {
+	w.addDone(req)
+	w.s.mu.RLock()
+	if w.qmu.TryLock() {
+		w.unlockQ()
+	}
+	w.s.mu.RUnlock()
+}
+
+func (w *worker) addDone(req *request) {
+	w.doneMu.Lock()
+	w.completed = append(w.completed, req) // capacity nreq
+	w.doneMu.Unlock()
+	w.pending.Add(1)
+}
+
+// unlockQ publishes the completions waiting in completed and releases qmu. A
+// completion added after the publish but before the release found qmu
+// held and left its publication to us: pending is non-zero then, and we
+// take qmu again, unless someone else already has it (who will publish).
+// Preconditions: mu held for reading, qmu held.
+func (w *worker) unlockQ() {
+	for {
+		w.publishLocked()
+		w.qmu.Unlock()
+		if w.pending.Load() == 0 || !w.qmu.TryLock() {
+			return
+		}
+	}
+}
+
+// publishLocked moves every completed request to the used ring with one
+// index store and at most one call notification, returns the requests to
+// free and uncounts them at the gate. Preconditions: mu held for reading,
+// qmu held.
+func (w *worker) publishLocked() {
+	w.doneMu.Lock()
+	batch := w.completed
+	w.completed = w.spare[:0]
+	w.doneMu.Unlock()
+	if len(batch) == 0 {
+		w.spare = batch
+		return
+	}
+	w.pending.Add(-int32(len(batch)))
+	w.pushUsed(batch)
+	for i, req := range batch {
+		w.free = append(w.free, req)
+		batch[i] = nil
+	}
+	w.spare = batch[:0]
+	w.s.reqs.leave(len(batch))
+	select {
+	case w.freed <- struct{}{}:
+	default:
+	}
+}
+
+// pushUsed writes the used entries of batch and publishes them. A queue
+// that is broken, or breaks now, takes no more entries; the requests are
+// still returned (the ring is dead until the front-end resets it).
+// Preconditions: mu held for reading, qmu held.
+func (w *worker) pushUsed(batch []*request) {
+	defer func() {
+		if r := recover(); r != nil {
+			fe := faultError(r)
+			if fe == nil {
+				panic(r)
+			}
+			w.failLocked(fe)
+		}
+	}()
+	q := w.r.q
+	lg := w.s.logging // nil unless dirty logging is on (dirtylog.go)
+	n := 0
+	for _, req := range batch {
+		if req.fault != nil {
+			w.failLocked(req.fault)
+		}
+		if w.broken.Load() || q == nil {
+			continue
+		}
+		if lg != nil && req.chain.Err == nil {
+			w.logChain(lg, &req.chain)
+		}
+		if err := q.AddUsed(req.chain.Head, req.written); err != nil {
+			w.failLocked(err)
+			continue
 		}
 		n++
 	}
+	if n == 0 {
+		return
+	}
+	q.Publish()
 	if lg != nil {
 		_, packed := q.(*virtqueue.PackedQueue)
 		w.logRing(lg, packed)
 	}
-	if n > 0 && q.NeedsNotification() {
+	if q.NeedsNotification() {
 		w.signal(w.r.callFD)
 	}
-	return n == batchSize, nil
 }
 
 // signal writes an eventfd. Preconditions: mu held (read or write) so the

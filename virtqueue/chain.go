@@ -8,15 +8,24 @@ import (
 // Queue is what a worker needs from a virtqueue of either layout: split
 // (SplitQueue, VIRTIO 1.2 §2.7) or packed (PackedQueue, §2.8). Both keep the
 // same contract: Next hands out chains converted to host slices (zero copy),
-// PushUsed completes them, a chain-level violation is reported in Chain.Err
+// PushUsed (or AddUsed and Publish) completes them in any order, a chain-level violation is reported in Chain.Err
 // and the queue goes on, a ring-level violation makes the queue broken for
-// good (sticky, no further guest memory access). A Queue is owned by one
-// goroutine.
+// good (sticky, no further guest memory access). A Queue is not safe for
+// concurrent use: its caller serialises every method call (vhostuser holds
+// one mutex per queue for that; the chains themselves may be executed
+// concurrently, since a Chain's slices point into guest memory, not into
+// the Queue).
 type Queue interface {
 	// Next takes the next chain; false when the ring is empty.
 	Next(c *Chain) (bool, error)
 	// PushUsed completes the chain Next returned with c.Head.
 	PushUsed(head uint16, written uint32) error
+	// AddUsed completes a chain Next returned, in any order relative to
+	// the other chains in flight, without necessarily making it visible;
+	// Publish makes every AddUsed so far visible. A batch of completions
+	// is AddUsed per chain, one Publish, one NeedsNotification.
+	AddUsed(head uint16, written uint32) error
+	Publish()
 	// NeedsNotification reports whether the driver wants a used-buffer
 	// notification for what was completed since the last call.
 	NeedsNotification() bool

@@ -194,7 +194,10 @@
 //
 // With QueueConfig.NoIndirect (INDIRECT_DESC not negotiated) an INDIRECT
 // descriptor is a malformed chain, in both layouts. Not implemented:
-// VIRTIO_F_IN_ORDER batching.
+// VIRTIO_F_IN_ORDER (never offered, so completions may be pushed in any
+// order: the split used element and the packed used descriptor name their
+// chain, and a packed completion moves the used position by that chain's
+// own descriptor count).
 //
 // # Packed ring layout (VIRTIO 1.2 §2.8)
 //

@@ -435,6 +435,18 @@ func (q *PackedQueue) PushUsed(id uint16, written uint32) error {
 	return nil
 }
 
+// AddUsed is PushUsed: a packed ring has no used index to hold back, each
+// used descriptor is handed to the driver by its own flags store. Chains
+// may complete in any order (VIRTIO 1.2 §2.8.7: without VIRTIO_F_IN_ORDER,
+// which this device never offers, the device writes used descriptors in
+// completion order with their buffer ids, and the driver finds the chain
+// by id); PushUsed moves the used position by the completed chain's own
+// length, recorded by Next.
+func (q *PackedQueue) AddUsed(id uint16, written uint32) error { return q.PushUsed(id, written) }
+
+// Publish does nothing: AddUsed already published (see AddUsed).
+func (q *PackedQueue) Publish() {}
+
 // NeedsNotification reports whether the driver wants a used-buffer
 // notification for what PushUsed wrote since the last call (§2.8.10): after
 // a full fence (so our used flags are visible before we read its

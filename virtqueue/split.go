@@ -110,9 +110,11 @@ type Chain struct {
 
 // SplitQueue is the device side of one split virtqueue (VIRTIO 1.2 §2.7).
 //
-// It is not safe for concurrent use: one worker goroutine owns it, and the
-// control path calls NextAvail only after that worker has stopped (the
-// vhostuser layer serializes this, see vhost-user spec "Ring states").
+// It is not safe for concurrent use: the caller serialises every call
+// (vhostuser's ring owner and completion publishers share one mutex), and
+// the control path calls NextAvail only after every chain popped has been
+// completed and the worker has stopped (vhost-user spec "Ring states").
+// Chains may be completed in any order: a used element carries its head.
 type SplitQueue struct {
 	mem      *Memory
 	size     uint16
