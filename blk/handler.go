@@ -2,6 +2,7 @@ package blk
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -45,6 +46,8 @@ type Handler struct {
 	serialID [idLen]byte
 	data     [][]byte // scratch: sub-slices of the guest buffers carrying data
 	err      error
+
+	stop <-chan struct{} // closed when the queue stops (SetStop)
 
 	stats    *QueueStats // nil: not counting (CountInto)
 	reqType  uint32      // type of the request being handled, for stats
@@ -109,6 +112,11 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	clear(h.data) // drop references to guest memory until the next request
 	h.data = h.data[:0]
 	h.err = err
+	if errors.Is(err, ErrStopped) {
+		// Held for space and its queue stopped (nospace.go): no status,
+		// the request stays in flight.
+		return 0
+	}
 	*status = Status(err)
 	if err != nil {
 		// Data bytes may have been partly written; only the status is
@@ -170,7 +178,9 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 		}
 		h.stats.countFlush()
 		if err := h.disk.Flush(); err != nil {
-			return 0, fmt.Errorf("blk: FLUSH: %w", err)
+			if err = h.holdForSpace(err, h.disk.Flush); err != nil {
+				return 0, fmt.Errorf("blk: FLUSH: %w", err)
+			}
 		}
 		return 0, nil
 	case TypeGetID:
@@ -258,7 +268,10 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 		return n, nil
 	}
 	if err := h.disk.WriteVec(h.data, off); err != nil {
-		return 0, fmt.Errorf("blk: OUT sector %d, %d bytes: %w", sector, n, err)
+		err = h.holdForSpace(err, func() error { return h.disk.WriteVec(h.data, off) })
+		if err != nil {
+			return 0, fmt.Errorf("blk: OUT sector %d, %d bytes: %w", sector, n, err)
+		}
 	}
 	return 0, h.writeThrough(typ, sector)
 }
@@ -271,7 +284,9 @@ func (h *Handler) writeThrough(typ uint32, sector uint64) error {
 	}
 	h.stats.countFlush()
 	if err := h.disk.Flush(); err != nil {
-		return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
+		if err = h.holdForSpace(err, h.disk.Flush); err != nil {
+			return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
+		}
 	}
 	return nil
 }
@@ -407,10 +422,14 @@ func (h *Handler) trimSegment(typ uint32, seg []byte, exec bool) error {
 	if !exec || n == 0 {
 		return nil
 	}
-	if typ == TypeDiscard {
-		err = h.discard.Discard(off, n)
-	} else {
-		err = h.zeroes.WriteZeroes(off, n, flags&segFlagUnmap != 0)
+	do := func() error {
+		if typ == TypeDiscard {
+			return h.discard.Discard(off, n)
+		}
+		return h.zeroes.WriteZeroes(off, n, flags&segFlagUnmap != 0)
+	}
+	if err = do(); err != nil {
+		err = h.holdForSpace(err, do)
 	}
 	if err != nil {
 		return fmt.Errorf("blk: type %d sector %d, %d sectors: %w", typ, sector, nsec, err)

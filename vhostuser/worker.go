@@ -84,6 +84,7 @@ func (w *worker) run() {
 	// (style.md §10.4 item 6).
 	debug.SetPanicOnFault(true)
 	h := blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	h.SetStop(w.stop) // a request held for host space ends when the ring stops
 	h.CountInto(w.s.opts.Stats.Queue(w.r.index))
 	var chain virtqueue.Chain
 	var buf [8]byte
@@ -171,6 +172,11 @@ func (w *worker) process(q virtqueue.Queue, h *blk.Handler, c *virtqueue.Chain) 
 			w.s.ev.RequestFailed(w.s.id, w.r.index, c.Err)
 		} else {
 			written = h.Handle(c.Readable, c.Writable)
+			if errors.Is(h.Err(), blk.ErrStopped) {
+				// Held for host space while the ring stopped: not
+				// completed, it stays in flight (blk/nospace.go).
+				break
+			}
 			if herr := h.Err(); herr != nil {
 				w.s.ev.RequestFailed(w.s.id, w.r.index, herr)
 			}
