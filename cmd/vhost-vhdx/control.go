@@ -39,6 +39,7 @@ type daemon struct {
 	stats    *blk.Stats
 	notifier *vhostuser.ConfigNotifier
 	cache    *blk.WriteCache
+	nospace  *blk.NoSpace // --on-enospc state; nil: report, not counted
 }
 
 // image is the image served now (the top of the chain).
@@ -48,7 +49,7 @@ func (d *daemon) image() *vhdx.Image { return d.ref.Load().(*vhdx.Image) }
 // the monitor, statistics, notifier and write cache the control commands
 // read.
 func (d *daemon) vhostOptions(o blk.Options, numQueues int, ev vhostuser.Events) vhostuser.Options {
-	o.ReadOnly, o.Cache = d.readOnly, d.cache
+	o.ReadOnly, o.Cache, o.NoSpace = d.readOnly, d.cache, d.nospace
 	return vhostuser.Options{Disk: d.ref, Blk: o, NumQueues: numQueues, Events: ev,
 		Notifier: d.notifier, Monitor: d.monitor, Stats: d.stats}
 }
@@ -82,6 +83,7 @@ type StatusReply struct {
 	WriteCache  string                 `json:"write_cache"`
 	Chain       []LayerStatus          `json:"chain"` // top first
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
+	ENOSPC      blk.NoSpaceSnapshot    `json:"enospc"` // --on-enospc: requests held for host space
 }
 
 // StatsReply is the reply of stats.
@@ -113,6 +115,7 @@ func (d *daemon) status() StatusReply {
 		VirtualSize: uint64(im.Size()),
 		WriteCache:  "write-back",
 		FrontEnd:    d.monitor.Status(),
+		ENOSPC:      d.nospace.Snapshot(),
 	}
 	if d.readOnly {
 		r.WriteCache = "none (read-only)"

@@ -1,9 +1,9 @@
 package vhdxtest
 
 import (
+	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -21,16 +21,21 @@ func SmallFS(t testing.TB, size int64) string {
 	if os.Geteuid() != 0 {
 		t.Skipf("mounting a %d-byte tmpfs needs root (CAP_SYS_ADMIN); run as root to test a real full file system", size)
 	}
-	dir := filepath.Join(t.TempDir(), "smallfs")
-	if err := os.Mkdir(dir, 0o755); err != nil {
+	// A short path: tests put unix sockets beside their images, and a
+	// socket path has at most 107 bytes.
+	dir, err := os.MkdirTemp("", "smallfs")
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("size=%d,mode=0755", size)); err != nil {
+		os.Remove(dir)
 		Missing(t, fmt.Sprintf("mount -t tmpfs -o size=%d on %s: %v", size, dir, err))
 	}
-	// Registered after TempDir's cleanup, so it runs first (LIFO). A
-	// lazy unmount cannot fail on a file a daemon still holds open.
-	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	// A lazy unmount cannot fail on a file a daemon still holds open.
+	t.Cleanup(func() {
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		os.Remove(dir)
+	})
 	return dir
 }
 
@@ -54,4 +59,33 @@ func Fill(t testing.TB, path string, n int64) {
 		}
 		n -= c
 	}
+}
+
+// FillUp writes a file at path until the file system is full and returns
+// its size: the next write that needs space fails with ENOSPC until the
+// file is removed.
+func FillUp(t testing.TB, path string) int64 {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	var n int64
+	for size := len(buf); size >= 512; {
+		c, err := f.Write(buf[:size])
+		n += int64(c)
+		if errors.Is(err, unix.ENOSPC) {
+			size /= 2 // fill the last partial chunk too
+			continue
+		}
+		if err != nil {
+			t.Fatalf("fill %s: %v", path, err)
+		}
+	}
+	return n
 }
