@@ -214,6 +214,23 @@ func (d *fullDisk) zeroRange(off, n int64) error {
 	return nil
 }
 
+// zeroKeep is FALLOC_FL_ZERO_RANGE (allocZeroer): the range reads zeros
+// and holds space, all or nothing.
+func (d *fullDisk) zeroKeep(off, n int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	need := d.newPages(off, n)
+	if need > 0 && (d.step() || d.limit >= 0 && d.used+need > d.limit) {
+		return fmt.Errorf("fallocate zero range: %w", syscall.ENOSPC)
+	}
+	d.grow(off + n)
+	clear(d.data[off : off+n])
+	for p := off / fullDiskPage; p*fullDiskPage < off+n; p++ {
+		d.take(p, true)
+	}
+	return nil
+}
+
 func (d *fullDisk) Sync() error { return nil }
 
 func (d *fullDisk) Size() (int64, error) {
@@ -587,4 +604,43 @@ func TestRealTmpfsFullFailsWritesAndRecoversWhenSpaceIsFreed(t *testing.T) {
 	if _, err := im.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("acknowledged writes do not read back (%v)", err)
 	}
+}
+
+// TestZeroingThatNeedsSpaceFailsCleanlyAndDiscardNeedsNone: write-zeroes
+// without unmap keeps a block allocated, so over the holes of a thin block
+// it needs host space: on a full disk it fails with ErrNoSpace and leaves
+// the data, and succeeds once space is freed. A discard gives space back
+// and works on the full disk.
+func TestZeroingThatNeedsSpaceFailsCleanlyAndDiscardNeedsNone(t *testing.T) {
+	c := noSpaceCases(t)[0]
+	d := newFullDisk(c.img)
+	im, err := c.open(t, d, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 64*mib)
+	for _, w := range []imageWrite{{0, pattern(7, 4096)}, {2 * mib, pattern(8, 8192)}} {
+		if _, err := im.WriteAt(w.data, w.off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[w.off:], w.data)
+	}
+	d.setLimit(0)
+	wantNoSpace(t, im.WriteZeroes(0, mib, false), "write-zeroes (keep allocated) over a thin block")
+	if err := im.Discard(2*mib, mib); err != nil {
+		t.Fatalf("discard on a full disk: %v", err)
+	}
+	clear(want[2*mib : 3*mib])
+	if err := im.Flush(); err != nil {
+		t.Fatalf("flush on a full disk: %v", err)
+	}
+	d.freeSpace()
+	if err := im.WriteZeroes(0, mib, false); err != nil {
+		t.Fatalf("write-zeroes once space is freed: %v", err)
+	}
+	clear(want[:mib])
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	verifyNoSpaceImage(t, c, d, want, -1, "after zeroing and discarding")
 }
