@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -26,4 +27,18 @@ func logNoSpace(log *logrus.Entry) func(blk.NoSpaceEvent) {
 		}
 		l.Warn("held writes abandoned without space: their queue stopped; they stay in flight for the front-end to resubmit")
 	}
+}
+
+// formatNoSpace is the "host space" line of ctl status: the --on-enospc
+// policy, the writes waiting now, and the counts since the daemon started.
+func formatNoSpace(s blk.NoSpaceSnapshot, now time.Time) string {
+	line := "--on-enospc " + s.Policy
+	if s.Waiting > 0 && s.Since != nil {
+		line += fmt.Sprintf(", FULL: %d writes waiting since %s (%v)", s.Waiting,
+			s.Since.Format(time.RFC3339), now.Sub(*s.Since).Round(time.Second))
+	}
+	if s.Episodes > 0 || s.Reported > 0 {
+		line += fmt.Sprintf("; %d full-disk episodes held %d writes, %d writes failed for lack of space", s.Episodes, s.Held, s.Reported)
+	}
+	return line
 }

@@ -120,3 +120,22 @@ func TestFullHostDiskWithWaitHoldsTheWriteUntilSpaceIsFreed(t *testing.T) {
 			strings.Count(log, "host file system full"), strings.Count(log, "host space is back"), log)
 	}
 }
+
+func TestStatusLineSaysWhetherWritesWaitForHostSpace(t *testing.T) {
+	now := time.Date(2026, 12, 1, 12, 0, 30, 0, time.UTC)
+	since := now.Add(-30 * time.Second)
+	tests := []struct {
+		s    blk.NoSpaceSnapshot
+		want string
+	}{
+		{blk.NoSpaceSnapshot{Policy: "report"}, "--on-enospc report"},
+		{blk.NoSpaceSnapshot{Policy: "report", Reported: 3}, "--on-enospc report; 0 full-disk episodes held 0 writes, 3 writes failed for lack of space"},
+		{blk.NoSpaceSnapshot{Policy: "wait", Waiting: 2, Since: &since, Episodes: 4, Held: 9},
+			"--on-enospc wait, FULL: 2 writes waiting since 2026-12-01T12:00:00Z (30s); 4 full-disk episodes held 9 writes, 0 writes failed for lack of space"},
+	}
+	for _, tt := range tests {
+		if got := formatNoSpace(tt.s, now); got != tt.want {
+			t.Errorf("formatNoSpace(%+v) =\n %q, want\n %q", tt.s, got, tt.want)
+		}
+	}
+}
