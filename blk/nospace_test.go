@@ -251,3 +251,52 @@ func TestParseNoSpacePolicyAcceptsReportAndWait(t *testing.T) {
 		t.Errorf("nil NoSpace snapshot %+v, want policy report", s)
 	}
 }
+
+// TestRequestsHeldOnSeveralQueuesShareOneEpisode: two handlers (two
+// queues) of one device hold a write each; the state shows both waiting
+// in one episode, and when space is back both complete and the episode
+// ends with one event, not one per request.
+func TestRequestsHeldOnSeveralQueuesShareOneEpisode(t *testing.T) {
+	d := newSpaceDisk()
+	var mu sync.Mutex
+	var events []NoSpaceEvent
+	ns := NewNoSpace(NoSpaceWait, func(ev NoSpaceEvent) {
+		mu.Lock()
+		events = append(events, ev)
+		mu.Unlock()
+	})
+	clock := newHeldClock(ns)
+	stop := make(chan struct{})
+	done := make(chan byte, 2)
+	for q := range 2 {
+		h := NewHandler(d, Options{NoSpace: ns, NumQueues: 2})
+		h.SetStop(stop)
+		req := [][]byte{hdr(TypeOut, uint64(8*q)), pattern(512, byte(q))}
+		go func() {
+			w := [][]byte{{0xAA}}
+			h.Handle(req, w)
+			done <- w[0][0]
+		}()
+	}
+	<-clock.delays // both requests are between their first failure and first retry
+	<-clock.delays
+	if s := ns.Snapshot(); s.Waiting != 2 || s.Episodes != 1 || s.Held != 2 {
+		t.Fatalf("two held writes: snapshot %+v, want 2 waiting in 1 episode", s)
+	}
+	d.setFull(false)
+	clock.tick <- time.Time{}
+	clock.tick <- time.Time{}
+	for range 2 {
+		if st := <-done; st != StatusOK {
+			t.Errorf("held write completed with status %d, want OK", st)
+		}
+	}
+	if s := ns.Snapshot(); s.Waiting != 0 || s.Episodes != 1 {
+		t.Errorf("after: snapshot %+v, want nothing waiting after 1 episode", s)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(events) != 2 || !events[0].Start || events[1].Start || !events[1].SpaceBack {
+		t.Errorf("events %+v, want one start and one space-back for the episode", events)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
+	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
@@ -137,5 +138,38 @@ func TestStatusLineSaysWhetherWritesWaitForHostSpace(t *testing.T) {
 		if got := formatNoSpace(tt.s, now); got != tt.want {
 			t.Errorf("formatNoSpace(%+v) =\n %q, want\n %q", tt.s, got, tt.want)
 		}
+	}
+}
+
+// TestDaemonStopsWhileAWriteIsHeldForSpace: stopping the daemon (SIGTERM
+// cancels the same context) while a write waits for host space ends the
+// wait at once: Serve returns, the image closes clean (the held write was
+// never acknowledged), and the log says the write was abandoned.
+func TestDaemonStopsWhileAWriteIsHeldForSpace(t *testing.T) {
+	ld, f, _ := fullDiskDaemon(t, blk.NoSpaceWait, bytes.Repeat([]byte{0x5a}, 4096))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // the front-end's wait for a completion that never comes
+	go f.Queues[0].Write(ctx, newBlockSector, bytes.Repeat([]byte{0xc3}, 4096))
+	var st StatusReply
+	deadline := time.Now().Add(30 * time.Second)
+	for ld.call(t, "status", nil, &st); st.ENOSPC.Waiting != 1; ld.call(t, "status", nil, &st) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no request waiting after 30 s: status enospc %+v", st.ENOSPC)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the daemon's state, not timing it
+	}
+	stopped := make(chan struct{})
+	go func() { ld.stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not stop within 30 s while a write was held for space")
+	}
+	if log := ld.log.String(); !strings.Contains(log, "held writes abandoned") {
+		t.Errorf("the log does not say the held write was abandoned:\n%s", log)
+	}
+	rep, err := vhdx.Check(ld.imgPath, false)
+	if err != nil || rep.Damaged() {
+		t.Fatalf("check after stopping: %v, %+v", err, rep)
 	}
 }
