@@ -82,7 +82,10 @@ func (h *Handler) Err() error { return h.err }
 //
 // It returns the used length: bytes written to the guest, status included.
 // It returns 0 when there is no writable byte to hold a status; the caller
-// then completes the chain with used length 0.
+// then completes the chain with used length 0. It also returns 0, with Err
+// wrapping ErrStopped and no status written, for a request held for host
+// space when the queue stopped (nospace.go): the caller must not complete
+// that one.
 func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	h.err = nil
 	// The status byte is the last byte of the device-writable part
