@@ -531,14 +531,26 @@ func TestNoSpaceWrapsOnlySpaceErrnos(t *testing.T) {
 	}
 }
 
-// TestRealTmpfsFullFailsWritesAndRecoversWhenSpaceIsFreed fills a real
-// size-limited tmpfs (vhdxtest.SmallFS) with an image and a filler file:
-// the write that does not fit fails with ErrNoSpace, retries while full
-// change neither the file's size nor its host blocks, removing the filler
-// lets the same open image take the write and more, and the closed image
-// checks clean with everything acknowledged readable.
-func TestRealTmpfsFullFailsWritesAndRecoversWhenSpaceIsFreed(t *testing.T) {
-	dir := vhdxtest.SmallFS(t, 12*mib)
+// TestRealSmallFileSystemFullFailsWritesAndRecoversWhenSpaceIsFreed fills
+// a real size-limited file system (a tmpfs with size=, a loop-mounted
+// ext4) with an image and a filler file: the write that does not fit fails
+// with ErrNoSpace, retries while full change neither the file's size nor
+// its host blocks, removing the filler lets the same open image take the
+// write and more, and the closed image checks clean with everything
+// acknowledged readable.
+func TestRealSmallFileSystemFullFailsWritesAndRecoversWhenSpaceIsFreed(t *testing.T) {
+	for _, fs := range []struct {
+		name  string
+		mount func(testing.TB, int64) string
+	}{
+		{"tmpfs", vhdxtest.SmallFS},
+		{"ext4", vhdxtest.SmallExt4},
+	} {
+		t.Run(fs.name, func(t *testing.T) { fillRealFileSystem(t, fs.mount(t, 12*mib)) })
+	}
+}
+
+func fillRealFileSystem(t *testing.T, dir string) {
 	path := filepath.Join(dir, "disk.vhdx")
 	if err := Create(path, CreateOptions{Size: 64 * mib, BlockSize: mib}); err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -32,6 +33,48 @@ func SmallFS(t testing.TB, size int64) string {
 		Missing(t, fmt.Sprintf("mount -t tmpfs -o size=%d on %s: %v", size, dir, err))
 	}
 	// A lazy unmount cannot fail on a file a daemon still holds open.
+	t.Cleanup(func() {
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+		os.Remove(dir)
+	})
+	return dir
+}
+
+// SmallExt4 makes an ext4 file system of size bytes in a file, mounts it
+// through a loop device on a fresh directory and returns the directory;
+// the test's cleanup unmounts it. ext4 differs from tmpfs where it
+// matters here: blocks are reserved at write(2) time (delayed
+// allocation), fallocate(2) allocates extents, and metadata takes space.
+// Root only, like SmallFS; missing mkfs.ext4 or loop support is Missing.
+func SmallExt4(t testing.TB, size int64) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skipf("loop-mounting a %d-byte ext4 needs root (CAP_SYS_ADMIN); run as root to test a real full file system", size)
+	}
+	mkfs := NeedTool(t, "mkfs.ext4")
+	backing, err := os.CreateTemp("", "smallext4-*.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(backing.Name()) })
+	err = backing.Truncate(size)
+	backing.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(mkfs, "-q", "-F", backing.Name()).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	dir, err := os.MkdirTemp("", "smallext4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", backing.Name(), dir).CombinedOutput(); err != nil {
+		os.Remove(dir)
+		Missing(t, fmt.Sprintf("mount -o loop %s: %v: %s", backing.Name(), err, out))
+	}
+	// A lazy unmount; the loop device is released with the last user
+	// (mount -o loop sets autoclear).
 	t.Cleanup(func() {
 		_ = unix.Unmount(dir, unix.MNT_DETACH)
 		os.Remove(dir)
