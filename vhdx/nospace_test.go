@@ -322,12 +322,43 @@ func noSpaceCases(t *testing.T) []noSpaceCase {
 	openDyn := func(t *testing.T, s Storage, ro bool) (*Image, error) {
 		return OpenStorage(s, OpenOptions{ReadOnly: ro})
 	}
+	// Blocks 1 and 2 discarded: their ranges are free inside the file, so
+	// the first allocations reuse them (punched, then written).
+	reuse := newMemStorage(bytes.Clone(dyn.bytes()))
+	reuseBase := make([]byte, 64*mib)
+	func() {
+		im, err := OpenStorage(reuse, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer im.Close()
+		for b := int64(0); b < 4; b++ {
+			if _, err := im.WriteAt(pattern(50+b, mib), b*mib); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := im.Discard(mib, 2*mib); err != nil {
+			t.Fatal(err)
+		}
+		if err := im.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		copy(reuseBase, pattern(50, mib))
+		copy(reuseBase[3*mib:], pattern(53, mib))
+	}()
+	reuseWork := []imageWrite{
+		{10 * mib, pattern(61, 4096)},     // reuses block 1's range
+		{11*mib + 512, pattern(62, 8192)}, // reuses block 2's range
+		{12 * mib, pattern(63, 4096)},     // fresh space at the end
+		{3*mib + 4096, pattern(64, 4096)}, // an allocated block
+	}
 	co := CreateOptions{Size: 16 * mib, BlockSize: mib}
 	baseData := pattern(1, 12*mib)
 	mc := newMemChain(t, co, []imageWrite{{0, baseData}})
 	openChild := func(t *testing.T, s Storage, ro bool) (*Image, error) { return mc.openChild(t, s, ro) }
 	return []noSpaceCase{
 		{name: "dynamic", img: dyn.bytes(), open: openDyn, base: make([]byte, 64*mib), work: imageWorkload()},
+		{name: "dynamic-reuse", img: reuse.bytes(), open: openDyn, base: reuseBase, work: reuseWork},
 		{name: "differencing", img: mc.child, open: openChild,
 			base: append(bytes.Clone(baseData), make([]byte, 4*mib)...), work: childWorkload(), child: true},
 	}
