@@ -239,7 +239,8 @@
 //
 // A request held for host space (serve --on-enospc wait, blk/nospace.go)
 // keeps its worker inside the batch, and so the read lock: until space is
-// back, control messages that need the write lock (SET_MEM_TABLE) wait.
+// back, control messages that need the write lock (SET_MEM_TABLE) and
+// Monitor.Quiesce (a checkpoint, a resize) wait.
 // Stopping the ring closes the worker's stop channel, which the handler
 // watches: the held request is abandoned without a status and is not
 // pushed to the used ring, so it stays in flight (and in the inflight
