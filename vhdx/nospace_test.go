@@ -403,6 +403,45 @@ func verifyNoSpaceImage(t *testing.T, c noSpaceCase, d *fullDisk, want []byte, s
 	}
 }
 
+// verifyKilledImage checks img, the file as a killed daemon leaves it (every
+// completed write kept, nothing closed): a read-write open replays its log
+// and reads want, except that the range of failed, a write that was not
+// acknowledged, may read its new data in part, and the closed image has no
+// problem.
+func verifyKilledImage(t *testing.T, c noSpaceCase, img, want []byte, failed imageWrite, where string) {
+	t.Helper()
+	rs := newMemStorage(img)
+	im, err := c.open(t, rs, false)
+	if err != nil {
+		t.Fatalf("%s: reopen: %v", where, err)
+	}
+	got := make([]byte, len(want))
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Fatalf("%s: read: %v", where, err)
+	}
+	for i := range got {
+		if got[i] == want[i] {
+			continue
+		}
+		if j := int64(i) - failed.off; j >= 0 && j < int64(len(failed.data)) && got[i] == failed.data[j] {
+			continue // the unacknowledged write got that far
+		}
+		t.Fatalf("%s: byte %#x reads %#x: neither what was acknowledged (%#x) nor the failed write", where, i, got[i], want[i])
+	}
+	if err := im.Close(); err != nil {
+		t.Fatalf("%s: close: %v", where, err)
+	}
+	ck := &checker{collect: true}
+	im, err = openStorage(newMemStorage(rs.bytes()), OpenOptions{ReadOnly: true}, ck)
+	if err != nil {
+		t.Fatalf("%s: check open: %v", where, err)
+	}
+	im.Close()
+	if len(ck.problems) > 0 || ck.dirtyLog {
+		t.Fatalf("%s: check found %v (dirty log %v)", where, ck.problems, ck.dirtyLog)
+	}
+}
+
 // TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds injects ENOSPC
 // into each call that takes host space during each write of a workload
 // (the header update of the first write, the file extension, the payload
@@ -411,7 +450,8 @@ func verifyNoSpaceImage(t *testing.T, c noSpaceCase, d *fullDisk, want []byte, s
 // with ErrNoSpace, the same write succeeds once space is back without a
 // reopen, the rest of the workload goes on, everything acknowledged reads
 // back, the image checks clean and the file is as long as after a run
-// that never failed.
+// that never failed. The file as a daemon killed right after the failure
+// would leave it opens, reads what was acknowledged and checks clean.
 func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 	for _, c := range noSpaceCases(t) {
 		t.Run(c.name, func(t *testing.T) {
@@ -453,12 +493,15 @@ func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
+					acked := bytes.Clone(c.base)
 					for i, w := range c.work {
 						if i == wi {
 							d.failAfter(n)
 							_, err := im.WriteAt(w.data, w.off)
 							wantNoSpace(t, err, where)
+							verifyKilledImage(t, c, d.bytes(), acked, w, where+", killed right after the failure")
 						}
+						copy(acked[w.off:], w.data)
 						if _, err := im.WriteAt(w.data, w.off); err != nil {
 							t.Fatalf("%s: write %d once space is back: %v", where, i, err)
 						}
