@@ -36,6 +36,10 @@ type fullDisk struct {
 	limit  int    // most pages that may hold space; < 0: no limit
 	ops    int    // space-taking calls so far
 	failAt int
+	// What a power loss keeps: the file as of the last Sync, and the
+	// changes since (faultstorage_test.go's operations).
+	durable []byte
+	pending []faultOp
 }
 
 const fullDiskPage = 4096
@@ -43,7 +47,7 @@ const fullDiskPage = 4096
 // newFullDisk starts from img; its non-zero pages hold space, zero pages
 // are holes (the engine creates images sparse).
 func newFullDisk(img []byte) *fullDisk {
-	d := &fullDisk{data: bytes.Clone(img), limit: -1}
+	d := &fullDisk{data: bytes.Clone(img), durable: bytes.Clone(img), limit: -1}
 	d.pages = make([]bool, (len(img)+fullDiskPage-1)/fullDiskPage)
 	for i := range d.pages {
 		end := min((i+1)*fullDiskPage, len(img))
@@ -147,6 +151,9 @@ func (d *fullDisk) WriteAt(p []byte, off int64) (int, error) {
 		d.data = append(d.data, make([]byte, off+done-int64(len(d.data)))...)
 	}
 	copy(d.data[off:off+done], p[:done])
+	if done > 0 {
+		d.pending = append(d.pending, faultOp{off: off, data: bytes.Clone(p[:done])})
+	}
 	if done < n {
 		return int(done), errNoSpaceLeft("write")
 	}
@@ -164,8 +171,10 @@ func (d *fullDisk) Truncate(size int64) error {
 			return errNoSpaceLeft("truncate")
 		}
 		d.grow(size)
+		d.pending = append(d.pending, faultOp{truncate: true, off: size})
 		return nil
 	}
+	d.pending = append(d.pending, faultOp{truncate: true, off: size})
 	keep := int((size + fullDiskPage - 1) / fullDiskPage)
 	for _, held := range d.pages[keep:] {
 		if held {
@@ -188,6 +197,9 @@ func (d *fullDisk) allocate(off, n int64) error {
 	if d.step() || d.limit >= 0 && d.used+need > d.limit {
 		return fmt.Errorf("fallocate: %w", syscall.ENOSPC)
 	}
+	if off+n > int64(len(d.data)) {
+		d.pending = append(d.pending, faultOp{truncate: true, off: off + n})
+	}
 	d.grow(off + n)
 	for p := off / fullDiskPage; p*fullDiskPage < off+n; p++ {
 		d.take(p, true)
@@ -205,6 +217,7 @@ func (d *fullDisk) zeroRange(off, n int64) error {
 		return nil
 	}
 	clear(d.data[off:end])
+	d.pending = append(d.pending, faultOp{off: off, data: make([]byte, end-off)})
 	for p := (off + fullDiskPage - 1) / fullDiskPage; (p+1)*fullDiskPage <= end; p++ {
 		if d.pages[p] {
 			d.pages[p] = false
@@ -225,13 +238,30 @@ func (d *fullDisk) zeroKeep(off, n int64) error {
 	}
 	d.grow(off + n)
 	clear(d.data[off : off+n])
+	d.pending = append(d.pending, faultOp{off: off, data: make([]byte, n)})
 	for p := off / fullDiskPage; p*fullDiskPage < off+n; p++ {
 		d.take(p, true)
 	}
 	return nil
 }
 
-func (d *fullDisk) Sync() error { return nil }
+func (d *fullDisk) Sync() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, op := range d.pending {
+		d.durable = applyFaultOp(d.durable, op)
+	}
+	d.pending = nil
+	return nil
+}
+
+// afterPowerLoss is the file a power loss leaves now: what the last Sync
+// made durable.
+func (d *fullDisk) afterPowerLoss() []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return bytes.Clone(d.durable)
+}
 
 func (d *fullDisk) Size() (int64, error) {
 	d.mu.Lock()
@@ -450,8 +480,9 @@ func verifyKilledImage(t *testing.T, c noSpaceCase, img, want []byte, failed ima
 // with ErrNoSpace, the same write succeeds once space is back without a
 // reopen, the rest of the workload goes on, everything acknowledged reads
 // back, the image checks clean and the file is as long as after a run
-// that never failed. The file as a daemon killed right after the failure
-// would leave it opens, reads what was acknowledged and checks clean.
+// that never failed. The file as a daemon killed, or a power loss, right
+// after the failure would leave it opens, reads what was acknowledged
+// (every write is flushed) and checks clean.
 func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 	for _, c := range noSpaceCases(t) {
 		t.Run(c.name, func(t *testing.T) {
@@ -470,6 +501,9 @@ func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 				before := ref.opCount()
 				if _, err := im.WriteAt(w.data, w.off); err != nil {
 					t.Fatalf("reference write %d: %v", i, err)
+				}
+				if err := im.Flush(); err != nil {
+					t.Fatalf("reference flush %d: %v", i, err)
 				}
 				calls[i] = ref.opCount() - before
 			}
@@ -500,10 +534,14 @@ func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 							_, err := im.WriteAt(w.data, w.off)
 							wantNoSpace(t, err, where)
 							verifyKilledImage(t, c, d.bytes(), acked, w, where+", killed right after the failure")
+							verifyKilledImage(t, c, d.afterPowerLoss(), acked, w, where+", power lost right after the failure")
 						}
 						copy(acked[w.off:], w.data)
 						if _, err := im.WriteAt(w.data, w.off); err != nil {
 							t.Fatalf("%s: write %d once space is back: %v", where, i, err)
+						}
+						if err := im.Flush(); err != nil {
+							t.Fatalf("%s: flush %d: %v", where, i, err)
 						}
 					}
 					if err := im.Flush(); err != nil {
