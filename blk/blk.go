@@ -92,6 +92,9 @@ type Options struct {
 	// handlers flush every write in write-through mode. Nil: no
 	// CONFIG_WCE, and writes are durable after FLUSH as always.
 	Cache *WriteCache
+	// NoSpace, when non-nil, is the device's out-of-space policy and
+	// state (nospace.go). Nil: report, nothing counted.
+	NoSpace *NoSpace
 }
 
 func (o Options) withDefaults() Options {

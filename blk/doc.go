@@ -45,6 +45,19 @@
 //	func (h *Handler) Err() error // why the last Handle did not complete OK; for logging
 //	func Status(err error) uint8 // the only error -> VIRTIO_BLK_S_* mapping
 //
+//	// A full host file system (nospace.go; serve --on-enospc).
+//	type NoSpacePolicy uint8 // NoSpaceReport (IOERR, the default) or NoSpaceWait
+//	func ParseNoSpacePolicy(s string) (NoSpacePolicy, error) // "report", "wait"
+//	type NoSpace struct{ ... } // Options.NoSpace: shared by a device's handlers; safe for concurrent use
+//	func NewNoSpace(p NoSpacePolicy, notify func(NoSpaceEvent)) *NoSpace // notify: episode start and end
+//	func (n *NoSpace) Snapshot() NoSpaceSnapshot // policy, waiting, since, episodes, held, reported
+//	func IsNoSpace(err error) bool // the engine's clean, retryable vhdx.ErrNoSpace
+//	func (h *Handler) SetStop(stop <-chan struct{}) // closed when the queue stops
+//	    // wait: a write, write zeroes, discard or flush failing with ErrNoSpace
+//	    // is retried (100 ms doubling to 1 s) inside Handle; when stop closes
+//	    // Handle returns 0 with Err() wrapping ErrStopped and writes no status:
+//	    // the caller must leave the request in flight (not push it used)
+//
 //	// Statistics (stats.go): per-queue counters, lock-free.
 //	func NewStats(queues int) *Stats
 //	func (s *Stats) Queue(i int) *QueueStats // created on first use; nil-safe

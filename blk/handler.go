@@ -2,6 +2,7 @@ package blk
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -46,6 +47,8 @@ type Handler struct {
 	data     [][]byte // scratch: sub-slices of the guest buffers carrying data
 	err      error
 
+	stop <-chan struct{} // closed when the queue stops (SetStop)
+
 	stats    *QueueStats // nil: not counting (CountInto)
 	reqType  uint32      // type of the request being handled, for stats
 	reqBytes uint64      // data bytes it moved, for stats
@@ -80,7 +83,10 @@ func (h *Handler) Err() error { return h.err }
 //
 // It returns the used length: bytes written to the guest, status included.
 // It returns 0 when there is no writable byte to hold a status; the caller
-// then completes the chain with used length 0.
+// then completes the chain with used length 0. It also returns 0, with Err
+// wrapping ErrStopped and no status written, for a request held for host
+// space when the queue stopped (nospace.go): the caller must not complete
+// that one.
 func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	h.err = nil
 	// The status byte is the last byte of the device-writable part
@@ -122,6 +128,11 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	clear(h.data) // drop references to guest memory until the next request
 	h.data = h.data[:0]
 	h.err = err
+	if errors.Is(err, ErrStopped) {
+		// Held for space and its queue stopped (nospace.go): no status,
+		// the request stays in flight.
+		return 0
+	}
 	*status = Status(err)
 	if err != nil {
 		// Data bytes may have been partly written; only the status is
@@ -183,7 +194,9 @@ func (h *Handler) execute(readable, in [][]byte, inTail []byte) (uint64, error) 
 		}
 		h.stats.countFlush()
 		if err := h.disk.Flush(); err != nil {
-			return 0, fmt.Errorf("blk: FLUSH: %w", err)
+			if err = h.holdForSpace(err, h.disk.Flush); err != nil {
+				return 0, fmt.Errorf("blk: FLUSH: %w", err)
+			}
 		}
 		return 0, nil
 	case TypeGetID:
@@ -271,7 +284,10 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 		return n, nil
 	}
 	if err := h.disk.WriteVec(h.data, off); err != nil {
-		return 0, fmt.Errorf("blk: OUT sector %d, %d bytes: %w", sector, n, err)
+		err = h.holdForSpace(err, func() error { return h.disk.WriteVec(h.data, off) })
+		if err != nil {
+			return 0, fmt.Errorf("blk: OUT sector %d, %d bytes: %w", sector, n, err)
+		}
 	}
 	return 0, h.writeThrough(typ, sector)
 }
@@ -284,7 +300,9 @@ func (h *Handler) writeThrough(typ uint32, sector uint64) error {
 	}
 	h.stats.countFlush()
 	if err := h.disk.Flush(); err != nil {
-		return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
+		if err = h.holdForSpace(err, h.disk.Flush); err != nil {
+			return fmt.Errorf("blk: type %d sector %d: write-through flush: %w", typ, sector, err)
+		}
 	}
 	return nil
 }
@@ -420,10 +438,14 @@ func (h *Handler) trimSegment(typ uint32, seg []byte, exec bool) error {
 	if !exec || n == 0 {
 		return nil
 	}
-	if typ == TypeDiscard {
-		err = h.discard.Discard(off, n)
-	} else {
-		err = h.zeroes.WriteZeroes(off, n, flags&segFlagUnmap != 0)
+	do := func() error {
+		if typ == TypeDiscard {
+			return h.discard.Discard(off, n)
+		}
+		return h.zeroes.WriteZeroes(off, n, flags&segFlagUnmap != 0)
+	}
+	if err = do(); err != nil {
+		err = h.holdForSpace(err, do)
 	}
 	if err != nil {
 		return fmt.Errorf("blk: type %d sector %d, %d sectors: %w", typ, sector, nsec, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"syscall"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
@@ -412,6 +413,9 @@ func TestStatusMapsErrorsToVirtioStatus(t *testing.T) {
 		{ErrBadRequest, StatusIOErr},
 		{vhdx.ErrCorrupt, StatusIOErr},
 		{errDisk, StatusIOErr},
+		// A full host disk is an I/O error to the guest (QEMU's
+		// werror=report); only --on-enospc wait holds the request.
+		{fmt.Errorf("ctx: %w: %w", vhdx.ErrNoSpace, syscall.ENOSPC), StatusIOErr},
 	} {
 		if got := Status(tc.err); got != tc.want {
 			t.Errorf("Status(%v) = %d, want %d", tc.err, got, tc.want)

@@ -114,12 +114,26 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 	if end > maxFileOffset {
 		return fmt.Errorf("write at %#x: file would exceed %#x bytes: %w", pos, uint64(maxFileOffset), ErrUnsupported)
 	}
+	var spans []ownedSpan // what this write reserved, in file order
+	if newPayload {
+		spans = append(spans, ownedSpan{payloadOff, payloadOff + bs})
+	}
+	if newSB {
+		spans = append(spans, ownedSpan{sbOff, sbOff + bitmapBlockSize})
+	}
 	im.fileEnd = end
-	if err := im.growTo(end); err != nil {
+	// Until the journal may have written its entry, a failure gives the
+	// reserved ranges back (nospace.go): a disk that stays full does not
+	// make every retry grow the file.
+	failed := func(err error) error {
+		im.giveBackAll(spans)
 		return err
 	}
+	if err := im.growTo(end); err != nil {
+		return failed(err)
+	}
 	if err := im.writePayload(p, payloadOff+in); err != nil {
-		return err
+		return failed(err)
 	}
 
 	// The bitmap pages holding the written sectors, with their bits set.
@@ -142,7 +156,7 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 		buf := make([]byte, bitmapPageSize)
 		if !newSB {
 			if err := im.copyBitmapPage(buf, chunk, page, sb); err != nil {
-				return err
+				return failed(err)
 			}
 		}
 		pageFirst := chunk*perChunk + page*bitmapPageBits
@@ -168,18 +182,19 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 	if len(set) > 0 {
 		u, err := im.batSectorUpdate(set[0][0], set)
 		if err != nil {
-			return err
+			return failed(err)
 		}
 		updates = append(updates, u)
 		if len(set) == 2 && set[1][0]*8/batSectorSize != set[0][0]*8/batSectorSize {
 			u, err := im.batSectorUpdate(set[1][0], set)
 			if err != nil {
-				return err
+				return failed(err)
 			}
 			updates = append(updates, u)
 		}
 	}
 	if err := im.journal.commit(updates, im.fileEnd, im.fileEnd); err != nil {
+		im.giveBackAfterCommit(err, spans...)
 		return fmt.Errorf("write at %#x: sector bitmap of chunk %d: commit through the log: %w", pos, chunk, err)
 	}
 
@@ -211,7 +226,7 @@ func (im *Image) growTo(end uint64) error {
 		return nil
 	}
 	if err := im.s.Truncate(int64(end)); err != nil {
-		return fmt.Errorf("extend file to %#x: %w", end, err)
+		return fmt.Errorf("extend file to %#x: %w", end, noSpace(err))
 	}
 	return nil
 }

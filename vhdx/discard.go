@@ -134,7 +134,9 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 			err = punch(im.s, fo, n)
 		}
 		if err != nil {
-			return fmt.Errorf("%s in block of BAT entry %d at file offset %#x: %w", mode.op(), idx, fo, err)
+			// ZERO_RANGE may need host space (nospace.go); nothing
+			// changed but some sectors of an allocated block.
+			return fmt.Errorf("%s in block of BAT entry %d at file offset %#x: %w", mode.op(), idx, fo, noSpace(err))
 		}
 		return nil
 	case stateZero:
@@ -188,7 +190,7 @@ func (im *Image) trimBlocks(mode trimMode, b0, b1 uint64) error {
 				continue
 			}
 			if err := zeroKeep(im.s, batFileOffset(e), bs); err != nil {
-				return fmt.Errorf("%s block of BAT entry %d: %w", mode.op(), idx, err)
+				return fmt.Errorf("%s block of BAT entry %d: %w", mode.op(), idx, noSpace(err))
 			}
 		}
 		if im.l.leaveAllocated || !im.hasParent() {

@@ -31,6 +31,11 @@ var (
 	ErrInvalidArgument = errors.New("vhdx: invalid argument")
 	// ErrClosed: use of an image after Close.
 	ErrClosed = errors.New("vhdx: image is closed")
+	// ErrNoSpace: the host file system (or the user's quota) has no room
+	// for a block, a bitmap or a write into a hole; the error also wraps the
+	// errno (syscall.ENOSPC or EDQUOT). Nothing acknowledged was lost and
+	// the request can be retried once space is freed (nospace.go).
+	ErrNoSpace = errors.New("vhdx: host file system is full")
 )
 
 // Chain errors: a differencing image whose parent cannot be used. Each wraps

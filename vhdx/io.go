@@ -55,7 +55,7 @@ func (im *Image) readPayload(p []byte, fileOff uint64) error {
 
 func (im *Image) writePayload(p []byte, fileOff uint64) error {
 	if _, err := im.s.WriteAt(p, int64(fileOff)); err != nil {
-		return fmt.Errorf("write payload at offset %#x: %w", fileOff, err)
+		return fmt.Errorf("write payload at offset %#x: %w", fileOff, noSpace(err))
 	}
 	return nil
 }
@@ -154,8 +154,10 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 // period, zeroed, or fresh space at the 1 MiB-aligned end of the file),
 // writes p there (the rest of the block reads as zeros), journals the BAT sector holding the entry (§2.3: metadata changes go
 // through the log), and only then publishes the entry in memory. On failure
-// the in-memory BAT is unchanged; the reserved range is not handed out again
-// this session, so a half-done attempt cannot alias a later block.
+// the in-memory BAT is unchanged. A failure before the journal wrote
+// anything (a full host disk, nospace.go) gives the reserved range back;
+// after one that may have reached the log, the range is not handed out
+// again this session, so a half-done attempt cannot alias a later block.
 // Stale-data states (UNDEFINED, UNMAPPED) and ZERO get a fresh block too.
 func (im *Image) allocate(p []byte, idx, in uint64) error {
 	im.mu.Lock()
@@ -176,11 +178,14 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	if err != nil {
 		return err
 	}
+	span := ownedSpan{newOff, newOff + roundUp(uint64(im.l.blockSize), alignment)}
 	if err := im.writePayload(p, newOff+in); err != nil {
+		im.giveBack(span.start, span.end-span.start) // nospace.go
 		return err
 	}
 	newEntry := makeBATEntry(stateFullyPresent, newOff)
 	if err := im.journalBATEntry(idx, newEntry, im.fileEnd); err != nil {
+		im.giveBackAfterCommit(err, span)
 		return err
 	}
 	im.bat[idx].Store(newEntry)

@@ -715,6 +715,8 @@ type logUpdate struct {
 // refuses every further commit: whether the failed entry reached the disk is
 // unknown, so only a reopen (and replay) can tell which metadata is current.
 // The caller keeps its in-memory state as it was before the failed commit.
+// A commit that fails while reserving host space (nospace.go) has written
+// nothing and leaves the journal usable.
 //
 // A journal is not safe for concurrent use; the caller serialises commits.
 type journal struct {
@@ -730,6 +732,8 @@ type journal struct {
 	run []byte // consecutive sectors being applied with one write, reused
 	ap  logApplier
 	err error // sticky failure
+
+	space journalSpace // host space reserved so far (nospace.go)
 
 	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
 }
@@ -752,6 +756,10 @@ func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset 
 	entryLen, dataCount, err := j.checkCommit(updates, flushedFileOffset, lastFileOffset)
 	if err != nil {
 		return err
+	}
+	if err := j.reserve(updates); err != nil {
+		// Nothing was written: the journal stays usable (nospace.go).
+		return fmt.Errorf("log: commit: %w (%w)", err, errLogUntouched)
 	}
 	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset); err != nil {
 		j.err = err

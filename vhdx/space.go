@@ -226,7 +226,8 @@ func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
 			im.beforeReuse(off)
 		}
 		if err := punch(im.s, off, bs); err != nil {
-			return 0, fmt.Errorf("allocate block for BAT entry %d: zero reused range at %#x: %w", idx, off, err)
+			im.space.setFree(off, bs) // still unowned; zeroed when taken again
+			return 0, fmt.Errorf("allocate block for BAT entry %d: zero reused range at %#x: %w", idx, off, noSpace(err))
 		}
 		im.space.reusedBytes += bs
 		return off, nil
@@ -238,7 +239,8 @@ func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
 	newEnd := newOff + bs
 	im.fileEnd = newEnd
 	if err := im.s.Truncate(int64(newEnd)); err != nil {
-		return 0, fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, err)
+		im.giveBack(newOff, bs) // nospace.go: a failed attempt does not grow the file
+		return 0, fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, noSpace(err))
 	}
 	return newOff, nil
 }

@@ -292,6 +292,15 @@
 // they pop or publish. There is no lock shared between sessions, and none
 // between queues on the request path beyond that read lock.
 //
+// A request held for host space (serve --on-enospc wait, blk/nospace.go)
+// keeps its worker inside the batch, and so the read lock: until space is
+// back, control messages that need the write lock (SET_MEM_TABLE) and
+// Monitor.Quiesce (a checkpoint, a resize) wait.
+// Stopping the ring closes the worker's stop channel, which the handler
+// watches: the held request is abandoned without a status and is not
+// pushed to the used ring, so it stays in flight (and in the inflight
+// region when the front-end set one up).
+//
 // A malformed descriptor chain is completed with used length 0 and reported
 // through RequestFailed; the queue goes on. A ring-level error (guest broke
 // the ring, or a SIGBUS from guest memory — workers run with

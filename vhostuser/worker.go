@@ -40,6 +40,7 @@ type request struct {
 	chain   virtqueue.Chain
 	written uint32
 	fault   error // a memory fault while executing: the queue breaks
+	held    bool  // held for host space until the ring stopped: never completed
 }
 
 // worker drives one started ring. See the package doc, "Workers and
@@ -157,6 +158,7 @@ func (w *worker) run() {
 	// (style.md §10.4 item 6).
 	debug.SetPanicOnFault(true)
 	w.h = blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	w.h.SetStop(w.stop) // a request held for host space ends when the ring stops
 	w.h.CountInto(w.s.opts.Stats.Queue(w.r.index))
 	defer w.finish()
 	var buf [8]byte
@@ -337,7 +339,7 @@ func (w *worker) pop(q virtqueue.Queue) (st popState, err error) {
 		}
 		w.free = w.free[:len(w.free)-1]
 		n++
-		req.written, req.fault = 0, nil
+		req.written, req.fault, req.held = 0, nil, false
 		if req.chain.Err != nil {
 			// A malformed chain is completed with length 0 so the head is
 			// not leaked (CH #8401); the queue goes on.
@@ -379,6 +381,7 @@ func (w *worker) exec() {
 	defer w.execWG.Done()
 	debug.SetPanicOnFault(true)
 	h := blk.NewHandler(w.s.opts.Disk, w.s.opts.Blk)
+	h.SetStop(w.stop)
 	h.CountInto(w.s.opts.Stats.Queue(w.r.index))
 	for {
 		req, ok := <-w.todo
@@ -407,6 +410,12 @@ func (w *worker) handle(h *blk.Handler, req *request) {
 		}
 	}()
 	req.written = h.Handle(req.chain.Readable, req.chain.Writable)
+	if errors.Is(h.Err(), blk.ErrStopped) {
+		// Held for host space while the ring stopped: not completed, it
+		// stays in flight for the next back-end (blk/nospace.go).
+		req.held = true
+		return
+	}
 	if herr := h.Err(); herr != nil {
 		w.s.ev.RequestFailed(w.s.id, w.r.index, herr)
 	}
@@ -494,7 +503,7 @@ func (w *worker) pushUsed(batch []*request) {
 		if req.fault != nil {
 			w.failLocked(req.fault)
 		}
-		if w.broken.Load() || q == nil {
+		if w.broken.Load() || q == nil || req.held {
 			continue
 		}
 		if lg != nil && req.chain.Err == nil {

@@ -57,7 +57,8 @@ type daemon struct {
 	log       *logrus.Entry // nil: the standard logger
 
 	mergeMu  sync.Mutex
-	mergeJob *mergeJob // the current or last merge (merge.go); under mergeMu
+	mergeJob *mergeJob    // the current or last merge (merge.go); under mergeMu
+	nospace  *blk.NoSpace // --on-enospc state; nil: report, not counted
 }
 
 // image is the image served now (the top of the chain; during a merge
@@ -73,7 +74,7 @@ func (d *daemon) image() *vhdx.Image {
 // the monitor, statistics, notifier and write cache the control commands
 // read.
 func (d *daemon) vhostOptions(o blk.Options, numQueues int, ev vhostuser.Events) vhostuser.Options {
-	o.ReadOnly, o.Cache = d.readOnly, d.cache
+	o.ReadOnly, o.Cache, o.NoSpace = d.readOnly, d.cache, d.nospace
 	return vhostuser.Options{Disk: d.ref, Blk: o, NumQueues: numQueues, Events: ev,
 		Notifier: d.notifier, Monitor: d.monitor, Stats: d.stats}
 }
@@ -138,6 +139,7 @@ type StatusReply struct {
 	Chain       []LayerStatus          `json:"chain"` // top first
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
 	Merge       *MergeStatus           `json:"merge,omitempty"` // the current or last merge (merge.go)
+	ENOSPC      blk.NoSpaceSnapshot    `json:"enospc"`          // --on-enospc: requests held for host space
 }
 
 // StatsReply is the reply of stats.
@@ -174,6 +176,7 @@ func (d *daemon) status() StatusReply {
 		WriteCache:  "write-back",
 		FrontEnd:    d.monitor.Status(),
 		Merge:       d.mergeStatus(),
+		ENOSPC:      d.nospace.Snapshot(),
 	}
 	if d.readOnly {
 		r.WriteCache = "none (read-only)"

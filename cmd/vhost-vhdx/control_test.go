@@ -50,7 +50,13 @@ func (s *syncBuffer) String() string {
 
 func startLiveDaemon(t *testing.T, numQueues int) *liveDaemon {
 	t.Helper()
-	dir := t.TempDir()
+	return startLiveDaemonIn(t, t.TempDir(), numQueues, blk.NoSpaceReport)
+}
+
+// startLiveDaemonIn is startLiveDaemon with the image in dir and the
+// out-of-space policy p (serve --on-enospc).
+func startLiveDaemonIn(t *testing.T, dir string, numQueues int, p blk.NoSpacePolicy) *liveDaemon {
+	t.Helper()
 	img := filepath.Join(dir, "disk.vhdx")
 	if err := vhdx.Create(img, vhdx.CreateOptions{Size: 64 << 20, BlockSize: 1 << 20}); err != nil {
 		t.Fatal(err)
@@ -64,6 +70,7 @@ func startLiveDaemon(t *testing.T, numQueues int) *liveDaemon {
 	logger.SetOutput(ld.log)
 	logger.SetLevel(logrus.DebugLevel)
 	entry := logger.WithField("image", img)
+	ld.d.nospace = blk.NewNoSpace(p, logNoSpace(entry))
 	ln, err := vhostuser.Listen(ld.vhost)
 	if err != nil {
 		t.Fatal(err)

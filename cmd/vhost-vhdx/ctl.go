@@ -246,6 +246,7 @@ func printStatus(w io.Writer, s StatusReply) {
 		mode = "read-only"
 	}
 	fmt.Fprintf(w, "disk:        %s, %s, write cache %s\n", formatSize(s.VirtualSize), mode, s.WriteCache)
+	fmt.Fprintf(w, "host space:  %s\n", formatNoSpace(s.ENOSPC, time.Now()))
 	for i, l := range s.Chain {
 		role := "top"
 		if i > 0 {

@@ -69,6 +69,12 @@ Options:
                         image's Virtual Disk ID)
   --log-level L         debug, info, warn or error (default info)
   --log-file F          append the log to F instead of stderr; SIGHUP reopens it
+  --on-enospc report|wait
+                        when the host file system is full: report fails the
+                        write with an I/O error in the guest (default); wait
+                        holds it and retries (100 ms to 1 s apart) until space
+                        is freed, as QEMU's werror=enospc; logged once per
+                        episode and shown by 'ctl status'
   --control-socket PATH a unix socket (mode 0600) for live operations:
                         status, stats, flush, resize, checkpoint
                         (see 'vhost-vhdx ctl')
@@ -95,6 +101,8 @@ type serveConfig struct {
 	logFile                 string
 	control                 string // --control-socket
 	stopWithParent          bool   // --stop-with-parent (serve_parent.go)
+	onENOSPC                string // --on-enospc
+	noSpace                 blk.NoSpacePolicy
 }
 
 func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
@@ -114,6 +122,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.logFile, "log-file", "", "")
 	fs.StringVar(&cfg.control, "control-socket", "", "")
 	fs.BoolVar(&cfg.stopWithParent, "stop-with-parent", false, "")
+	fs.StringVar(&cfg.onENOSPC, "on-enospc", "report", "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -145,6 +154,9 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	}
 	if _, err := logrus.ParseLevel(cfg.logLevel); err != nil {
 		return cfg, usagef("serve", "--log-level: %v", err)
+	}
+	if cfg.noSpace, err = blk.ParseNoSpacePolicy(cfg.onENOSPC); err != nil {
+		return cfg, usagef("serve", "--on-enospc: %v", err)
 	}
 	return cfg, nil
 }
@@ -240,6 +252,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	}).Info("serving VHDX image over vhost-user-blk")
 
 	d := newDaemon(im, cfg.readOnly, cfg.numQueues)
+	d.nospace = blk.NewNoSpace(cfg.noSpace, logNoSpace(entry))
 	ctlCtx, ctlStop := context.WithCancel(ctx)
 	defer ctlStop()
 	ctlWait := func() {}

@@ -43,6 +43,7 @@ func TestServeFlagsRefuseBadCombinations(t *testing.T) {
 		{"too many queues", []string{"--socket", "/tmp/x.sock", "--num-queues", "257", "disk.vhdx"}},
 		{"serial too long", []string{"--socket", "/tmp/x.sock", "--serial", "123456789012345678901", "disk.vhdx"}},
 		{"bad log level", []string{"--socket", "/tmp/x.sock", "--log-level", "loud", "disk.vhdx"}},
+		{"bad out-of-space policy", []string{"--socket", "/tmp/x.sock", "--on-enospc", "stop", "disk.vhdx"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, stderr := runCLI(t, append([]string{"serve"}, tc.args...)...)

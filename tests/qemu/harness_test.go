@@ -485,6 +485,8 @@ type backendOpts struct {
 	// controlSocket, vhost-vhdx only: serve --control-socket at
 	// backend.ctl.
 	controlSocket bool
+	// onENOSPC, vhost-vhdx only: serve --on-enospc (report or wait).
+	onENOSPC string
 }
 
 type backend struct {
@@ -550,6 +552,9 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 		if o.controlSocket {
 			b.ctl = filepath.Join(e.work, "ctl.sock")
 			b.args = append(b.args, "--control-socket", b.ctl)
+		}
+		if o.onENOSPC != "" {
+			b.args = append(b.args, "--on-enospc", o.onENOSPC)
 		}
 		b.args = append(b.args, img.path)
 	}
