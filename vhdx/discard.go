@@ -136,6 +136,7 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 		if err != nil {
 			return fmt.Errorf("%s in block of BAT entry %d at file offset %#x: %w", mode.op(), idx, fo, err)
 		}
+		im.markDirty() // zeroed in place: a failed sync may lose it (recover.go)
 		return nil
 	case stateZero:
 		return nil
@@ -153,6 +154,7 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 			if err := punch(im.s, fo, n); err != nil {
 				return fmt.Errorf("discard in block of BAT entry %d at file offset %#x: %w", idx, fo, err)
 			}
+			im.markDirty()
 		}
 		return nil
 	}
@@ -190,6 +192,7 @@ func (im *Image) trimBlocks(mode trimMode, b0, b1 uint64) error {
 			if err := zeroKeep(im.s, batFileOffset(e), bs); err != nil {
 				return fmt.Errorf("%s block of BAT entry %d: %w", mode.op(), idx, err)
 			}
+			im.markDirty()
 		}
 		if im.l.leaveAllocated || !im.hasParent() {
 			return nil

@@ -238,6 +238,9 @@ func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
 	newEnd := newOff + bs
 	im.fileEnd = newEnd
 	if err := im.s.Truncate(int64(newEnd)); err != nil {
+		// Nothing was written there: give the range back, or every later
+		// journal entry would record a FlushedFileOffset past the file.
+		im.fileEnd = newOff
 		return 0, fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, err)
 	}
 	return newOff, nil
