@@ -301,7 +301,7 @@ func TestCloseKeepsLogForReplayAfterAFailedJournalWrite(t *testing.T) {
 		if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
 			t.Fatal(err)
 		}
-		s.crashAt = s.opCount() + extra                 // fails this and every later operation
+		s.crashAt = s.opCount() + extra                // fails this and every later operation
 		_, werr := im.WriteAt(pattern(2, 4096), 8*mib) // allocates block 8
 		im.mu.Lock()
 		failedCommit := im.journal != nil && im.journal.err != nil
