@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+	"golang.org/x/sys/unix"
 )
 
 const testDiskSize = 64 << 10 // 128 sectors of 512 bytes, 16 of 4096
@@ -412,6 +414,12 @@ func TestStatusMapsErrorsToVirtioStatus(t *testing.T) {
 		{ErrBadRequest, StatusIOErr},
 		{vhdx.ErrCorrupt, StatusIOErr},
 		{errDisk, StatusIOErr},
+		// Host I/O errors as vhdx returns them (package doc, "Host I/O
+		// errors"): a failed pread/pwrite, a failed flush, a journal that
+		// went offline.
+		{fmt.Errorf("read payload at offset 0x100000: %w", &os.PathError{Op: "read", Path: "img", Err: unix.EIO}), StatusIOErr},
+		{fmt.Errorf("flush: an earlier sync failed ...: %w", fmt.Errorf("fdatasync: %w", unix.EIO)), StatusIOErr},
+		{fmt.Errorf("log: journal offline: %w", vhdx.ErrCorrupt), StatusIOErr},
 	} {
 		if got := Status(tc.err); got != tc.want {
 			t.Errorf("Status(%v) = %d, want %d", tc.err, got, tc.want)

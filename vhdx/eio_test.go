@@ -45,6 +45,9 @@ type eioStorage struct {
 	failN    int // 0: never fail
 	hit      bool
 	sites    map[string]bool // "kind function" seen
+	// duringSync, if set, runs inside every Sync before it returns: a test
+	// hook that makes other I/O complete while fdatasync runs.
+	duringSync func()
 }
 
 var errInjectedEIO = fmt.Errorf("injected host I/O error: %w", unix.EIO)
@@ -99,7 +102,11 @@ func (e *eioStorage) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (e *eioStorage) Sync() error {
-	if err := e.call(kindSync); err != nil {
+	err := e.call(kindSync)
+	if e.duringSync != nil {
+		e.duringSync()
+	}
+	if err != nil {
 		e.faultStorage.mu.Lock()
 		e.faultStorage.pending = nil // marked clean, never written back
 		e.faultStorage.mu.Unlock()
@@ -187,6 +194,8 @@ type eioRun struct {
 	hostIO    HostIOErrors
 	anyFailed bool
 	before    [nKinds]int // calls made before the last probe
+	live      []byte      // the virtual disk as read after the last probe's flush
+	atFlush   []byte      // what a power loss right then would keep
 }
 
 const eioImageSize = 16 * mib
@@ -215,6 +224,15 @@ func runEIOWorkload(t *testing.T, created []byte, kind ioKind, n int) eioRun {
 	_, r.afterW = im.WriteAt(pattern(99, 4096), 11*mib)
 	r.afterF = im.Flush()
 	r.hostIO = im.HostIOErrors()
+	if r.afterW == nil && r.afterF == nil {
+		// A flush just succeeded: a power loss now keeps exactly what the
+		// live image reads.
+		r.live = make([]byte, eioImageSize)
+		if _, err := im.ReadAt(r.live, 0); err != nil {
+			r.live = nil
+		}
+		r.atFlush = s.crashImage(crashDrop)
+	}
 	r.closeErr = im.Close()
 	return r
 }
@@ -287,6 +305,7 @@ func TestEveryStorageCallSiteFailingWithEIORecoversOrSaysWhy(t *testing.T) {
 				t.Errorf("%s: after the fault cleared, write = %v, flush = %v (host I/O state %+v)", where, r.afterW, r.afterF, r.hostIO)
 			}
 			checkEIODurable(t, where, r, created)
+			checkEIOLiveMatchesDurable(t, where, r)
 		}
 	}
 	if recovered == 0 || lost == 0 {
@@ -364,4 +383,96 @@ func checkEIOReopens(t *testing.T, where string, img []byte) *Image {
 		}
 	}
 	return im
+}
+
+// TestWriteCompletingWhileASyncFailsIsTreatedAsLost drives the interleaving
+// the latch must get right: an in-place write completes while an
+// fdatasync runs (started after the sync began, so the sync's own snapshot
+// of "payload at risk" missed it), and that fdatasync fails. The write may
+// have been in the failed writeback, so it counts as lost: no later Flush
+// may succeed. Without the write (the second case) the same failure is
+// metadata only and the next Flush recovers.
+func TestWriteCompletingWhileASyncFailsIsTreatedAsLost(t *testing.T) {
+	for _, writeDuring := range []bool{true, false} {
+		t.Run(fmt.Sprintf("writeDuringSync=%v", writeDuring), func(t *testing.T) {
+			base := newFaultStorage(nil)
+			if err := CreateStorage(base, CreateOptions{Size: eioImageSize, BlockSize: mib}); err != nil {
+				t.Fatal(err)
+			}
+			s := newEIOStorage(base.current())
+			im, err := OpenStorage(s, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer im.Close()
+			if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil { // allocates block 0
+				t.Fatal(err)
+			}
+			if err := im.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			s.mu.Lock()
+			s.failKind, s.failN = kindSync, s.calls[kindSync]+1
+			s.mu.Unlock()
+			if writeDuring {
+				s.duringSync = func() {
+					s.duringSync = nil
+					done := make(chan error)
+					go func() { // another queue's request, completing now
+						_, err := im.WriteAt(pattern(2, 4096), 8192)
+						done <- err
+					}()
+					if err := <-done; err != nil {
+						t.Errorf("in-place write during the sync: %v", err)
+					}
+				}
+			}
+			if err := im.Flush(); !errors.Is(err, unix.EIO) {
+				t.Fatalf("flush with a failing fdatasync = %v, want EIO", err)
+			}
+			err = im.Flush()
+			st := im.HostIOErrors()
+			if writeDuring {
+				if err == nil || !st.PayloadLost {
+					t.Fatalf("flush after the failure = %v (state %+v): a write that completed during the failed sync was reported durable", err, st)
+				}
+				return
+			}
+			if err != nil || st.Open || st.Recovered != 1 {
+				t.Fatalf("flush after a metadata-only failure = %v (state %+v), want a recovery point", err, st)
+			}
+		})
+	}
+}
+
+// checkEIOLiveMatchesDurable: after a flush that succeeded, the image a
+// power loss keeps reads exactly as the live image did. A recovery that
+// left the file disagreeing with memory (a failed commit's BAT entry on
+// disk but not in memory, say) shows here.
+func checkEIOLiveMatchesDurable(t *testing.T, where string, r eioRun) {
+	t.Helper()
+	if r.atFlush == nil {
+		return
+	}
+	if r.live == nil {
+		t.Errorf("%s: the live image could not be read after recovery", where)
+		return
+	}
+	im := checkEIOReopens(t, where, r.atFlush)
+	if im == nil {
+		return
+	}
+	defer im.Close()
+	got := make([]byte, eioImageSize)
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Errorf("%s: read the durable image: %v", where, err)
+		return
+	}
+	if !bytes.Equal(got, r.live) {
+		i := 0
+		for i < len(got) && got[i] == r.live[i] {
+			i++
+		}
+		t.Errorf("%s: after a successful flush the durable image differs from the live one at virtual offset %#x", where, i)
+	}
 }
