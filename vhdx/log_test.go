@@ -791,6 +791,25 @@ func TestJournalGoesOfflineWhenTheLogDoesNotReadBack(t *testing.T) {
 	}
 }
 
+// TestJournalGoesOfflineAfterAFailedZeroing: the journal keeps the old
+// contents of data targets only (a zero descriptor may span a huge sparse
+// range). When a commit with a zero descriptor fails after its apply began,
+// the old contents are gone: recovery refuses, naming check --repair, and
+// the error still wraps the I/O error that started it.
+func TestJournalGoesOfflineAfterAFailedZeroing(t *testing.T) {
+	s := newLogFixture()
+	j := newJournal(s, tLR)
+	s.failAfter(5) // sync, write entry, sync, apply (one zeroing write), sync: the last sync fails
+	err := j.commit([]logUpdate{{offset: tMeta, zeroLength: 4096}}, 1<<20, tFileSize)
+	if !errors.Is(err, errFault) {
+		t.Fatalf("commit = %v, want the injected error", err)
+	}
+	err = j.commit([]logUpdate{{offset: tMeta + 0x1000, data: sectorOf(3)}}, 1<<20, tFileSize)
+	if !errors.Is(err, ErrCorrupt) || !errors.Is(err, errFault) || !strings.Contains(err.Error(), "check --repair") {
+		t.Fatalf("commit after the failed zeroing = %v, want ErrCorrupt and the I/O error, naming check --repair", err)
+	}
+}
+
 // TestJournalContinuesAfterExistingEntries: should the caller reuse a
 // LogGuid whose entries are still in the log, the journal numbers its
 // entries after the newest one and does not overwrite it, so its own entry

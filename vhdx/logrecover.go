@@ -98,18 +98,18 @@ func (j *journal) preimages(updates []logUpdate) (pre []logUpdate, noPre bool, e
 // when the journal is usable again.
 func (j *journal) recover() error {
 	if j.dead != nil {
-		return fmt.Errorf("log: journal offline after a failed commit (%v): %w", j.err, j.dead)
+		return fmt.Errorf("log: journal offline after a failed commit (%w): %w", j.err, j.dead)
 	}
 	f := j.failed
 	if err := j.verifyLog(f); err != nil {
-		return fmt.Errorf("log: recovery after a failed commit (%v): %w", j.err, err)
+		return fmt.Errorf("log: recovery after a failed commit (%w): %w", j.err, err)
 	}
 	var updates []logUpdate
 	if f.applyStarted {
 		if f.noPre {
 			j.dead = errAt(ErrCorrupt, j.lr.offset, "log",
 				"a failed commit zeroed ranges whose old contents were not kept; %s", checkAdvice)
-			return fmt.Errorf("log: journal offline after a failed commit (%v): %w", j.err, j.dead)
+			return fmt.Errorf("log: journal offline after a failed commit (%w): %w", j.err, j.dead)
 		}
 		updates = f.pre
 	}
