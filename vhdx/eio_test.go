@@ -44,8 +44,8 @@ type eioStorage struct {
 	failKind ioKind
 	failN    int // 0: never fail
 	hit      bool
-	before   [nKinds]int     // calls made before a workload's last probe (set by the workload)
-	sites    map[string]bool // "kind function" seen
+	before   [nKinds]int      // calls made before a workload's last probe (set by the workload)
+	sites    map[string]bool  // "kind function" seen
 	seq      [nKinds][]string // the call site of each call, by kind
 	// duringSync, if set, runs inside every Sync before it returns: a test
 	// hook that makes other I/O complete while fdatasync runs.
