@@ -82,6 +82,9 @@ type StatusReply struct {
 	WriteCache  string                 `json:"write_cache"`
 	Chain       []LayerStatus          `json:"chain"` // top first
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
+	// HostIOErrors: episodes of EIO from the image file (vhdx package doc,
+	// "Host I/O errors"); absent for a read-only image.
+	HostIOErrors *vhdx.HostIOErrors `json:"host_io_errors,omitempty"`
 }
 
 // StatsReply is the reply of stats.
@@ -127,6 +130,10 @@ func (d *daemon) status() StatusReply {
 			layer = layer.Parent()
 		}
 		r.Chain = append(r.Chain, ls)
+	}
+	if !d.readOnly {
+		h := im.HostIOErrors()
+		r.HostIOErrors = &h
 	}
 	return r
 }
