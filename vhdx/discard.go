@@ -332,9 +332,9 @@ func (im *Image) commitPendingTrims() error {
 // the in-memory BAT (authoritative: a write that reallocated a trimmed
 // block meanwhile is in it too), in entries of up to trimBatchSectors
 // sectors, and then hands the ranges the old entries owned to the free
-// set. On failure nothing is freed (the journal refuses further commits,
-// and the next open replays or drops what reached the log). Caller holds
-// im.mu.
+// set. On failure nothing is freed and the batch stays queued: the next
+// flush commits it again once the journal has recovered (logrecover.go).
+// Caller holds im.mu.
 func (im *Image) commitTrimsLocked() error {
 	p := &im.trims
 	if len(p.sectors) == 0 {
