@@ -254,6 +254,7 @@ func eioScenarios() []eioScenario {
 // returns the call sites the clean run reached.
 func sweepEIO(t *testing.T, sc eioScenario) map[string]bool {
 	img := sc.image(t)
+	start := img
 	runOnce := func(kind ioKind, n int) (s *eioStorage, errs []error, probe []error, st HostIOErrors) {
 		s = newEIOStorage(img)
 		s.failKind, s.failN = kind, n
@@ -293,7 +294,7 @@ func sweepEIO(t *testing.T, sc eioScenario) map[string]bool {
 			if !s.hit {
 				continue
 			}
-			where := fmt.Sprintf("%s, %s#%d (%s)", sc.name, kind, n, siteOf(s, kind))
+			where := fmt.Sprintf("%s, %s#%d (in %s)", sc.name, kind, n, siteOf(clean, kind, n))
 			saw := false
 			for i, err := range append(errs, probe...) {
 				if err != nil && !errors.Is(err, unix.EIO) {
@@ -308,7 +309,7 @@ func sweepEIO(t *testing.T, sc eioScenario) map[string]bool {
 				!(st.PayloadLost && kind == kindSync && strings.Contains(fmt.Sprint(probe[1]), "reopened")) {
 				t.Errorf("%s: after the fault cleared, write = %v, flush = %v (state %+v)", where, probe[0], probe[1], st)
 			}
-			if img := s.crashImage(crashDrop); len(img) > 0 || len(sc.image(t)) > 0 {
+			if img := s.crashImage(crashDrop); len(img) > 0 || len(start) > 0 {
 				problems, err := sc.reopen(t, img)
 				if err != nil && !(len(img) == 0 || errors.Is(err, ErrNotVHDX) && kind != kindRead) {
 					t.Errorf("%s: what a power loss keeps does not open: %v", where, err)
