@@ -113,16 +113,19 @@ func eioScenarios() []eioScenario {
 			}),
 		},
 		{
-			name: "grow (the BAT moves), write past the old end, shrink to a partial block", image: plainImage(o), reopen: reopenPlain, probeOff: 11 * mib,
+			name: "shrink to a partial block, grow (the BAT moves)", image: plainImage(o), reopen: reopenPlain, probeOff: 11 * mib,
 			run: func(t *testing.T, s *eioStorage) ([]error, *Image) {
 				// Each resize leaves the in-memory state at the old size:
 				// reopen, as Resize's callers do. A failed step ends the run.
 				var errs []error
 				var im *Image
+				// The grow comes last: the moved BAT has 132 K entries, and
+				// every later open walks them.
 				for _, phase := range [][]func(*Image) error{
-					{wr(1, 4096, 14*mib), flushStep, func(im *Image) error { return im.resize(160<<30, false) }},
-					{wr(2, 4096, 40*mib), flushStep, func(im *Image) error { return im.Discard(40*mib, mib) }, flushStep,
+					{wr(1, 4096, 14*mib), wr(2, 4096, 15*mib), flushStep,
+						func(im *Image) error { return im.Discard(15*mib, mib) }, flushStep,
 						func(im *Image) error { return im.resize(14*mib+512*kib, true) }},
+					{func(im *Image) error { return im.resize(129<<30, false) }},
 					{},
 				} {
 					var err error
