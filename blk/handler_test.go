@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"syscall"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx"
+	"golang.org/x/sys/unix"
 )
 
 const testDiskSize = 64 << 10 // 128 sectors of 512 bytes, 16 of 4096
@@ -416,6 +418,12 @@ func TestStatusMapsErrorsToVirtioStatus(t *testing.T) {
 		// A full host disk is an I/O error to the guest (QEMU's
 		// werror=report); only --on-enospc wait holds the request.
 		{fmt.Errorf("ctx: %w: %w", vhdx.ErrNoSpace, syscall.ENOSPC), StatusIOErr},
+		// Host I/O errors as vhdx returns them (package doc, "Host I/O
+		// errors"): a failed pread/pwrite, a failed flush, a journal that
+		// went offline.
+		{fmt.Errorf("read payload at offset 0x100000: %w", &os.PathError{Op: "read", Path: "img", Err: unix.EIO}), StatusIOErr},
+		{fmt.Errorf("flush: an earlier sync failed ...: %w", fmt.Errorf("fdatasync: %w", unix.EIO)), StatusIOErr},
+		{fmt.Errorf("log: journal offline: %w", vhdx.ErrCorrupt), StatusIOErr},
 	} {
 		if got := Status(tc.err); got != tc.want {
 			t.Errorf("Status(%v) = %d, want %d", tc.err, got, tc.want)

@@ -132,7 +132,11 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 	if err := im.growTo(end); err != nil {
 		return failed(err)
 	}
-	if err := im.writePayload(p, payloadOff+in); err != nil {
+	write := im.writePayload // may overwrite sectors already present
+	if newPayload {
+		write = im.writeFreshPayload
+	}
+	if err := write(p, payloadOff+in); err != nil {
 		return failed(err)
 	}
 

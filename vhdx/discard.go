@@ -138,6 +138,7 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 			// changed but some sectors of an allocated block.
 			return fmt.Errorf("%s in block of BAT entry %d at file offset %#x: %w", mode.op(), idx, fo, noSpace(err))
 		}
+		im.markDirty() // zeroed in place: a failed sync may lose it (recover.go)
 		return nil
 	case stateZero:
 		return nil
@@ -155,6 +156,7 @@ func (im *Image) trimPartial(mode trimMode, start, end uint64) error {
 			if err := punch(im.s, fo, n); err != nil {
 				return fmt.Errorf("discard in block of BAT entry %d at file offset %#x: %w", idx, fo, err)
 			}
+			im.markDirty()
 		}
 		return nil
 	}
@@ -192,6 +194,7 @@ func (im *Image) trimBlocks(mode trimMode, b0, b1 uint64) error {
 			if err := zeroKeep(im.s, batFileOffset(e), bs); err != nil {
 				return fmt.Errorf("%s block of BAT entry %d: %w", mode.op(), idx, noSpace(err))
 			}
+			im.markDirty()
 		}
 		if im.l.leaveAllocated || !im.hasParent() {
 			return nil
@@ -331,9 +334,9 @@ func (im *Image) commitPendingTrims() error {
 // the in-memory BAT (authoritative: a write that reallocated a trimmed
 // block meanwhile is in it too), in entries of up to trimBatchSectors
 // sectors, and then hands the ranges the old entries owned to the free
-// set. On failure nothing is freed (the journal refuses further commits,
-// and the next open replays or drops what reached the log). Caller holds
-// im.mu.
+// set. On failure nothing is freed and the batch stays queued: the next
+// flush commits it again once the journal has recovered (logrecover.go).
+// Caller holds im.mu.
 func (im *Image) commitTrimsLocked() error {
 	p := &im.trims
 	if len(p.sectors) == 0 {

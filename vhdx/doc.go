@@ -40,6 +40,7 @@
 //	func (im *Image) DiskID() uuid.UUID
 //	func (im *Image) Info() Info           // JSON-tagged summary for `vhost-vhdx info`
 //	func (im *Image) Counters() Counters   // allocations and journal commits since Open (atomic)
+//	func (im *Image) HostIOErrors() HostIOErrors // host I/O error episodes (recover.go)
 //	func (im *Image) Extents() ([]Extent, error) // Extent{Offset, Length, FileOffset int64; Data bool; Layer int}
 //	func Check(path string, repair bool) (*CheckReport, error) // for `vhost-vhdx check`
 //
@@ -133,5 +134,65 @@
 //     new block. Close (which must not race with I/O) cuts a free tail off
 //     the file after LogGuid is cleared.
 //
-// Errors wrap one of the sentinels in errors.go.
+// Host I/O errors (EIO from the file: storage.go syncLatch, logrecover.go,
+// recover.go). The rules, in the order they apply:
+//
+//  1. A failed read or write of guest data fails that request (the guest
+//     sees VIRTIO_BLK_S_IOERR, blk.Status) and changes nothing else: no
+//     state is latched, the next request runs as usual. A failed write
+//     leaves its range undefined (old or new data), as on any disk.
+//  2. A failed fdatasync fails the call that issued it (a guest Flush, a
+//     journal commit, a header update). Linux then marks the dirty pages
+//     clean, so writes completed before it may never reach the disk while
+//     the next fdatasync succeeds (QEMU's file-posix therefore fails every
+//     later flush; PostgreSQL panics). What happens next depends on what
+//     was at risk, which the latch knows: did guest data written in place
+//     (into blocks the guest can read back) complete since the last sync
+//     began, or during the failed one?
+//  3. If so, that data cannot be re-created: every later Flush (and every
+//     sync, so every allocation) fails, saying so, until the image is
+//     reopened (the daemon restarted). A successful flush after it would
+//     tell the guest that lost writes are durable. Data the guest saw
+//     flushed before the failure is durable; only writes acknowledged since
+//     the last successful flush may be lost, which virtio allows.
+//  4. If not, only metadata was at risk (the journal's entry and in-place
+//     updates, a header copy; data in a block not yet published in the BAT
+//     belongs to the request that failed). An episode opens: the next Flush
+//     fails unless it reaches a recovery point first, and it tries: the
+//     journal's failed commit is compensated (rule 5), both headers are
+//     written again from memory (§2.2.2.1 order) and a sync succeeds with
+//     no failure since the recovery began. Then that Flush succeeds and so
+//     do later ones, without a reopen. Internal syncs go on meanwhile: the
+//     log and the two-copy header update keep the file consistent by
+//     themselves.
+//  5. A journal commit that fails after it may have written the file (the
+//     entry, the apply, either sync) leaves the journal pending; memory
+//     keeps the metadata from before the commit. The next commit, Flush or
+//     Close first reads the log back: its newest valid entry must be the
+//     last one this journal wrote, or the failed entry itself. It then
+//     commits a compensating entry holding the failed commit's targets as
+//     they were before it (read just before the apply), which makes the
+//     failed entry obsolete. A failure during this is pending again, with
+//     the original contents; an I/O error while reading the log back is
+//     retried at the next attempt.
+//  6. Recovery is not safe, and the journal goes offline, when the log does
+//     not read back as this process left it, or a failed commit zeroed
+//     ranges (zero descriptors) whose old contents were not kept. Every
+//     allocation and Flush then fails with ErrCorrupt and the message "stop
+//     using it and run `vhost-vhdx check --repair IMAGE`"; in-place writes
+//     still work but can never be flushed. Close keeps LogGuid, so the next
+//     open (or check --repair) replays the log: the image shows the
+//     metadata of the last commit that reached the log, which is either the
+//     one before the failure or the failed one, never a mix.
+//
+// Image.HostIOErrors reports the episodes (how many, recovered, lost,
+// journal offline) for the control socket.
+//
+// Concurrency of the latch: its state is under syncLatch.mu, which
+// serialises every fdatasync; dirty is an atomic flag set by lock-free data
+// writers after their pwrite and cleared by each sync as it starts.
+// Recovery runs under Image.mu, like every journal commit.
+//
+// Errors wrap one of the sentinels in errors.go; errors from the file
+// (EIO, ENOSPC) are wrapped with context and keep their errno.
 package vhdx

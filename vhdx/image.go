@@ -55,6 +55,8 @@ type OpenOptions struct {
 // safe for concurrent use; Close must not race with them.
 type Image struct {
 	s        Storage
+	latch    *syncLatch // s for read-write opens (storage.go); nil read-only
+	hostIO   hostIOCounters
 	f        *os.File // nil for OpenStorage
 	readOnly bool
 	closed   atomic.Bool
@@ -182,10 +184,12 @@ func fileSizeOf(s Storage) (uint64, error) {
 // collecting checker (Check) it records what it can and continues; it still
 // stops when the next step would depend on a broken structure.
 func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
+	var latch *syncLatch
 	if !opts.ReadOnly {
-		s = &syncLatch{Storage: s}
+		latch = &syncLatch{Storage: s}
+		s = latch
 	}
-	im := &Image{s: s, readOnly: opts.ReadOnly, opts: opts}
+	im := &Image{s: s, latch: latch, readOnly: opts.ReadOnly, opts: opts}
 	l := &im.l
 	var err error
 	if l.fileSize, err = fileSizeOf(s); err != nil {
@@ -374,6 +378,8 @@ func (im *Image) startJournalLocked() error {
 	}
 	im.journal = newJournal(im.s, im.logRegion())
 	im.journal.commits = &im.counters.journalCommits
+	im.journal.recoveries = &im.hostIO.journalRecoveries
+	im.journal.pending = &im.hostIO.journalPending
 	im.modified = true
 	im.session.Store(true)
 	return nil
@@ -423,7 +429,9 @@ func (im *Image) beginDataSession() error {
 }
 
 // Flush makes every completed write and every journaled metadata update
-// durable (fdatasync).
+// durable (fdatasync). After a host I/O error it succeeds only at a
+// recovery point (recover.go), or never again if guest writes may have been
+// lost (package doc, "Host I/O errors").
 func (im *Image) Flush() error {
 	if im.closed.Load() {
 		return fmt.Errorf("flush: %w", ErrClosed)
@@ -434,7 +442,18 @@ func (im *Image) Flush() error {
 	if err := im.commitPendingTrims(); err != nil { // discard.go
 		return fmt.Errorf("flush: %w", err)
 	}
-	return im.s.Sync()
+	if !im.needsRecovery() {
+		err := im.latch.flush()
+		if !errors.Is(err, errRecoveryNeeded) {
+			return err
+		}
+	}
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if err := im.recoverLocked(); err != nil {
+		return fmt.Errorf("flush: %w", err)
+	}
+	return nil
 }
 
 // Close flushes, clears LogGuid if this session modified the image (so a
@@ -448,6 +467,9 @@ func (im *Image) Close() error {
 	}
 	var err error
 	if !im.readOnly && im.session.Load() {
+		if im.journal != nil && im.journal.err != nil {
+			im.recoverLocked() // on failure journal.err stays set: the log is kept below
+		}
 		switch {
 		case im.journal != nil && im.journal.err != nil:
 			// A commit failed part-way: an entry may be durable in the log

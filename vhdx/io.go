@@ -53,7 +53,20 @@ func (im *Image) readPayload(p []byte, fileOff uint64) error {
 	return fmt.Errorf("read payload at offset %#x: %w", fileOff, err)
 }
 
+// writePayload writes guest data in place, into a block the guest may
+// already read back: a sync failing before the next one succeeds may lose
+// it (markDirty, recover.go).
 func (im *Image) writePayload(p []byte, fileOff uint64) error {
+	if err := im.writeFreshPayload(p, fileOff); err != nil {
+		return err
+	}
+	im.markDirty()
+	return nil
+}
+
+// writeFreshPayload writes guest data into a block not yet published in the
+// BAT: the journal commit that publishes it syncs it first.
+func (im *Image) writeFreshPayload(p []byte, fileOff uint64) error {
 	if _, err := im.s.WriteAt(p, int64(fileOff)); err != nil {
 		return fmt.Errorf("write payload at offset %#x: %w", fileOff, noSpace(err))
 	}
@@ -179,7 +192,7 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 		return err
 	}
 	span := ownedSpan{newOff, newOff + roundUp(uint64(im.l.blockSize), alignment)}
-	if err := im.writePayload(p, newOff+in); err != nil {
+	if err := im.writeFreshPayload(p, newOff+in); err != nil {
 		im.giveBack(span.start, span.end-span.start) // nospace.go
 		return err
 	}

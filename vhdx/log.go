@@ -711,10 +711,14 @@ type logUpdate struct {
 // (one read of the log per session) and, should the GUID have been used
 // before, continues after the newest valid entry instead.
 //
-// Once a commit fails after it may have written to the file, the journal
-// refuses every further commit: whether the failed entry reached the disk is
-// unknown, so only a reopen (and replay) can tell which metadata is current.
-// The caller keeps its in-memory state as it was before the failed commit.
+// A commit that fails after it may have written to the file leaves the
+// journal pending (j.err): the caller keeps its in-memory state as it was
+// before the failed commit, and the next commit (or Image.recoverLocked)
+// first recovers (logrecover.go): it reads the log back to learn whether the
+// failed entry reached it, then writes a compensating entry that puts the
+// failed commit's targets back to their contents from before it. When the
+// log does not read back as the journal left it, the journal goes dead and
+// the image needs `vhost-vhdx check --repair` (j.dead).
 // A commit that fails while reserving host space (nospace.go) has written
 // nothing and leaves the journal usable.
 //
@@ -731,11 +735,18 @@ type journal struct {
 	buf []byte // entry under construction, reused across commits
 	run []byte // consecutive sectors being applied with one write, reused
 	ap  logApplier
-	err error // sticky failure
+	err error // the failure recovery is pending for, nil if none
 
 	space journalSpace // host space reserved so far (nospace.go)
 
-	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
+	failed  *failedCommit // what the failed commit may have left (logrecover.go)
+	dead    error         // recovery is not safe: every commit fails with it
+	pending *atomic.Bool  // if set, mirrors err != nil for lock-free readers (Image.Flush)
+	preBuf  []byte        // targets' contents before the apply, reused
+	preList []logUpdate   // the updates restoring them, reused
+
+	commits    *atomic.Uint64 // if set, counts successful commits (Image.Counters)
+	recoveries *atomic.Uint64 // if set, counts recoveries after a failed commit
 }
 
 // newJournal returns a journal for lr; lr.guid must already be in the
@@ -751,7 +762,9 @@ func newJournal(s Storage, lr logRegion) *journal {
 // extended to lastFileOffset after the updates are applied, as replay would.
 func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
 	if j.err != nil {
-		return fmt.Errorf("log: journal unusable after an earlier failure: %w", j.err)
+		if err := j.recover(); err != nil {
+			return err
+		}
 	}
 	entryLen, dataCount, err := j.checkCommit(updates, flushedFileOffset, lastFileOffset)
 	if err != nil {
@@ -762,7 +775,7 @@ func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset 
 		return fmt.Errorf("log: commit: %w (%w)", err, errLogUntouched)
 	}
 	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset); err != nil {
-		j.err = err
+		j.noteFailure(err, flushedFileOffset, lastFileOffset)
 		return err
 	}
 	if j.commits != nil {
@@ -827,6 +840,7 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 	// become durable before the file size it records as FlushedFileOffset
 	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
 	// before payload data that the updated metadata will point to.
+	j.failed = nil // set below once the file may have been written
 	if err := j.s.Sync(); err != nil {
 		return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
 	}
@@ -844,6 +858,23 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 	if err := j.writeEntry(b, pos); err != nil {
 		return err
 	}
+	// The entry is durable. Keep the targets' contents from before the
+	// apply: should it fail part-way, recovery writes them back.
+	pre, noPre, err := j.preimages(updates)
+	if err != nil {
+		j.failed = &failedCommit{}
+		return err
+	}
+	if err := j.apply(updates, last); err != nil {
+		j.failed = &failedCommit{applyStarted: true, pre: pre, noPre: noPre}
+		return err
+	}
+	return nil
+}
+
+// apply writes the updates of a durable entry to their final offsets,
+// extends the file to last and syncs (§2.3: apply, then flush).
+func (j *journal) apply(updates []logUpdate, last uint64) error {
 	size, err := j.s.Size()
 	if err != nil {
 		return fmt.Errorf("log: commit: file size: %w", err)
@@ -961,9 +992,11 @@ func (j *journal) place(n uint32, flushed, last uint64) (uint32, error) {
 func (j *journal) writeEntry(b []byte, pos uint32) error {
 	off := j.lr.offset + uint64(pos)
 	if _, err := j.s.WriteAt(b, int64(off)); err != nil {
+		j.failed = &failedCommit{entryUnsure: true, pos: pos, length: uint32(len(b))}
 		return fmt.Errorf("log: write entry at offset %#x: %w", off, err)
 	}
 	if err := j.s.Sync(); err != nil {
+		j.failed = &failedCommit{entryUnsure: true, pos: pos, length: uint32(len(b))}
 		return fmt.Errorf("log: commit: sync entry at offset %#x: %w", off, err)
 	}
 	j.seq++

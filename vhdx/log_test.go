@@ -729,21 +729,84 @@ func TestJournalRefusesBadCommitsWithoutBreaking(t *testing.T) {
 	}
 }
 
-// TestJournalFailureIsSticky: after an I/O error the outcome on disk is
-// unknown, so the journal refuses further commits rather than build on it.
-func TestJournalFailureIsSticky(t *testing.T) {
-	for op := 1; op <= 5; op++ { // sync, write entry, sync, apply, sync
+// TestJournalRecoversAfterAFailedCommitWithTheOldMetadata: after an I/O
+// error at any step of a commit (sync, write entry, sync, apply, sync) the
+// next commit succeeds without a reopen, and the failed commit's target
+// holds its contents from before it, now and after a power loss: the
+// caller kept its in-memory state, and the file agrees with it.
+func TestJournalRecoversAfterAFailedCommitWithTheOldMetadata(t *testing.T) {
+	for op := 1; op <= 5; op++ {
 		s := newLogFixture()
+		old := bytes.Clone(s.current()[tMeta : tMeta+4096])
 		j := newJournal(s, tLR)
 		s.failAfter(op)
 		err := j.commit([]logUpdate{{offset: tMeta, data: sectorOf(1)}}, 1<<20, tFileSize)
 		if !errors.Is(err, errFault) {
 			t.Fatalf("op %d: commit = %v, want the injected error", op, err)
 		}
-		err = j.commit([]logUpdate{{offset: tMeta, data: sectorOf(2)}}, 1<<20, tFileSize)
-		if !errors.Is(err, errFault) || !strings.Contains(err.Error(), "earlier failure") {
-			t.Errorf("op %d: next commit = %v, want the earlier failure", op, err)
+		if err := j.commit([]logUpdate{{offset: tMeta + 0x1000, data: sectorOf(2)}}, 1<<20, tFileSize); err != nil {
+			t.Fatalf("op %d: next commit = %v, want recovery and success", op, err)
 		}
+		if j.err != nil || j.dead != nil {
+			t.Fatalf("op %d: journal still pending (%v) or dead (%v)", op, j.err, j.dead)
+		}
+		for _, img := range [][]byte{s.current(), s.crashImage(crashDrop)} {
+			rs := newMemStorage(bytes.Clone(img))
+			if _, err := replayLog(rs, tLR); err != nil {
+				t.Fatalf("op %d: replay: %v", op, err)
+			}
+			if got := rs.data[tMeta : tMeta+4096]; !bytes.Equal(got, old) {
+				t.Errorf("op %d: the failed commit's target does not hold its old contents", op)
+			}
+			if got := rs.data[tMeta+0x1000 : tMeta+0x2000]; !bytes.Equal(got, sectorOf(2)) {
+				t.Errorf("op %d: the commit after recovery is not in the file", op)
+			}
+		}
+	}
+}
+
+// TestJournalGoesOfflineWhenTheLogDoesNotReadBack: recovery builds on the
+// log as the journal left it. When the log reads back otherwise (here the
+// last good entry was overwritten behind the journal's back), recovering
+// would be a guess: the journal refuses every commit with an error that
+// wraps ErrCorrupt and tells the operator to run check --repair.
+func TestJournalGoesOfflineWhenTheLogDoesNotReadBack(t *testing.T) {
+	s := newLogFixture()
+	j := newJournal(s, tLR)
+	if err := j.commit([]logUpdate{{offset: tMeta, data: sectorOf(1)}}, 1<<20, tFileSize); err != nil {
+		t.Fatal(err)
+	}
+	s.failAfter(4) // sync, write entry, sync, apply: the apply fails
+	if err := j.commit([]logUpdate{{offset: tMeta, data: sectorOf(2)}}, 1<<20, tFileSize); !errors.Is(err, errFault) {
+		t.Fatalf("commit = %v, want the injected error", err)
+	}
+	if _, err := s.WriteAt(make([]byte, logSectorSize), int64(tLR.offset)+int64(j.prevPos)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		err := j.commit([]logUpdate{{offset: tMeta + 0x1000, data: sectorOf(3)}}, 1<<20, tFileSize)
+		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "check --repair") {
+			t.Fatalf("commit %d after the log changed = %v, want ErrCorrupt naming check --repair", i, err)
+		}
+	}
+}
+
+// TestJournalGoesOfflineAfterAFailedZeroing: the journal keeps the old
+// contents of data targets only (a zero descriptor may span a huge sparse
+// range). When a commit with a zero descriptor fails after its apply began,
+// the old contents are gone: recovery refuses, naming check --repair, and
+// the error still wraps the I/O error that started it.
+func TestJournalGoesOfflineAfterAFailedZeroing(t *testing.T) {
+	s := newLogFixture()
+	j := newJournal(s, tLR)
+	s.failAfter(5) // sync, write entry, sync, apply (one zeroing write), sync: the last sync fails
+	err := j.commit([]logUpdate{{offset: tMeta, zeroLength: 4096}}, 1<<20, tFileSize)
+	if !errors.Is(err, errFault) {
+		t.Fatalf("commit = %v, want the injected error", err)
+	}
+	err = j.commit([]logUpdate{{offset: tMeta + 0x1000, data: sectorOf(3)}}, 1<<20, tFileSize)
+	if !errors.Is(err, ErrCorrupt) || !errors.Is(err, errFault) || !strings.Contains(err.Error(), "check --repair") {
+		t.Fatalf("commit after the failed zeroing = %v, want ErrCorrupt and the I/O error, naming check --repair", err)
 	}
 }
 

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"cmp"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"math"
 	"math/bits"
 	"slices"
@@ -88,7 +90,11 @@ func headerName(slot int) string { return fmt.Sprintf("header %d", slot+1) }
 // creator string, which is diagnostic only.
 func readFileID(s Storage) (string, error) {
 	var b [fileIDCreatorOff + fileIDCreatorLen]byte
-	n, _ := s.ReadAt(b[:], fileIDOffset)
+	n, err := s.ReadAt(b[:], fileIDOffset)
+	if n < len(b) && err != nil && !errors.Is(err, io.EOF) {
+		// A host I/O error says nothing about the file's type.
+		return "", fmt.Errorf("read file identifier at offset 0x0: %w", err)
+	}
 	if n < len(fileIDSignature) || string(b[:len(fileIDSignature)]) != fileIDSignature {
 		return "", fmt.Errorf("file identifier at offset 0x0: signature is not %q: %w", fileIDSignature, ErrNotVHDX)
 	}

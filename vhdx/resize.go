@@ -103,6 +103,7 @@ func (im *Image) resize(newSize uint64, shrink bool) error {
 		// block already has a full block of space.
 		im.fileEnd = start + count*bs
 		if err := im.s.Truncate(int64(im.fileEnd)); err != nil {
+			im.fileEnd = start // nothing there: journal entries must not claim it
 			return fmt.Errorf("resize: extend file: %w", err)
 		}
 		if err := preallocate(im.s, PreallocFalloc, start, count*bs); err != nil {
@@ -134,6 +135,7 @@ func (im *Image) resize(newSize uint64, shrink bool) error {
 		}
 		im.fileEnd = off + batLen
 		if err := im.s.Truncate(int64(im.fileEnd)); err != nil {
+			im.fileEnd = off // nothing there: journal entries must not claim it
 			return fmt.Errorf("resize: extend file for the new BAT: %w", err)
 		}
 		buf := make([]byte, min(batLen, 1*mib))

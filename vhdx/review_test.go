@@ -286,8 +286,9 @@ func TestOverlayReadReportsBaseIOErrors(t *testing.T) {
 
 // TestCloseKeepsLogForReplayAfterAFailedJournalWrite: when a journal commit
 // fails on a write (not a sync), an entry may be durable but not applied.
-// Close must then keep LogGuid so the next open replays the log, rather than
-// declaring the image clean; the image must reopen and validate.
+// Close tries to recover the journal; when the file keeps failing it must
+// keep LogGuid so the next open replays the log, rather than declaring the
+// image clean; the image must reopen and validate.
 func TestCloseKeepsLogForReplayAfterAFailedJournalWrite(t *testing.T) {
 	created := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib}).bytes()
 	sawJournalFailure := false
@@ -300,7 +301,7 @@ func TestCloseKeepsLogForReplayAfterAFailedJournalWrite(t *testing.T) {
 		if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
 			t.Fatal(err)
 		}
-		s.failAt = s.opCount() + extra
+		s.crashAt = s.opCount() + extra                // fails this and every later operation
 		_, werr := im.WriteAt(pattern(2, 4096), 8*mib) // allocates block 8
 		im.mu.Lock()
 		failedCommit := im.journal != nil && im.journal.err != nil

@@ -239,7 +239,11 @@ func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
 	newEnd := newOff + bs
 	im.fileEnd = newEnd
 	if err := im.s.Truncate(int64(newEnd)); err != nil {
-		im.giveBack(newOff, bs) // nospace.go: a failed attempt does not grow the file
+		// Nothing was written there and the file did not grow: give the
+		// range back (a failed attempt does not grow the file, nospace.go),
+		// or every later journal entry would record a FlushedFileOffset
+		// past the file.
+		im.fileEnd = newOff
 		return 0, fmt.Errorf("allocate block for BAT entry %d: extend file to %#x: %w", idx, newEnd, noSpace(err))
 	}
 	return newOff, nil

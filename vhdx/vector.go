@@ -201,13 +201,13 @@ func (im *Image) writeVecv(vs vectorStorage, bufs [][]byte, pos uint64) error {
 				}
 				fo := batFileOffset(e) + in
 				if len(r.bufs) > 0 && !r.adds(fo) {
-					if err := writeRun(vs, &r); err != nil {
+					if err := im.writeRun(vs, &r); err != nil {
 						return err
 					}
 				}
 				r.add(buf[:n], fo)
 			} else {
-				if err := writeRun(vs, &r); err != nil {
+				if err := im.writeRun(vs, &r); err != nil {
 					return err
 				}
 				if err := im.writeChunk(buf[:n], pos, idx, e, in); err != nil {
@@ -218,11 +218,14 @@ func (im *Image) writeVecv(vs vectorStorage, bufs [][]byte, pos uint64) error {
 			pos += n
 		}
 	}
-	return writeRun(vs, &r)
+	return im.writeRun(vs, &r)
 }
 
-// writeRun writes r and empties it.
-func writeRun(vs vectorStorage, r *fileRun) error {
+// writeRun writes r and empties it. The run lies in FULLY_PRESENT blocks:
+// data written in place, which a failing sync may lose (markDirty, as
+// writePayload), and which a full host disk may refuse in a sparse file
+// (noSpace, as writePayload).
+func (im *Image) writeRun(vs vectorStorage, r *fileRun) error {
 	if len(r.bufs) == 0 {
 		return nil
 	}
@@ -230,7 +233,8 @@ func writeRun(vs vectorStorage, r *fileRun) error {
 	off := r.off
 	r.bufs = r.bufs[:0]
 	if err != nil {
-		return fmt.Errorf("write payload at offset %#x: %w", off, err)
+		return fmt.Errorf("write payload at offset %#x: %w", off, noSpace(err))
 	}
+	im.markDirty()
 	return nil
 }

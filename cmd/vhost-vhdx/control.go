@@ -140,6 +140,9 @@ type StatusReply struct {
 	FrontEnd    vhostuser.DeviceStatus `json:"front_end"`
 	Merge       *MergeStatus           `json:"merge,omitempty"` // the current or last merge (merge.go)
 	ENOSPC      blk.NoSpaceSnapshot    `json:"enospc"`          // --on-enospc: requests held for host space
+	// HostIOErrors: episodes of EIO from the image file (vhdx package doc,
+	// "Host I/O errors"); absent for a read-only image.
+	HostIOErrors *vhdx.HostIOErrors `json:"host_io_errors,omitempty"`
 }
 
 // StatsReply is the reply of stats.
@@ -191,6 +194,10 @@ func (d *daemon) status() StatusReply {
 			layer = layer.Parent()
 		}
 		r.Chain = append(r.Chain, ls)
+	}
+	if !d.readOnly {
+		h := im.HostIOErrors()
+		r.HostIOErrors = &h
 	}
 	return r
 }

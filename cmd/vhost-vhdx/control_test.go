@@ -172,6 +172,9 @@ func TestStatusAndStatsReportKnownFrontEndIO(t *testing.T) {
 	if st.Chain[0].AllocatedBytes != 3<<20 {
 		t.Errorf("allocated %d bytes, want 3 MiB", st.Chain[0].AllocatedBytes)
 	}
+	if h := st.HostIOErrors; h == nil || h.Episodes != 0 || h.Open || h.PayloadLost || h.JournalOffline {
+		t.Errorf("host I/O errors %+v, want reported with no episode", h)
+	}
 
 	var s StatsReply
 	ld.call(t, "stats", nil, &s)
