@@ -90,6 +90,15 @@
 //     chain concurrently. A read of a range NOT_PRESENT in the upper layers
 //     costs one atomic load per layer and no system call until the layer
 //     holding the data.
+//   - First writes into blocks of a base image are group-committed
+//     (groupcommit.go): each reserves its range under Image.mu, writes its
+//     payload without it and joins the open batch; one member leads the
+//     batch, commits its BAT sectors in one journal entry with Image.mu
+//     released, and publishes the entries under Image.mu. While a leader
+//     commits, every other journal user waits (lockJournal), so the journal
+//     and the BAT snapshot it writes have one owner at a time.
+//   - Concurrent Syncs (Flush, journal commits) share one fdatasync that
+//     started after the last of them arrived (syncGroup in syncLatch).
 //   - Writes into sectors a differencing image does not hold take Image.mu
 //     (serialising bitmap updates, so writers into different sectors of
 //     one block are safe together); writes into sectors it holds do not.
@@ -105,6 +114,49 @@
 //     when handed out, so a late write of such an I/O never shows in the
 //     new block. Close (which must not race with I/O) cuts a free tail off
 //     the file after LogGuid is cleared.
+//
+// Durability order. virtio-blk promises durability at FLUSH only (and after
+// every write in write-through mode, where a Flush follows it); a SIGKILL of
+// the daemon must still never lose an acknowledged write, and a power cut
+// never a flushed one nor leave torn metadata. The rules:
+//
+//  1. A write is acknowledged once its data has been written to the file
+//     and, for a first write into a block, the journal entry holding the
+//     block's BAT entry is durable and the entry is published in memory.
+//     After a SIGKILL the data is in the page cache and the entry in the
+//     log, which the next open replays (§2.3.3).
+//  2. Before a journal entry is written, one fdatasync makes durable what
+//     the entry depends on: payload written before it, the zeroing of a
+//     reused range (space.go), the file growth up to the entry's
+//     FlushedFileOffset (§2.3.1.1: the size "stable on the host disk"), and
+//     the in-place updates of the previous entry. A durable BAT entry so
+//     never points to another block's old data or past the durable end of
+//     the file.
+//  3. The entry itself is flushed before any of its updates is written in
+//     place (§2.3: metadata changes reach their final location only after
+//     their log entry is on stable storage).
+//  4. An allocation batch's in-place BAT writes are not synced on their own
+//     (journal.commitDeferred): its entry stays the newest in the log, its
+//     own tail (§2.3.2), until the next commit, whose first sync (rule 2)
+//     makes them durable before that commit's entry can follow it. A power
+//     cut before then replays the entry (§2.3.3), which rewrites the BAT
+//     sectors whole, so a torn one is repaired. Flush and Close sync too.
+//  5. Flush returns after an fdatasync that started after Flush was called
+//     (syncGroup), after committing queued trims (discard.go): every write
+//     acknowledged before it, its data, its journal entry and the deferred
+//     in-place updates, is then durable.
+//  6. Payload written after its batch's first sync (a member whose write
+//     is slow, a second write joining a pending allocation) may be lost by
+//     a power cut before the next Flush; the block then reads zeros there,
+//     which is what it read before (an unallocated block of a base image,
+//     or a reused range zeroed by rule 2). Only base images are batched: a
+//     differencing image's block shows its parent until the bitmap says
+//     otherwise, so its data must be durable before its entry, and
+//     diffwrite.go commits each first write in an entry of its own (sync,
+//     entry, sync, apply, sync).
+//  7. A failed fdatasync fails every later one (syncLatch); a failed commit
+//     makes the journal refuse every later one; every member of a failed
+//     batch gets the error and its entries stay unpublished.
 //
 // Errors wrap one of the sentinels in errors.go.
 package vhdx

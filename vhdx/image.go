@@ -85,6 +85,7 @@ type Image struct {
 	ep    epochs       // grace periods for reusing freed space (epoch.go)
 	space freeSpace    // free file space (space.go); under mu
 	trims pendingTrims // trimmed blocks awaiting their group commit (discard.go); under mu
+	ag    allocGroup   // allocation batches (groupcommit.go); under mu
 
 	// Test hooks, nil in production: hookLoaded runs in ReadAt and WriteAt
 	// after a FULLY_PRESENT entry was loaded and before its range is used;
@@ -182,10 +183,13 @@ func fileSizeOf(s Storage) (uint64, error) {
 // collecting checker (Check) it records what it can and continues; it still
 // stops when the next step would depend on a broken structure.
 func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
+	im := &Image{readOnly: opts.ReadOnly, opts: opts}
 	if !opts.ReadOnly {
-		s = &syncLatch{Storage: s}
+		latch := &syncLatch{Storage: s}
+		latch.group.syncs = &im.counters.syncs
+		s = latch
 	}
-	im := &Image{s: s, readOnly: opts.ReadOnly, opts: opts}
+	im.s = s
 	l := &im.l
 	var err error
 	if l.fileSize, err = fileSizeOf(s); err != nil {
@@ -441,7 +445,7 @@ func (im *Image) Flush() error {
 // cleanly closed image needs no replay, and qemu-img sees it clean), and
 // releases the lock.
 func (im *Image) Close() error {
-	im.mu.Lock()
+	im.lockJournal() // groupcommit.go: after a batch in flight, if any
 	defer im.mu.Unlock()
 	if im.closed.Swap(true) {
 		return fmt.Errorf("close: %w", ErrClosed)

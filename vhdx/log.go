@@ -686,9 +686,11 @@ type logUpdate struct {
 // writes (see doCommit).
 //
 // Each commit writes one entry whose Tail points to itself. That is correct
-// because commit applies and flushes the entry's updates before returning:
-// when the next entry is written no earlier entry has updates "yet to be
-// written and flushed" (§2.3.2), so every sequence is that single entry.
+// because the entry's updates are applied and flushed before the next entry
+// is written: commit flushes them before returning, commitDeferred leaves
+// that to the sync every commit starts with (doCommit). When the next entry
+// is written no earlier entry has updates "yet to be written and flushed"
+// (§2.3.2), so every sequence is that single entry.
 // Replay after a crash therefore applies at most the last entry, which holds
 // the complete update of one commit: the image shows the metadata of either
 // the previous or the new commit, never a mix.
@@ -746,6 +748,20 @@ func newJournal(s Storage, lr logRegion) *journal {
 // exceed the current file size, both are multiples of 1 MiB, and the file is
 // extended to lastFileOffset after the updates are applied, as replay would.
 func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
+	return j.commitMode(updates, flushedFileOffset, lastFileOffset, true)
+}
+
+// commitDeferred is commit without the final sync: the updates are written
+// in place but not flushed. That is safe because the entry is durable and
+// is the newest in the log, so replay after a crash writes them again, and
+// every later commit syncs before it writes its entry (doCommit), which
+// makes them durable before any entry can follow or overwrite this one; a
+// Flush or Close syncs too. Allocation batches use it (groupcommit.go).
+func (j *journal) commitDeferred(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
+	return j.commitMode(updates, flushedFileOffset, lastFileOffset, false)
+}
+
+func (j *journal) commitMode(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, syncApplied bool) error {
 	if j.err != nil {
 		return fmt.Errorf("log: journal unusable after an earlier failure: %w", j.err)
 	}
@@ -753,7 +769,7 @@ func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset 
 	if err != nil {
 		return err
 	}
-	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset); err != nil {
+	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset, syncApplied); err != nil {
 		j.err = err
 		return err
 	}
@@ -814,7 +830,7 @@ func (j *journal) checkCommit(updates []logUpdate, flushed, last uint64) (uint64
 	return entryLen, dataCount, nil
 }
 
-func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64) error {
+func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64, syncApplied bool) error {
 	// Flush first, as QEMU does before every log write: the entry must not
 	// become durable before the file size it records as FlushedFileOffset
 	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
@@ -872,6 +888,9 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 	}
 	if err := j.ap.extend(last); err != nil {
 		return err
+	}
+	if !syncApplied {
+		return nil // commitDeferred: the next sync makes the updates durable
 	}
 	if err := j.s.Sync(); err != nil {
 		return fmt.Errorf("log: commit: sync after apply: %w", err)

@@ -60,14 +60,18 @@ func (s osStorage) Size() (int64, error) {
 // succeeds. Whoever saw the error (a guest Flush, an allocation's journal
 // commit, a header update), a later Flush must not tell the guest that those
 // writes are durable. Only a reopen clears the latch. Syncs are serialised
-// so that none can start before an earlier failure is recorded.
+// so that none can start before an earlier failure is recorded, and
+// concurrent callers share one fdatasync (syncGroup, groupcommit.go).
 type syncLatch struct {
 	Storage
-	mu  sync.Mutex
-	err error
+	mu    sync.Mutex
+	err   error
+	group syncGroup
 }
 
-func (s *syncLatch) Sync() error {
+func (s *syncLatch) Sync() error { return s.group.do(s.syncOnce) }
+
+func (s *syncLatch) syncOnce() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.err != nil {
