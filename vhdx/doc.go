@@ -152,8 +152,8 @@
 //     or a reused range zeroed by rule 2). Only base images are batched: a
 //     differencing image's block shows its parent until the bitmap says
 //     otherwise, so its data must be durable before its entry, and
-//     diffwrite.go commits each first write in an entry of its own (sync,
-//     entry, sync, apply, sync).
+//     diffwrite.go commits each first write in an entry of its own, under
+//     Image.mu (sync, entry, sync, apply; the apply deferred as in rule 4).
 //  7. A failed fdatasync fails every later one (syncLatch); a failed commit
 //     makes the journal refuse every later one; every member of a failed
 //     batch gets the error and its entries stay unpublished.

@@ -179,14 +179,15 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 const maxFileOffset = 1 << 62
 
 // journalBATEntry commits the 4 KiB BAT sector holding entry idx, with idx
-// set to newEntry, through the log. Caller holds im.mu, so no other BAT
-// update races with this one.
+// set to newEntry, through the log; the in-place write is made durable by
+// the next sync (doc.go, durability rule 4). Caller holds im.mu, so no other
+// BAT update races with this one.
 func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
 	u, err := im.batSectorUpdate(idx, [][2]uint64{{idx, newEntry}})
 	if err != nil {
 		return err
 	}
-	if err := im.journal.commit([]logUpdate{u}, fileEnd, fileEnd); err != nil {
+	if err := im.journal.commitDeferred([]logUpdate{u}, fileEnd, fileEnd); err != nil {
 		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
 	}
 	return nil
