@@ -518,3 +518,38 @@ func TestAllocationsDiscardsAndFlushesTogetherStayConsistent(t *testing.T) {
 		}
 	}
 }
+
+// TestLoneAllocationCostsTwoSyncsAndFlushOne: an allocation with nothing to
+// batch with costs two fdatasyncs (before its journal entry and of the
+// entry; its in-place BAT write rides on the next one), and a Flush one
+// more. This is the QD1 floor the benchmarks compare against.
+func TestLoneAllocationCostsTwoSyncsAndFlushOne(t *testing.T) {
+	s := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib})
+	im, err := OpenStorage(s, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil { // session start
+		t.Fatal(err)
+	}
+	before := im.Counters()
+	for b := int64(1); b <= 4; b++ {
+		if _, err := im.WriteAt(pattern(b, 4096), b*mib); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mid := im.Counters()
+	if got := mid.Syncs - before.Syncs; got != 8 {
+		t.Errorf("%d fdatasyncs for 4 lone allocations, want 8", got)
+	}
+	if got := mid.AllocBatches - before.AllocBatches; got != 4 {
+		t.Errorf("%d batches for 4 lone allocations, want 4", got)
+	}
+	if err := im.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := im.Counters().Syncs - mid.Syncs; got != 1 {
+		t.Errorf("%d fdatasyncs for a Flush, want 1", got)
+	}
+}
