@@ -125,35 +125,41 @@
 //     block's BAT entry is durable and the entry is published in memory.
 //     After a SIGKILL the data is in the page cache and the entry in the
 //     log, which the next open replays (§2.3.3).
-//  2. Before a journal entry is written, one fdatasync makes durable what
-//     the entry depends on: payload written before it, the zeroing of a
-//     reused range (space.go), the file growth up to the entry's
+//  2. Before a journal entry becomes durable, what it depends on is: the
+//     zeroing of a reused range (space.go), the file growth up to its
 //     FlushedFileOffset (§2.3.1.1: the size "stable on the host disk"), and
-//     the in-place updates of the previous entry. A durable BAT entry so
-//     never points to another block's old data or past the durable end of
-//     the file.
+//     the in-place updates of the previous entry. So a durable BAT entry
+//     never points to another block's old data. Every commit syncs first,
+//     except an allocation batch (journal.commitBatch) that reuses no
+//     range: its FlushedFileOffset is the size made durable by the
+//     previous batch's entry sync, and it holds the previous batch's BAT
+//     sectors again (rule 4). A differencing image's commit always syncs
+//     first, which also makes its payload durable before the entry.
 //  3. The entry itself is flushed before any of its updates is written in
 //     place (§2.3: metadata changes reach their final location only after
 //     their log entry is on stable storage).
-//  4. An allocation batch's in-place BAT writes are not synced on their own
-//     (journal.commitDeferred): its entry stays the newest in the log, its
-//     own tail (§2.3.2), until the next commit, whose first sync (rule 2)
-//     makes them durable before that commit's entry can follow it. A power
-//     cut before then replays the entry (§2.3.3), which rewrites the BAT
-//     sectors whole, so a torn one is repaired. Flush and Close sync too.
+//  4. In-place writes of an allocation batch (and of a child's first write)
+//     are not synced on their own (commitDeferred, commitBatch): the entry
+//     stays the newest in the log, its own tail (§2.3.2), so a power cut
+//     replays it (§2.3.3) and rewrites those sectors whole, repairing a
+//     torn one. The next entry then either follows a sync or holds the
+//     same sectors again with their current contents: torn, the previous
+//     entry is still the newest valid one; whole, it restores them itself.
+//     Its own sync makes the earlier in-place writes durable. A bridge
+//     entry (log.go) holds nothing, so a sync precedes it. Flush and Close
+//     sync too.
 //  5. Flush returns after an fdatasync that started after Flush was called
 //     (syncGroup), after committing queued trims (discard.go): every write
 //     acknowledged before it, its data, its journal entry and the deferred
 //     in-place updates, is then durable.
-//  6. Payload written after its batch's first sync (a member whose write
-//     is slow, a second write joining a pending allocation) may be lost by
-//     a power cut before the next Flush; the block then reads zeros there,
-//     which is what it read before (an unallocated block of a base image,
-//     or a reused range zeroed by rule 2). Only base images are batched: a
-//     differencing image's block shows its parent until the bitmap says
-//     otherwise, so its data must be durable before its entry, and
-//     diffwrite.go commits each first write in an entry of its own, under
-//     Image.mu (sync, entry, sync, apply; the apply deferred as in rule 4).
+//  6. A base image's payload need not be durable before its batch entry:
+//     a power cut before the next Flush may lose it, and the block then
+//     reads zeros there, which is what it read before (an unallocated
+//     block of a base image, or a reused range, zeroed per rule 2). Only
+//     base images are batched: a differencing image's block shows its
+//     parent until the bitmap says otherwise, so its data must be durable
+//     before its entry, and diffwrite.go commits each first write in an
+//     entry of its own, under Image.mu (sync, entry, sync, apply).
 //  7. A failed fdatasync fails every later one (syncLatch); a failed commit
 //     makes the journal refuse every later one; every member of a failed
 //     batch gets the error and its entries stay unpublished.

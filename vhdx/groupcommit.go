@@ -10,8 +10,8 @@ package vhdx
 // no batch is being committed, a waiting member becomes the leader: it
 // takes the open batch (a new, empty one opens at once), builds the BAT
 // sectors it changes from the in-memory BAT, releases Image.mu and commits
-// them as one journal entry (journal.commitDeferred: sync, entry, sync,
-// in-place write left for the next sync). Meanwhile new allocations reserve
+// them as one journal entry (journal.commitBatch: entry, sync, in-place
+// writes left for the next sync, see doc.go for when a sync goes first). Meanwhile new allocations reserve
 // blocks and join the next batch. The leader then retakes Image.mu,
 // publishes the entries, wakes the members and hands leadership on: the
 // next waiting member of the open batch leads it. A batch holds at most
@@ -48,6 +48,9 @@ type allocGroup struct {
 	open    *allocBatch
 	leading bool // a leader is committing a batch (Image.mu released)
 	pending map[uint64]pendingAlloc
+	// durableEnd: a file size known durable, the FlushedFileOffset of a
+	// batch entry written without a sync first (§2.3.1.1); 0: none yet.
+	durableEnd uint64
 
 	// Test hooks, nil in production: beforeLead runs (without Image.mu)
 	// when a member has become leader, before it takes the open batch;
@@ -59,9 +62,10 @@ type allocGroup struct {
 
 // allocBatch is a set of allocations committed by one journal entry.
 type allocBatch struct {
-	items []batChange // idx and new entry; old is unused
-	done  bool
-	err   error
+	items  []batChange // idx and new entry; old is unused
+	reused bool        // some block reuses freed space
+	done   bool
+	err    error
 }
 
 // pendingAlloc is a block reserved in a batch that has not finished.
@@ -134,9 +138,15 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 			ag.cond.Wait() // until a leader takes the open batch
 			continue
 		}
+		end := im.fileEnd
 		var err error
 		if off, err = im.reserveBlock(idx); err != nil {
 			return err
+		}
+		if off < end {
+			// Reused space, zeroed by reserveBlock: the zeroing must be
+			// durable before the entry (doc.go, rule 2).
+			ag.open.reused = true
 		}
 		b = ag.open
 		b.items = append(b.items, batChange{idx: idx, new: makeBATEntry(stateFullyPresent, off)})
@@ -177,19 +187,34 @@ func (im *Image) leadBatch() {
 	ag.cond.Broadcast() // allocations waiting for room join the new batch
 
 	slices.SortFunc(b.items, func(x, y batChange) int { return cmp.Compare(x.idx, y.idx) })
-	updates, err := im.batchUpdates(b.items)
+	j := im.journal
+	updates, err := im.batchUpdates(b.items, j.deferredSectors())
 	fileEnd := im.fileEnd
 	if err == nil {
-		// The entry's FlushedFileOffset and LastFileOffset are fileEnd; the
-		// file is that long already unless a growth failed, and growing it
-		// here, under the lock, keeps the journal from ever truncating it
-		// while others extend it (it extends only a shorter file).
+		// The entry's LastFileOffset is fileEnd; the file is that long
+		// already unless a growth failed, and growing it here, under the
+		// lock, keeps the journal from ever truncating it while others
+		// extend it (it extends only a shorter file).
 		err = im.growTo(fileEnd)
 	}
-	j := im.journal
+	// The sync before the entry is needed only for what the entry depends
+	// on (doc.go, rule 2): zeroed reused space, or a durable file size to
+	// record when none is known. The previous batch's deferred BAT writes
+	// are held again by this entry (batchUpdates), or the journal syncs.
+	presync := b.reused || ag.durableEnd == 0
+	if err == nil && len(updates) > allocBatchMax {
+		// Too many to hold again: sync instead, and journal the batch's
+		// own sectors only.
+		presync = true
+		updates, err = im.batchUpdates(b.items, nil)
+	}
+	flushed := ag.durableEnd
+	if presync {
+		flushed = fileEnd
+	}
 	im.mu.Unlock()
 	if err == nil {
-		if err = j.commitDeferred(updates, fileEnd, fileEnd); err != nil {
+		if _, err = j.commitBatch(updates, flushed, fileEnd, presync); err != nil {
 			err = fmt.Errorf("BAT entries %d..%d (%d blocks): commit through the log: %w",
 				b.items[0].idx, b.items[len(b.items)-1].idx, len(b.items), err)
 		}
@@ -203,6 +228,8 @@ func (im *Image) leadBatch() {
 		im.allocated.Add(n)
 		im.counters.allocations.Add(n)
 		im.counters.allocBatches.Add(1)
+		// The entry's sync made the file growth up to fileEnd durable.
+		ag.durableEnd = fileEnd
 	}
 	for _, it := range b.items {
 		delete(ag.pending, it.idx)
@@ -212,19 +239,35 @@ func (im *Image) leadBatch() {
 	ag.cond.Broadcast()
 }
 
-// batchUpdates builds one journal update per BAT sector the changes (sorted
-// by idx) touch, from the in-memory BAT with the changes applied. Caller
-// holds im.mu.
-func (im *Image) batchUpdates(changes []batChange) ([]logUpdate, error) {
-	var updates []logUpdate
+// batchUpdates builds one journal update per BAT sector that the changes
+// (sorted by idx) touch or that lies at one of the file offsets in again
+// (the previous batch's deferred writes), from the in-memory BAT with the
+// changes applied. Offsets outside the BAT are left out: the journal then
+// syncs before the entry. Caller holds im.mu.
+func (im *Image) batchUpdates(changes []batChange, again []uint64) ([]logUpdate, error) {
+	per := uint64(batSectorSize / 8)
+	secs := make([]uint64, 0, len(changes)+len(again))
+	for _, c := range changes {
+		secs = append(secs, c.idx/per)
+	}
+	for _, off := range again {
+		if off >= im.l.bat.offset && (off-im.l.bat.offset)%batSectorSize == 0 {
+			if sec := (off - im.l.bat.offset) / batSectorSize; sec*per < im.l.batOnDisk {
+				secs = append(secs, sec)
+			}
+		}
+	}
+	slices.Sort(secs)
+	secs = slices.Compact(secs)
+	updates := make([]logUpdate, 0, len(secs))
 	set := make([][2]uint64, 0, len(changes))
-	for i := 0; i < len(changes); {
-		sec := changes[i].idx * 8 / batSectorSize
+	i := 0
+	for _, sec := range secs {
 		set = set[:0]
-		for ; i < len(changes) && changes[i].idx*8/batSectorSize == sec; i++ {
+		for ; i < len(changes) && changes[i].idx/per == sec; i++ {
 			set = append(set, [2]uint64{changes[i].idx, changes[i].new})
 		}
-		u, err := im.batSectorUpdate(set[0][0], set)
+		u, err := im.batSectorUpdate(sec*per, set)
 		if err != nil {
 			return nil, err
 		}

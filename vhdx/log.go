@@ -733,6 +733,12 @@ type journal struct {
 	ap  logApplier
 	err error // sticky failure
 
+	// deferred: file offsets of the sectors the last commit wrote in place
+	// without a sync (commitDeferred, commitBatch); deferredZero: it also
+	// zeroed a range. Cleared by every sync the journal issues after them.
+	deferred     []uint64
+	deferredZero bool
+
 	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
 }
 
@@ -748,35 +754,83 @@ func newJournal(s Storage, lr logRegion) *journal {
 // exceed the current file size, both are multiples of 1 MiB, and the file is
 // extended to lastFileOffset after the updates are applied, as replay would.
 func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
-	return j.commitMode(updates, flushedFileOffset, lastFileOffset, true)
+	_, err := j.commitMode(updates, flushedFileOffset, lastFileOffset, true, true)
+	return err
 }
 
 // commitDeferred is commit without the final sync: the updates are written
 // in place but not flushed. That is safe because the entry is durable and
-// is the newest in the log, so replay after a crash writes them again, and
-// every later commit syncs before it writes its entry (doCommit), which
-// makes them durable before any entry can follow or overwrite this one; a
-// Flush or Close syncs too. Allocation batches use it (groupcommit.go).
+// is the newest in the log, so replay after a crash writes them again; the
+// next commit's entry either holds them again or follows a sync (see
+// commitBatch), and a Flush or Close syncs too.
 func (j *journal) commitDeferred(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
-	return j.commitMode(updates, flushedFileOffset, lastFileOffset, false)
+	_, err := j.commitMode(updates, flushedFileOffset, lastFileOffset, false, true)
+	return err
 }
 
-func (j *journal) commitMode(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, syncApplied bool) error {
+// commitBatch is commitDeferred that may skip the sync before the entry
+// (presync false): the caller vouches that the entry depends on nothing
+// unsynced (its FlushedFileOffset is a durable size, no range it points to
+// needs zeroing to be durable first). The updates left unsynced by the
+// previous commit must then be durable before this entry can become the
+// newest: the journal syncs first unless this entry holds every one of
+// them again (the same sectors, with current contents), in which case
+// replaying this entry alone restores them. It reports whether it synced
+// before writing the entry. Allocation batches use it (groupcommit.go).
+func (j *journal) commitBatch(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, presync bool) (bool, error) {
+	return j.commitMode(updates, flushedFileOffset, lastFileOffset, false, presync)
+}
+
+// deferredSectors returns the file offsets of the 4 KiB sectors the last
+// commit wrote in place without a sync (nil if none, or if it zeroed a
+// range, which no entry can hold again).
+func (j *journal) deferredSectors() []uint64 {
+	if j.deferredZero {
+		return nil
+	}
+	return j.deferred
+}
+
+func (j *journal) commitMode(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, syncApplied, presync bool) (bool, error) {
 	if j.err != nil {
-		return fmt.Errorf("log: journal unusable after an earlier failure: %w", j.err)
+		return false, fmt.Errorf("log: journal unusable after an earlier failure: %w", j.err)
 	}
 	entryLen, dataCount, err := j.checkCommit(updates, flushedFileOffset, lastFileOffset)
 	if err != nil {
-		return err
+		return false, err
 	}
-	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset, syncApplied); err != nil {
+	if !presync && !j.holdsDeferred(updates) {
+		presync = true
+	}
+	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset, syncApplied, presync); err != nil {
 		j.err = err
-		return err
+		return presync, err
 	}
 	if j.commits != nil {
 		j.commits.Add(1)
 	}
-	return nil
+	return presync, nil
+}
+
+// holdsDeferred reports whether updates rewrite every sector the previous
+// commit left unsynced.
+func (j *journal) holdsDeferred(updates []logUpdate) bool {
+	if j.deferredZero {
+		return false
+	}
+	for _, off := range j.deferred {
+		found := false
+		for _, u := range updates {
+			if u.data != nil && u.offset == off {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 // checkCommit validates the arguments without touching the file and returns
@@ -830,19 +884,24 @@ func (j *journal) checkCommit(updates []logUpdate, flushed, last uint64) (uint64
 	return entryLen, dataCount, nil
 }
 
-func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64, syncApplied bool) error {
-	// Flush first, as QEMU does before every log write: the entry must not
-	// become durable before the file size it records as FlushedFileOffset
-	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
-	// before payload data that the updated metadata will point to.
-	if err := j.s.Sync(); err != nil {
-		return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
-	}
+func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64, syncApplied, presync bool) error {
 	if !j.scanned {
 		if err := j.scan(); err != nil {
 			return err
 		}
 		j.scanned = true
+	}
+	// Flush first, as QEMU does before every log write: the entry must not
+	// become durable before the file size it records as FlushedFileOffset
+	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
+	// before payload data that the updated metadata will point to, nor
+	// before the previous commit's deferred updates. commitBatch skips it
+	// when its caller and holdsDeferred showed none of these can matter.
+	if presync {
+		if err := j.s.Sync(); err != nil {
+			return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
+		}
+		j.deferred, j.deferredZero = j.deferred[:0], false
 	}
 	pos, err := j.place(uint32(entryLen), flushed, last)
 	if err != nil {
@@ -890,7 +949,16 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		return err
 	}
 	if !syncApplied {
-		return nil // commitDeferred: the next sync makes the updates durable
+		// Deferred: the next sync makes the updates durable; until then
+		// the next entry must hold them again or follow a sync.
+		for _, u := range updates {
+			if u.data == nil {
+				j.deferredZero = true
+			} else {
+				j.deferred = append(j.deferred, u.offset)
+			}
+		}
+		return nil
 	}
 	if err := j.s.Sync(); err != nil {
 		return fmt.Errorf("log: commit: sync after apply: %w", err)
@@ -960,6 +1028,15 @@ func (j *journal) place(n uint32, flushed, last uint64) (uint32, error) {
 		} else if !j.fits(next, logSectorSize) {
 			return 0, errAt(ErrCorrupt, j.lr.offset, "log", "the newest entry fills the whole log")
 		}
+		if len(j.deferred) > 0 || j.deferredZero {
+			// A bridge holds no updates: once it is the newest entry,
+			// replay no longer restores the previous commit's deferred
+			// ones, so they must be durable before it is.
+			if err := j.s.Sync(); err != nil {
+				return 0, fmt.Errorf("log: commit: sync before a bridge entry: %w", err)
+			}
+			j.deferred, j.deferredZero = j.deferred[:0], false
+		}
 		b := j.buildEntry(nil, at, logSectorSize, 0, flushed, last)
 		if err := j.writeEntry(b, at); err != nil { // flushed before the real entry may overwrite the previous one
 			return 0, err
@@ -977,6 +1054,9 @@ func (j *journal) writeEntry(b []byte, pos uint32) error {
 	if err := j.s.Sync(); err != nil {
 		return fmt.Errorf("log: commit: sync entry at offset %#x: %w", off, err)
 	}
+	// That sync also made the previous commit's deferred updates durable
+	// (they were written before it), so no later entry needs to hold them.
+	j.deferred, j.deferredZero = j.deferred[:0], false
 	j.seq++
 	j.prevPos, j.prevLen = pos, uint32(len(b))
 	return nil
