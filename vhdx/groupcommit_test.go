@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand"
 	"slices"
 	"sync"
 	"testing"
@@ -561,5 +562,85 @@ func TestLoneAllocationCostsOneSyncAndFlushOne(t *testing.T) {
 	}
 	if got := im.Counters().Syncs - mid.Syncs; got != 1 {
 		t.Errorf("%d fdatasyncs for a Flush, want 1", got)
+	}
+}
+
+// TestBatchCommitsWithoutSyncCrashAtEveryBoundaryYieldOldOrNewMetadata:
+// journal entries written with no sync before them (commitBatch), whose
+// in-place writes are left for the next sync, still replay to exactly the
+// metadata of the last commit that returned or of the one in flight, never
+// a mix, whatever survives of the unsynced writes. Each entry either holds
+// the previous one's sectors again, with their current contents, as
+// allocation batches do, or does not, and then the journal must sync first.
+func TestBatchCommitsWithoutSyncCrashAtEveryBoundaryYieldOldOrNewMetadata(t *testing.T) {
+	for _, holdAgain := range []bool{true, false} {
+		t.Run(fmt.Sprintf("holdAgain=%v", holdAgain), func(t *testing.T) {
+			rng := rand.New(rand.NewSource(5))
+			cur := map[uint64][]byte{}
+			var work [][]logUpdate
+			var prev []uint64
+			for range 24 {
+				var us []logUpdate
+				if holdAgain {
+					for _, off := range prev {
+						us = append(us, logUpdate{offset: off, data: cur[off]})
+					}
+				}
+				own := randomCommit(rng, 1+rng.Intn(3), false)
+				prev = prev[:0]
+				for _, u := range own {
+					cur[u.offset] = u.data
+					prev = append(prev, u.offset)
+				}
+				work = append(work, append(us, own...))
+			}
+			run := func(s Storage) (int, error) {
+				j := newJournal(s, tLR)
+				for i, c := range work {
+					if _, err := j.commitBatch(c, 1<<20, tFileSize, false); err != nil {
+						return i, err
+					}
+				}
+				return len(work), nil
+			}
+			ref := newLogFixture()
+			states := [][]byte{ref.current()}
+			{
+				j := newJournal(ref, tLR)
+				for i, c := range work {
+					synced, err := j.commitBatch(c, 1<<20, tFileSize, false)
+					if err != nil {
+						t.Fatalf("reference commit %d: %v", i, err)
+					}
+					if i > 0 && synced == holdAgain {
+						t.Fatalf("commit %d synced first: %v; want %v", i, synced, !holdAgain)
+					}
+					states = append(states, ref.current())
+				}
+			}
+			total := ref.opCount()
+			base := newLogFixture().current()
+			for crash := 1; crash <= total+1; crash++ {
+				s := newFaultStorage(base)
+				s.crashAfter(crash)
+				done, err := run(s)
+				if err != nil && !errors.Is(err, errCrashed) {
+					t.Fatalf("crash %d: %v is not the crash", crash, err)
+				}
+				for _, mode := range allCrashModes {
+					rs := newMemStorage(s.crashImage(mode))
+					if _, err := replayLog(rs, tLR); err != nil {
+						t.Fatalf("crash before op %d (%s): replay: %v", crash, mode, err)
+					}
+					switch {
+					case equalOutsideLog(rs.data, states[done]):
+					case done < len(work) && equalOutsideLog(rs.data, states[done+1]):
+					default:
+						t.Fatalf("crash before op %d of %d (%s), %d commits done: replayed metadata is neither state %d nor %d",
+							crash, total, mode, done, done, done+1)
+					}
+				}
+			}
+		})
 	}
 }

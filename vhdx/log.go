@@ -19,11 +19,13 @@ package vhdx
 //     headers or the log itself.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
 	"math"
+	"slices"
 	"sync/atomic"
 
 	"github.com/google/uuid"
@@ -733,10 +735,11 @@ type journal struct {
 	ap  logApplier
 	err error // sticky failure
 
-	// deferred: file offsets of the sectors the last commit wrote in place
-	// without a sync (commitDeferred, commitBatch); deferredZero: it also
-	// zeroed a range. Cleared by every sync the journal issues after them.
-	deferred     []uint64
+	// deferred: the sectors the last commit wrote in place without a sync
+	// (commitDeferred, commitBatch), by file offset, as written;
+	// deferredZero: it also zeroed a range. Cleared by every sync the
+	// journal issues after them.
+	deferred     map[uint64][]byte
 	deferredZero bool
 
 	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
@@ -788,7 +791,12 @@ func (j *journal) deferredSectors() []uint64 {
 	if j.deferredZero {
 		return nil
 	}
-	return j.deferred
+	offs := make([]uint64, 0, len(j.deferred))
+	for off := range j.deferred {
+		offs = append(offs, off)
+	}
+	slices.Sort(offs)
+	return offs
 }
 
 func (j *journal) commitMode(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, syncApplied, presync bool) (bool, error) {
@@ -818,7 +826,7 @@ func (j *journal) holdsDeferred(updates []logUpdate) bool {
 	if j.deferredZero {
 		return false
 	}
-	for _, off := range j.deferred {
+	for off := range j.deferred {
 		found := false
 		for _, u := range updates {
 			if u.data != nil && u.offset == off {
@@ -891,6 +899,10 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		}
 		j.scanned = true
 	}
+	// What the previous commit wrote in place; durable once this entry's
+	// sync (below) returns, so sectors rewritten with the same contents
+	// need no second in-place write.
+	skip := unchangedSectors(updates, j.deferred)
 	// Flush first, as QEMU does before every log write: the entry must not
 	// become durable before the file size it records as FlushedFileOffset
 	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
@@ -901,7 +913,7 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		if err := j.s.Sync(); err != nil {
 			return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
 		}
-		j.deferred, j.deferredZero = j.deferred[:0], false
+		j.deferred, j.deferredZero = nil, false
 	}
 	pos, err := j.place(uint32(entryLen), flushed, last)
 	if err != nil {
@@ -925,11 +937,15 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 			i++
 			continue
 		}
+		if skip[i] {
+			i++
+			continue
+		}
 		// Consecutive data updates to consecutive sectors go out as one
 		// write. Order is kept: only neighbours in the list are merged, and
 		// a run of ascending sectors cannot overlap itself.
 		k := i + 1
-		for k < len(updates) && updates[k].data != nil && updates[k].offset == updates[k-1].offset+logSectorSize {
+		for k < len(updates) && updates[k].data != nil && !skip[k] && updates[k].offset == updates[k-1].offset+logSectorSize {
 			k++
 		}
 		w := u.data
@@ -951,11 +967,15 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 	if !syncApplied {
 		// Deferred: the next sync makes the updates durable; until then
 		// the next entry must hold them again or follow a sync.
-		for _, u := range updates {
-			if u.data == nil {
+		for i, u := range updates {
+			switch {
+			case u.data == nil:
 				j.deferredZero = true
-			} else {
-				j.deferred = append(j.deferred, u.offset)
+			case !skip[i]:
+				if j.deferred == nil {
+					j.deferred = map[uint64][]byte{}
+				}
+				j.deferred[u.offset] = u.data
 			}
 		}
 		return nil
@@ -964,6 +984,30 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		return fmt.Errorf("log: commit: sync after apply: %w", err)
 	}
 	return nil
+}
+
+// unchangedSectors marks the data updates that rewrite a sector with what
+// prev (the previous commit's in-place writes) holds for it, where every
+// update of that sector in the list does so; none when the list zeroes a
+// range, which might overlap.
+func unchangedSectors(updates []logUpdate, prev map[uint64][]byte) []bool {
+	skip := make([]bool, len(updates))
+	if len(prev) == 0 {
+		return skip
+	}
+	differs := map[uint64]bool{}
+	for _, u := range updates {
+		if u.data == nil {
+			return skip
+		}
+		if p, ok := prev[u.offset]; !ok || !bytes.Equal(p, u.data) {
+			differs[u.offset] = true
+		}
+	}
+	for i, u := range updates {
+		skip[i] = !differs[u.offset]
+	}
+	return skip
 }
 
 // scan finds the newest valid entry with this GUID, if any (see journal).
@@ -1035,7 +1079,7 @@ func (j *journal) place(n uint32, flushed, last uint64) (uint32, error) {
 			if err := j.s.Sync(); err != nil {
 				return 0, fmt.Errorf("log: commit: sync before a bridge entry: %w", err)
 			}
-			j.deferred, j.deferredZero = j.deferred[:0], false
+			j.deferred, j.deferredZero = nil, false
 		}
 		b := j.buildEntry(nil, at, logSectorSize, 0, flushed, last)
 		if err := j.writeEntry(b, at); err != nil { // flushed before the real entry may overwrite the previous one
@@ -1056,7 +1100,7 @@ func (j *journal) writeEntry(b []byte, pos uint32) error {
 	}
 	// That sync also made the previous commit's deferred updates durable
 	// (they were written before it), so no later entry needs to hold them.
-	j.deferred, j.deferredZero = j.deferred[:0], false
+	j.deferred, j.deferredZero = nil, false
 	j.seq++
 	j.prevPos, j.prevLen = pos, uint32(len(b))
 	return nil
