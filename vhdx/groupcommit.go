@@ -11,11 +11,12 @@ package vhdx
 // takes the open batch (a new, empty one opens at once), builds the BAT
 // sectors it changes from the in-memory BAT, releases Image.mu and commits
 // them as one journal entry (journal.commitBatch: entry, sync, in-place
-// writes left for the next sync, see doc.go for when a sync goes first). Meanwhile new allocations reserve
-// blocks and join the next batch. The leader then retakes Image.mu,
-// publishes the entries, wakes the members and hands leadership on: the
-// next waiting member of the open batch leads it. A batch holds at most
-// allocBatchMax blocks, so its entry fits the smallest (1 MiB) log; an
+// writes left for the next sync; doc.go says when a sync goes first).
+// Meanwhile new allocations reserve blocks and join the next batch. The
+// leader then retakes Image.mu, publishes the entries, wakes the members
+// and hands leadership on: the next waiting member of the open batch leads
+// it. A batch holds at most allocBatchMax blocks, and its entry at most
+// allocBatchMax BAT sectors, so it fits the smallest (1 MiB) log; an
 // allocation finding the open batch full waits for the next one.
 //
 // A second write into a block whose allocation is still in an uncommitted
