@@ -741,6 +741,7 @@ type journal struct {
 	// journal issues after them.
 	deferred     map[uint64][]byte
 	deferredZero bool
+	skip         []bool // unchangedSectors' result, reused across commits
 
 	commits *atomic.Uint64 // if set, counts successful commits (Image.Counters)
 }
@@ -902,7 +903,8 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 	// What the previous commit wrote in place; durable once this entry's
 	// sync (below) returns, so sectors rewritten with the same contents
 	// need no second in-place write.
-	skip := unchangedSectors(updates, j.deferred)
+	skip := unchangedSectors(updates, j.deferred, j.skip[:0])
+	j.skip = skip
 	// Flush first, as QEMU does before every log write: the entry must not
 	// become durable before the file size it records as FlushedFileOffset
 	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
@@ -990,8 +992,8 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 // prev (the previous commit's in-place writes) holds for it, where every
 // update of that sector in the list does so; none when the list zeroes a
 // range, which might overlap.
-func unchangedSectors(updates []logUpdate, prev map[uint64][]byte) []bool {
-	skip := make([]bool, len(updates))
+func unchangedSectors(updates []logUpdate, prev map[uint64][]byte, skip []bool) []bool {
+	skip = append(skip, make([]bool, len(updates))...) // no allocation once skip has room
 	if len(prev) == 0 {
 		return skip
 	}
