@@ -7,6 +7,8 @@ import "sync/atomic"
 type counters struct {
 	allocations    atomic.Uint64 // payload blocks allocated in this file
 	journalCommits atomic.Uint64 // log entries committed (metadata updates)
+	allocBatches   atomic.Uint64 // journal entries that published allocations (groupcommit.go)
+	syncs          atomic.Uint64 // fdatasyncs issued (after coalescing)
 }
 
 // Counters is a snapshot of Image activity since Open, for statistics.
@@ -17,6 +19,12 @@ type Counters struct {
 	// JournalCommits counts log entries committed: every BAT, bitmap or
 	// locator update goes through one (§2.3).
 	JournalCommits uint64 `json:"journal_commits"`
+	// AllocBatches counts the group commits that published allocations
+	// of a base image; Allocations/AllocBatches is the mean batch size.
+	AllocBatches uint64 `json:"alloc_batches"`
+	// Syncs counts fdatasyncs issued on the file, after coalescing
+	// (concurrent flushes and journal commits share one).
+	Syncs uint64 `json:"syncs"`
 }
 
 // Counters returns this image's (the top layer's) counts since Open. Safe
@@ -25,6 +33,8 @@ func (im *Image) Counters() Counters {
 	return Counters{
 		Allocations:    im.counters.allocations.Load(),
 		JournalCommits: im.counters.journalCommits.Load(),
+		AllocBatches:   im.counters.allocBatches.Load(),
+		Syncs:          im.counters.syncs.Load(),
 	}
 }
 

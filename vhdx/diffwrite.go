@@ -197,7 +197,9 @@ func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
 			updates = append(updates, u)
 		}
 	}
-	if err := im.journal.commit(updates, im.fileEnd, im.fileEnd); err != nil {
+	// Deferred: the in-place bitmap and BAT writes become durable with the
+	// next sync, and replay of this entry redoes them (doc.go, rule 4).
+	if err := im.journal.commitDeferred(updates, im.fileEnd, im.fileEnd); err != nil {
 		im.giveBackAfterCommit(err, spans...)
 		return fmt.Errorf("write at %#x: sector bitmap of chunk %d: commit through the log: %w", pos, chunk, err)
 	}

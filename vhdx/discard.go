@@ -251,7 +251,7 @@ func (im *Image) targetEntry(mode trimMode, e uint64) (uint64, bool) {
 func (im *Image) trimBatch(mode trimMode, b0, b1 uint64) error {
 	var freed []ownedSpan
 	err := func() error {
-		im.mu.Lock()
+		im.lockJournal() // groupcommit.go
 		defer im.mu.Unlock()
 		if im.closed.Load() {
 			return fmt.Errorf("%s: %w", mode.op(), ErrClosed)
@@ -327,6 +327,10 @@ func (p *pendingTrims) sectorCount() int { return len(p.sectors) }
 func (im *Image) commitPendingTrims() error {
 	im.mu.Lock()
 	defer im.mu.Unlock()
+	if len(im.trims.sectors) == 0 {
+		return nil // a Flush with no trims queued does not wait for a batch
+	}
+	im.awaitJournalLocked() // groupcommit.go
 	return im.commitTrimsLocked()
 }
 

@@ -118,6 +118,15 @@
 //     top is removed and the parent becomes the top. A read of a range NOT_PRESENT in the upper layers
 //     costs one atomic load per layer and no system call until the layer
 //     holding the data.
+//   - First writes into blocks of a base image are group-committed
+//     (groupcommit.go): each reserves its range under Image.mu, writes its
+//     payload without it and joins the open batch; one member leads the
+//     batch, commits its BAT sectors in one journal entry with Image.mu
+//     released, and publishes the entries under Image.mu. While a leader
+//     commits, every other journal user waits (lockJournal), so the journal
+//     and the BAT snapshot it writes have one owner at a time.
+//   - Concurrent Syncs (Flush, journal commits) share one fdatasync that
+//     started after the last of them arrived (syncGroup in syncLatch).
 //   - Writes into sectors a differencing image does not hold take Image.mu
 //     (serialising bitmap updates, so writers into different sectors of
 //     one block are safe together); writes into sectors it holds do not.
@@ -133,6 +142,55 @@
 //     when handed out, so a late write of such an I/O never shows in the
 //     new block. Close (which must not race with I/O) cuts a free tail off
 //     the file after LogGuid is cleared.
+//
+// Durability order. virtio-blk promises durability at FLUSH only (and after
+// every write in write-through mode, where a Flush follows it); a SIGKILL of
+// the daemon must still never lose an acknowledged write, and a power cut
+// never a flushed one nor leave torn metadata. The rules:
+//
+//  1. A write is acknowledged once its data has been written to the file
+//     and, for a first write into a block, the journal entry holding the
+//     block's BAT entry is durable and the entry is published in memory.
+//     After a SIGKILL the data is in the page cache and the entry in the
+//     log, which the next open replays (§2.3.3).
+//  2. Before a journal entry becomes durable, what it depends on is: the
+//     zeroing of a reused range (space.go), the file growth up to its
+//     FlushedFileOffset (§2.3.1.1: the size "stable on the host disk"), and
+//     the in-place updates of the previous entry. So a durable BAT entry
+//     never points to another block's old data. Every commit syncs first,
+//     except an allocation batch (journal.commitBatch) that reuses no
+//     range: its FlushedFileOffset is the size made durable by the
+//     previous batch's entry sync, and it holds the previous batch's BAT
+//     sectors again (rule 4). A differencing image's commit always syncs
+//     first, which also makes its payload durable before the entry.
+//  3. The entry itself is flushed before any of its updates is written in
+//     place (§2.3: metadata changes reach their final location only after
+//     their log entry is on stable storage).
+//  4. In-place writes of an allocation batch (and of a child's first write)
+//     are not synced on their own (commitDeferred, commitBatch): the entry
+//     stays the newest in the log, its own tail (§2.3.2), so a power cut
+//     replays it (§2.3.3) and rewrites those sectors whole, repairing a
+//     torn one. The next entry then either follows a sync or holds the
+//     same sectors again with their current contents: torn, the previous
+//     entry is still the newest valid one; whole, it restores them itself.
+//     Its own sync makes the earlier in-place writes durable. A bridge
+//     entry (log.go) holds nothing, so a sync precedes it. Flush and Close
+//     sync too.
+//  5. Flush returns after an fdatasync that started after Flush was called
+//     (syncGroup), after committing queued trims (discard.go): every write
+//     acknowledged before it, its data, its journal entry and the deferred
+//     in-place updates, is then durable.
+//  6. A base image's payload need not be durable before its batch entry:
+//     a power cut before the next Flush may lose it, and the block then
+//     reads zeros there, which is what it read before (an unallocated
+//     block of a base image, or a reused range, zeroed per rule 2). Only
+//     base images are batched: a differencing image's block shows its
+//     parent until the bitmap says otherwise, so its data must be durable
+//     before its entry, and diffwrite.go commits each first write in an
+//     entry of its own, under Image.mu (sync, entry, sync, apply).
+//  7. Every member of a failed batch gets the error and its entries stay
+//     unpublished; what a failed fdatasync or journal commit means for later
+//     ones is in "Host I/O errors" below.
 //
 // Host I/O errors (EIO from the file: storage.go syncLatch, logrecover.go,
 // recover.go). The rules, in the order they apply:

@@ -87,6 +87,7 @@ type Image struct {
 	ep    epochs       // grace periods for reusing freed space (epoch.go)
 	space freeSpace    // free file space (space.go); under mu
 	trims pendingTrims // trimmed blocks awaiting their group commit (discard.go); under mu
+	ag    allocGroup   // allocation batches (groupcommit.go); under mu
 
 	// Test hooks, nil in production: hookLoaded runs in ReadAt and WriteAt
 	// after a FULLY_PRESENT entry was loaded and before its range is used;
@@ -184,12 +185,14 @@ func fileSizeOf(s Storage) (uint64, error) {
 // collecting checker (Check) it records what it can and continues; it still
 // stops when the next step would depend on a broken structure.
 func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
-	var latch *syncLatch
+	im := &Image{readOnly: opts.ReadOnly, opts: opts}
 	if !opts.ReadOnly {
-		latch = &syncLatch{Storage: s}
+		latch := &syncLatch{Storage: s}
+		latch.group.syncs = &im.counters.syncs
+		im.latch = latch
 		s = latch
 	}
-	im := &Image{s: s, latch: latch, readOnly: opts.ReadOnly, opts: opts}
+	im.s = s
 	l := &im.l
 	var err error
 	if l.fileSize, err = fileSizeOf(s); err != nil {
@@ -448,7 +451,7 @@ func (im *Image) Flush() error {
 			return err
 		}
 	}
-	im.mu.Lock()
+	im.lockJournal() // groupcommit.go: recovery commits through the journal
 	defer im.mu.Unlock()
 	if err := im.recoverLocked(); err != nil {
 		return fmt.Errorf("flush: %w", err)
@@ -460,7 +463,7 @@ func (im *Image) Flush() error {
 // cleanly closed image needs no replay, and qemu-img sees it clean), and
 // releases the lock.
 func (im *Image) Close() error {
-	im.mu.Lock()
+	im.lockJournal() // groupcommit.go: after a batch in flight, if any
 	defer im.mu.Unlock()
 	if im.closed.Swap(true) {
 		return fmt.Errorf("close: %w", ErrClosed)

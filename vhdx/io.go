@@ -162,26 +162,13 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 	return im.allocate(p, idx, in)
 }
 
-// allocate handles the first write to block idx. Under im.mu it re-checks
-// the entry, reserves a block (reserveBlock: free space past its grace
-// period, zeroed, or fresh space at the 1 MiB-aligned end of the file),
-// writes p there (the rest of the block reads as zeros), journals the BAT sector holding the entry (§2.3: metadata changes go
-// through the log), and only then publishes the entry in memory. On failure
-// the in-memory BAT is unchanged. A failure before the journal wrote
-// anything (a full host disk, nospace.go) gives the reserved range back;
-// after one that may have reached the log, the range is not handed out
-// again this session, so a half-done attempt cannot alias a later block.
-// Stale-data states (UNDEFINED, UNMAPPED) and ZERO get a fresh block too.
-func (im *Image) allocate(p []byte, idx, in uint64) error {
-	im.mu.Lock()
-	defer im.mu.Unlock()
-	if im.closed.Load() {
-		return fmt.Errorf("write: %w", ErrClosed)
-	}
-	return im.allocateLocked(p, idx, in)
-}
-
-// allocateLocked is allocate with im.mu held.
+// allocateLocked allocates block idx of a differencing image in a journal
+// entry of its own (groupcommit.go batches base images only), with im.mu
+// held: reserve, write p, journal the BAT sector, publish. A failure before
+// the journal wrote anything (a full host disk, nospace.go) gives the
+// reserved range back; after one that may have reached the log, the range
+// is not handed out again this session, so a half-done attempt cannot
+// alias a later block.
 func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	e := im.bat[idx].Load()
 	if batState(e) == stateFullyPresent { // another writer won the race
@@ -212,14 +199,15 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 const maxFileOffset = 1 << 62
 
 // journalBATEntry commits the 4 KiB BAT sector holding entry idx, with idx
-// set to newEntry, through the log. Caller holds im.mu, so no other BAT
-// update races with this one.
+// set to newEntry, through the log; the in-place write is made durable by
+// the next sync (doc.go, durability rule 4). Caller holds im.mu, so no other
+// BAT update races with this one.
 func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
 	u, err := im.batSectorUpdate(idx, [][2]uint64{{idx, newEntry}})
 	if err != nil {
 		return err
 	}
-	if err := im.journal.commit([]logUpdate{u}, fileEnd, fileEnd); err != nil {
+	if err := im.journal.commitDeferred([]logUpdate{u}, fileEnd, fileEnd); err != nil {
 		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
 	}
 	return nil

@@ -19,11 +19,13 @@ package vhdx
 //     headers or the log itself.
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
 	"math"
+	"slices"
 	"sync/atomic"
 
 	"github.com/google/uuid"
@@ -686,9 +688,11 @@ type logUpdate struct {
 // writes (see doCommit).
 //
 // Each commit writes one entry whose Tail points to itself. That is correct
-// because commit applies and flushes the entry's updates before returning:
-// when the next entry is written no earlier entry has updates "yet to be
-// written and flushed" (§2.3.2), so every sequence is that single entry.
+// because the entry's updates are applied and flushed before the next entry
+// is written: commit flushes them before returning, commitDeferred leaves
+// that to the sync every commit starts with (doCommit). When the next entry
+// is written no earlier entry has updates "yet to be written and flushed"
+// (§2.3.2), so every sequence is that single entry.
 // Replay after a crash therefore applies at most the last entry, which holds
 // the complete update of one commit: the image shows the metadata of either
 // the previous or the new commit, never a mix.
@@ -745,6 +749,14 @@ type journal struct {
 	preBuf  []byte        // targets' contents before the apply, reused
 	preList []logUpdate   // the updates restoring them, reused
 
+	// deferred: the sectors the last commit wrote in place without a sync
+	// (commitDeferred, commitBatch), by file offset, as written;
+	// deferredZero: it also zeroed a range. Cleared by every sync the
+	// journal issues after them.
+	deferred     map[uint64][]byte
+	deferredZero bool
+	skip         []bool // unchangedSectors' result, reused across commits
+
 	commits    *atomic.Uint64 // if set, counts successful commits (Image.Counters)
 	recoveries *atomic.Uint64 // if set, counts recoveries after a failed commit
 }
@@ -761,27 +773,94 @@ func newJournal(s Storage, lr logRegion) *journal {
 // exceed the current file size, both are multiples of 1 MiB, and the file is
 // extended to lastFileOffset after the updates are applied, as replay would.
 func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
+	_, err := j.commitMode(updates, flushedFileOffset, lastFileOffset, true, true)
+	return err
+}
+
+// commitDeferred is commit without the final sync: the updates are written
+// in place but not flushed. That is safe because the entry is durable and
+// is the newest in the log, so replay after a crash writes them again; the
+// next commit's entry either holds them again or follows a sync (see
+// commitBatch), and a Flush or Close syncs too.
+func (j *journal) commitDeferred(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
+	_, err := j.commitMode(updates, flushedFileOffset, lastFileOffset, false, true)
+	return err
+}
+
+// commitBatch is commitDeferred that may skip the sync before the entry
+// (presync false): the caller vouches that the entry depends on nothing
+// unsynced (its FlushedFileOffset is a durable size, no range it points to
+// needs zeroing to be durable first). The updates left unsynced by the
+// previous commit must then be durable before this entry can become the
+// newest: the journal syncs first unless this entry holds every one of
+// them again (the same sectors, with current contents), in which case
+// replaying this entry alone restores them. It reports whether it synced
+// before writing the entry. Allocation batches use it (groupcommit.go).
+func (j *journal) commitBatch(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, presync bool) (bool, error) {
+	return j.commitMode(updates, flushedFileOffset, lastFileOffset, false, presync)
+}
+
+// deferredSectors returns the file offsets of the 4 KiB sectors the last
+// commit wrote in place without a sync (nil if none, or if it zeroed a
+// range, which no entry can hold again).
+func (j *journal) deferredSectors() []uint64 {
+	if j.deferredZero {
+		return nil
+	}
+	offs := make([]uint64, 0, len(j.deferred))
+	for off := range j.deferred {
+		offs = append(offs, off)
+	}
+	slices.Sort(offs)
+	return offs
+}
+
+func (j *journal) commitMode(updates []logUpdate, flushedFileOffset, lastFileOffset uint64, syncApplied, presync bool) (bool, error) {
 	if j.err != nil {
 		if err := j.recover(); err != nil {
-			return err
+			return false, err
 		}
 	}
 	entryLen, dataCount, err := j.checkCommit(updates, flushedFileOffset, lastFileOffset)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if err := j.reserve(updates); err != nil {
 		// Nothing was written: the journal stays usable (nospace.go).
-		return fmt.Errorf("log: commit: %w (%w)", err, errLogUntouched)
+		return false, fmt.Errorf("log: commit: %w (%w)", err, errLogUntouched)
 	}
-	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset); err != nil {
+	if !presync && !j.holdsDeferred(updates) {
+		presync = true
+	}
+	if err := j.doCommit(updates, entryLen, dataCount, flushedFileOffset, lastFileOffset, syncApplied, presync); err != nil {
 		j.noteFailure(err, flushedFileOffset, lastFileOffset)
-		return err
+		return presync, err
 	}
 	if j.commits != nil {
 		j.commits.Add(1)
 	}
-	return nil
+	return presync, nil
+}
+
+// holdsDeferred reports whether updates rewrite every sector the previous
+// commit left unsynced.
+func (j *journal) holdsDeferred(updates []logUpdate) bool {
+	if j.deferredZero {
+		return false
+	}
+	for off := range j.deferred {
+		found := false
+		for _, u := range updates {
+			if u.data != nil && u.offset == off {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 // checkCommit validates the arguments without touching the file and returns
@@ -835,20 +914,30 @@ func (j *journal) checkCommit(updates []logUpdate, flushed, last uint64) (uint64
 	return entryLen, dataCount, nil
 }
 
-func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64) error {
-	// Flush first, as QEMU does before every log write: the entry must not
-	// become durable before the file size it records as FlushedFileOffset
-	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
-	// before payload data that the updated metadata will point to.
+func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, last uint64, syncApplied, presync bool) error {
 	j.failed = nil // set below once the file may have been written
-	if err := j.s.Sync(); err != nil {
-		return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
-	}
 	if !j.scanned {
 		if err := j.scan(); err != nil {
 			return err
 		}
 		j.scanned = true
+	}
+	// What the previous commit wrote in place; durable once this entry's
+	// sync (below) returns, so sectors rewritten with the same contents
+	// need no second in-place write.
+	skip := unchangedSectors(updates, j.deferred, j.skip[:0])
+	j.skip = skip
+	// Flush first, as QEMU does before every log write: the entry must not
+	// become durable before the file size it records as FlushedFileOffset
+	// (§2.3.1.1: that size "must have been stable on the host disk"), nor
+	// before payload data that the updated metadata will point to, nor
+	// before the previous commit's deferred updates. commitBatch skips it
+	// when its caller and holdsDeferred showed none of these can matter.
+	if presync {
+		if err := j.s.Sync(); err != nil {
+			return fmt.Errorf("log: commit: sync before writing the entry: %w", err)
+		}
+		j.deferred, j.deferredZero = nil, false
 	}
 	pos, err := j.place(uint32(entryLen), flushed, last)
 	if err != nil {
@@ -865,7 +954,7 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 		j.failed = &failedCommit{}
 		return err
 	}
-	if err := j.apply(updates, last); err != nil {
+	if err := j.apply(updates, last, skip, syncApplied); err != nil {
 		j.failed = &failedCommit{applyStarted: true, pre: pre, noPre: noPre}
 		return err
 	}
@@ -874,7 +963,7 @@ func (j *journal) doCommit(updates []logUpdate, entryLen, dataCount, flushed, la
 
 // apply writes the updates of a durable entry to their final offsets,
 // extends the file to last and syncs (§2.3: apply, then flush).
-func (j *journal) apply(updates []logUpdate, last uint64) error {
+func (j *journal) apply(updates []logUpdate, last uint64, skip []bool, syncApplied bool) error {
 	size, err := j.s.Size()
 	if err != nil {
 		return fmt.Errorf("log: commit: file size: %w", err)
@@ -889,11 +978,15 @@ func (j *journal) apply(updates []logUpdate, last uint64) error {
 			i++
 			continue
 		}
+		if skip[i] {
+			i++
+			continue
+		}
 		// Consecutive data updates to consecutive sectors go out as one
 		// write. Order is kept: only neighbours in the list are merged, and
 		// a run of ascending sectors cannot overlap itself.
 		k := i + 1
-		for k < len(updates) && updates[k].data != nil && updates[k].offset == updates[k-1].offset+logSectorSize {
+		for k < len(updates) && updates[k].data != nil && !skip[k] && updates[k].offset == updates[k-1].offset+logSectorSize {
 			k++
 		}
 		w := u.data
@@ -912,10 +1005,50 @@ func (j *journal) apply(updates []logUpdate, last uint64) error {
 	if err := j.ap.extend(last); err != nil {
 		return err
 	}
+	if !syncApplied {
+		// Deferred: the next sync makes the updates durable; until then
+		// the next entry must hold them again or follow a sync.
+		for i, u := range updates {
+			switch {
+			case u.data == nil:
+				j.deferredZero = true
+			case !skip[i]:
+				if j.deferred == nil {
+					j.deferred = map[uint64][]byte{}
+				}
+				j.deferred[u.offset] = u.data
+			}
+		}
+		return nil
+	}
 	if err := j.s.Sync(); err != nil {
 		return fmt.Errorf("log: commit: sync after apply: %w", err)
 	}
 	return nil
+}
+
+// unchangedSectors marks the data updates that rewrite a sector with what
+// prev (the previous commit's in-place writes) holds for it, where every
+// update of that sector in the list does so; none when the list zeroes a
+// range, which might overlap.
+func unchangedSectors(updates []logUpdate, prev map[uint64][]byte, skip []bool) []bool {
+	skip = append(skip, make([]bool, len(updates))...) // no allocation once skip has room
+	if len(prev) == 0 {
+		return skip
+	}
+	differs := map[uint64]bool{}
+	for _, u := range updates {
+		if u.data == nil {
+			return skip
+		}
+		if p, ok := prev[u.offset]; !ok || !bytes.Equal(p, u.data) {
+			differs[u.offset] = true
+		}
+	}
+	for i, u := range updates {
+		skip[i] = !differs[u.offset]
+	}
+	return skip
 }
 
 // scan finds the newest valid entry with this GUID, if any (see journal).
@@ -980,6 +1113,15 @@ func (j *journal) place(n uint32, flushed, last uint64) (uint32, error) {
 		} else if !j.fits(next, logSectorSize) {
 			return 0, errAt(ErrCorrupt, j.lr.offset, "log", "the newest entry fills the whole log")
 		}
+		if len(j.deferred) > 0 || j.deferredZero {
+			// A bridge holds no updates: once it is the newest entry,
+			// replay no longer restores the previous commit's deferred
+			// ones, so they must be durable before it is.
+			if err := j.s.Sync(); err != nil {
+				return 0, fmt.Errorf("log: commit: sync before a bridge entry: %w", err)
+			}
+			j.deferred, j.deferredZero = nil, false
+		}
 		b := j.buildEntry(nil, at, logSectorSize, 0, flushed, last)
 		if err := j.writeEntry(b, at); err != nil { // flushed before the real entry may overwrite the previous one
 			return 0, err
@@ -999,6 +1141,9 @@ func (j *journal) writeEntry(b []byte, pos uint32) error {
 		j.failed = &failedCommit{entryUnsure: true, pos: pos, length: uint32(len(b))}
 		return fmt.Errorf("log: commit: sync entry at offset %#x: %w", off, err)
 	}
+	// That sync also made the previous commit's deferred updates durable
+	// (they were written before it), so no later entry needs to hold them.
+	j.deferred, j.deferredZero = nil, false
 	j.seq++
 	j.prevPos, j.prevLen = pos, uint32(len(b))
 	return nil

@@ -118,7 +118,7 @@ func (j *journal) recover() error {
 		return fmt.Errorf("log: recovery after a failed commit: %w", err)
 	}
 	j.preBuf, j.preList = nil, nil // f.pre lives there; the compensating commit must not overwrite it
-	if err := j.doCommit(updates, entryLen, dataCount, f.flushed, f.last); err != nil {
+	if err := j.doCommit(updates, entryLen, dataCount, f.flushed, f.last, true, true); err != nil {
 		if nf := j.failed; nf != nil { // it wrote: keep its log extent, the original contents
 			nf.applyStarted, nf.pre, nf.noPre = f.applyStarted, f.pre, f.noPre
 			nf.flushed, nf.last = f.flushed, f.last

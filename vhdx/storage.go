@@ -78,13 +78,15 @@ func (s osStorage) Size() (int64, error) {
 //     succeeded with no failure since the episode began (endRecovery).
 //
 // Syncs are serialised so that none can start before an earlier failure is
-// recorded.
+// recorded, and concurrent callers share one fdatasync (syncGroup,
+// groupcommit.go).
 type syncLatch struct {
 	Storage
-	mu   sync.Mutex
-	err  error  // failure of the open episode, nil if none; under mu
-	gen  uint64 // failures so far; under mu
-	lost bool   // payload at risk when a Sync failed: permanent; under mu
+	group syncGroup
+	mu    sync.Mutex
+	err   error  // failure of the open episode, nil if none; under mu
+	gen   uint64 // failures so far; under mu
+	lost  bool   // payload at risk when a Sync failed: permanent; under mu
 
 	dirty    atomic.Bool   // in-place payload completed since the last Sync began
 	episodes atomic.Uint64 // failed Syncs that opened an episode or lost payload
@@ -99,8 +101,11 @@ func (s *syncLatch) lostErr() error {
 	return fmt.Errorf("an earlier sync failed with guest writes pending, which may be lost; every flush fails until the image is reopened: %w", s.err)
 }
 
-// Sync is fdatasync for internal use (journal, headers, file growth).
-func (s *syncLatch) Sync() error {
+// Sync is fdatasync for internal use (journal, headers, file growth),
+// shared with concurrent callers (syncGroup).
+func (s *syncLatch) Sync() error { return s.group.do(s.syncOnce) }
+
+func (s *syncLatch) syncOnce() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.syncLocked()
@@ -125,14 +130,27 @@ func (s *syncLatch) syncLocked() error {
 	return err
 }
 
-// flush is Sync for a guest flush: it fails while an episode is open.
+// flush is Sync for a guest flush: it fails while an episode is open,
+// including one that opened while it waited for its shared sync.
 func (s *syncLatch) flush() error {
+	if err := s.episodeErr(); err != nil {
+		return err
+	}
+	if err := s.group.do(s.syncOnce); err != nil {
+		return err
+	}
+	return s.episodeErr()
+}
+
+// episodeErr reports an open episode (errRecoveryNeeded), nil if none or if
+// payload was lost (every sync reports that itself).
+func (s *syncLatch) episodeErr() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.err != nil && !s.lost {
 		return fmt.Errorf("%w: %w", errRecoveryNeeded, s.err)
 	}
-	return s.syncLocked()
+	return nil
 }
 
 // markDirty records a completed in-place payload write (see syncLatch).
