@@ -29,7 +29,10 @@ func batBytes(a []atomic.Uint64) []byte {
 // again, so nothing changes but the resident size. loadBAT reads the BAT
 // straight into the entries array; a BAT written out as zeros (not sparse)
 // must not make the array resident. Advice only: errors are ignored.
-func releaseZeroPages(b []byte) {
+func releaseZeroPages(b []byte) { adviseWholePages(b, unix.MADV_DONTNEED) }
+
+// adviseWholePages gives advice for the page-aligned part of b.
+func adviseWholePages(b []byte, advice int) {
 	page := uintptr(unix.Getpagesize())
 	if uintptr(len(b)) < page {
 		return
@@ -38,6 +41,6 @@ func releaseZeroPages(b []byte) {
 	first := (start+page-1)&^(page-1) - start
 	last := (start+uintptr(len(b)))&^(page-1) - start
 	if last > first {
-		_ = unix.Madvise(b[first:last], unix.MADV_DONTNEED)
+		_ = unix.Madvise(b[first:last], advice)
 	}
 }

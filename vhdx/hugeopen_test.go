@@ -312,3 +312,67 @@ func TestScanningAnEmptyLogAllocatesNothingPerSector(t *testing.T) {
 		t.Errorf("scanning %d empty log sectors made %.0f allocations", tLogLen/logSectorSize, n)
 	}
 }
+
+// FuzzLoadBATInPlaceMatchesDecoding: whatever the first BAT entries hold,
+// reading the BAT in place into the entries array gives the same entries,
+// the same verdict (the same error when opening, the same problems when
+// checking) and the same accounting as decoding it entry by entry.
+func FuzzLoadBATInPlaceMatchesDecoding(f *testing.F) {
+	le := binary.LittleEndian
+	seed := func(es ...uint64) []byte {
+		b := make([]byte, 8*len(es))
+		for i, e := range es {
+			le.PutUint64(b[8*i:], e)
+		}
+		return b
+	}
+	f.Add(seed(makeBATEntry(stateFullyPresent, 4*mib), stateZero, 0, makeBATEntry(stateFullyPresent, 4*mib)))
+	f.Add(seed(stateZero, stateZero, stateZero, stateZero, stateZero, stateZero, stateZero, stateZero, 4, stateZero))
+	f.Add(seed(makeBATEntry(stateUnmapped, 5*mib), makeBATEntry(stateFullyPresent, 3*mib), 1<<12|stateFullyPresent, 7))
+	img := createMem(f, CreateOptions{Size: 4 * gib, BlockSize: mib}).bytes()
+	ms := newMemStorage(img)
+	im, err := openMetadata(ms, OpenOptions{ReadOnly: true}, nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	l := im.l
+	l.fileSize = 16 * mib // blocks may lie up to here
+	f.Fuzz(func(t *testing.T, bat []byte) {
+		b := make([]byte, int(l.fileSize))
+		copy(b, img)
+		copy(b[l.bat.offset:l.bat.offset+uint64(l.bat.length)], bat)
+		s := newMemStorage(b)
+		load := func(inPlace, collect bool) (*batResult, []Problem, error) {
+			defer func(v bool) { batInPlace = v }(batInPlace)
+			batInPlace = inPlace
+			ll := l
+			var c *checker
+			if collect {
+				c = &checker{collect: true}
+			}
+			res, err := loadBAT(s, &ll, c)
+			if c != nil {
+				return res, c.listProblems(), err
+			}
+			return res, nil, err
+		}
+		for _, collect := range []bool{false, true} {
+			a, ap, aerr := load(true, collect)
+			d, dp, derr := load(false, collect)
+			if fmt.Sprint(aerr) != fmt.Sprint(derr) || fmt.Sprint(ap) != fmt.Sprint(dp) {
+				t.Fatalf("collect %v: in place %v %v, decoded %v %v", collect, aerr, ap, derr, dp)
+			}
+			if aerr != nil {
+				continue
+			}
+			if a.allocated != d.allocated || a.usedEnd != d.usedEnd {
+				t.Fatalf("collect %v: allocated/usedEnd %d/%#x in place, %d/%#x decoded", collect, a.allocated, a.usedEnd, d.allocated, d.usedEnd)
+			}
+			for i := range a.entries {
+				if x, y := a.entries[i].Load(), d.entries[i].Load(); x != y {
+					t.Fatalf("collect %v: entry %d: %#x in place, %#x decoded", collect, i, x, y)
+				}
+			}
+		}
+	})
+}
