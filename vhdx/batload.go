@@ -40,7 +40,8 @@ var batInPlace = true
 // dataSeeker is implemented by storages that know where a sparse file holds
 // data. nextData returns the offset of the first byte at or after off that
 // may hold data (off itself when unknown); everything in between reads as
-// zeros.
+// zeros. The overlay of an in-memory log replay (overlay.go) must not
+// implement it: replayed BAT sectors may lie in a hole of the file below.
 type dataSeeker interface {
 	nextData(off int64) (int64, error)
 }

@@ -376,3 +376,35 @@ func FuzzLoadBATInPlaceMatchesDecoding(f *testing.F) {
 		}
 	})
 }
+
+// readLog records the offsets and lengths read from a storage.
+type readLog struct {
+	Storage
+	reads [][2]int64
+}
+
+func (r *readLog) ReadAt(p []byte, off int64) (int, error) {
+	r.reads = append(r.reads, [2]int64{off, int64(len(p))})
+	return r.Storage.ReadAt(p, off)
+}
+
+// TestOpenOfADifferencingImageReadsNoSectorBitmap: sector bitmaps are read
+// when a read needs them (bitmap.go), never by open.
+func TestOpenOfADifferencingImageReadsNoSectorBitmap(t *testing.T) {
+	_, b := diffChild(t)
+	sb := int64(batFileOffset(diffEntry(b, diffSB0)))
+	if batState(diffEntry(b, diffSB0)) != stateFullyPresent || sb == 0 {
+		t.Fatal("the fixture has no sector bitmap block")
+	}
+	rl := &readLog{Storage: newMemStorage(b)}
+	im, err := openStorage(rl, OpenOptions{ReadOnly: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	for _, r := range rl.reads {
+		if r[0] < sb+mib && sb < r[0]+r[1] {
+			t.Errorf("open read [%#x, +%#x), inside the sector bitmap block at %#x", r[0], r[1], sb)
+		}
+	}
+}
