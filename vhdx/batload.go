@@ -19,9 +19,13 @@ import (
 //   - The entries array is the only per-entry memory. It comes zeroed from
 //     the allocator, and zero (NOT_PRESENT, §2.5.1) is the state of every
 //     block of a fresh image, so zero entries are never stored: pages of the
-//     array that only ever hold zeros are never touched and never resident.
-//   - The BAT is read in 1 MiB chunks; a chunk lying in a hole of a sparse
-//     file (SEEK_DATA, dataSeeker) is not read at all, it reads as zeros.
+//     array that only ever hold zeros are never touched and never resident
+//     (when the array is fresh from the kernel, as in a one-shot `info`;
+//     heap memory Go reuses is zeroed by Go, which makes it resident).
+//   - The BAT is read in 1 MiB chunks straight into the array and validated
+//     where it lies (batBytes); a chunk lying in a hole of a sparse file
+//     (SEEK_DATA, dataSeeker) is not read at all, it reads as zeros, and a
+//     chunk read as all zeros has its pages given back.
 //   - The overlap rule (§2.5.1: blocks overlap nothing) marks the file's
 //     MiBs in a bitmap (one bit per MiB: 8 MiB for a 64 TiB file). Only a
 //     file far larger than the blocks its BAT can reference (a sparse file
@@ -95,10 +99,10 @@ type batLoader struct {
 	used fileUse
 
 	view []byte // the entries array as bytes (batBytes), nil if unusable
-	bulk bool   // the current chunk was copied into view: no per-entry stores
+	bulk bool   // the current chunk was read in place into view: no per-entry stores
 }
 
-// store keeps entry i unless its chunk was copied in bulk already.
+// store keeps entry i unless its chunk was read in place already.
 func (ld *batLoader) store(i, e uint64) {
 	if !ld.bulk {
 		ld.res.entries[i].Store(e)
