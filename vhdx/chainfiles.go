@@ -17,7 +17,7 @@ func ChainFiles(path string) ([]string, error) {
 	opts := OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true}
 	for {
 		p := files[len(files)-1]
-		im, err := openFile(p, opts)
+		im, err := openFileWith(p, opts, openMetadata) // the locator, not the BAT
 		if err != nil {
 			return files, err
 		}

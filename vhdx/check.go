@@ -60,7 +60,7 @@ func Check(path string, repair bool) (*CheckReport, error) {
 	}
 	c := &checker{collect: true}
 	im, err := openStorage(osStorage{f}, OpenOptions{ReadOnly: !repair}, c)
-	rep.Problems = c.problems
+	rep.Problems = c.listProblems()
 	if err != nil {
 		rep.Problems = append(rep.Problems, Problem{Offset: errorOffset(err), What: err.Error()})
 		return rep, fmt.Errorf("check %s: %w", path, err)

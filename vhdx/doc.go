@@ -92,6 +92,13 @@
 //	func Compact(path string, progress CompactProgress) (*CompactReport, error) // offline
 //	Info.HostAllocatedBytes                                         // st_blocks*512, -1 unknown
 //
+// Opening (batload.go) costs O(BAT) time and nothing per entry on the
+// heap: the BAT is read in 1 MiB chunks straight into the entries array,
+// holes of a sparse file are not read and zero entries never stored (a
+// fresh 64 TiB image opens with a few MiB resident), and overlaps are found
+// with a bitmap of the file's MiBs. ChainFiles and Resize's refusal of a
+// differencing image read no BAT (openMetadata).
+//
 // Concurrency. An Image is shared by the queues that serve it:
 //
 //   - The BAT (Image.bat) is an array of atomics. Readers and writers into

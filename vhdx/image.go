@@ -109,6 +109,12 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 
 // openFile opens one file of a chain (no parents).
 func openFile(path string, opts OpenOptions) (*Image, error) {
+	return openFileWith(path, opts, openStorage)
+}
+
+// openFileWith opens the file at path and reads it with open: openStorage,
+// or openMetadata for callers that need no BAT.
+func openFileWith(path string, opts OpenOptions, open func(Storage, OpenOptions, *checker) (*Image, error)) (*Image, error) {
 	flag := os.O_RDWR
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
@@ -123,7 +129,7 @@ func openFile(path string, opts OpenOptions) (*Image, error) {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
 	}
-	im, err := openStorage(osStorage{f}, opts, nil)
+	im, err := open(osStorage{f}, opts, nil)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
@@ -185,6 +191,33 @@ func fileSizeOf(s Storage) (uint64, error) {
 // collecting checker (Check) it records what it can and continues; it still
 // stops when the next step would depend on a broken structure.
 func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
+	im, err := openMetadata(s, opts, c)
+	if err != nil {
+		return nil, err
+	}
+	l := &im.l
+	res, err := loadBAT(im.s, l, c)
+	if err != nil {
+		return nil, err
+	}
+	im.bat = res.entries
+	if l.hasParent {
+		im.bitmaps = newBitmapCache()
+	}
+	im.allocated.Store(res.allocated)
+	im.fileEnd = roundUp(max(l.fileSize, res.usedEnd), alignment)
+	if c != nil {
+		c.usedEnd = res.usedEnd
+	}
+	return im, nil
+}
+
+// openMetadata is openStorage up to, not including, the BAT: the headers,
+// the log, the region table and the metadata (geometry, parent locator).
+// The Image it returns has no BAT and serves no I/O; it is for callers that
+// only need the layout (ChainFiles follows locators with it: reading a
+// 512 MiB BAT to learn a parent's path would dominate a chain walk).
+func openMetadata(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 	im := &Image{readOnly: opts.ReadOnly, opts: opts}
 	if !opts.ReadOnly {
 		latch := &syncLatch{Storage: s}
@@ -236,19 +269,6 @@ func openStorage(s Storage, opts OpenOptions, c *checker) (*Image, error) {
 	}
 	if err := readMetadata(s, l); err != nil {
 		return nil, err
-	}
-	res, err := loadBAT(s, l, c)
-	if err != nil {
-		return nil, err
-	}
-	im.bat = res.entries
-	if l.hasParent {
-		im.bitmaps = newBitmapCache()
-	}
-	im.allocated.Store(res.allocated)
-	im.fileEnd = roundUp(max(l.fileSize, res.usedEnd), alignment)
-	if c != nil {
-		c.usedEnd = res.usedEnd
 	}
 	return im, nil
 }

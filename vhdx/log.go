@@ -323,6 +323,16 @@ func (sc *logScan) node(pos uint32) (*logNode, error) {
 	if n, ok := sc.nodes[pos]; ok {
 		return n, nil
 	}
+	// Most positions of a log hold no entry at all (an empty or old log
+	// sector). Their verdict costs a read and no allocation: no message
+	// is formatted and nothing is memoised (a position is looked at again
+	// only as the successor of a valid entry).
+	if ok, err := sc.r.hasEntrySignature(pos); err != nil || !ok {
+		if err != nil {
+			return nil, err
+		}
+		return &noEntry, nil
+	}
 	e, err := sc.r.parseEntry(pos)
 	n := &logNode{e: e, valid: err == nil}
 	if err != nil && !errors.Is(err, ErrCorrupt) {
@@ -330,6 +340,20 @@ func (sc *logScan) node(pos uint32) (*logNode, error) {
 	}
 	sc.nodes[pos] = n
 	return n, nil
+}
+
+// noEntry is the verdict on every position without an entry signature.
+// Shared and never modified: only valid nodes are resolved.
+var noEntry = logNode{}
+
+// hasEntrySignature reports whether the sector at pos starts with "loge"
+// (§2.3.1.1), reading it into r.sec.
+func (r *logReader) hasEntrySignature(pos uint32) (bool, error) {
+	b := r.sec[:]
+	if _, err := r.readSector(b, pos, 0); err != nil {
+		return false, err
+	}
+	return string(b[logHdrOffSignature:logHdrOffSignature+4]) == logSigEntry, nil
 }
 
 // succ returns the entry that extends the chain after n (§2.3.3 step 3), or

@@ -10,7 +10,6 @@ import (
 	"math"
 	"math/bits"
 	"slices"
-	"sync/atomic"
 	"unicode/utf16"
 
 	"github.com/google/uuid"
@@ -21,16 +20,37 @@ import (
 type checker struct {
 	collect  bool
 	problems []Problem
+	unlisted int    // problems past maxProblems, counted only
 	dirtyLog bool   // a read-only pass found an active log
 	usedEnd  uint64 // end of the last used structure, for the leak check
 }
 
+// maxProblems bounds the problems Check lists: a crafted 512 MiB BAT can
+// break a rule in each of its 64 Mi entries, and a message for each would
+// take gigabytes. The rest are counted (listProblems).
+const maxProblems = 1000
+
 // soft records a problem that does not prevent opening (one header or one
 // region table copy bad while the other is good).
 func (c *checker) soft(err error) {
-	if c != nil && c.collect {
-		c.problems = append(c.problems, Problem{Offset: errorOffset(err), What: err.Error()})
+	if c == nil || !c.collect {
+		return
 	}
+	if len(c.problems) >= maxProblems {
+		c.unlisted++
+		return
+	}
+	c.problems = append(c.problems, Problem{Offset: errorOffset(err), What: err.Error()})
+}
+
+// listProblems returns the problems found, with one more naming how many
+// were not listed.
+func (c *checker) listProblems() []Problem {
+	if c.unlisted == 0 {
+		return c.problems
+	}
+	return append(c.problems, Problem{Offset: -1,
+		What: fmt.Sprintf("%d more problems not listed (the first %d are): %v", c.unlisted, maxProblems, ErrCorrupt)})
 }
 
 // hard returns err when opening; when checking it records err and returns
@@ -492,207 +512,4 @@ func isKnownMetadata(id uuid.UUID) bool {
 		return true
 	}
 	return false
-}
-
-// span is a used byte range of the file, for overlap and leak checks.
-type span struct {
-	start, end uint64
-	what       string // "" for a payload or sector bitmap block; see label
-	index      uint64 // BAT entry index for blocks
-	bitmap     bool   // a sector bitmap block
-}
-
-func (sp span) label() string {
-	switch {
-	case sp.what != "":
-		return sp.what
-	case sp.bitmap:
-		return fmt.Sprintf("sector bitmap block of BAT entry %d", sp.index)
-	}
-	return fmt.Sprintf("payload block of BAT entry %d", sp.index)
-}
-
-// batResult is what loadBAT learned beyond the entries themselves.
-type batResult struct {
-	entries   []atomic.Uint64
-	usedEnd   uint64 // end of the last used structure
-	allocated uint64 // number of FULLY_PRESENT and PARTIALLY_PRESENT payload blocks
-}
-
-func batEntryName(i uint64) string { return fmt.Sprintf("BAT entry %d", i) }
-
-// loadBAT reads and validates the BAT (§2.5). The buffer is allocated only
-// after checking that the BAT region holds the required entries and lies
-// inside the file, so its size is bounded by the file size. Nothing is
-// allocated per entry: messages are built only for a broken rule.
-//
-// In a differencing image sector bitmap entries may be SB_BLOCK_PRESENT
-// (§2.5.1.2) and payload entries PARTIALLY_PRESENT (§2.5.1.1); both point
-// to blocks (1 MiB for a bitmap) that must lie in the file and overlap
-// nothing, and a chunk with a PARTIALLY_PRESENT block must have its bitmap.
-func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
-	need := l.batEntries
-	if l.hasParent {
-		need = batIndex(l.payloadBlocks-1, l.chunkRatio) + 1
-	}
-	if need > uint64(l.bat.length)/8 {
-		return nil, errAt(ErrCorrupt, l.bat.offset, "BAT region",
-			"length %#x holds %d entries but the %d-byte disk with %d-byte blocks needs %d",
-			l.bat.length, l.bat.length/8, l.size, l.blockSize, need)
-	}
-	n := l.batOnDisk
-	res := &batResult{entries: make([]atomic.Uint64, l.batEntries)}
-	bs := uint64(l.blockSize)
-
-	var blocks []span
-	var retainedEnd uint64 // end of the blocks UNDEFINED/UNMAPPED entries still point to
-	chunkPartial := false  // the current chunk has a PARTIALLY_PRESENT block
-	// checkBlock validates the offset of a block of size sz pointed to by
-	// entry e; it returns the rule broken, or "".
-	checkBlock := func(e, sz uint64) string {
-		off := batFileOffset(e)
-		switch {
-		case e&batReservedMask != 0:
-			return fmt.Sprintf("reserved bits %#x are set", e&batReservedMask)
-		case off < headerSectionSize:
-			return fmt.Sprintf("block offset %#x lies in the header section", off)
-		case off > l.fileSize || sz > l.fileSize-off:
-			return fmt.Sprintf("block [%#x, %#x) extends past the end of the file (size %#x)", off, off+sz, l.fileSize)
-		}
-		return ""
-	}
-	buf := make([]byte, min(n*8, 1*mib))
-	for base := uint64(0); base < n; base += uint64(len(buf)) / 8 {
-		chunk := buf[:min(uint64(len(buf)), (n-base)*8)]
-		if err := readFull(s, chunk, l.bat.offset+base*8, "BAT"); err != nil {
-			return nil, err
-		}
-		for j := uint64(0); j < uint64(len(chunk))/8; j++ {
-			i := base + j
-			e := binary.LittleEndian.Uint64(chunk[j*8:])
-			eoff := l.bat.offset + i*8
-			st := batState(e)
-			if isBitmapIndex(i, l.chunkRatio) {
-				partial := chunkPartial
-				chunkPartial = false
-				if !l.hasParent {
-					// §2.5.1.2: fixed and dynamic images have no sector bitmaps.
-					if st != sbNotPresent {
-						if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i),
-							"sector bitmap entry has state %d; only NOT_PRESENT is valid without a parent", st)); err != nil {
-							return nil, err
-						}
-					}
-					// Keep the entry so a journaled BAT sector writes it back unchanged.
-					res.entries[i].Store(e)
-					continue
-				}
-				var rule string
-				switch st {
-				case sbNotPresent:
-					if partial {
-						rule = "sector bitmap entry is NOT_PRESENT but its chunk has a PARTIALLY_PRESENT block (§2.5.1.2)"
-					}
-				case stateFullyPresent: // SB_BLOCK_PRESENT
-					rule = checkBlock(e, 1*mib)
-				default:
-					rule = fmt.Sprintf("sector bitmap entry state %d is reserved", st)
-				}
-				if rule != "" {
-					if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule)); err != nil {
-						return nil, err
-					}
-					res.entries[i].Store(0)
-					continue
-				}
-				res.entries[i].Store(e)
-				if st == stateFullyPresent {
-					off := batFileOffset(e)
-					blocks = append(blocks, span{start: off, end: off + 1*mib, index: i, bitmap: true})
-				}
-				continue
-			}
-			switch st {
-			case stateUndefined, stateUnmapped, stateUnmappedV095:
-				// §2.5.1.1: these may keep FileOffsetMB, which then still
-				// owns its block (§2.5.1: a nonzero offset is unique). Its
-				// space is not leaked; keep it out of the leak truncation.
-				if off := batFileOffset(e); off >= headerSectionSize && off < l.fileSize {
-					retainedEnd = max(retainedEnd, min(off+bs, l.fileSize))
-				}
-				res.entries[i].Store(e)
-				continue
-			case stateNotPresent, stateZero:
-				res.entries[i].Store(e)
-				continue
-			case stateReserved4:
-				if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "state 4 is reserved")); err != nil {
-					return nil, err
-				}
-				continue
-			case statePartiallyPresent:
-				if !l.hasParent {
-					if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i),
-						"PARTIALLY_PRESENT is valid only in a differencing image")); err != nil {
-						return nil, err
-					}
-					continue
-				}
-				chunkPartial = true
-			}
-			// FULLY_PRESENT, or PARTIALLY_PRESENT in a differencing image.
-			if rule := checkBlock(e, bs); rule != "" {
-				if err := c.hard(errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule)); err != nil {
-					return nil, err
-				}
-				continue
-			}
-			res.entries[i].Store(e)
-			res.allocated++
-			off := batFileOffset(e)
-			blocks = append(blocks, span{start: off, end: off + bs, index: i})
-		}
-	}
-	if chunkPartial {
-		// The last chunk's bitmap entry lies past the BAT region.
-		i := l.batEntries - 1
-		if err := c.hard(errAt(ErrCorrupt, l.bat.offset+i*8, batEntryName(i),
-			"the last chunk has a PARTIALLY_PRESENT block but its sector bitmap entry lies past the BAT region (length %#x)", l.bat.length)); err != nil {
-			return nil, err
-		}
-	}
-
-	// §2.5.1: blocks must not overlap each other or any other structure.
-	// One sort and a sweep keeps this O(n log n).
-	fixed := []span{{start: 0, end: headerSectionSize, what: "header section"},
-		{start: l.hdr.logOffset, end: l.hdr.logOffset + uint64(l.hdr.logLength), what: "log"}}
-	for _, r := range l.regions {
-		fixed = append(fixed, span{start: r.offset, end: r.end(), what: regionLabel(r.guid)})
-	}
-	all := append(blocks, fixed...)
-	slices.SortFunc(all, func(a, b span) int { return cmp.Compare(a.start, b.start) })
-	var reach span // the span reaching furthest so far
-	for i, sp := range all {
-		if i > 0 && sp.start < reach.end {
-			blk := sp
-			other := reach
-			if blk.what != "" {
-				blk, other = other, blk
-			}
-			kind := "block"
-			if blk.bitmap {
-				kind = "sector bitmap block"
-			}
-			err := errAt(ErrCorrupt, l.bat.offset+blk.index*8, batEntryName(blk.index),
-				"%s [%#x, %#x) overlaps %s [%#x, %#x)", kind, blk.start, blk.end, other.label(), other.start, other.end)
-			if err := c.hard(err); err != nil {
-				return nil, err
-			}
-		}
-		if sp.end > reach.end {
-			reach = sp
-		}
-	}
-	res.usedEnd = max(reach.end, retainedEnd)
-	return res, nil
 }

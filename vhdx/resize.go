@@ -11,8 +11,18 @@ import (
 // is too small for the new size, a larger BAT is written at the end of the
 // file and the region tables switch to it through the log. Shrinking needs
 // shrink and refuses when a block past the new end holds data, naming the
-// first such virtual offset. Differencing images are refused.
+// first such virtual offset. Differencing images are refused
+// (errDifferencingResize says why), before their parents are looked for.
 func Resize(path string, newSize uint64, shrink bool) error {
+	meta, err := openFileWith(path, OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true}, openMetadata)
+	if err != nil {
+		return fmt.Errorf("resize: %w", err)
+	}
+	hasParent := meta.l.hasParent
+	meta.Close()
+	if hasParent {
+		return errDifferencingResize(path)
+	}
 	im, err := Open(path, OpenOptions{})
 	if err != nil {
 		return fmt.Errorf("resize: %w", err)
@@ -22,6 +32,29 @@ func Resize(path string, newSize uint64, shrink bool) error {
 		err = fmt.Errorf("resize: %w", cerr)
 	}
 	return err
+}
+
+// errDifferencingResize is the refusal to resize a differencing image.
+//
+// A child is its parent's disk with some sectors replaced (§2.6: a
+// NOT_PRESENT block or a clear sector bitmap bit reads the parent), so it
+// has the parent's size. MS-VHDX states no rule for a child of another
+// size, and no implementation reads one: Hyper-V expands only fixed and
+// dynamic disks (virtdisk ExpandVirtualDisk: "valid only for fixed and
+// expandable virtual disks"; Hyper-V Manager will not edit a disk with
+// checkpoints until they are merged); libvhdi fails to read a grown child
+// past its parent's end ("unable to read data from parent file") and 7-Zip
+// reports "Unexpected end of data" (both tried on a child whose size item
+// was raised by hand). Open refuses a size mismatch (ErrParentGeometry),
+// so growing only the top would leave an image nothing opens. The way is
+// the one Hyper-V takes: merge the chain, then resize the base.
+func errDifferencingResize(path string) error {
+	if path == "" {
+		path = "the image"
+	}
+	return fmt.Errorf("resize: %s is a differencing image, whose virtual size is its parent's (a NOT_PRESENT block reads the parent, §2.6); "+
+		"Hyper-V resizes only fixed and dynamic disks, and libvhdi and 7-Zip fail to read a child past its parent's end; "+
+		"merge the chain into its base (`vhost-vhdx commit`) and resize the base: %w", path, ErrUnsupported)
 }
 
 // resize does the work on an open image. Every metadata change goes through
@@ -42,7 +75,7 @@ func (im *Image) resize(newSize uint64, shrink bool) error {
 	case im.readOnly:
 		return fmt.Errorf("resize: %w", ErrReadOnly)
 	case l.hasParent:
-		return fmt.Errorf("resize: a differencing image takes its size from its parent: %w", ErrUnsupported)
+		return errDifferencingResize(im.path)
 	case newSize == 0 || newSize%uint64(l.logicalSector) != 0 || newSize > maxVirtualDiskSize:
 		return bad("size %d is not a non-zero multiple of %d at most 64 TiB", newSize, l.logicalSector)
 	case newSize == l.size:

@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
@@ -206,5 +207,106 @@ func TestResizeCrashAtEveryBoundaryLeavesOldOrNewSize(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestResizeRefusesADifferencingImageAndSaysWhy: resizing a checkpoint (a
+// differencing child) is refused with ErrUnsupported and a message giving
+// the rule and the way out, even when its parent is not at hand; the file
+// is left byte for byte as it was.
+func TestResizeRefusesADifferencingImageAndSaysWhy(t *testing.T) {
+	dir := t.TempDir()
+	parent, child := dir+"/base.vhdx", dir+"/child.avhdx"
+	if err := Create(parent, CreateOptions{Size: 64 * mib}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(child, CreateOptions{ParentPath: parent}); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.ReadFile(child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(name string) {
+		t.Helper()
+		for _, size := range []uint64{128 * mib, 32 * mib} {
+			err := Resize(child, size, true)
+			if !errors.Is(err, ErrUnsupported) {
+				t.Fatalf("%s: Resize(%d) = %v, want ErrUnsupported", name, size, err)
+			}
+			for _, want := range []string{child, "differencing image", "its parent's", "commit", "resize the base"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("%s: %q does not say %q", name, err, want)
+				}
+			}
+		}
+		after, err := os.ReadFile(child)
+		if err != nil || !bytes.Equal(before, after) {
+			t.Errorf("%s: the refused resize changed the file (%v)", name, err)
+		}
+	}
+	check("parent present")
+	if err := os.Rename(parent, parent+".away"); err != nil {
+		t.Fatal(err)
+	}
+	check("parent missing")
+}
+
+// TestAChildLargerThanItsParentIsReadByNoOne backs the refusal above: a
+// child whose VirtualDiskSize (§2.6.2.2) was raised by hand past its
+// parent's is refused by Open (ErrParentGeometry), and libvhdi, an
+// implementation we did not write, fails to read it past the parent's end
+// instead of returning zeros.
+func TestAChildLargerThanItsParentIsReadByNoOne(t *testing.T) {
+	dir := t.TempDir()
+	parent, child := dir+"/base.vhdx", dir+"/child.avhdx"
+	if err := Create(parent, CreateOptions{Size: 64 * mib}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(child, CreateOptions{ParentPath: parent}); err != nil {
+		t.Fatal(err)
+	}
+	meta, err := openFileWith(child, OpenOptions{ReadOnly: true, NoLock: true}, openMetadata)
+	if err != nil {
+		t.Fatal(err)
+	}
+	metaOff := meta.l.meta.offset
+	meta.Close()
+	f, err := os.OpenFile(child, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := make([]byte, metadataTableSize)
+	if _, err := f.ReadAt(table, int64(metaOff)); err != nil {
+		t.Fatal(err)
+	}
+	le := binary.LittleEndian
+	count := int(le.Uint16(table[mdOffEntryCount:]))
+	found := false
+	for i := 0; i < count; i++ {
+		e := table[mdHeaderSize+i*mdEntrySize:]
+		if guidFromDisk(e[mdeOffItemID:]) == MetaVirtualDiskSize {
+			var b [8]byte
+			le.PutUint64(b[:], 128*mib)
+			if _, err := f.WriteAt(b[:], int64(metaOff)+int64(le.Uint32(e[mdeOffOffset:]))); err != nil {
+				t.Fatal(err)
+			}
+			found = true
+		}
+	}
+	f.Close()
+	if !found {
+		t.Fatal("no virtual disk size item")
+	}
+	if _, err := Open(child, OpenOptions{ReadOnly: true}); !errors.Is(err, ErrParentGeometry) {
+		t.Errorf("Open of a child larger than its parent = %v, want ErrParentGeometry", err)
+	}
+	if got := vhdxtest.LibvhdiSize(t, child); got != 128*mib {
+		t.Fatalf("libvhdi reads the child's size as %d", got)
+	}
+	cmd := vhdxtest.LibvhdiCommand(t, child, []string{parent}, []vhdxtest.Span{{Off: 96 * mib, N: 4096}})
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Errorf("libvhdi read the child past its parent's end: %d bytes; a grown child would be readable elsewhere", len(out))
 	}
 }
