@@ -44,5 +44,7 @@ func (c Counters) Add(o Counters) Counters {
 	return Counters{
 		Allocations:    c.Allocations + o.Allocations,
 		JournalCommits: c.JournalCommits + o.JournalCommits,
+		AllocBatches:   c.AllocBatches + o.AllocBatches,
+		Syncs:          c.Syncs + o.Syncs,
 	}
 }

@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"path/filepath"
+	"reflect"
 	"testing"
 )
 
@@ -31,5 +32,23 @@ func TestCountersCountAllocationsAndJournalCommits(t *testing.T) {
 	}
 	if c.JournalCommits < 3 {
 		t.Errorf("journal commits %d, want at least one per allocation", c.JournalCommits)
+	}
+}
+
+// TestCountersAddSumsEveryField guards Add against a counter added to the
+// struct but not to the sum (a daemon's totals across checkpoints would
+// silently drop it).
+func TestCountersAddSumsEveryField(t *testing.T) {
+	var a, b Counters
+	va, vb := reflect.ValueOf(&a).Elem(), reflect.ValueOf(&b).Elem()
+	for i := 0; i < va.NumField(); i++ {
+		va.Field(i).SetUint(uint64(i + 1))
+		vb.Field(i).SetUint(uint64(100 * (i + 1)))
+	}
+	sum := reflect.ValueOf(a.Add(b))
+	for i := 0; i < sum.NumField(); i++ {
+		if got, want := sum.Field(i).Uint(), uint64(101*(i+1)); got != want {
+			t.Errorf("Add: %s = %d, want %d", sum.Type().Field(i).Name, got, want)
+		}
 	}
 }
