@@ -84,7 +84,7 @@ func callerInVHDX() string {
 		f, more := frames.Next()
 		if strings.Contains(f.Function, "/vhdx.") && !strings.HasSuffix(f.File, "_test.go") {
 			fn := f.Function[strings.LastIndex(f.Function, "/")+len("/vhdx."):]
-			if !storageHelpers[fn] && !strings.Contains(fn, "syncLatch") && !strings.Contains(fn, "osStorage") {
+			if !storageHelpers[fn] && !strings.Contains(fn, "syncLatch") && !strings.Contains(fn, "syncGroup") && !strings.Contains(fn, "osStorage") {
 				return fn
 			}
 		}

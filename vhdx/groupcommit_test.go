@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -106,11 +107,33 @@ func TestSharedSyncFailureFailsEveryWaiterAndLaterFlushes(t *testing.T) {
 			t.Fatalf("waiter got %v, want the shared sync's failure", err)
 		}
 	}
-	if err := latch.Sync(); !errors.Is(err, boom) {
-		t.Fatalf("later flush got %v, want the latched failure", err)
+	// No payload written in place was at risk, so an episode opens
+	// (package doc, "Host I/O errors", rule 4): a guest flush fails, with
+	// no fdatasync, until a recovery point.
+	if err := latch.flush(); !errors.Is(err, errRecoveryNeeded) || !errors.Is(err, boom) {
+		t.Fatalf("later flush got %v, want the open episode's failure", err)
 	}
 	if gs.n != 2 {
-		t.Fatalf("%d fdatasyncs, want 2 (the latch issues none after a failure)", gs.n)
+		t.Fatalf("%d fdatasyncs, want 2 (a flush in an open episode issues none)", gs.n)
+	}
+
+	// With payload written in place at risk (rule 3), every later sync
+	// fails, saying so, without an fdatasync.
+	gs2 := &gatedSyncStorage{memStorage: newMemStorage(nil), started: make(chan int, 8), release: make(chan error)}
+	lost := &syncLatch{Storage: gs2}
+	lost.markDirty()
+	failed := make(chan error, 1)
+	go func() { failed <- lost.Sync() }()
+	<-gs2.started
+	gs2.release <- boom
+	if err := <-failed; !errors.Is(err, boom) {
+		t.Fatalf("sync got %v, want %v", err, boom)
+	}
+	if err := lost.Sync(); !errors.Is(err, boom) || !strings.Contains(err.Error(), "reopened") {
+		t.Fatalf("sync after lost payload got %v, want the latched failure", err)
+	}
+	if gs2.n != 1 {
+		t.Fatalf("%d fdatasyncs, want 1 (none after payload was lost)", gs2.n)
 	}
 }
 
