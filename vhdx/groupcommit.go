@@ -49,7 +49,7 @@ type allocGroup struct {
 	cond    *sync.Cond // on Image.mu: a batch was taken or finished
 	open    *allocBatch
 	leading bool // a leader is committing a batch (Image.mu released)
-	pending map[uint64]pendingAlloc
+	pending map[uint64]*pendingAlloc
 	// durableEnd: a file size known durable, the FlushedFileOffset of a
 	// batch entry written without a sync first (§2.3.1.1); 0: none yet.
 	durableEnd uint64
@@ -72,8 +72,9 @@ type allocBatch struct {
 
 // pendingAlloc is a block reserved in a batch that has not finished.
 type pendingAlloc struct {
-	b   *allocBatch
-	off uint64
+	b       *allocBatch
+	off     uint64
+	members int // writers into the block while it is pending
 }
 
 // group returns the allocation group, set up on first use. Caller holds
@@ -83,7 +84,7 @@ func (im *Image) group() *allocGroup {
 	if ag.cond == nil {
 		ag.cond = sync.NewCond(&im.mu)
 		ag.open = &allocBatch{}
-		ag.pending = map[uint64]pendingAlloc{}
+		ag.pending = map[uint64]*pendingAlloc{}
 	}
 	return ag
 }
@@ -134,6 +135,7 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 		}
 		if pa, ok := ag.pending[idx]; ok {
 			b, off = pa.b, pa.off
+			pa.members++
 			break
 		}
 		if len(ag.open.items) >= allocBatchMax {
@@ -152,15 +154,26 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 		}
 		b = ag.open
 		b.items = append(b.items, batChange{idx: idx, new: makeBATEntry(stateFullyPresent, off)})
-		ag.pending[idx] = pendingAlloc{b: b, off: off}
+		ag.pending[idx] = &pendingAlloc{b: b, off: off, members: 1}
 	}
 	im.mu.Unlock()
 	// Not yet published: its batch's commit makes it durable first
-	// (writeFreshPayload, recover.go). A failed write keeps its place in
-	// the batch: the block is committed reading zeros there, and a retry
-	// overwrites it instead of growing the file again (nospace.go).
+	// (writeFreshPayload, recover.go).
 	werr := im.writeFreshPayload(p, off+in)
 	im.mu.Lock()
+	if pa := ag.pending[idx]; werr != nil && pa != nil && pa.b == b && pa.members == 1 && b == ag.open {
+		// The only writer into the block failed (a full host disk, say)
+		// and no leader has taken the batch: the block leaves it and its
+		// range is given back (nospace.go), so a retry neither grows the
+		// file nor finds half a failed write published. Once shared or
+		// taken, the block is committed and the failed range is undefined,
+		// as on any disk.
+		b.items = slices.DeleteFunc(b.items, func(c batChange) bool { return c.idx == idx })
+		delete(ag.pending, idx)
+		im.giveBack(off, roundUp(uint64(im.l.blockSize), alignment))
+		ag.cond.Broadcast() // room in the open batch
+		return werr
+	}
 	if ag.arrived != nil {
 		ag.arrived(len(ag.open.items))
 	}

@@ -143,7 +143,9 @@ func TestOpenAllocationsDoNotGrowWithTheBAT(t *testing.T) {
 	}
 	for _, zeroState := range []bool{false, true} {
 		small, big := allocs(1*tib, zeroState), allocs(16*tib, zeroState)
-		if big > small+8 { // a few from the runtime; per entry would be millions
+		// A few from the runtime, more under -race on a loaded machine (10
+		// seen); per entry would be millions, per 1 MiB of BAT hundreds.
+		if big > small+32 {
 			t.Errorf("zero state %v: open of 1 TiB made %.0f allocations, of 16 TiB %.0f", zeroState, small, big)
 		}
 	}
