@@ -170,7 +170,7 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 		// as on any disk.
 		b.items = slices.DeleteFunc(b.items, func(c batChange) bool { return c.idx == idx })
 		delete(ag.pending, idx)
-		im.giveBack(off, roundUp(uint64(im.l.blockSize), alignment))
+		im.giveBack(off, im.blockSpan(off).len())
 		ag.cond.Broadcast() // room in the open batch
 		return werr
 	}
@@ -259,8 +259,7 @@ func (im *Image) leadBatch() {
 		// full does not make every retry grow the file.
 		spans := make([]ownedSpan, 0, len(b.items))
 		for _, it := range b.items {
-			off := batFileOffset(it.new)
-			spans = append(spans, ownedSpan{off, off + roundUp(uint64(im.l.blockSize), alignment)})
+			spans = append(spans, im.blockSpan(batFileOffset(it.new)))
 		}
 		slices.SortFunc(spans, func(x, y ownedSpan) int { return cmp.Compare(x.start, y.start) })
 		im.giveBackAll(spans)

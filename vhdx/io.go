@@ -178,9 +178,9 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 	if err != nil {
 		return err
 	}
-	span := ownedSpan{newOff, newOff + roundUp(uint64(im.l.blockSize), alignment)}
+	span := im.blockSpan(newOff)
 	if err := im.writeFreshPayload(p, newOff+in); err != nil {
-		im.giveBack(span.start, span.end-span.start) // nospace.go
+		im.giveBack(span.start, span.len()) // nospace.go
 		return err
 	}
 	newEntry := makeBATEntry(stateFullyPresent, newOff)

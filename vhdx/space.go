@@ -116,6 +116,16 @@ func (fs *freeSpace) firstFree() (uint64, bool) {
 // ownedSpan is a 1 MiB-rounded file range a structure or BAT entry owns.
 type ownedSpan struct{ start, end uint64 }
 
+// blockSpan is the file range a payload block at file offset off owns: the
+// block size rounded up to the 1 MiB the BAT's FileOffsetMB counts in
+// (§2.5.1), so a block never shares a megabyte with another.
+func (im *Image) blockSpan(off uint64) ownedSpan {
+	return ownedSpan{off, off + roundUp(uint64(im.l.blockSize), alignment)}
+}
+
+// len is the span's length in bytes.
+func (sp ownedSpan) len() uint64 { return sp.end - sp.start }
+
 // ownedRange returns the file range BAT entry i owns, if any: payload
 // blocks in a state with a meaningful FileOffsetMB (FULLY_PRESENT,
 // PARTIALLY_PRESENT, and UNDEFINED/UNMAPPED that kept one, §2.5.1.1), and
@@ -133,7 +143,7 @@ func (im *Image) ownedRange(i, e uint64) (ownedSpan, bool) {
 	}
 	switch batState(e) {
 	case stateFullyPresent, statePartiallyPresent, stateUndefined, stateUnmapped, stateUnmappedV095:
-		return ownedSpan{off, off + roundUp(uint64(im.l.blockSize), alignment)}, true
+		return im.blockSpan(off), true
 	}
 	return ownedSpan{}, false
 }
@@ -190,8 +200,8 @@ func (im *Image) release(spans []ownedSpan) {
 	im.initSpace()
 	tag := im.ep.cur.Load()
 	for _, sp := range spans {
-		im.space.pending = append(im.space.pending, pendingFree{off: sp.start, n: sp.end - sp.start, tag: tag})
-		im.space.freedBytes += sp.end - sp.start
+		im.space.pending = append(im.space.pending, pendingFree{off: sp.start, n: sp.len(), tag: tag})
+		im.space.freedBytes += sp.len()
 	}
 	im.ep.advance()
 }
@@ -218,7 +228,7 @@ func (im *Image) promote() {
 // else fresh space at the end of the file. Caller holds im.mu. The returned
 // range reads as zeros.
 func (im *Image) reserveBlock(idx uint64) (off uint64, err error) {
-	bs := roundUp(uint64(im.l.blockSize), alignment)
+	bs := im.blockSpan(0).len()
 	im.initSpace()
 	im.promote()
 	if off, ok := im.space.take(bs >> unitShift); ok {

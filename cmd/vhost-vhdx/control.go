@@ -64,10 +64,7 @@ type daemon struct {
 // image is the image served now (the top of the chain; during a merge
 // the LiveMerge serves it).
 func (d *daemon) image() *vhdx.Image {
-	if m, ok := d.ref.Load().(*vhdx.LiveMerge); ok {
-		return m.Current()
-	}
-	return d.ref.Load().(*vhdx.Image)
+	return servedImage(d.ref.Load())
 }
 
 // vhostOptions are the vhost-user server options for d: its image, with
