@@ -123,7 +123,6 @@ func (im *Image) Extents() ([]Extent, error) {
 // chainExtents appends the extents of [start, end) as seen through this
 // layer, which is layer depth below the top.
 func (im *Image) chainExtents(out []Extent, start, end uint64, depth int) ([]Extent, error) {
-	lss := uint64(im.l.logicalSector)
 	for pos := start; pos < end; {
 		_, e, in, left := im.locate(pos)
 		n := min(left, end-pos)
@@ -137,22 +136,19 @@ func (im *Image) chainExtents(out []Extent, start, end uint64, depth int) ([]Ext
 				return nil, err
 			}
 		case st == statePartiallyPresent && im.l.hasParent:
-			for done := uint64(0); done < n; {
-				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
-				if err != nil {
-					return nil, err
+			err := im.bitmapRuns(pos, n, func(at, k uint64, set bool) (err error) {
+				switch {
+				case set:
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), FileOffset: int64(off + at - pos), Data: true, Layer: depth})
+				case im.parent != nil:
+					out, err = im.parent.chainExtents(out, at, at+k, depth+1)
+				default:
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), Layer: -1})
 				}
-				k := run * lss
-				if set {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true, Layer: depth})
-				} else if im.parent != nil {
-					if out, err = im.parent.chainExtents(out, pos+done, pos+done+k, depth+1); err != nil {
-						return nil, err
-					}
-				} else {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: -1})
-				}
-				done += k
+				return err
+			})
+			if err != nil {
+				return nil, err
 			}
 		default:
 			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})
@@ -174,7 +170,6 @@ func (im *Image) LayerExtents() ([]Extent, error) {
 		return nil, fmt.Errorf("extents: %w", ErrClosed)
 	}
 	var out []Extent
-	lss := uint64(im.l.logicalSector)
 	for pos := uint64(0); pos < im.l.size; {
 		_, e, in, left := im.locate(pos)
 		n := min(left, im.l.size-pos)
@@ -185,18 +180,16 @@ func (im *Image) LayerExtents() ([]Extent, error) {
 		case st == stateNotPresent && im.l.hasParent:
 			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: 1})
 		case st == statePartiallyPresent && im.l.hasParent:
-			for done := uint64(0); done < n; {
-				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
-				if err != nil {
-					return nil, err
-				}
-				k := run * lss
+			err := im.bitmapRuns(pos, n, func(at, k uint64, set bool) error {
 				if set {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true})
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), FileOffset: int64(off + at - pos), Data: true})
 				} else {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: 1})
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), Layer: 1})
 				}
-				done += k
+				return nil
+			})
+			if err != nil {
+				return nil, err
 			}
 		default:
 			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})
