@@ -234,17 +234,7 @@ func TestLiveMergeRunsAgainAfterCancelAndAbandonKeepsTheChain(t *testing.T) {
 	if got := readAll(t, top); !bytes.Equal(got, want) {
 		t.Fatalf("the reopened chain differs at %#x", vhdxtest.FirstDiff(got, want))
 	}
-	m, err = StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Run(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	p, err := m.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := runLiveMerge(t, top)
 	p.Close()
 	if got := readChainOf(t, paths[0]); !bytes.Equal(got, want) {
 		t.Fatalf("the merged parent differs at %#x", vhdxtest.FirstDiff(got, want))
@@ -340,7 +330,19 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	if im, err = Open(killed[1], OpenOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	m, err = StartLiveMerge(im, LiveMergeOptions{})
+	p := runLiveMerge(t, im)
+	p.Close()
+	if got := readChainOf(t, killed[0]); !bytes.Equal(got, want) {
+		t.Fatalf("merged after restart: differs at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	mustCheckClean(t, killed[0])
+}
+
+// runLiveMerge merges top into its parent live, with the default options,
+// and returns the parent, now the top of the chain.
+func runLiveMerge(t testing.TB, top *Image) *Image {
+	t.Helper()
+	m, err := StartLiveMerge(top, LiveMergeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,11 +353,7 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Close()
-	if got := readChainOf(t, killed[0]); !bytes.Equal(got, want) {
-		t.Fatalf("merged after restart: differs at %#x", vhdxtest.FirstDiff(got, want))
-	}
-	mustCheckClean(t, killed[0])
+	return p
 }
 
 func mustRead(t testing.TB, path string) []byte {
@@ -380,17 +378,7 @@ func TestLiveMergeIntoAMiddleLayerKeepsTheLayersBelow(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Run(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	p, err := m.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := runLiveMerge(t, top)
 	if p.Path() != paths[1] || p.Depth() != 1 {
 		t.Fatalf("the new top is %s at depth %d, want %s at depth 1", p.Path(), p.Depth(), paths[1])
 	}
