@@ -42,17 +42,11 @@ func BenchmarkChainRead4K(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer im.Close()
-			buf := make([]byte, 4*kib)
-			b.SetBytes(4 * kib)
-			b.ReportAllocs()
 			x := uint64(1)
-			for b.Loop() {
+			benchRead4K(b, im, func(int) int64 {
 				x = x*6364136223846793005 + 1442695040888963407
-				off := int64(x>>40) % (64 * mib / (4 * kib)) * 4 * kib
-				if _, err := im.ReadAt(buf, off); err != nil {
-					b.Fatal(err)
-				}
-			}
+				return int64(x>>40) % (64 * mib / (4 * kib)) * 4 * kib
+			})
 		})
 	}
 }
@@ -147,17 +141,11 @@ func BenchmarkChainWalk4K(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			im := open(depth)
 			defer im.Close()
-			buf := make([]byte, 4*kib)
-			b.SetBytes(4 * kib)
-			b.ReportAllocs()
 			x := uint64(1)
-			for b.Loop() {
+			benchRead4K(b, im, func(int) int64 {
 				x = x*6364136223846793005 + 1442695040888963407
-				off := int64(x>>40) % 64 * 4 * kib // 256 KiB: the copy stays in cache
-				if _, err := im.ReadAt(buf, off); err != nil {
-					b.Fatal(err)
-				}
-			}
+				return int64(x>>40) % 64 * 4 * kib // 256 KiB: the copy stays in cache
+			})
 		})
 	}
 }
