@@ -86,10 +86,7 @@ func TestLiveMergeDuringConcurrentWritersReadsBackEveryWrite(t *testing.T) {
 	paths, top := liveMergeChain(t, o)
 	bs := int64(o.BlockSize)
 	d := &modelDisk{t: t, want: readAll(t, top)}
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	d.m = m
 	if p := m.Progress(); p.State != MergeCopying || p.Total == 0 || p.DirtyBlocks == 0 {
 		t.Fatalf("progress at start %+v", p)
@@ -202,10 +199,7 @@ func TestLiveMergeRunsAgainAfterCancelAndAbandonKeepsTheChain(t *testing.T) {
 	o := CreateOptions{Size: 8 * mib, BlockSize: mib}
 	paths, top := liveMergeChain(t, o)
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	ctx, cancel := context.WithCancel(context.Background())
 	m.afterBlock = func(uint64) { cancel() }
 	if err := m.Run(ctx); !errors.Is(err, context.Canceled) {
@@ -227,7 +221,7 @@ func TestLiveMergeRunsAgainAfterCancelAndAbandonKeepsTheChain(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	top, err = Open(paths[1], OpenOptions{})
+	top, err := Open(paths[1], OpenOptions{})
 	if err != nil {
 		t.Fatalf("reopen after an abandoned merge: %v", err)
 	}
@@ -292,10 +286,7 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	o := CreateOptions{Size: 8 * mib, BlockSize: mib}
 	paths, top := liveMergeChain(t, o)
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	var killed []string
 	m.afterBlock = func(b uint64) {
 		if b >= 5 && killed == nil { // block 5 is new in the parent: a BAT update in its log
@@ -338,14 +329,22 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	mustCheckClean(t, killed[0])
 }
 
-// runLiveMerge merges top into its parent live, with the default options,
-// and returns the parent, now the top of the chain.
-func runLiveMerge(t testing.TB, top *Image) *Image {
+// startLiveMerge starts a live merge of top into its parent, with the
+// default options.
+func startLiveMerge(t testing.TB, top *Image) *LiveMerge {
 	t.Helper()
 	m, err := StartLiveMerge(top, LiveMergeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return m
+}
+
+// runLiveMerge merges top into its parent live, with the default options,
+// and returns the parent, now the top of the chain.
+func runLiveMerge(t testing.TB, top *Image) *Image {
+	t.Helper()
+	m := startLiveMerge(t, top)
 	if err := m.Run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
