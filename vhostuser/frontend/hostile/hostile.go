@@ -277,19 +277,30 @@ func chain(q *frontend.Queue, descs ...frontend.RawDesc) {
 	q.PutAvail(0)
 }
 
+// setUp dials path and negotiates setup with its one queue; the caller
+// closes the connection.
+func setUp(path string) (*frontend.Frontend, error) {
+	f, err := frontend.Dial(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Setup(setup); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
 // request builds a case that publishes one hand-made chain. malformed
 // chains must complete with used length 0 and the status byte untouched;
 // bad requests with used length 1 and a status other than OK.
 func request(name string, malformed bool, build func(f *frontend.Frontend, q *frontend.Queue) (*req, error)) Case {
 	return Case{Name: name, run: func(ctx context.Context, path string) error {
-		f, err := frontend.Dial(path)
+		f, err := setUp(path)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		if err := f.Setup(setup); err != nil {
-			return err
-		}
 		q := f.Queues[0]
 		r, err := build(f, q)
 		if err != nil {
@@ -427,14 +438,11 @@ func requestCases() []Case {
 // to signal the queue's SET_VRING_ERR eventfd.
 func ring(name string, breakRing func(q *frontend.Queue)) Case {
 	return Case{Name: name, run: func(ctx context.Context, path string) error {
-		f, err := frontend.Dial(path)
+		f, err := setUp(path)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		if err := f.Setup(setup); err != nil {
-			return err
-		}
 		efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 		if err != nil {
 			return err
