@@ -11,6 +11,28 @@ import (
 
 const fuzzRegionSize = 4096
 
+// takeFuzz takes the next n bytes of the fuzz input *in, padded with zeros
+// once the input runs out.
+func takeFuzz(in *[]byte, n int) []byte {
+	b := make([]byte, n)
+	k := copy(b, *in)
+	*in = (*in)[k:]
+	return b
+}
+
+// nearGuest keeps most fuzzed descriptor addresses and lengths near the
+// mock guest memory (memSize bytes) so the walk gets past translation; a
+// set top bit keeps the fuzzed value raw.
+func nearGuest(addr uint64, n uint32, memSize uint64) (uint64, uint32) {
+	if addr>>63 == 0 {
+		addr = vqt.GuestPhysBase + addr%(memSize+64)
+	}
+	if n>>31 == 0 {
+		n %= 2 * fuzzRegionSize
+	}
+	return addr, n
+}
+
 // fuzzInput encodes a queue for FuzzChain: two shape bytes, then size
 // descriptors of 16 bytes, size avail ring entries, the avail index, and
 // bytes for the data area (where indirect tables can point).
@@ -78,40 +100,20 @@ func FuzzChain(f *testing.F) {
 		}
 		memSize := uint64(len(d.Guest))
 		in = in[2:]
-		take := func(n int) []byte {
-			if len(in) < n {
-				b := make([]byte, n)
-				copy(b, in)
-				in = nil
-				return b
-			}
-			b := in[:n]
-			in = in[n:]
-			return b
-		}
 		for i := uint16(0); i < size; i++ {
-			raw := take(16)
+			raw := takeFuzz(&in, 16)
 			desc := vqt.Desc{
-				Addr:  binary.LittleEndian.Uint64(raw[0:]),
-				Len:   binary.LittleEndian.Uint32(raw[8:]),
 				Flags: binary.LittleEndian.Uint16(raw[12:]),
 				Next:  binary.LittleEndian.Uint16(raw[14:]),
 			}
-			// Keep most addresses and lengths near the fake memory so
-			// the walk gets past translation; the top bit keeps them raw.
-			if desc.Addr>>63 == 0 {
-				desc.Addr = vqt.GuestPhysBase + desc.Addr%(memSize+64)
-			}
-			if desc.Len>>31 == 0 {
-				desc.Len %= 2 * fuzzRegionSize
-			}
+			desc.Addr, desc.Len = nearGuest(binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:]), memSize)
 			d.SetDesc(i, desc)
 		}
 		ring := d.AvailRing()
 		for i := 0; i < int(size); i++ {
-			copy(ring[4+2*i:], take(2))
+			copy(ring[4+2*i:], takeFuzz(&in, 2))
 		}
-		idx := binary.LittleEndian.Uint16(take(2))
+		idx := binary.LittleEndian.Uint16(takeFuzz(&in, 2))
 		if idx>>15 == 0 {
 			idx = cfg.Start + idx%(size+1)
 		}

@@ -504,34 +504,8 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 	for i := range bufs {
 		bufs[i] = palloc(t, d, 4)
 	}
-	done := make(chan error, 1)
-	go func() {
-		var c virtqueue.Chain
-		for n := 0; n < total; {
-			ok, err := q.Next(&c)
-			if err != nil || (ok && c.Err != nil) {
-				done <- errors.Join(err, c.Err)
-				return
-			}
-			if !ok {
-				if _, err := q.EnableNotifications(); err != nil {
-					done <- err
-					return
-				}
-				continue
-			}
-			copy(c.Writable[0], []byte{byte(n), 1, 2, 3})
-			if err := q.PushUsed(c.Head, 4); err != nil {
-				done <- err
-				return
-			}
-			q.NeedsNotification()
-			n++
-		}
-		done <- nil
-	}()
+	dev := startRacingDevice(q, total)
 	sent, got := 0, 0
-	deviceDone := false
 	for got < total {
 		if sent < total && sent-got < 8 {
 			if _, err := d.AddChain(vqt.Buffer{Addr: bufs[sent%8], Len: 4, Write: true}); err == nil {
@@ -541,17 +515,7 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		_, n, ok := d.PopUsed()
 		if !ok {
-			if deviceDone {
-				t.Fatalf("device stopped early after %d completions", got)
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("device failed after %d completions: %v", got, err)
-				}
-				deviceDone = true
-			default:
-			}
+			dev.nothingUsed(t, got)
 			continue
 		}
 		if n != 4 {
@@ -559,9 +523,5 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		got++
 	}
-	if !deviceDone {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	dev.wait(t)
 }

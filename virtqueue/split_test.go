@@ -750,37 +750,11 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 	for i := uint16(0); i < 16; i++ {
 		d.SetDesc(i, vqt.Desc{Addr: alloc(t, d, 4), Len: 4, Flags: fWrite})
 	}
-	done := make(chan error, 1)
-	go func() {
-		var c virtqueue.Chain
-		for n := 0; n < total; {
-			ok, err := q.Next(&c)
-			if err != nil || (ok && c.Err != nil) {
-				done <- errors.Join(err, c.Err)
-				return
-			}
-			if !ok {
-				if _, err := q.EnableNotifications(); err != nil {
-					done <- err
-					return
-				}
-				continue
-			}
-			copy(c.Writable[0], []byte{byte(n), 1, 2, 3})
-			if err := q.PushUsed(c.Head, 4); err != nil {
-				done <- err
-				return
-			}
-			q.NeedsNotification()
-			n++
-		}
-		done <- nil
-	}()
+	dev := startRacingDevice(q, total)
 	free := []uint16{}
 	for i := uint16(0); i < 16; i++ {
 		free = append(free, i)
 	}
-	deviceDone := false
 	for sent, got := 0, 0; got < total; {
 		if sent < total && len(free) > 0 {
 			d.PublishHead(free[len(free)-1])
@@ -790,21 +764,7 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		id, n, ok := d.PopUsed()
 		if !ok {
-			if deviceDone {
-				// Its last used.idx store happened before it reported
-				// done, so nothing more can arrive.
-				t.Fatalf("device stopped early after %d completions", got)
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("device failed after %d completions: %v", got, err)
-				}
-				// It may have finished after the PopUsed above looked:
-				// drain what it published before giving up.
-				deviceDone = true
-			default:
-			}
+			dev.nothingUsed(t, got)
 			continue
 		}
 		if n != 4 || id >= 16 {
@@ -813,11 +773,7 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 		free = append(free, uint16(id))
 		got++
 	}
-	if !deviceDone {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	dev.wait(t)
 }
 
 func TestChainHostSegmentsAreBounded(t *testing.T) {
