@@ -20,17 +20,23 @@ func takeFuzz(in *[]byte, n int) []byte {
 	return b
 }
 
-// nearGuest keeps most fuzzed descriptor addresses and lengths near the
-// mock guest memory (memSize bytes) so the walk gets past translation; a
-// set top bit keeps the fuzzed value raw.
-func nearGuest(addr uint64, n uint32, memSize uint64) (uint64, uint32) {
-	if addr>>63 == 0 {
-		addr = vqt.GuestPhysBase + addr%(memSize+64)
+// fuzzDescs takes size raw 16-byte descriptors from the fuzz input *in and
+// hands each to set: its address and length, and its last two 16-bit words
+// as fuzzed (split: flags, next; packed: id, flags). Most addresses and
+// lengths are kept near the mock guest memory (memSize bytes) so the walk
+// gets past translation; a set top bit keeps the fuzzed value raw.
+func fuzzDescs(in *[]byte, size uint16, memSize uint64, set func(i uint16, addr uint64, n uint32, w12, w14 uint16)) {
+	for i := uint16(0); i < size; i++ {
+		raw := takeFuzz(in, 16)
+		addr, n := binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:])
+		if addr>>63 == 0 {
+			addr = vqt.GuestPhysBase + addr%(memSize+64)
+		}
+		if n>>31 == 0 {
+			n %= 2 * fuzzRegionSize
+		}
+		set(i, addr, n, binary.LittleEndian.Uint16(raw[12:]), binary.LittleEndian.Uint16(raw[14:]))
 	}
-	if n>>31 == 0 {
-		n %= 2 * fuzzRegionSize
-	}
-	return addr, n
 }
 
 // fuzzInput encodes a queue for FuzzChain: two shape bytes, then size
@@ -91,24 +97,12 @@ func FuzzChain(f *testing.F) {
 			Start:           uint16(in[0]) << 8,
 		}
 		d, err := vqt.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		q, err := d.NewQueue()
-		if err != nil {
-			t.Fatal(err)
-		}
+		d, q := withQueue(t, d, err)
 		memSize := uint64(len(d.Guest))
 		in = in[2:]
-		for i := uint16(0); i < size; i++ {
-			raw := takeFuzz(&in, 16)
-			desc := vqt.Desc{
-				Flags: binary.LittleEndian.Uint16(raw[12:]),
-				Next:  binary.LittleEndian.Uint16(raw[14:]),
-			}
-			desc.Addr, desc.Len = nearGuest(binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:]), memSize)
-			d.SetDesc(i, desc)
-		}
+		fuzzDescs(&in, size, memSize, func(i uint16, addr uint64, n uint32, flags, next uint16) {
+			d.SetDesc(i, vqt.Desc{Addr: addr, Len: n, Flags: flags, Next: next})
+		})
 		ring := d.AvailRing()
 		for i := 0; i < int(size); i++ {
 			copy(ring[4+2*i:], takeFuzz(&in, 2))

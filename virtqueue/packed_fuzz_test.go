@@ -68,15 +68,9 @@ func FuzzPackedRing(f *testing.F) {
 		}
 		memSize := uint64(len(d.Guest))
 		in = in[2:]
-		for i := uint16(0); i < size; i++ {
-			raw := takeFuzz(&in, 16)
-			desc := vqt.PackedDesc{
-				ID:    binary.LittleEndian.Uint16(raw[12:]),
-				Flags: binary.LittleEndian.Uint16(raw[14:]),
-			}
-			desc.Addr, desc.Len = nearGuest(binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:]), memSize)
-			d.SetSlot(i, desc)
-		}
+		fuzzDescs(&in, size, memSize, func(i uint16, addr uint64, n uint32, id, flags uint16) {
+			d.SetSlot(i, vqt.PackedDesc{Addr: addr, Len: n, ID: id, Flags: flags})
+		})
 		ev := binary.LittleEndian.Uint32(takeFuzz(&in, 4))
 		d.SetDriverEvent(uint16(ev), uint16(ev>>16))
 		start, _ := d.DataArea()

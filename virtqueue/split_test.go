@@ -20,6 +20,13 @@ const (
 func newDriver(t testing.TB, cfg vqt.Config) (*vqt.Driver, *virtqueue.SplitQueue) {
 	t.Helper()
 	d, err := vqt.New(cfg)
+	return withQueue(t, d, err)
+}
+
+// withQueue fails t unless the mock driver d was made (err) and the device
+// queue on its ring starts, for either ring layout.
+func withQueue[D interface{ NewQueue() (Q, error) }, Q any](t testing.TB, d D, err error) (D, Q) {
+	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,7 +37,9 @@ func newDriver(t testing.TB, cfg vqt.Config) (*vqt.Driver, *virtqueue.SplitQueue
 	return d, q
 }
 
-func alloc(t testing.TB, d *vqt.Driver, n int) uint64 {
+// alloc takes n bytes of the mock guest's data area of either ring's
+// driver.
+func alloc[D interface{ Alloc(n int) (uint64, error) }](t testing.TB, d D, n int) uint64 {
 	t.Helper()
 	gpa, err := d.Alloc(n)
 	if err != nil {
