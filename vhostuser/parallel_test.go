@@ -64,6 +64,33 @@ func awaitParked(t *testing.T, d *parkDisk, want string) {
 	}
 }
 
+// parkFlush submits a FLUSH on q and waits until d holds it parked; it
+// returns the flush's head.
+func parkFlush(t *testing.T, q *frontend.Queue, d *parkDisk) uint16 {
+	t.Helper()
+	head, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
+	if err != nil {
+		t.Fatal(err)
+	}
+	awaitParked(t, d, "flush")
+	return head
+}
+
+// waitingAt returns a channel closed the first time a session has to wait
+// at what ("drain" or "stop", see SetWaitHook) for requests in flight; the
+// hook is removed when the test ends.
+func waitingAt(t *testing.T, what string) <-chan struct{} {
+	t.Helper()
+	reached := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(vhostuser.SetWaitHook(func(w string) {
+		if w == what {
+			once.Do(func() { close(reached) })
+		}
+	}))
+	return reached
+}
+
 // A FLUSH parked in the disk does not hold up the reads queued behind it
 // on the same queue: they complete, with their data, while it waits.
 func TestReadsBehindAParkedFlushComplete(t *testing.T) {
@@ -75,11 +102,7 @@ func TestReadsBehindAParkedFlushComplete(t *testing.T) {
 			f := s.connect(t, parallelSetup(k.packed))
 			q := f.Queues[0]
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 8 {
 				r, err := q.Read(ctx, uint64(8*i), 4096)
 				mustOK(t, "read behind the parked flush", r, err)
@@ -159,22 +182,13 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			draining := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "drain" {
-					once.Do(func() { close(draining) })
-				}
-			}))
+			draining := waitingAt(t, "drain")
 			d := newParkDisk(true)
 			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
 			f := s.connect(t, parallelSetup(k.packed))
 			q := f.Queues[0]
 			ctx := context.Background()
-			if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			parkFlush(t, q, d)
 			replied := make(chan error, 1)
 			go func() { replied <- f.SetMemTable() }()
 			<-draining
@@ -203,23 +217,13 @@ func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			stopping := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "stop" {
-					once.Do(func() { close(stopping) })
-				}
-			}))
+			stopping := waitingAt(t, "stop")
 			d := newParkDisk(true)
 			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
 			f := s.connect(t, parallelSetup(k.packed))
 			q := f.Queues[0]
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 2 {
 				r, err := q.Read(ctx, uint64(i), 512)
 				mustOK(t, "read", r, err)
@@ -259,22 +263,13 @@ func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 // Monitor.Quiesce called while a request is executing waits for it, and
 // its callback sees the request's completion already published.
 func TestQuiesceWaitsForAParkedRequestAndSeesItPublished(t *testing.T) {
-	draining := make(chan struct{})
-	var once sync.Once
-	t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-		if what == "drain" {
-			once.Do(func() { close(draining) })
-		}
-	}))
+	draining := waitingAt(t, "drain")
 	d := newParkDisk(true)
 	mon := new(vhostuser.Monitor)
 	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, Monitor: mon})
 	f := s.connect(t, parallelSetup(false))
 	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	parkFlush(t, q, d)
 	seen := make(chan uint16, 1)
 	go func() {
 		_ = mon.Quiesce(func() error {
@@ -357,10 +352,7 @@ func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
 	f := s.connect(t, parallelSetup(false))
 	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	parkFlush(t, q, d)
 	// The same call fd again: the reply (REPLY_ACK) comes while the flush
 	// is parked, or this test hangs.
 	if err := f.SetVringFD(vhostuser.ReqSetVringCall, 0, q.CallFD()); err != nil {
