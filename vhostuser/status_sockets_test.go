@@ -101,42 +101,14 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 	// Quiesce holds the source's queues although the destination
 	// connected last.
 	ctx := context.Background()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var writes atomic.Int64
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			r, err := src.Queues[i%2].Write(ctx, uint64(i%64), make([]byte, 512))
-			if err != nil || r.Status != blk.StatusOK {
-				t.Errorf("source write %d: %+v %v", i, r, err)
-				return
-			}
-			writes.Add(1)
+	quiesceDuringWrites(t, mon, disk, 100, 200, func(i int) bool {
+		r, err := src.Queues[i%2].Write(ctx, uint64(i%64), make([]byte, 512))
+		if err != nil || r.Status != blk.StatusOK {
+			t.Errorf("source write %d: %+v %v", i, r, err)
+			return false
 		}
-	}()
-	for i := 0; i < 100 || writes.Load() < 200; i++ {
-		err := mon.Quiesce(func() error {
-			disk.quiet.Store(true)
-			defer disk.quiet.Store(false)
-			if n := disk.inflight.Load(); n != 0 {
-				return fmt.Errorf("%d requests in progress inside Quiesce", n)
-			}
-			runtime.Gosched()
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	close(stop)
-	wg.Wait()
+		return true
+	})
 	if v := disk.violations.Load(); v != 0 {
 		t.Errorf("%d source requests ran while Quiesce's callback ran", v)
 	}
