@@ -3,15 +3,12 @@ package vhostuser_test
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
-	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
 // frontendOn returns the Frontends entry for socket, failing if there is
@@ -38,26 +35,7 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 	disk := &quiesceDisk{memDisk: newMemDisk(testDiskSize)}
 	gate := vhostuser.NewRingGate()
 	mon := new(vhostuser.Monitor)
-	dir := t.TempDir()
-	var paths []string
-	var serving sync.WaitGroup
-	for _, name := range []string{"a.sock", "b.sock"} {
-		path := filepath.Join(dir, name)
-		ln, err := vhostuser.Listen(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		serving.Add(1)
-		go func() {
-			serving.Done()
-			done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: disk, Gate: gate, Monitor: mon, NumQueues: 2})
-		}()
-		t.Cleanup(func() { cancel(); <-done })
-		paths = append(paths, path)
-	}
-	serving.Wait()
+	paths := serveOnTwoSockets(t, vhostuser.Options{Disk: disk, Gate: gate, Monitor: mon, NumQueues: 2})
 	for len(mon.Status().Frontends) < 2 {
 		runtime.Gosched() // until both Serve calls listed their socket
 	}
@@ -65,26 +43,10 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 		t.Fatalf("status before any front-end: %+v", st)
 	}
 
-	src, err := frontend.Dial(paths[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	if err := src.Setup(frontend.Options{NumQueues: 2}); err != nil {
-		t.Fatal(err)
-	}
+	src := dialSetUp(t, paths[0])
 	// The destination connects and negotiates; its first ring waits for
 	// the source's to stop.
-	dst, err := frontend.Dial(paths[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	setup := make(chan error, 1)
-	go func() { setup <- dst.Setup(frontend.Options{NumQueues: 2}) }()
-	for gate.Waiting() == 0 {
-		runtime.Gosched()
-	}
+	_, setup := dialWaitingAtGate(t, paths[1], gate)
 
 	st := mon.Status()
 	a, b := frontendOn(t, st, paths[0]), frontendOn(t, st, paths[1])
