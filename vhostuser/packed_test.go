@@ -268,36 +268,7 @@ func TestPackedMemTableSwapWhileQueuesRun(t *testing.T) {
 			} else {
 				f = s.connect(t, o)
 			}
-			ctx := context.Background()
-			errs := make(chan error, 2)
-			for qi, q := range f.Queues {
-				go func() {
-					for i := 0; i < 100; i++ {
-						data := pattern(byte(i+qi), 512)
-						sector := uint64(qi*1000 + i)
-						if r, err := q.Write(ctx, sector, data); err != nil || r.Status != 0 {
-							errs <- fmt.Errorf("queue %d write %d: %v, status %d", qi, i, err, r.Status)
-							return
-						}
-						r, err := q.Read(ctx, sector, 512)
-						if err != nil || r.Status != 0 || !bytes.Equal(r.Data, data) {
-							errs <- fmt.Errorf("queue %d read %d: %v, status %d", qi, i, err, r.Status)
-							return
-						}
-					}
-					errs <- nil
-				}()
-			}
-			for i := 0; i < 20; i++ {
-				if err := f.SetMemTable(); err != nil {
-					t.Fatalf("SET_MEM_TABLE %d while running: %v", i, err)
-				}
-			}
-			for range f.Queues {
-				if err := <-errs; err != nil {
-					t.Error(err)
-				}
-			}
+			writeReadBackDuringMemTableSwaps(t, f)
 		})
 	}
 }
