@@ -56,17 +56,41 @@ func lens(bufs [][]byte) []int {
 	return out
 }
 
+// configEdit spoils a good queue config in one way; want is what the
+// error must mention.
+type configEdit struct {
+	name string
+	edit func(c *virtqueue.QueueConfig)
+	want string
+}
+
+// rejectsEachConfig checks, one subtest per edit, that newQueue (named
+// what) refuses good spoiled by the edit with ErrInvalidQueue mentioning
+// the edit's want; newQueue reports whether it returned a queue.
+func rejectsEachConfig(t *testing.T, what string, good virtqueue.QueueConfig, newQueue func(virtqueue.QueueConfig) (bool, error), edits []configEdit) {
+	t.Helper()
+	for _, tc := range edits {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := good
+			tc.edit(&cfg)
+			made, err := newQueue(cfg)
+			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%s = (queue %v), %v; want ErrInvalidQueue mentioning %q", what, made, err, tc.want)
+			}
+		})
+	}
+}
+
 func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 	d, err := vqt.New(vqt.Config{Size: 16})
 	if err != nil {
 		t.Fatal(err)
 	}
 	good := d.QueueConfig()
-	tests := []struct {
-		name string
-		edit func(c *virtqueue.QueueConfig)
-		want string
-	}{
+	rejectsEachConfig(t, "NewSplitQueue", good, func(cfg virtqueue.QueueConfig) (bool, error) {
+		q, err := virtqueue.NewSplitQueue(d.Mem, cfg)
+		return q != nil, err
+	}, []configEdit{
 		{"size zero", func(c *virtqueue.QueueConfig) { c.Size = 0 }, "size 0"},
 		{"size not a power of two", func(c *virtqueue.QueueConfig) { c.Size = 12 }, "size 12"},
 		{"size above 32768", func(c *virtqueue.QueueConfig) { c.Size = 65535 }, "size 65535"},
@@ -79,17 +103,7 @@ func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 			c.UsedUserAddr = d.Regions[0].UserAddr + uint64(len(d.Regions[0].Data)) - 64
 		}, "used ring"},
 		{"rings for the larger size do not fit", func(c *virtqueue.QueueConfig) { c.Size = 32768 }, "runs past"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			cfg := good
-			tt.edit(&cfg)
-			q, err := virtqueue.NewSplitQueue(d.Mem, cfg)
-			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("NewSplitQueue = (queue %v), %v; want ErrInvalidQueue mentioning %q", q != nil, err, tt.want)
-			}
-		})
-	}
+	})
 	if _, err := virtqueue.NewSplitQueue(nil, good); !errors.Is(err, virtqueue.ErrInvalidQueue) {
 		t.Errorf("nil memory: err = %v", err)
 	}
