@@ -64,6 +64,15 @@ func awaitParked(t *testing.T, d *parkDisk, want string) {
 	}
 }
 
+// serveParkDisk serves d on one queue, packed or split, and returns the
+// connected front-end and its queue.
+func serveParkDisk(t *testing.T, d *parkDisk, packed bool) (*frontend.Frontend, *frontend.Queue) {
+	t.Helper()
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	f := s.connect(t, parallelSetup(packed))
+	return f, f.Queues[0]
+}
+
 // parkFlush submits a FLUSH on q and waits until d holds it parked; it
 // returns the flush's head.
 func parkFlush(t *testing.T, q *frontend.Queue, d *parkDisk) uint16 {
@@ -97,10 +106,8 @@ func TestReadsBehindAParkedFlushComplete(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(3, 64*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(3, 64*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			flushHead := parkFlush(t, q, d)
 			for i := range 8 {
@@ -136,10 +143,8 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 			for _, off := range offs {
 				d.writeGo[off] = make(chan struct{})
 			}
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(9, 128*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(9, 128*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			heads := make([]uint16, n)
 			for i := range n {
@@ -184,9 +189,7 @@ func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 		t.Run(k.name, func(t *testing.T) {
 			draining := waitingAt(t, "drain")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			parkFlush(t, q, d)
 			replied := make(chan error, 1)
@@ -219,9 +222,7 @@ func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 		t.Run(k.name, func(t *testing.T) {
 			stopping := waitingAt(t, "stop")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			flushHead := parkFlush(t, q, d)
 			for i := range 2 {
@@ -349,9 +350,7 @@ func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
 // is held across I/O.
 func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	d := newParkDisk(true)
-	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-	f := s.connect(t, parallelSetup(false))
-	q := f.Queues[0]
+	f, q := serveParkDisk(t, d, false)
 	parkFlush(t, q, d)
 	// The same call fd again: the reply (REPLY_ACK) comes while the flush
 	// is parked, or this test hangs.
