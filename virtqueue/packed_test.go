@@ -3,6 +3,7 @@ package virtqueue_test
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -156,7 +157,7 @@ func TestPackedChainWalk(t *testing.T) {
 				if ch.Err != nil {
 					t.Fatalf("Chain.Err = %v", ch.Err)
 				}
-				if !equalInts(lens(ch.Readable), c.readable) || !equalInts(lens(ch.Writable), c.writable) {
+				if !slices.Equal(lens(ch.Readable), c.readable) || !slices.Equal(lens(ch.Writable), c.writable) {
 					t.Fatalf("buffers %v / %v, want %v / %v", lens(ch.Readable), lens(ch.Writable), c.readable, c.writable)
 				}
 			}
@@ -164,7 +165,7 @@ func TestPackedChainWalk(t *testing.T) {
 				t.Fatal(err)
 			}
 			takeChain(t, q, &ch)
-			if ch.Err != nil || ch.Head != next || !equalInts(lens(ch.Writable), []int{7}) {
+			if ch.Err != nil || ch.Head != next || !slices.Equal(lens(ch.Writable), []int{7}) {
 				t.Fatalf("chain after it: head %d (want %d), err %v, writable %v", ch.Head, next, ch.Err, lens(ch.Writable))
 			}
 		})

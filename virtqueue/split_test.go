@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -446,10 +447,10 @@ func TestChainWalk(t *testing.T) {
 				if c.Err != nil {
 					t.Fatalf("c.Err = %v", c.Err)
 				}
-				if g := lens(c.Readable); !equalInts(g, tt.wantReadable) {
+				if g := lens(c.Readable); !slices.Equal(g, tt.wantReadable) {
 					t.Errorf("readable lengths %v, want %v", g, tt.wantReadable)
 				}
-				if g := lens(c.Writable); !equalInts(g, tt.wantWritable) {
+				if g := lens(c.Writable); !slices.Equal(g, tt.wantWritable) {
 					t.Errorf("writable lengths %v, want %v", g, tt.wantWritable)
 				}
 			}
@@ -466,18 +467,6 @@ func TestChainWalk(t *testing.T) {
 			}
 		})
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestChainBuffersAliasGuestMemory(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -140,7 +141,7 @@ func TestCreateInfoConvertMapCheckRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	if !slicesEqual(gotBlocks, wantBlocks) {
+	if !slices.Equal(gotBlocks, wantBlocks) {
 		t.Errorf("map shows data blocks %v, want %v", gotBlocks, wantBlocks)
 	}
 	if table := mustRun(t, "map", conv); !strings.Contains(table, "data") || !strings.Contains(table, "zero") {
@@ -165,18 +166,6 @@ func TestCreateInfoConvertMapCheckRoundTrip(t *testing.T) {
 			t.Errorf("qemu-img %q: %v\n%s", args, err, out)
 		}
 	}
-}
-
-func slicesEqual(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestConvertRawPadsTheTailToTheLogicalSector(t *testing.T) {
