@@ -139,14 +139,7 @@ func (d *daemonProc) output() string {
 // flushed and closed.
 func (d *daemonProc) stop(t *testing.T, pid int) {
 	t.Helper()
-	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-d.exited; err != nil {
-		t.Fatalf("exit after SIGTERM: %v\n%s", err, d.output())
-	}
-	for range d.lines {
-	}
+	d.stop2(t, pid)
 	if out := d.output(); !strings.Contains(out, "stopped; image flushed and closed") {
 		t.Errorf("no clean stop logged:\n%s", out)
 	}
