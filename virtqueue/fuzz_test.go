@@ -11,6 +11,18 @@ import (
 
 const fuzzRegionSize = 4096
 
+// brokenForGood fails t unless err, returned by q.Next, is ErrRingBroken
+// and the next Next returns the same error again (a broken ring is sticky).
+func brokenForGood(t *testing.T, q virtqueue.Queue, c *virtqueue.Chain, err error) {
+	t.Helper()
+	if !errors.Is(err, virtqueue.ErrRingBroken) {
+		t.Fatalf("Next error %v is not ErrRingBroken", err)
+	}
+	if ok2, err2 := q.Next(c); ok2 || err2 != err {
+		t.Fatalf("broken queue recovered: %v, %v", ok2, err2)
+	}
+}
+
 // takeFuzz takes the next n bytes of the fuzz input *in, padded with zeros
 // once the input runs out.
 func takeFuzz(in *[]byte, n int) []byte {
@@ -119,12 +131,7 @@ func FuzzChain(f *testing.F) {
 		for i := 0; i <= int(size)+1; i++ {
 			ok, err := q.Next(&c)
 			if err != nil {
-				if !errors.Is(err, virtqueue.ErrRingBroken) {
-					t.Fatalf("Next error %v is not ErrRingBroken", err)
-				}
-				if ok2, err2 := q.Next(&c); ok2 || err2 != err {
-					t.Fatalf("broken queue recovered: %v, %v", ok2, err2)
-				}
+				brokenForGood(t, q, &c, err)
 				return
 			}
 			if !ok {
