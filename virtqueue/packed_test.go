@@ -32,10 +32,7 @@ func TestPackedQueueRejectsInvalidConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := d.QueueConfig()
-	rejectsEachConfig(t, "NewPackedQueue", good, func(cfg virtqueue.QueueConfig) (bool, error) {
-		q, err := virtqueue.NewPackedQueue(d.Mem, cfg)
-		return q != nil, err
-	}, []configEdit{
+	rejectsEachConfig(t, "NewPackedQueue", d.Mem, good, virtqueue.NewPackedQueue, []configEdit{
 		{"size zero", func(c *virtqueue.QueueConfig) { c.Size = 0 }, "packed size"},
 		{"size too large", func(c *virtqueue.QueueConfig) { c.Size = 40000 }, "packed size"},
 		{"descriptor ring misaligned", func(c *virtqueue.QueueConfig) { c.DescUserAddr += 8 }, "not 16-aligned"},

@@ -66,17 +66,17 @@ type configEdit struct {
 }
 
 // rejectsEachConfig checks, one subtest per edit, that newQueue (named
-// what) refuses good spoiled by the edit with ErrInvalidQueue mentioning
-// the edit's want; newQueue reports whether it returned a queue.
-func rejectsEachConfig(t *testing.T, what string, good virtqueue.QueueConfig, newQueue func(virtqueue.QueueConfig) (bool, error), edits []configEdit) {
+// what) on mem refuses good spoiled by the edit with ErrInvalidQueue
+// mentioning the edit's want.
+func rejectsEachConfig[Q any](t *testing.T, what string, mem *virtqueue.Memory, good virtqueue.QueueConfig, newQueue func(*virtqueue.Memory, virtqueue.QueueConfig) (*Q, error), edits []configEdit) {
 	t.Helper()
 	for _, tc := range edits {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := good
 			tc.edit(&cfg)
-			made, err := newQueue(cfg)
+			q, err := newQueue(mem, cfg)
 			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("%s = (queue %v), %v; want ErrInvalidQueue mentioning %q", what, made, err, tc.want)
+				t.Fatalf("%s = (queue %v), %v; want ErrInvalidQueue mentioning %q", what, q != nil, err, tc.want)
 			}
 		})
 	}
@@ -88,10 +88,7 @@ func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := d.QueueConfig()
-	rejectsEachConfig(t, "NewSplitQueue", good, func(cfg virtqueue.QueueConfig) (bool, error) {
-		q, err := virtqueue.NewSplitQueue(d.Mem, cfg)
-		return q != nil, err
-	}, []configEdit{
+	rejectsEachConfig(t, "NewSplitQueue", d.Mem, good, virtqueue.NewSplitQueue, []configEdit{
 		{"size zero", func(c *virtqueue.QueueConfig) { c.Size = 0 }, "size 0"},
 		{"size not a power of two", func(c *virtqueue.QueueConfig) { c.Size = 12 }, "size 12"},
 		{"size above 32768", func(c *virtqueue.QueueConfig) { c.Size = 65535 }, "size 65535"},
