@@ -214,11 +214,7 @@ func TestHostileGuestRequestGetsErrorAndServerServesNext(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := frontend.Dial(s.path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f := s.dial(t)
 			if err := f.Setup(smallSetup); err != nil {
 				t.Fatal(err)
 			}

@@ -231,11 +231,7 @@ func (s *testServer) runMalformedCases(t *testing.T, cases []malformedCase, send
 	t.Helper()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := frontend.Dial(s.path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f := s.dial(t)
 			if err := negotiate(f, tc.state); err != nil {
 				t.Fatalf("getting to the state under test: %v", err)
 			}
@@ -300,11 +296,7 @@ func TestConnectDisconnectCyclesLeakNoFDsOrGoroutines(t *testing.T) {
 
 func TestMemoryFaultBreaksOnlyThatQueueAndDaemonLives(t *testing.T) {
 	s := startServer(t, 1)
-	f, err := frontend.Dial(s.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := s.dial(t)
 	o := smallSetup
 	o.MemSize = 2 << 20
 	if err := f.Setup(o); err != nil {

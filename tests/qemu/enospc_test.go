@@ -42,6 +42,15 @@ func fillHostDisk(t *testing.T, e *env, g *guestRun, filler string) {
 	g.send("FULL")
 }
 
+// freeHostDisk removes the filler, giving the host file system its space
+// back.
+func freeHostDisk(e *env, g *guestRun, filler string) {
+	if err := os.Remove(filler); err != nil {
+		g.failGuest(err.Error())
+	}
+	e.note("# host: removed the filler")
+}
+
 // The regions: before is written while there is space; after needs four
 // fresh blocks that do not fit until the filler is removed.
 var (
@@ -77,10 +86,7 @@ func TestGuestWriteToAFullHostDiskFailsThenSucceedsOnceSpaceIsFreed(t *testing.T
 		during: func(g *guestRun) *backend {
 			fillHostDisk(t, e, g, filler)
 			g.waitFor("FAILED-AS-EXPECTED.")
-			if err := os.Remove(filler); err != nil {
-				g.failGuest(err.Error())
-			}
-			e.note("# host: removed the filler")
+			freeHostDisk(e, g, filler)
 			g.send("FREED")
 			return b
 		},
@@ -144,10 +150,7 @@ func TestGuestWriteToAFullHostDiskWaitsUntilSpaceIsFreed(t *testing.T) {
 			if c, _ := os.ReadFile(g.console); strings.Contains(string(c), "WROTE-AFTER.") {
 				g.failGuest("the guest's write completed while a write was held for space")
 			}
-			if err := os.Remove(filler); err != nil {
-				g.failGuest(err.Error())
-			}
-			e.note("# host: removed the filler")
+			freeHostDisk(e, g, filler)
 			g.waitFor("WROTE-AFTER.")
 			return b
 		},
