@@ -82,19 +82,11 @@ func laid(typ uint32, sector uint64, n int, lay func(t *testing.T, f *frontend.F
 // address offset by skew bytes from 16-byte alignment.
 func table(t *testing.T, f *frontend.Frontend, skew int, descs ...frontend.RawDesc) uint64 {
 	t.Helper()
-	off, err := f.Alloc(16*len(descs)+skew, 16)
+	gpa, err := f.DescTable(skew, descs...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	off += skew
-	for i, d := range descs {
-		b := f.Mem[off+16*i:]
-		le.PutUint64(b, d.Addr)
-		le.PutUint32(b[8:], d.Len)
-		le.PutUint16(b[12:], d.Flags)
-		le.PutUint16(b[14:], d.Next)
-	}
-	return frontend.GPA(off)
+	return gpa
 }
 
 const (

@@ -323,24 +323,8 @@ func request(name string, malformed bool, build func(f *frontend.Frontend, q *fr
 	}}
 }
 
-func table(f *frontend.Frontend, skew int, descs ...frontend.RawDesc) (uint64, error) {
-	off, err := f.Alloc(16*len(descs)+skew, 16)
-	if err != nil {
-		return 0, err
-	}
-	off += skew
-	for i, d := range descs {
-		b := f.Mem[off+16*i:]
-		le.PutUint64(b, d.Addr)
-		le.PutUint32(b[8:], d.Len)
-		le.PutUint16(b[12:], d.Flags)
-		le.PutUint16(b[14:], d.Next)
-	}
-	return frontend.GPA(off), nil
-}
-
 // layout lays a chain out over a request's buffers; it may write indirect
-// tables into guest memory (table).
+// tables into guest memory (Frontend.DescTable).
 type layout func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error)
 
 // laid returns a request case's build: fresh buffers for a request of type
@@ -396,19 +380,19 @@ func requestCases() []Case {
 				descs = append(descs, frontend.RawDesc{Addr: r.data, Len: 16, Flags: next, Next: uint16(i + 1)})
 			}
 			descs = append(descs, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			tb, err := table(f, 0, descs...)
+			tb, err := f.DescTable(0, descs...)
 			return []frontend.RawDesc{{Addr: tb, Len: uint32(16 * len(descs)), Flags: indirect}}, err
 		})),
 		request("nested indirect table", true, laid(frontend.BlkTIn, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
-			inner, err := table(f, 0, headerStatus(r, 16)...)
+			inner, err := f.DescTable(0, headerStatus(r, 16)...)
 			if err != nil {
 				return nil, err
 			}
-			outer, err := table(f, 0, frontend.RawDesc{Addr: inner, Len: 32, Flags: indirect})
+			outer, err := f.DescTable(0, frontend.RawDesc{Addr: inner, Len: 32, Flags: indirect})
 			return []frontend.RawDesc{{Addr: outer, Len: 16, Flags: indirect}}, err
 		})),
 		request("indirect table length not a multiple of 16", true, laid(frontend.BlkTIn, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
-			tb, err := table(f, 0, headerStatus(r, 16)...)
+			tb, err := f.DescTable(0, headerStatus(r, 16)...)
 			return []frontend.RawDesc{{Addr: tb, Len: 24, Flags: indirect}}, err
 		})),
 		request("status byte in a device-readable buffer", true, laid(frontend.BlkTOut, 0, 512, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
