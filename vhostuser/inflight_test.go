@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"math"
+	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -228,7 +229,7 @@ func TestRequestsLeftInFlightByDeadBackendAreRedoneInPopOrder(t *testing.T) {
 			readData = r.Data
 		}
 	}
-	if want := []uint16{heads[2], heads[0], heads[1], read}; !equalHeads(order, want) {
+	if want := []uint16{heads[2], heads[0], heads[1], read}; !slices.Equal(order, want) {
 		t.Errorf("completion order %v, want %v (resubmitted by pop order, then the new read)", order, want)
 	}
 	if !bytes.Equal(s.disk.bytes(8*512, 512), pattern('Y', 512)) {
@@ -243,16 +244,4 @@ func TestRequestsLeftInFlightByDeadBackendAreRedoneInPopOrder(t *testing.T) {
 			t.Errorf("descriptor %d still marked in flight after completion", h)
 		}
 	}
-}
-
-func equalHeads(a, b []uint16) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

@@ -64,22 +64,52 @@ func awaitParked(t *testing.T, d *parkDisk, want string) {
 	}
 }
 
+// serveParkDisk serves d on one queue, packed or split, and returns the
+// connected front-end and its queue.
+func serveParkDisk(t *testing.T, d *parkDisk, packed bool) (*frontend.Frontend, *frontend.Queue) {
+	t.Helper()
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	f := s.connect(t, parallelSetup(packed))
+	return f, f.Queues[0]
+}
+
+// parkFlush submits a FLUSH on q and waits until d holds it parked; it
+// returns the flush's head.
+func parkFlush(t *testing.T, q *frontend.Queue, d *parkDisk) uint16 {
+	t.Helper()
+	head, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
+	if err != nil {
+		t.Fatal(err)
+	}
+	awaitParked(t, d, "flush")
+	return head
+}
+
+// waitingAt returns a channel closed the first time a session has to wait
+// at what ("drain" or "stop", see SetWaitHook) for requests in flight; the
+// hook is removed when the test ends.
+func waitingAt(t *testing.T, what string) <-chan struct{} {
+	t.Helper()
+	reached := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(vhostuser.SetWaitHook(func(w string) {
+		if w == what {
+			once.Do(func() { close(reached) })
+		}
+	}))
+	return reached
+}
+
 // A FLUSH parked in the disk does not hold up the reads queued behind it
 // on the same queue: they complete, with their data, while it waits.
 func TestReadsBehindAParkedFlushComplete(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(3, 64*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(3, 64*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 8 {
 				r, err := q.Read(ctx, uint64(8*i), 4096)
 				mustOK(t, "read behind the parked flush", r, err)
@@ -113,10 +143,8 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 			for _, off := range offs {
 				d.writeGo[off] = make(chan struct{})
 			}
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(9, 128*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(9, 128*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			heads := make([]uint16, n)
 			for i := range n {
@@ -159,22 +187,11 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			draining := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "drain" {
-					once.Do(func() { close(draining) })
-				}
-			}))
+			draining := waitingAt(t, "drain")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			parkFlush(t, q, d)
 			replied := make(chan error, 1)
 			go func() { replied <- f.SetMemTable() }()
 			<-draining
@@ -203,23 +220,11 @@ func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			stopping := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "stop" {
-					once.Do(func() { close(stopping) })
-				}
-			}))
+			stopping := waitingAt(t, "stop")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 2 {
 				r, err := q.Read(ctx, uint64(i), 512)
 				mustOK(t, "read", r, err)
@@ -259,22 +264,13 @@ func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 // Monitor.Quiesce called while a request is executing waits for it, and
 // its callback sees the request's completion already published.
 func TestQuiesceWaitsForAParkedRequestAndSeesItPublished(t *testing.T) {
-	draining := make(chan struct{})
-	var once sync.Once
-	t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-		if what == "drain" {
-			once.Do(func() { close(draining) })
-		}
-	}))
+	draining := waitingAt(t, "drain")
 	d := newParkDisk(true)
 	mon := new(vhostuser.Monitor)
 	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, Monitor: mon})
 	f := s.connect(t, parallelSetup(false))
 	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	parkFlush(t, q, d)
 	seen := make(chan uint16, 1)
 	go func() {
 		_ = mon.Quiesce(func() error {
@@ -354,13 +350,8 @@ func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
 // is held across I/O.
 func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	d := newParkDisk(true)
-	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-	f := s.connect(t, parallelSetup(false))
-	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	f, q := serveParkDisk(t, d, false)
+	parkFlush(t, q, d)
 	// The same call fd again: the reply (REPLY_ACK) comes while the flush
 	// is parked, or this test hangs.
 	if err := f.SetVringFD(vhostuser.ReqSetVringCall, 0, q.CallFD()); err != nil {
