@@ -5,6 +5,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
@@ -363,4 +364,54 @@ func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	close(d.flushGo)
 	r, err := q.Reap(context.Background(), 0)
 	mustOK(t, "the flush", r, err)
+}
+
+// A request that completes exactly while a ring stop holds the queue's lock
+// to count what is still in flight finds the lock taken and leaves its
+// publication to the holder; the stop must publish it (and then see every
+// request back) instead of waiting forever for a request nobody will
+// return. The hooks make the two meet: the parked FLUSH is released inside
+// the stop's look, which goes on only once the completion has found the
+// lock held.
+func TestRingStopPublishesACompletionThatArrivedWhileItLooked(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			d := newParkDisk(true)
+			left := make(chan struct{})
+			var released, leftOnce sync.Once
+			// Installed before the server starts (the hook is a plain
+			// variable its goroutines read).
+			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
+				switch what {
+				case "stop-check":
+					released.Do(func() {
+						close(d.flushGo)
+						<-left
+					})
+				case "left":
+					leftOnce.Do(func() { close(left) })
+				}
+			}))
+			f, q := serveParkDisk(t, d, k.packed)
+			flushHead := parkFlush(t, q, d)
+			replied := make(chan error, 1)
+			go func() {
+				_, err := f.GetVringBase(0)
+				replied <- err
+			}()
+			select {
+			case err := <-replied:
+				if err != nil {
+					t.Fatalf("GET_VRING_BASE: %v", err)
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("GET_VRING_BASE never replied: the completion left to the ring stop was never published")
+			}
+			r, err := q.Reap(context.Background(), 0)
+			mustOK(t, "the flush that completed during the stop", r, err)
+			if r.Head != flushHead {
+				t.Errorf("flush completed with head %d, want %d", r.Head, flushHead)
+			}
+		})
+	}
 }
