@@ -30,8 +30,27 @@ func rawPwritev(fd int, bufs [][]byte, off int64) (int, error) {
 
 func rawIov(trap uintptr, fd int, bufs [][]byte, off int64) (int, error) {
 	bufs = bufs[:min(len(bufs), iovMax)]
-	ap := iovecPool.Get().(*[]unix.Iovec)
-	iov := (*ap)[:0]
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	// Up to 8 buffers (most requests) the array lives on the stack, as in
+	// x/sys; longer lists take a pooled one.
+	if len(bufs) <= 8 {
+		var small [8]unix.Iovec
+		return iovSyscall(trap, fd, fillIovecs(small[:0], bufs), off)
+	}
+	pooled := iovecPool.Get().(*[]unix.Iovec)
+	iov := fillIovecs((*pooled)[:0], bufs)
+	n, err := iovSyscall(trap, fd, iov, off)
+	clear(iov) // keep no reference to guest memory
+	*pooled = iov[:0]
+	iovecPool.Put(pooled)
+	return n, err
+}
+
+// fillIovecs appends an iovec for each buffer to iov (whose capacity
+// holds them all).
+func fillIovecs(iov []unix.Iovec, bufs [][]byte) []unix.Iovec {
 	for _, b := range bufs {
 		v := unix.Iovec{}
 		if len(b) > 0 {
@@ -40,14 +59,11 @@ func rawIov(trap uintptr, fd int, bufs [][]byte, off int64) (int, error) {
 		}
 		iov = append(iov, v)
 	}
-	defer func() {
-		clear(iov) // keep no reference to guest memory
-		*ap = iov[:0]
-		iovecPool.Put(ap)
-	}()
-	if len(iov) == 0 {
-		return 0, nil
-	}
+	return iov
+}
+
+// iovSyscall makes the system call trap (preadv or pwritev) with iov.
+func iovSyscall(trap uintptr, fd int, iov []unix.Iovec, off int64) (int, error) {
 	// The offset is passed as two longs, low then high (the kernel's
 	// pos_l/pos_h); with 64-bit longs the high one is zero.
 	const half = unix.SizeofLong * 8 / 2
