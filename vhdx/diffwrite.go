@@ -4,16 +4,18 @@ package vhdx
 //
 // A write into sectors this file does not hold never copies parent data. It
 // gets a payload block (when the block is NOT_PRESENT) and the chunk's
-// sector bitmap block (when the chunk has none) at the end of the file,
-// writes the data there, and then, in one journal entry (§2.3), sets the
-// sectors' bitmap bits (§2.4) and the BAT entries: payload PARTIALLY_PRESENT,
-// bitmap SB_BLOCK_PRESENT (§2.5.1). The journal flushes the data before the
-// entry, so a crash at any point leaves either the old state (bits clear:
-// the sectors still come from the parent) or the new one. A write covering
-// a whole block makes it FULLY_PRESENT instead, with no bitmap.
+// sector bitmap block (when the chunk has none), writes the data there, and
+// then, in a journal entry (§2.3) shared with the other first writes that
+// arrive together (diffgroup.go), sets the sectors' bitmap bits (§2.4) and
+// the BAT entries: payload PARTIALLY_PRESENT, bitmap SB_BLOCK_PRESENT
+// (§2.5.1). The journal flushes the data before the entry, so a crash at
+// any point leaves either the old state (bits clear: the sectors still
+// come from the parent) or the new one. A write covering a whole block
+// makes it FULLY_PRESENT instead, with no bitmap, in an entry of its own.
 //
-// Bitmap and BAT updates are serialised by im.mu; writes into sectors whose
-// bits are already set go straight to the file without it.
+// Bitmap and BAT updates are made by a batch's leader under im.mu; writes
+// into sectors whose bits are already set go straight to the file without
+// it.
 
 import (
 	"errors"
@@ -39,8 +41,11 @@ func (im *Image) allPresent(pos, n uint64) (bool, error) {
 // pos of a differencing image, block entry idx, offset in within the block.
 // Writes into sectors the image does not hold join a batch (diffgroup.go);
 // whole-block writes commit an entry of their own, under im.mu, once no
-// batch is being committed and no batch has reserved the block.
-func (im *Image) writeDiff(p []byte, pos, idx, in uint64) error {
+// batch is being committed and no batch has reserved the block. When the
+// sectors turn out to be present already (another writer's batch published
+// them), it returns inPlace and the file offset to write p at, without a
+// lock (writeChunk).
+func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPlace bool, err error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	ag := im.group()
@@ -49,7 +54,7 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) error {
 	whole := in == 0 && uint64(len(p)) == min(bs, im.l.size-blockStart)
 	for {
 		if im.closed.Load() {
-			return fmt.Errorf("write: %w", ErrClosed)
+			return 0, false, fmt.Errorf("write: %w", ErrClosed)
 		}
 		e := im.bat[idx].Load()
 		if b := ag.pendPay[idx]; b != nil && (whole || b != ag.open) {
@@ -62,18 +67,12 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) error {
 		st := batState(e)
 		switch {
 		case st == stateFullyPresent: // another writer won the race
-			im.mu.Unlock()
-			err := im.writePayload(p, batFileOffset(e)+in)
-			im.mu.Lock()
-			return err
+			return batFileOffset(e) + in, true, nil
 		case st == statePartiallyPresent && !whole:
 			if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
-				return err
+				return 0, false, err
 			} else if ok {
-				im.mu.Unlock()
-				err := im.writePayload(p, batFileOffset(e)+in)
-				im.mu.Lock()
-				return err
+				return batFileOffset(e) + in, true, nil
 			}
 		case st == stateNotPresent && !whole:
 		default:
@@ -85,13 +84,13 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) error {
 				ag.cond.Wait()
 				continue
 			}
-			return im.writeDiffWhole(p, idx, in, e)
+			return 0, false, im.writeDiffWhole(p, idx, in, e)
 		}
 		err := im.joinDiffBatch(p, pos, idx, in, e)
 		if errors.Is(err, errDiffRetry) {
 			continue
 		}
-		return err
+		return 0, false, err
 	}
 }
 

@@ -19,6 +19,9 @@ package vhdx
 // allocBatchMax BAT sectors, so it fits the smallest (1 MiB) log; an
 // allocation finding the open batch full waits for the next one.
 //
+// A differencing image's first writes use the same batches, with an entry
+// that also sets sector bitmap bits and always syncs first (diffgroup.go).
+//
 // A second write into a block whose allocation is still in an uncommitted
 // batch writes into the reserved range and waits for that batch: the block
 // has exactly one range, and neither write returns before its entry is
