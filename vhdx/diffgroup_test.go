@@ -402,3 +402,80 @@ func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.
 		}
 	}
 }
+
+// pausingPayload holds the first payload write whose data starts with
+// marker until release is closed, after telling started.
+type pausingPayload struct {
+	Storage
+	marker  []byte
+	started chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (f *pausingPayload) WriteAt(p []byte, off int64) (int, error) {
+	if len(p) >= len(f.marker) && bytes.Equal(p[:len(f.marker)], f.marker) {
+		f.once.Do(func() {
+			close(f.started)
+			<-f.release
+		})
+	}
+	return f.Storage.WriteAt(p, off)
+}
+
+// TestDiscardDuringAChildFirstWriteNeverShowsTheParent: a whole-block
+// Discard of a block the child holds partially lands while a first write
+// into other sectors of that block is writing its payload (in a batch not
+// yet committed). The write's batch does not set its bits over the
+// discarded block; the write starts over and the block reads the write's
+// data and zeros elsewhere (discard, then write) — never the parent's
+// data, which the discard hid. Also after a reopen.
+func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
+	mc := newDiffChain(t)
+	w := imageWrite{5*mib + 64*kib, pattern(60, 4096)}
+	ms := newMemStorage(bytes.Clone(mc.child))
+	ps := &pausingPayload{Storage: ms, marker: w.data[:64], started: make(chan struct{}), release: make(chan struct{})}
+	im, err := mc.openChild(t, ps, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(61, 4096), 5*mib); err != nil { // block 5 partial
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := im.WriteAt(w.data, w.off)
+		errc <- err
+	}()
+	<-ps.started
+	if err := im.Discard(5*mib, mib); err != nil {
+		t.Fatal(err)
+	}
+	close(ps.release)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, mib)
+	copy(want[w.off-5*mib:], w.data)
+	check := func(im *Image) {
+		got := make([]byte, mib)
+		if _, err := im.ReadAt(got, 5*mib); err != nil {
+			t.Fatal(err)
+		}
+		for sec := 0; sec < mib; sec += 512 {
+			if !bytes.Equal(got[sec:sec+512], want[sec:sec+512]) {
+				t.Fatalf("sector at %#x of the discarded block is neither zeros nor the later write", 5*mib+sec)
+			}
+		}
+	}
+	check(im)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	re, err := mc.openChild(t, ms, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer re.Close()
+	check(re)
+}
