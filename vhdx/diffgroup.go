@@ -169,19 +169,22 @@ func (im *Image) joinDiffBatch(p []byte, pos, idx, in, e uint64) error {
 	if werr != nil {
 		m.failed = true // the leader leaves it out and gives back what only it used
 	}
-	if ag.arrived != nil && werr == nil {
+	if ag.arrived != nil {
 		ag.arrived(len(d.members))
 	}
 	ag.cond.Broadcast() // a leader may be waiting for the payload writes
-	if werr != nil {
-		return werr
-	}
+	// Even a failed member waits for its batch (and leads it if nobody
+	// does): its reservations stay pending until the batch is done, and a
+	// writer waiting for them needs someone to finish it.
 	for !b.done {
 		if !ag.leading {
 			im.leadBatch()
 			continue
 		}
 		ag.cond.Wait()
+	}
+	if werr != nil {
+		return werr
 	}
 	if b.err != nil {
 		return b.err

@@ -270,6 +270,19 @@ func TestFailedPayloadWriteFailsOnlyItsMember(t *testing.T) {
 		}
 	}
 	check(im)
+	// A failing write alone in its batch still finishes the batch: a
+	// whole-block write into the block it had reserved does not wait
+	// forever for it.
+	im.ag.arrived, im.ag.beforeLead = nil, nil
+	if _, err := im.WriteAt(bad, 14*mib+4096); !errors.Is(err, errPayloadFault) {
+		t.Fatalf("lone failing write: %v", err)
+	}
+	whole := imageWrite{14 * mib, pattern(44, mib)}
+	if _, err := im.WriteAt(whole.data, whole.off); err != nil {
+		t.Fatal(err)
+	}
+	ws = append(ws, whole)
+	check(im)
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
