@@ -492,3 +492,85 @@ func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
 	defer re.Close()
 	check(re)
 }
+
+// TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData: many
+// writers issue first writes into distinct 4 KiB pieces of a few child
+// blocks (fresh ones and partial ones, some sharing bitmap pages) while
+// readers read those blocks throughout: every sector a reader sees is the
+// parent's or the write's data, never zeros of a block whose bit was
+// published before its data; at the end every write reads back.
+func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testing.T) {
+	mc := newDiffChain(t)
+	im, err := mc.openChild(t, newMemStorage(bytes.Clone(mc.child)), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	blocks := []int64{0, 1, 2, 17, 30}
+	if _, err := im.WriteAt(pattern(70, 4096), 17*mib+mib-4096); err != nil { // block 17 partial
+		t.Fatal(err)
+	}
+	want := diffParentDisk()
+	copy(want[17*mib+mib-4096:], pattern(70, 4096))
+	parent := bytes.Clone(want)
+	var ws []imageWrite
+	for i, b := range blocks {
+		for k := int64(0); k < 24; k++ {
+			w := imageWrite{b*mib + k*8*kib, pattern(int64(200+i*24)+k, 4096)}
+			ws = append(ws, w)
+			copy(want[w.off:], w.data)
+		}
+	}
+	const writers = 8
+	var wg sync.WaitGroup
+	errc := make(chan error, writers+2)
+	for g := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := g; i < len(ws); i += writers {
+				if _, err := im.WriteAt(ws[i].data, ws[i].off); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
+	}
+	stop := make(chan struct{})
+	var rg sync.WaitGroup
+	for r := range 2 {
+		rg.Add(1)
+		go func() {
+			defer rg.Done()
+			buf := make([]byte, 64*kib)
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				b := blocks[(n+r)%len(blocks)]
+				off := b*mib + int64(n%16)*64*kib
+				if _, err := im.ReadAt(buf, off); err != nil {
+					errc <- err
+					return
+				}
+				for sec := int64(0); sec < int64(len(buf)); sec += 512 {
+					g := buf[sec : sec+512]
+					if !bytes.Equal(g, parent[off+sec:off+sec+512]) && !bytes.Equal(g, want[off+sec:off+sec+512]) {
+						errc <- fmt.Errorf("sector at %#x reads neither the parent nor the write", off+sec)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	rg.Wait()
+	close(errc)
+	for err := range errc {
+		t.Fatal(err)
+	}
+	readBack(t, im, ws)
+}
