@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -578,4 +579,78 @@ func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testi
 		t.Fatal(err)
 	}
 	readBack(t, im, ws)
+}
+
+// failingSync fails the next Sync once armed.
+type failingSync struct {
+	Storage
+	armed atomic.Bool
+}
+
+var errSyncFault = errors.New("injected sync failure")
+
+func (f *failingSync) Sync() error {
+	if f.armed.Swap(false) {
+		return errSyncFault
+	}
+	return f.Storage.Sync()
+}
+
+// TestFailedChildBatchCommitFailsEveryMemberAndPublishesNothing: when the
+// sync that starts a child batch's commit fails, every member gets the
+// error (rule 7), no bit and no BAT entry of the batch is published (the
+// sectors still read the parent, the fresh blocks stay NOT_PRESENT), and
+// the same writes succeed afterwards (the journal recovers) and read back,
+// also after a reopen.
+func TestFailedChildBatchCommitFailsEveryMemberAndPublishesNothing(t *testing.T) {
+	mc := newDiffChain(t)
+	ms := newMemStorage(bytes.Clone(mc.child))
+	fs := &failingSync{Storage: ms}
+	im, err := mc.openChild(t, fs, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(2, 512), 40*mib); err != nil { // session start
+		t.Fatal(err)
+	}
+	ws := []imageWrite{
+		{7 * mib, pattern(80, 4096)},
+		{7*mib + 64*kib, pattern(81, 4096)},
+		{9*mib + 4096, pattern(82, 8192)},
+	}
+	d := driveBatches(im)
+	im.ag.beforeDiffCommit = func() { fs.armed.Store(true) }
+	for i, err := range d.batch(im, ws) {
+		if !errors.Is(err, errSyncFault) {
+			t.Fatalf("member %d: error %v, want the failed sync", i, err)
+		}
+	}
+	im.ag.beforeDiffCommit = nil
+	parent := diffParentDisk()
+	for _, b := range []int64{7, 9} {
+		if st := batState(im.bat[batIndex(uint64(b), im.l.chunkRatio)].Load()); st != stateNotPresent {
+			t.Fatalf("block %d of the failed batch is in state %d", b, st)
+		}
+	}
+	for _, w := range ws {
+		got := make([]byte, len(w.data))
+		if _, err := im.ReadAt(got, w.off); err != nil || !bytes.Equal(got, parent[w.off:w.off+int64(len(got))]) {
+			t.Fatalf("at %#x after the failed batch: not the parent (%v)", w.off, err)
+		}
+	}
+	for i, err := range d.batch(im, ws) {
+		if err != nil {
+			t.Fatalf("member %d after the failure: %v", i, err)
+		}
+	}
+	readBack(t, im, ws)
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	re, err := mc.openChild(t, ms, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer re.Close()
+	readBack(t, re, ws)
 }
