@@ -2,6 +2,7 @@ package vhdx
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"testing"
 )
@@ -90,12 +91,18 @@ func BenchmarkPread4K(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer f.Close()
+	benchRead4K(b, f, func(i int) int64 { return 4*mib + (int64(i)*4*kib)%(64*mib) })
+}
+
+// benchRead4K measures 4 KiB reads from r, the i-th at off(i).
+func benchRead4K(b *testing.B, r io.ReaderAt, off func(i int) int64) {
+	b.Helper()
 	buf := make([]byte, 4*kib)
 	b.SetBytes(4 * kib)
 	b.ReportAllocs()
-	i := int64(0)
+	i := 0
 	for b.Loop() {
-		if _, err := f.ReadAt(buf, 4*mib+(i*4*kib)%(64*mib)); err != nil {
+		if _, err := r.ReadAt(buf, off(i)); err != nil {
 			b.Fatal(err)
 		}
 		i++
@@ -162,16 +169,7 @@ func randomOffsets() []int64 {
 func BenchmarkRandomRead4K(b *testing.B) {
 	im, _ := benchImage(b)
 	offs := randomOffsets()
-	buf := make([]byte, 4*kib)
-	b.SetBytes(4 * kib)
-	b.ReportAllocs()
-	i := 0
-	for b.Loop() {
-		if _, err := im.ReadAt(buf, offs[i%len(offs)]); err != nil {
-			b.Fatal(err)
-		}
-		i++
-	}
+	benchRead4K(b, im, func(i int) int64 { return offs[i%len(offs)] })
 }
 
 func BenchmarkRandomPread4K(b *testing.B) {
@@ -190,14 +188,5 @@ func BenchmarkRandomPread4K(b *testing.B) {
 	}
 	base := ext[0].FileOffset
 	offs := randomOffsets()
-	buf := make([]byte, 4*kib)
-	b.SetBytes(4 * kib)
-	b.ReportAllocs()
-	i := 0
-	for b.Loop() {
-		if _, err := f.ReadAt(buf, base+offs[i%len(offs)]); err != nil {
-			b.Fatal(err)
-		}
-		i++
-	}
+	benchRead4K(b, f, func(i int) int64 { return base + offs[i%len(offs)] })
 }

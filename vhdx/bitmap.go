@@ -174,17 +174,49 @@ func (im *Image) bitmapRun(vsec, count uint64) (uint64, bool, error) {
 	c := im.bitmaps
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	p, err := im.cachedBitmapPage(chunk, page, sb)
+	if err != nil {
+		return 0, false, err
+	}
+	n, set := bitRun(p.bits[:], bit, count)
+	return n, set, nil
+}
+
+// bitmapRuns calls f for each run of sectors of [pos, pos+n) (sector
+// aligned, inside one PARTIALLY_PRESENT block) that share their bitmap bit,
+// in order: the run's virtual offset, its length in bytes and the bit.
+func (im *Image) bitmapRuns(pos, n uint64, f func(at, k uint64, set bool) error) error {
+	lss := uint64(im.l.logicalSector)
+	for done := uint64(0); done < n; {
+		run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
+		if err != nil {
+			return err
+		}
+		k := run * lss
+		if err := f(pos+done, k, set); err != nil {
+			return err
+		}
+		done += k
+	}
+	return nil
+}
+
+// cachedBitmapPage returns page of chunk's bitmap (block entry sb) from the
+// cache, reading it from the file on a miss; a page whose read failed is
+// not kept. Caller holds im.bitmaps.mu, which the returned page's bits are
+// valid under.
+func (im *Image) cachedBitmapPage(chunk, page, sb uint64) (*bitmapPage, error) {
+	c := im.bitmaps
 	key := chunk*bitmapPagesPerBlk + page
 	p, ok := c.lookup(key)
 	if !ok {
 		p = c.slot(key)
 		if err := im.loadBitmapPage(p.bits[:], chunk, page, sb); err != nil {
 			c.drop(p)
-			return 0, false, err
+			return nil, err
 		}
 	}
-	n, set := bitRun(p.bits[:], bit, count)
-	return n, set, nil
+	return p, nil
 }
 
 // loadBitmapPage reads page of chunk's bitmap block, located by entry sb.

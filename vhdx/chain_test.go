@@ -363,18 +363,38 @@ func TestChildSurvivesParentRepairAndIdleSessions(t *testing.T) {
 // test's way to build broken chains Rebase refuses).
 func relink(t *testing.T, child, parent string, linkage uuid.UUID) {
 	t.Helper()
-	im, err := openFile(child, OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	pl, err := newParentLocator(child, parent, linkage)
 	if err != nil {
 		t.Fatal(err)
 	}
+	rewriteLocator(t, child, func(*parentLocator) *parentLocator { return pl })
+}
+
+// setLocatorAbsolutePath points absolute_win32_path of the child at path to
+// parent (written the Windows way), leaving the other locator entries alone.
+func setLocatorAbsolutePath(t *testing.T, child, parent string) {
+	t.Helper()
+	rewriteLocator(t, child, func(old *parentLocator) *parentLocator {
+		pl := old.clone()
+		pl.set(keyAbsolutePath, strings.ReplaceAll(parent, "/", `\`))
+		return pl
+	})
+}
+
+// rewriteLocator replaces the parent locator of the image at path with
+// what edit makes of the current one.
+func rewriteLocator(t *testing.T, path string, edit func(*parentLocator) *parentLocator) {
+	t.Helper()
+	im, err := openFile(path, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := edit(im.l.locator)
 	im.mu.Lock()
 	err = im.rewriteLocatorLocked(pl)
 	im.mu.Unlock()
 	if err != nil {
+		im.Close()
 		t.Fatal(err)
 	}
 	if err := im.Close(); err != nil {
@@ -849,20 +869,8 @@ func TestStaleRelativePathFallsBackToAbsolutePath(t *testing.T) {
 	if err := Create(paths[0], CreateOptions{Size: 16 * mib, BlockSize: mib}); err != nil { // impostor at the relative path
 		t.Fatal(err)
 	}
-	im, err := openFile(paths[1], OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pl := im.l.locator.clone()
-	pl.set(keyAbsolutePath, strings.ReplaceAll(real, "/", `\`))
-	im.mu.Lock()
-	err = im.rewriteLocatorLocked(pl)
-	im.mu.Unlock()
-	im.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err = Open(paths[1], OpenOptions{ReadOnly: true})
+	setLocatorAbsolutePath(t, paths[1], real)
+	im, err := Open(paths[1], OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}
@@ -887,19 +895,7 @@ func TestReadWriteOpenRefreshesStaleLocatorPaths(t *testing.T) {
 	moved := filepath.Join(dir, "parents", "base.vhdx")
 	os.MkdirAll(filepath.Dir(moved), 0o755)
 	os.Rename(paths[0], moved)
-	im, err := openFile(paths[1], OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pl := im.l.locator.clone()
-	pl.set(keyAbsolutePath, strings.ReplaceAll(moved, "/", `\`))
-	im.mu.Lock()
-	err = im.rewriteLocatorLocked(pl)
-	im.mu.Unlock()
-	im.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	setLocatorAbsolutePath(t, paths[1], moved)
 	before, _ := os.ReadFile(paths[1])
 	ro, err := Open(paths[1], OpenOptions{ReadOnly: true})
 	if err != nil {

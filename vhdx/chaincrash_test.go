@@ -144,16 +144,7 @@ func TestChildCrashAtEveryBoundaryReadsOldOrNewSectors(t *testing.T) {
 			if _, err := im.ReadAt(got, 0); err != nil {
 				t.Fatalf("%s: read: %v", where, err)
 			}
-			old, next := states[durable], states[min(durable+1, len(states)-1)]
-			// Whole-disk comparisons first: most crash points read exactly
-			// one state, and the sector walk is only needed for a mix.
-			mixed := !bytes.Equal(got, old) && !bytes.Equal(got, next)
-			for sec := 0; mixed && sec < len(got); sec += 512 {
-				g := got[sec : sec+512]
-				if !bytes.Equal(g, old[sec:sec+512]) && !bytes.Equal(g, next[sec:sec+512]) {
-					t.Fatalf("%s: sector at %#x reads neither the old nor the new data", where, sec)
-				}
-			}
+			assertOldOrNewSectors(t, where, got, states[durable], states[min(durable+1, len(states)-1)])
 			if err := im.Close(); err != nil {
 				t.Fatalf("%s: close after reopen: %v", where, err)
 			}

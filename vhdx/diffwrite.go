@@ -139,14 +139,9 @@ func (im *Image) copyBitmapPage(b []byte, chunk, page, sb uint64) error {
 	c := im.bitmaps
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	key := chunk*bitmapPagesPerBlk + page
-	p, ok := c.lookup(key)
-	if !ok {
-		p = c.slot(key)
-		if err := im.loadBitmapPage(p.bits[:], chunk, page, sb); err != nil {
-			c.drop(p)
-			return err
-		}
+	p, err := im.cachedBitmapPage(chunk, page, sb)
+	if err != nil {
+		return err
 	}
 	copy(b, p.bits[:])
 	return nil

@@ -368,21 +368,13 @@ func (im *Image) commitTrimsLocked() error {
 // memory is read from disk first so the rest is preserved. Caller holds
 // im.mu.
 func (im *Image) journalBATSectors(secs []uint64) error {
-	perSector := uint64(batSectorSize / 8)
 	updates := make([]logUpdate, 0, len(secs))
 	for _, sec := range secs {
-		first := sec * perSector
-		secOff := im.l.bat.offset + first*8
-		buf := make([]byte, batSectorSize)
-		if first+perSector > im.l.batOnDisk {
-			if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
-				return err
-			}
+		u, err := im.batSectorImage(sec, false)
+		if err != nil {
+			return err
 		}
-		for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
-			binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
-		}
-		updates = append(updates, logUpdate{offset: secOff, data: buf})
+		updates = append(updates, u)
 	}
 	if im.beforeTrimCommit != nil {
 		im.beforeTrimCommit()
@@ -406,20 +398,14 @@ func (im *Image) journalBATChanges(changes []batChange) error {
 	for i := 0; i < len(changes); {
 		sec := changes[i].idx / perSector
 		first := sec * perSector
-		secOff := im.l.bat.offset + first*8
-		buf := make([]byte, batSectorSize)
-		if first+perSector > im.l.batOnDisk {
-			if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
-				return err
-			}
-		}
-		for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
-			binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
+		u, err := im.batSectorImage(sec, false)
+		if err != nil {
+			return err
 		}
 		for ; i < len(changes) && changes[i].idx/perSector == sec; i++ {
-			binary.LittleEndian.PutUint64(buf[(changes[i].idx-first)*8:], changes[i].new)
+			binary.LittleEndian.PutUint64(u.data[(changes[i].idx-first)*8:], changes[i].new)
 		}
-		updates = append(updates, logUpdate{offset: secOff, data: buf})
+		updates = append(updates, u)
 	}
 	if im.beforeTrimCommit != nil {
 		im.beforeTrimCommit()

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"sync"
 	"testing"
 )
@@ -99,14 +98,7 @@ func (f *faultStorage) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("faultstorage: negative offset %d", off)
 	}
-	if off >= int64(len(f.cur)) {
-		return 0, io.EOF
-	}
-	n := copy(p, f.cur[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return readImageAt(f.cur, p, off)
 }
 
 func (f *faultStorage) WriteAt(p []byte, off int64) (int, error) {

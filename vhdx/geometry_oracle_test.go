@@ -26,8 +26,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -88,24 +86,7 @@ func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
 			if g.size > 4*gib && testing.Short() {
 				t.Skip("large sparse disk")
 			}
-			dir := t.TempDir()
-			img := filepath.Join(dir, "ours.vhdx")
-			if err := Create(img, CreateOptions{Size: g.size, Type: g.typ, BlockSize: g.bs, LogicalSectorSize: g.lss, Creator: "vhost-vhdx oracle test"}); err != nil {
-				t.Fatal(err)
-			}
-			rawPath := filepath.Join(dir, "want.raw")
-			raw, err := os.Create(rawPath)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer raw.Close()
-			if err := raw.Truncate(int64(g.size)); err != nil {
-				t.Fatal(err)
-			}
-			im, err := Open(img, OpenOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
+			im, img, raw, rawPath := newImageWithRawTwin(t, CreateOptions{Size: g.size, Type: g.typ, BlockSize: g.bs, LogicalSectorSize: g.lss, Creator: "vhost-vhdx oracle test"})
 			ws := trickyWrites(g.size, g.bs, g.lss)
 			lss, bs := int64(g.lss), int64(g.bs)
 			// One region of a single byte value for qemu-io's read -P,
@@ -119,17 +100,7 @@ func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
 				sec := int64(binary.LittleEndian.Uint64(rnd[8*i:])%(g.size/uint64(lss)-4)) * lss
 				ws = appendIfFree(ws, write{sec, pattern(sec, int(lss)*(1+i%3))})
 			}
-			for _, w := range ws {
-				if _, err := im.WriteAt(w.data, w.off); err != nil {
-					t.Fatal(err)
-				}
-				if _, err := raw.WriteAt(w.data, w.off); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if err := im.Close(); err != nil {
-				t.Fatal(err)
-			}
+			writeToBoth(t, im, raw, ws)
 
 			// libvhdi: every write with a sector of context on each side,
 			// each block boundary of the first blocks and the last block,

@@ -22,6 +22,10 @@ type gatedSyncStorage struct {
 	n       int
 }
 
+func newGatedSyncStorage() *gatedSyncStorage {
+	return &gatedSyncStorage{memStorage: newMemStorage(nil), started: make(chan int, 8), release: make(chan error)}
+}
+
 func (g *gatedSyncStorage) Sync() error {
 	g.mu.Lock()
 	g.n++
@@ -31,18 +35,25 @@ func (g *gatedSyncStorage) Sync() error {
 	return <-g.release
 }
 
+// startFirstGatedSync makes a syncLatch over a new gatedSyncStorage, whose
+// flushes that wait for a sync report on waiting, and starts a first Sync,
+// whose result arrives on first.
+func startFirstGatedSync() (gs *gatedSyncStorage, latch *syncLatch, waiting chan struct{}, first chan error) {
+	gs = newGatedSyncStorage()
+	latch = &syncLatch{Storage: gs}
+	waiting = make(chan struct{}, 8)
+	latch.group.waiting = func() { waiting <- struct{}{} }
+	first = make(chan error, 1)
+	go func() { first <- latch.Sync() }()
+	return gs, latch, waiting, first
+}
+
 // TestConcurrentFlushesAreAnsweredByOneSyncStartedAfterThem: flushes that
 // arrive while an fdatasync runs do not take its answer (it may have begun
 // before their writes completed); they wait for the next one, and that one
 // fdatasync answers all of them.
 func TestConcurrentFlushesAreAnsweredByOneSyncStartedAfterThem(t *testing.T) {
-	gs := &gatedSyncStorage{memStorage: newMemStorage(nil), started: make(chan int, 8), release: make(chan error)}
-	latch := &syncLatch{Storage: gs}
-	waiting := make(chan struct{}, 8)
-	latch.group.waiting = func() { waiting <- struct{}{} }
-
-	first := make(chan error, 1)
-	go func() { first <- latch.Sync() }()
+	gs, latch, waiting, first := startFirstGatedSync()
 	if n := <-gs.started; n != 1 {
 		t.Fatalf("first sync is number %d", n)
 	}
@@ -81,13 +92,7 @@ func TestConcurrentFlushesAreAnsweredByOneSyncStartedAfterThem(t *testing.T) {
 // fdatasync that answers several flushes fails, each of them reports it,
 // and the latch keeps failing later flushes (writes before it may be lost).
 func TestSharedSyncFailureFailsEveryWaiterAndLaterFlushes(t *testing.T) {
-	gs := &gatedSyncStorage{memStorage: newMemStorage(nil), started: make(chan int, 8), release: make(chan error)}
-	latch := &syncLatch{Storage: gs}
-	waiting := make(chan struct{}, 8)
-	latch.group.waiting = func() { waiting <- struct{}{} }
-
-	first := make(chan error, 1)
-	go func() { first <- latch.Sync() }()
+	gs, latch, waiting, first := startFirstGatedSync()
 	<-gs.started
 	results := make(chan error, 2)
 	for range 2 {
@@ -119,7 +124,7 @@ func TestSharedSyncFailureFailsEveryWaiterAndLaterFlushes(t *testing.T) {
 
 	// With payload written in place at risk (rule 3), every later sync
 	// fails, saying so, without an fdatasync.
-	gs2 := &gatedSyncStorage{memStorage: newMemStorage(nil), started: make(chan int, 8), release: make(chan error)}
+	gs2 := newGatedSyncStorage()
 	lost := &syncLatch{Storage: gs2}
 	lost.markDirty()
 	failed := make(chan error, 1)
@@ -184,30 +189,46 @@ func (d *batchDriver) batch(im *Image, ws []imageWrite) []error {
 	return errs
 }
 
-// TestAllocationsThatArriveTogetherShareOneJournalEntry: writes into N
-// unallocated blocks that arrive while a batch is open are published by
-// one journal entry, and each reads back.
-func TestAllocationsThatArriveTogetherShareOneJournalEntry(t *testing.T) {
-	s := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib})
+// mustBatch issues the writes as one batch and fails t if any write fails.
+func (d *batchDriver) mustBatch(t *testing.T, im *Image, ws []imageWrite) {
+	t.Helper()
+	for i, err := range d.batch(im, ws) {
+		if err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+	}
+}
+
+// openSessionImage opens a new in-memory image of size bytes (1 MiB
+// blocks) with 4 KiB written to block 0, so that the write session has
+// started and what a test measures next is allocation alone. The image is
+// closed when the test ends.
+func openSessionImage(t *testing.T, size int64) *Image {
+	t.Helper()
+	s := createMem(t, CreateOptions{Size: uint64(size), BlockSize: mib})
 	im, err := OpenStorage(s, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer im.Close()
+	t.Cleanup(func() { im.Close() })
 	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil { // session start, block 0
 		t.Fatal(err)
 	}
+	return im
+}
+
+// TestAllocationsThatArriveTogetherShareOneJournalEntry: writes into N
+// unallocated blocks that arrive while a batch is open are published by
+// one journal entry, and each reads back.
+func TestAllocationsThatArriveTogetherShareOneJournalEntry(t *testing.T) {
+	im := openSessionImage(t, 64*mib)
 	d := driveBatches(im)
 	var ws []imageWrite
 	for b := int64(1); b <= 8; b++ {
 		ws = append(ws, imageWrite{b*mib + 4096*b, pattern(10+b, 4096)})
 	}
 	before := im.Counters()
-	for i, err := range d.batch(im, ws) {
-		if err != nil {
-			t.Fatalf("write %d: %v", i, err)
-		}
-	}
+	d.mustBatch(t, im, ws)
 	after := im.Counters()
 	if got := after.Allocations - before.Allocations; got != 8 {
 		t.Fatalf("%d allocations, want 8", got)
@@ -231,23 +252,11 @@ func TestAllocationsThatArriveTogetherShareOneJournalEntry(t *testing.T) {
 // reserved for it and returns once that batch published it: one block,
 // both writes present.
 func TestSecondWriteIntoPendingBlockJoinsItsAllocation(t *testing.T) {
-	s := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib})
-	im, err := OpenStorage(s, OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
-	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
-		t.Fatal(err)
-	}
+	im := openSessionImage(t, 64*mib)
 	d := driveBatches(im)
 	ws := []imageWrite{{5 * mib, pattern(2, 4096)}, {5*mib + 8192, pattern(3, 8192)}}
 	before := im.Counters()
-	for i, err := range d.batch(im, ws) {
-		if err != nil {
-			t.Fatalf("write %d: %v", i, err)
-		}
-	}
+	d.mustBatch(t, im, ws)
 	if got := im.Counters().Allocations - before.Allocations; got != 1 {
 		t.Fatalf("%d allocations for two writes into one block, want 1", got)
 	}
@@ -265,15 +274,7 @@ func TestSecondWriteIntoPendingBlockJoinsItsAllocation(t *testing.T) {
 // wait for the next batch instead of growing the open one, so a journal
 // entry always fits the smallest log.
 func TestBatchHoldsAtMostAllocBatchMaxBlocks(t *testing.T) {
-	s := createMem(t, CreateOptions{Size: 256 * mib, BlockSize: mib})
-	im, err := OpenStorage(s, OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
-	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil {
-		t.Fatal(err)
-	}
+	im := openSessionImage(t, 256*mib)
 	const n = allocBatchMax + 7
 	release := make(chan struct{})
 	arrived := make(chan int, n)
@@ -323,27 +324,7 @@ func TestBatchHoldsAtMostAllocBatchMaxBlocks(t *testing.T) {
 // never the discarded blocks' old data), and untouched blocks are intact.
 func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
 	const bs = 1 * mib
-	base := newFaultStorage(nil)
-	if err := CreateStorage(base, CreateOptions{Size: 1 * gib, BlockSize: bs}); err != nil {
-		t.Fatal(err)
-	}
-	old := map[int64][]byte{}
-	{
-		im, err := OpenStorage(base, OpenOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for b := int64(0); b < 4; b++ {
-			old[b] = pattern(10+b, bs)
-			if _, err := im.WriteAt(old[b], b*bs); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	start := base.current()
+	start, old := imageWithOldBlocks(t, 1*gib, bs)
 	batchA := []imageWrite{{5 * bs, pattern(20, 4096)}, {6*bs + 8192, pattern(21, 4096)}, {7 * bs, pattern(22, 8192)}}
 	batchB := []imageWrite{{9*bs + 4096, pattern(30, 4096)}, {10 * bs, pattern(31, 4096)}, {11*bs + bs - 4096, pattern(32, 4096)}}
 	// The lone writes alternate between BAT sectors (512 entries each), so
@@ -424,13 +405,7 @@ func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
 				t.Fatalf("%s: reopen: %v", where, err)
 			}
 			assertNoSharedRanges(t, im)
-			read := func(b int64) []byte {
-				got := make([]byte, bs)
-				if _, err := im.ReadAt(got, b*bs); err != nil {
-					t.Fatalf("%s: read block %d: %v", where, b, err)
-				}
-				return got
-			}
+			read := blockReader(t, im, bs, where)
 			for _, b := range []int64{0, 3} {
 				if !bytes.Equal(read(b), old[b]) {
 					t.Fatalf("%s: untouched block %d changed", where, b)
@@ -558,15 +533,7 @@ func TestAllocationsDiscardsAndFlushesTogetherStayConsistent(t *testing.T) {
 // own in-place BAT write rides on the next sync), and a Flush one more.
 // This is the QD1 floor the benchmarks compare against.
 func TestLoneAllocationCostsOneSyncAndFlushOne(t *testing.T) {
-	s := createMem(t, CreateOptions{Size: 64 * mib, BlockSize: mib})
-	im, err := OpenStorage(s, OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer im.Close()
-	if _, err := im.WriteAt(pattern(1, 4096), 0); err != nil { // session start
-		t.Fatal(err)
-	}
+	im := openSessionImage(t, 64*mib)
 	before := im.Counters()
 	for b := int64(1); b <= 4; b++ {
 		if _, err := im.WriteAt(pattern(b, 4096), b*mib); err != nil {

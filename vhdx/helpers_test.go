@@ -34,10 +34,16 @@ func (m *memStorage) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, os.ErrInvalid
 	}
-	if off >= int64(len(m.data)) {
+	return readImageAt(m.data, p, off)
+}
+
+// readImageAt is ReadAt (off ≥ 0) over data, an in-memory file: what lies
+// past the end is io.EOF, as a file's ReadAt reports it.
+func readImageAt(data, p []byte, off int64) (int, error) {
+	if off >= int64(len(data)) {
 		return 0, io.EOF
 	}
-	n := copy(p, m.data[off:])
+	n := copy(p, data[off:])
 	if n < len(p) {
 		return n, io.EOF
 	}

@@ -56,10 +56,11 @@ func fillBAT(tb testing.TB, p string, entry func(i, cr uint64) uint64) {
 	}
 }
 
-// BenchmarkOpen16TiB opens (read-only) and closes a fresh 16 TiB image with
-// 1 MiB blocks, a 128 MiB BAT: sparse as we create it, and written out in
-// state ZERO as qemu-img creates it.
-func BenchmarkOpen16TiB(b *testing.B) {
+// forHuge16TiB runs bench, reporting allocations, as one sub-benchmark per
+// layout of a fresh 16 TiB image with 1 MiB blocks (a 128 MiB BAT): sparse
+// as we create it ("sparse"), and written out in state ZERO as qemu-img
+// creates it ("qemu-zero-state"). p is the image's path.
+func forHuge16TiB(b *testing.B, bench func(b *testing.B, p string)) {
 	for _, bc := range []struct {
 		name      string
 		zeroState bool
@@ -67,56 +68,51 @@ func BenchmarkOpen16TiB(b *testing.B) {
 		b.Run(bc.name, func(b *testing.B) {
 			p := hugeImage(b, 16*tib, bc.zeroState)
 			b.ReportAllocs()
-			for b.Loop() {
-				im, err := Open(p, OpenOptions{ReadOnly: true})
-				if err != nil {
-					b.Fatal(err)
-				}
-				im.Close()
-			}
+			bench(b, p)
 		})
 	}
+}
+
+// BenchmarkOpen16TiB opens (read-only) and closes a fresh 16 TiB image with
+// 1 MiB blocks, a 128 MiB BAT: sparse as we create it, and written out in
+// state ZERO as qemu-img creates it.
+func BenchmarkOpen16TiB(b *testing.B) {
+	forHuge16TiB(b, func(b *testing.B, p string) {
+		for b.Loop() {
+			im, err := Open(p, OpenOptions{ReadOnly: true})
+			if err != nil {
+				b.Fatal(err)
+			}
+			im.Close()
+		}
+	})
 }
 
 // BenchmarkInfo16TiB is what `vhost-vhdx info` does: an inspecting open and
 // Info.
 func BenchmarkInfo16TiB(b *testing.B) {
-	for _, bc := range []struct {
-		name      string
-		zeroState bool
-	}{{"sparse", false}, {"qemu-zero-state", true}} {
-		b.Run(bc.name, func(b *testing.B) {
-			p := hugeImage(b, 16*tib, bc.zeroState)
-			b.ReportAllocs()
-			for b.Loop() {
-				im, err := Open(p, OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true})
-				if err != nil {
-					b.Fatal(err)
-				}
-				if in := im.Info(); in.VirtualSize != 16*tib {
-					b.Fatalf("Info().VirtualSize = %d", in.VirtualSize)
-				}
-				im.Close()
+	forHuge16TiB(b, func(b *testing.B, p string) {
+		for b.Loop() {
+			im, err := Open(p, OpenOptions{ReadOnly: true, NoLock: true, ReplayLogInMemory: true})
+			if err != nil {
+				b.Fatal(err)
 			}
-		})
-	}
+			if in := im.Info(); in.VirtualSize != 16*tib {
+				b.Fatalf("Info().VirtualSize = %d", in.VirtualSize)
+			}
+			im.Close()
+		}
+	})
 }
 
 // BenchmarkCheck16TiB is `vhost-vhdx check` of the image alone.
 func BenchmarkCheck16TiB(b *testing.B) {
-	for _, bc := range []struct {
-		name      string
-		zeroState bool
-	}{{"sparse", false}, {"qemu-zero-state", true}} {
-		b.Run(bc.name, func(b *testing.B) {
-			p := hugeImage(b, 16*tib, bc.zeroState)
-			b.ReportAllocs()
-			for b.Loop() {
-				rep, err := Check(p, false)
-				if err != nil || rep.Damaged() {
-					b.Fatalf("Check = %+v, %v", rep, err)
-				}
+	forHuge16TiB(b, func(b *testing.B, p string) {
+		for b.Loop() {
+			rep, err := Check(p, false)
+			if err != nil || rep.Damaged() {
+				b.Fatalf("Check = %+v, %v", rep, err)
 			}
-		})
-	}
+		}
+	})
 }

@@ -123,43 +123,13 @@ func (im *Image) Extents() ([]Extent, error) {
 // chainExtents appends the extents of [start, end) as seen through this
 // layer, which is layer depth below the top.
 func (im *Image) chainExtents(out []Extent, start, end uint64, depth int) ([]Extent, error) {
-	lss := uint64(im.l.logicalSector)
-	for pos := start; pos < end; {
-		_, e, in, left := im.locate(pos)
-		n := min(left, end-pos)
-		off := batFileOffset(e) + in
-		switch st := batState(e); {
-		case st == stateFullyPresent:
-			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), FileOffset: int64(off), Data: true, Layer: depth})
-		case st == stateNotPresent && im.parent != nil:
-			var err error
-			if out, err = im.parent.chainExtents(out, pos, pos+n, depth+1); err != nil {
-				return nil, err
-			}
-		case st == statePartiallyPresent && im.l.hasParent:
-			for done := uint64(0); done < n; {
-				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
-				if err != nil {
-					return nil, err
-				}
-				k := run * lss
-				if set {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true, Layer: depth})
-				} else if im.parent != nil {
-					if out, err = im.parent.chainExtents(out, pos+done, pos+done+k, depth+1); err != nil {
-						return nil, err
-					}
-				} else {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: -1})
-				}
-				done += k
-			}
-		default:
-			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})
+	var below func(out []Extent, pos, n uint64) ([]Extent, error)
+	if im.parent != nil {
+		below = func(out []Extent, pos, n uint64) ([]Extent, error) {
+			return im.parent.chainExtents(out, pos, pos+n, depth+1)
 		}
-		pos += n
 	}
-	return out, nil
+	return im.fileExtents(out, start, end, depth, below)
 }
 
 // LayerExtents lists what THIS file defines, ignoring the layers below:
@@ -173,30 +143,46 @@ func (im *Image) LayerExtents() ([]Extent, error) {
 	if im.closed.Load() {
 		return nil, fmt.Errorf("extents: %w", ErrClosed)
 	}
-	var out []Extent
-	lss := uint64(im.l.logicalSector)
-	for pos := uint64(0); pos < im.l.size; {
+	var below func(out []Extent, pos, n uint64) ([]Extent, error)
+	if im.l.hasParent {
+		below = func(out []Extent, pos, n uint64) ([]Extent, error) {
+			return appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: 1}), nil
+		}
+	}
+	return im.fileExtents(nil, 0, im.l.size, 0, below)
+}
+
+// fileExtents appends the extents of [start, end) as this file defines
+// them, its data at layer depth; below, when not nil, appends the runs the
+// file leaves to the layers below (NOT_PRESENT blocks, §2.5.1.1, and clear
+// bits of PARTIALLY_PRESENT ones, §2.4), which are zeros otherwise.
+func (im *Image) fileExtents(out []Extent, start, end uint64, depth int, below func(out []Extent, pos, n uint64) ([]Extent, error)) ([]Extent, error) {
+	for pos := start; pos < end; {
 		_, e, in, left := im.locate(pos)
-		n := min(left, im.l.size-pos)
+		n := min(left, end-pos)
 		off := batFileOffset(e) + in
 		switch st := batState(e); {
 		case st == stateFullyPresent:
-			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), FileOffset: int64(off), Data: true})
-		case st == stateNotPresent && im.l.hasParent:
-			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: 1})
+			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), FileOffset: int64(off), Data: true, Layer: depth})
+		case st == stateNotPresent && below != nil:
+			var err error
+			if out, err = below(out, pos, n); err != nil {
+				return nil, err
+			}
 		case st == statePartiallyPresent && im.l.hasParent:
-			for done := uint64(0); done < n; {
-				run, set, err := im.bitmapRun((pos+done)/lss, (n-done)/lss)
-				if err != nil {
-					return nil, err
+			err := im.bitmapRuns(pos, n, func(at, k uint64, set bool) (err error) {
+				switch {
+				case set:
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), FileOffset: int64(off + at - pos), Data: true, Layer: depth})
+				case below != nil:
+					out, err = below(out, at, k)
+				default:
+					out = appendExtent(out, Extent{Offset: int64(at), Length: int64(k), Layer: -1})
 				}
-				k := run * lss
-				if set {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), FileOffset: int64(off + done), Data: true})
-				} else {
-					out = appendExtent(out, Extent{Offset: int64(pos + done), Length: int64(k), Layer: 1})
-				}
-				done += k
+				return err
+			})
+			if err != nil {
+				return nil, err
 			}
 		default:
 			out = appendExtent(out, Extent{Offset: int64(pos), Length: int64(n), Layer: -1})

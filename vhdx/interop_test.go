@@ -105,36 +105,8 @@ func TestQEMUAcceptsImagesWeWrite(t *testing.T) {
 				if typ == Fixed {
 					size = 300*mib - 512
 				}
-				dir := t.TempDir()
-				img := filepath.Join(dir, "ours.vhdx")
-				if err := Create(img, CreateOptions{Size: size, Type: typ, BlockSize: bs, Creator: "vhost-vhdx test"}); err != nil {
-					t.Fatal(err)
-				}
-				rawPath := filepath.Join(dir, "want.raw")
-				raw, err := os.Create(rawPath)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer raw.Close()
-				if err := raw.Truncate(int64(size)); err != nil {
-					t.Fatal(err)
-				}
-				im, err := Open(img, OpenOptions{})
-				if err != nil {
-					t.Fatal(err)
-				}
-				ws := trickyWrites(size, bs, 512)
-				for _, w := range ws {
-					if _, err := im.WriteAt(w.data, w.off); err != nil {
-						t.Fatal(err)
-					}
-					if _, err := raw.WriteAt(w.data, w.off); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if err := im.Close(); err != nil {
-					t.Fatal(err)
-				}
+				im, img, raw, rawPath := newImageWithRawTwin(t, CreateOptions{Size: size, Type: typ, BlockSize: bs, Creator: "vhost-vhdx test"})
+				writeToBoth(t, im, raw, trickyWrites(size, bs, 512))
 				out := run(t, "qemu-img", "check", "-f", "vhdx", img)
 				if !strings.Contains(out, "No errors were found") {
 					t.Fatalf("qemu-img check:\n%s", out)

@@ -224,25 +224,37 @@ func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
 // memory are preserved; entries held in memory are then written from
 // memory, which is authoritative. Caller holds im.mu.
 func (im *Image) batSectorUpdate(idx uint64, set [][2]uint64) (logUpdate, error) {
-	secByte := (idx * 8) &^ (batSectorSize - 1)
-	secOff := im.l.bat.offset + secByte
-	buf := make([]byte, batSectorSize)
-	if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
+	const perSector = batSectorSize / 8
+	sec := idx / perSector
+	u, err := im.batSectorImage(sec, true)
+	if err != nil {
 		return logUpdate{}, err
 	}
-	first := secByte / 8
-	for i := uint64(0); i < batSectorSize/8; i++ {
-		j := first + i
-		if j >= im.l.batOnDisk {
-			break
+	first := sec * perSector
+	for _, kv := range set {
+		if j := kv[0]; j >= first && j-first < perSector && j < im.l.batOnDisk {
+			binary.LittleEndian.PutUint64(u.data[(j-first)*8:], kv[1])
 		}
-		v := im.bat[j].Load()
-		for _, kv := range set {
-			if kv[0] == j {
-				v = kv[1]
-			}
+	}
+	return u, nil
+}
+
+// batSectorImage builds the journal update rewriting BAT sector sec with
+// the entries held in memory, which are authoritative. The sector is read
+// from disk first when it reaches past those entries, so the rest is
+// preserved, or always when readAlways is set. Caller holds im.mu.
+func (im *Image) batSectorImage(sec uint64, readAlways bool) (logUpdate, error) {
+	const perSector = batSectorSize / 8
+	first := sec * perSector
+	secOff := im.l.bat.offset + first*8
+	buf := make([]byte, batSectorSize)
+	if readAlways || first+perSector > im.l.batOnDisk {
+		if err := readFull(im.s, buf, secOff, "BAT sector"); err != nil {
+			return logUpdate{}, err
 		}
-		binary.LittleEndian.PutUint64(buf[i*8:], v)
+	}
+	for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
+		binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
 	}
 	return logUpdate{offset: secOff, data: buf}, nil
 }
@@ -276,32 +288,16 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 	}
 	defer im.ep.exit(im.ep.enter())
 	pos := uint64(off)
-	if im.parent != nil {
-		for _, buf := range bufs {
-			if err := im.readChain(buf, pos); err != nil {
-				return err
-			}
-			pos += uint64(len(buf))
+	if im.parent == nil {
+		if vs := vectorOf(im.s); vs != nil {
+			return im.readVecv(vs, bufs, pos) // vector.go: one preadv per run
 		}
-		return nil
-	}
-	if vs := vectorOf(im.s); vs != nil {
-		return im.readVecv(vs, bufs, pos) // vector.go: one preadv per run
 	}
 	for _, buf := range bufs {
-		for len(buf) > 0 {
-			_, e, in, left := im.locate(pos)
-			n := min(uint64(len(buf)), left)
-			if batState(e) == stateFullyPresent {
-				if err := im.readPayload(buf[:n], batFileOffset(e)+in); err != nil {
-					return err
-				}
-			} else {
-				clear(buf[:n])
-			}
-			buf = buf[n:]
-			pos += n
+		if err := im.readLayer(buf, pos); err != nil { // chain.go
+			return err
 		}
+		pos += uint64(len(buf))
 	}
 	return nil
 }

@@ -446,7 +446,6 @@ func (m *LiveMerge) forHeld(b uint64, f func(pos, length, fileOff uint64, data b
 	pos := b * bs
 	end := min(pos+bs, t.l.size)
 	_, e, _, _ := t.locate(pos)
-	lss := uint64(t.l.logicalSector)
 	switch batState(e) {
 	case stateNotPresent:
 		return nil
@@ -454,20 +453,12 @@ func (m *LiveMerge) forHeld(b uint64, f func(pos, length, fileOff uint64, data b
 		return f(pos, end-pos, batFileOffset(e), true)
 	case statePartiallyPresent:
 		base := batFileOffset(e)
-		for p := pos; p < end; {
-			run, set, err := t.bitmapRun(p/lss, (end-p)/lss)
-			if err != nil {
-				return err
+		return t.bitmapRuns(pos, end-pos, func(at, k uint64, set bool) error {
+			if !set {
+				return nil
 			}
-			k := run * lss
-			if set {
-				if err := f(p, k, base+(p-pos), true); err != nil {
-					return err
-				}
-			}
-			p += k
-		}
-		return nil
+			return f(at, k, base+(at-pos), true)
+		})
 	default: // ZERO, UNDEFINED, UNMAPPED: the top defines zeros
 		return f(pos, end-pos, 0, false)
 	}

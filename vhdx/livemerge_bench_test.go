@@ -1,7 +1,6 @@
 package vhdx
 
 import (
-	"context"
 	"testing"
 )
 
@@ -25,17 +24,7 @@ func BenchmarkLiveMerge(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StartTimer()
-		m, err := StartLiveMerge(top, LiveMergeOptions{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := m.Run(context.Background()); err != nil {
-			b.Fatal(err)
-		}
-		p, err := m.Finish()
-		if err != nil {
-			b.Fatal(err)
-		}
+		p := runLiveMerge(b, top)
 		b.StopTimer()
 		p.Close()
 		b.StartTimer()

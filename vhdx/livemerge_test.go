@@ -86,10 +86,7 @@ func TestLiveMergeDuringConcurrentWritersReadsBackEveryWrite(t *testing.T) {
 	paths, top := liveMergeChain(t, o)
 	bs := int64(o.BlockSize)
 	d := &modelDisk{t: t, want: readAll(t, top)}
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	d.m = m
 	if p := m.Progress(); p.State != MergeCopying || p.Total == 0 || p.DirtyBlocks == 0 {
 		t.Fatalf("progress at start %+v", p)
@@ -202,10 +199,7 @@ func TestLiveMergeRunsAgainAfterCancelAndAbandonKeepsTheChain(t *testing.T) {
 	o := CreateOptions{Size: 8 * mib, BlockSize: mib}
 	paths, top := liveMergeChain(t, o)
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	ctx, cancel := context.WithCancel(context.Background())
 	m.afterBlock = func(uint64) { cancel() }
 	if err := m.Run(ctx); !errors.Is(err, context.Canceled) {
@@ -227,24 +221,14 @@ func TestLiveMergeRunsAgainAfterCancelAndAbandonKeepsTheChain(t *testing.T) {
 	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
-	top, err = Open(paths[1], OpenOptions{})
+	top, err := Open(paths[1], OpenOptions{})
 	if err != nil {
 		t.Fatalf("reopen after an abandoned merge: %v", err)
 	}
 	if got := readAll(t, top); !bytes.Equal(got, want) {
 		t.Fatalf("the reopened chain differs at %#x", vhdxtest.FirstDiff(got, want))
 	}
-	m, err = StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Run(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	p, err := m.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := runLiveMerge(t, top)
 	p.Close()
 	if got := readChainOf(t, paths[0]); !bytes.Equal(got, want) {
 		t.Fatalf("the merged parent differs at %#x", vhdxtest.FirstDiff(got, want))
@@ -302,10 +286,7 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	o := CreateOptions{Size: 8 * mib, BlockSize: mib}
 	paths, top := liveMergeChain(t, o)
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := startLiveMerge(t, top)
 	var killed []string
 	m.afterBlock = func(b uint64) {
 		if b >= 5 && killed == nil { // block 5 is new in the parent: a BAT update in its log
@@ -340,10 +321,30 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	if im, err = Open(killed[1], OpenOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	m, err = StartLiveMerge(im, LiveMergeOptions{})
+	p := runLiveMerge(t, im)
+	p.Close()
+	if got := readChainOf(t, killed[0]); !bytes.Equal(got, want) {
+		t.Fatalf("merged after restart: differs at %#x", vhdxtest.FirstDiff(got, want))
+	}
+	mustCheckClean(t, killed[0])
+}
+
+// startLiveMerge starts a live merge of top into its parent, with the
+// default options.
+func startLiveMerge(t testing.TB, top *Image) *LiveMerge {
+	t.Helper()
+	m, err := StartLiveMerge(top, LiveMergeOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return m
+}
+
+// runLiveMerge merges top into its parent live, with the default options,
+// and returns the parent, now the top of the chain.
+func runLiveMerge(t testing.TB, top *Image) *Image {
+	t.Helper()
+	m := startLiveMerge(t, top)
 	if err := m.Run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -351,11 +352,7 @@ func TestRestartAfterInterruptedLiveMergeServesTheSameChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Close()
-	if got := readChainOf(t, killed[0]); !bytes.Equal(got, want) {
-		t.Fatalf("merged after restart: differs at %#x", vhdxtest.FirstDiff(got, want))
-	}
-	mustCheckClean(t, killed[0])
+	return p
 }
 
 func mustRead(t testing.TB, path string) []byte {
@@ -380,17 +377,7 @@ func TestLiveMergeIntoAMiddleLayerKeepsTheLayersBelow(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := readAll(t, top)
-	m, err := StartLiveMerge(top, LiveMergeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Run(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	p, err := m.Finish()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := runLiveMerge(t, top)
 	if p.Path() != paths[1] || p.Depth() != 1 {
 		t.Fatalf("the new top is %s at depth %d, want %s at depth 1", p.Path(), p.Depth(), paths[1])
 	}

@@ -453,15 +453,22 @@ func (sc *logScan) findActive() (tail, head *logNode, err error) {
 // replayed (§2.3.3). A zero LogGuid means the log is empty (§2.2.2); a zero
 // LogLength is treated the same way, as QEMU does.
 func hasActiveLog(s Storage, lr logRegion) (bool, error) {
-	if lr.guid == uuid.Nil || lr.length == 0 {
-		return false, nil
-	}
-	sc, err := newLogScan(s, lr)
-	if err != nil {
-		return false, err
-	}
-	_, head, err := sc.findActive()
+	_, _, head, err := findActiveLog(s, lr)
 	return head != nil, err
+}
+
+// findActiveLog scans the log for its active sequence (§2.3.3): nil nodes
+// when there is none, and no scan at all when the log is empty (a zero
+// LogGuid or LogLength, as hasActiveLog says).
+func findActiveLog(s Storage, lr logRegion) (sc *logScan, tail, head *logNode, err error) {
+	if lr.guid == uuid.Nil || lr.length == 0 {
+		return nil, nil, nil, nil
+	}
+	if sc, err = newLogScan(s, lr); err != nil {
+		return nil, nil, nil, err
+	}
+	tail, head, err = sc.findActive()
+	return sc, tail, head, err
 }
 
 // replayLog finds the active sequence and replays it (§2.3.3), then makes the
@@ -474,14 +481,7 @@ func hasActiveLog(s Storage, lr logRegion) (bool, error) {
 // A crash during replay is harmless: the log is untouched, so the next open
 // replays it again, and replay is idempotent.
 func replayLog(s Storage, lr logRegion) (replayed bool, err error) {
-	if lr.guid == uuid.Nil || lr.length == 0 {
-		return false, nil
-	}
-	sc, err := newLogScan(s, lr)
-	if err != nil {
-		return false, err
-	}
-	tail, head, err := sc.findActive()
+	sc, tail, head, err := findActiveLog(s, lr)
 	if err != nil || head == nil {
 		return false, err
 	}

@@ -115,14 +115,7 @@ func (d *fullDisk) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("fulldisk: negative offset %d", off)
 	}
-	if off >= int64(len(d.data)) {
-		return 0, io.EOF
-	}
-	n := copy(p, d.data[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return readImageAt(d.data, p, off)
 }
 
 func (d *fullDisk) WriteAt(p []byte, off int64) (int, error) {

@@ -215,14 +215,7 @@ func TestResizeCrashAtEveryBoundaryLeavesOldOrNewSize(t *testing.T) {
 // the rule and the way out, even when its parent is not at hand; the file
 // is left byte for byte as it was.
 func TestResizeRefusesADifferencingImageAndSaysWhy(t *testing.T) {
-	dir := t.TempDir()
-	parent, child := dir+"/base.vhdx", dir+"/child.avhdx"
-	if err := Create(parent, CreateOptions{Size: 64 * mib}); err != nil {
-		t.Fatal(err)
-	}
-	if err := Create(child, CreateOptions{ParentPath: parent}); err != nil {
-		t.Fatal(err)
-	}
+	parent, child := createBaseAndChild(t)
 	before, err := os.ReadFile(child)
 	if err != nil {
 		t.Fatal(err)
@@ -258,14 +251,7 @@ func TestResizeRefusesADifferencingImageAndSaysWhy(t *testing.T) {
 // implementation we did not write, fails to read it past the parent's end
 // instead of returning zeros.
 func TestAChildLargerThanItsParentIsReadByNoOne(t *testing.T) {
-	dir := t.TempDir()
-	parent, child := dir+"/base.vhdx", dir+"/child.avhdx"
-	if err := Create(parent, CreateOptions{Size: 64 * mib}); err != nil {
-		t.Fatal(err)
-	}
-	if err := Create(child, CreateOptions{ParentPath: parent}); err != nil {
-		t.Fatal(err)
-	}
+	parent, child := createBaseAndChild(t)
 	meta, err := openFileWith(child, OpenOptions{ReadOnly: true, NoLock: true}, openMetadata)
 	if err != nil {
 		t.Fatal(err)
@@ -309,4 +295,19 @@ func TestAChildLargerThanItsParentIsReadByNoOne(t *testing.T) {
 	if err == nil {
 		t.Errorf("libvhdi read the child past its parent's end: %d bytes; a grown child would be readable elsewhere", len(out))
 	}
+}
+
+// createBaseAndChild creates a 64 MiB base image and an empty differencing
+// child of it in a temp dir, and returns their paths.
+func createBaseAndChild(t *testing.T) (parent, child string) {
+	t.Helper()
+	dir := t.TempDir()
+	parent, child = dir+"/base.vhdx", dir+"/child.avhdx"
+	if err := Create(parent, CreateOptions{Size: 64 * mib}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(child, CreateOptions{ParentPath: parent}); err != nil {
+		t.Fatal(err)
+	}
+	return parent, child
 }

@@ -237,27 +237,7 @@ func assertNoSharedRanges(t *testing.T, im *Image) {
 // recovery, reusing whatever was left free, read zeros around their data.
 func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
 	const bs = 1 * mib
-	base := newFaultStorage(nil)
-	if err := CreateStorage(base, CreateOptions{Size: 16 * mib, BlockSize: bs}); err != nil {
-		t.Fatal(err)
-	}
-	old := map[int64][]byte{}
-	{
-		im, err := OpenStorage(base, OpenOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for b := int64(0); b < 4; b++ {
-			old[b] = pattern(10+b, bs)
-			if _, err := im.WriteAt(old[b], b*bs); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := im.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	start := base.current()
+	start, old := imageWithOldBlocks(t, 16*mib, bs)
 	fresh := map[int64][]byte{5: pattern(20, 4096), 6: pattern(21, 4096)}
 	type step func(im *Image) error
 	steps := []step{
@@ -306,13 +286,7 @@ func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
 				t.Fatalf("%s: reopen: %v", where, err)
 			}
 			assertNoSharedRanges(t, im)
-			read := func(b int64) []byte {
-				got := make([]byte, bs)
-				if _, err := im.ReadAt(got, b*bs); err != nil {
-					t.Fatalf("%s: read block %d: %v", where, b, err)
-				}
-				return got
-			}
+			read := blockReader(t, im, bs, where)
 			if !bytes.Equal(read(0), old[0]) {
 				t.Fatalf("%s: untouched block 0 changed", where)
 			}

@@ -46,7 +46,7 @@ func (s osStorage) ReadvAt(bufs [][]byte, off int64) (int, error) {
 	fd := int(s.f.Fd())
 	done := 0
 	for len(bufs) > 0 {
-		n, err := unix.Preadv(fd, bufs[:min(len(bufs), iovMax)], off)
+		n, err := rawPreadv(fd, bufs, off) // vector_unsafe.go: no allocation
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -69,7 +69,7 @@ func (s osStorage) WritevAt(bufs [][]byte, off int64) (int, error) {
 	fd := int(s.f.Fd())
 	done := 0
 	for len(bufs) > 0 {
-		n, err := unix.Pwritev(fd, bufs[:min(len(bufs), iovMax)], off)
+		n, err := rawPwritev(fd, bufs, off)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -101,8 +101,8 @@ func advanceIov(bufs [][]byte, n int) [][]byte {
 }
 
 // iovPool holds the run lists of ReadVec and WriteVec, so the steady state
-// allocates nothing of ours per call (x/sys/unix builds its iovec array on
-// the stack for up to 8 buffers, on the heap beyond).
+// allocates nothing per call (the iovec arrays are pooled too,
+// vector_unsafe.go).
 var iovPool = sync.Pool{New: func() any {
 	s := make([][]byte, 0, 64)
 	return &s

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -145,119 +146,172 @@ func (p *backendProc) kill() {
 	}
 }
 
-func TestBackendKilledWithWritesInFlightResubmitsExactlyTheUnfinishedOnes(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts back-end processes")
-	}
+// killedMidWrite is the scene of the SIGKILL tests: a raw disk file, a
+// back-end process on it, and a front-end with two queues and an inflight
+// buffer. Requests run in parallel inside a queue: the back-end parks the
+// 2nd and the 4th of killPerQueue writes of each queue, completes the
+// others around them, and dies with those two executing.
+type killedMidWrite struct {
+	sock, disk string
+	o          frontend.Options
+	back       *backendProc
+	f          *frontend.Frontend
+	in         *frontend.Inflight
+	want       map[uint64][]byte // sector -> the 4 KiB written there
+	parked     [][]uint16        // per queue, the parked writes' heads (buffer ids), sorted
+}
+
+const killPerQueue = 5 // three descriptors each in a 16-entry ring
+
+// killSector is where write i of queue qi goes.
+func killSector(qi, i int) uint64 { return uint64(8 * (qi*killPerQueue + i)) }
+
+func killParked(i int) bool { return i == 1 || i == 3 }
+
+// startKilledMidWrite starts the back-end and sets up a front-end with o,
+// two queues and an inflight buffer.
+func startKilledMidWrite(t *testing.T, o frontend.Options) *killedMidWrite {
+	t.Helper()
 	dir := t.TempDir()
-	sock, disk := filepath.Join(dir, "s.sock"), filepath.Join(dir, "disk.raw")
-	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o600); err != nil {
+	k := &killedMidWrite{sock: filepath.Join(dir, "s.sock"), disk: filepath.Join(dir, "disk.raw"), o: o, want: map[uint64][]byte{}}
+	k.o.NumQueues = 2
+	if err := os.WriteFile(k.disk, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	const perQueue = 5 // three descriptors each in a 16-entry ring
-	o := inflightSetup
-	o.NumQueues = 2
-
-	// Requests run in parallel inside a queue: the first back-end parks
-	// the 2nd and the 4th write of each queue, completes the others around
-	// them, and dies with those two executing.
-	sectorOf := func(queue, i int) uint64 { return uint64(8 * (queue*perQueue + i)) }
-	blocked := func(i int) bool { return i == 1 || i == 3 }
 	var blockAt []int64
-	for qi := range 2 {
-		for i := range perQueue {
-			if blocked(i) {
-				blockAt = append(blockAt, int64(sectorOf(qi, i)*512))
+	for qi := range k.o.NumQueues {
+		for i := range killPerQueue {
+			if killParked(i) {
+				blockAt = append(blockAt, int64(killSector(qi, i)*512))
 			}
 		}
 	}
-	a := startBackend(t, sock, disk, blockAt...)
-	f, err := frontend.Dial(sock)
+	k.back = startBackend(t, k.sock, k.disk, blockAt...)
+	f, err := frontend.Dial(k.sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	in, err := f.SetupInflight(o, true)
+	t.Cleanup(func() { f.Close() })
+	in, err := f.SetupInflight(k.o, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer in.Close()
-	want := map[uint64][]byte{}
-	blockedHeads := make([]map[uint16]bool, len(f.Queues))
-	for qi, q := range f.Queues {
-		blockedHeads[qi] = map[uint16]bool{}
-		for i := range perQueue {
-			sector := sectorOf(qi, i)
+	t.Cleanup(func() { in.Close() })
+	k.f, k.in = f, in
+	return k
+}
+
+// submitAndKill submits killPerQueue writes to each queue, waits until the
+// parked ones are blocked in the back-end, reaps the others (none may be a
+// parked one) and kills the back-end.
+func (k *killedMidWrite) submitAndKill(t *testing.T) {
+	t.Helper()
+	k.parked = make([][]uint16, len(k.f.Queues))
+	for qi, q := range k.f.Queues {
+		for i := range killPerQueue {
+			sector := killSector(qi, i)
 			data := pattern(byte(16*qi+i+1), 4096)
-			want[sector] = data
+			k.want[sector] = data
 			h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTOut, Sector: sector, Data: data})
 			if err != nil {
 				t.Fatal(err)
 			}
-			if blocked(i) {
-				blockedHeads[qi][h] = true
+			if killParked(i) {
+				k.parked[qi] = append(k.parked[qi], h)
 			}
 		}
+		slices.Sort(k.parked[qi])
 	}
-	for range blockAt {
-		a.await(t, "blocked")
+	for _, heads := range k.parked {
+		for range heads {
+			k.back.await(t, "blocked")
+		}
 	}
-	for qi, q := range f.Queues {
-		for range perQueue - len(blockedHeads[qi]) {
+	for qi, q := range k.f.Queues {
+		for range killPerQueue - len(k.parked[qi]) {
 			r, err := q.Reap(context.Background(), 0)
 			mustOK(t, fmt.Sprintf("queue %d write around the parked ones", qi), r, err)
-			if blockedHeads[qi][r.Head] {
+			if slices.Contains(k.parked[qi], r.Head) {
 				t.Fatalf("queue %d: parked write %d completed", qi, r.Head)
 			}
 		}
 	}
-	a.kill()
-	// What the dead back-end left: in each queue the writes it was
-	// executing, and only those, are marked in flight.
-	for qi := range f.Queues {
-		region := in.QueueRegion(qi, virtqueue.InflightRegionSize(o.QueueSize))
-		for h := 0; h < int(o.QueueSize); h++ {
-			if marked := region[16+16*h] == 1; marked != blockedHeads[qi][uint16(h)] {
-				t.Errorf("queue %d descriptor %d: in flight %t after the kill; the writes being executed have heads %v", qi, h, marked, blockedHeads[qi])
-			}
-		}
-	}
+	k.back.kill()
+}
 
-	// A new back-end on the same socket; the front-end reconnects as QEMU
-	// with reconnect=1 does, handing back the inflight buffer.
-	startBackend(t, sock, disk)
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
+// restart starts a new back-end on the same socket; the front-end
+// reconnects as QEMU with reconnect=1 does, handing back the inflight
+// buffer.
+func (k *killedMidWrite) restart(t *testing.T) {
+	t.Helper()
+	startBackend(t, k.sock, k.disk)
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: k.sock, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Reattach(c, in, o); err != nil {
+	if err := k.f.Reattach(c, k.in, k.o); err != nil {
 		t.Fatalf("reconnecting: %v", err)
 	}
-	for qi, q := range f.Queues {
-		for range len(blockedHeads[qi]) {
-			r, err := q.Reap(context.Background(), 0)
-			mustOK(t, fmt.Sprintf("queue %d resubmitted write", qi), r, err)
-			if !blockedHeads[qi][r.Head] {
-				t.Errorf("queue %d: head %d completed again after the restart", qi, r.Head)
-			}
-		}
-		if _, ok := q.PopUsed(); ok {
-			t.Errorf("queue %d: a request completed twice", qi)
+}
+
+// reapResubmitted reaps queue qi's resubmitted writes after restart: each
+// completes OK and is a parked one, and nothing completes twice.
+func (k *killedMidWrite) reapResubmitted(t *testing.T, qi int) {
+	t.Helper()
+	q := k.f.Queues[qi]
+	for range len(k.parked[qi]) {
+		r, err := q.Reap(context.Background(), 0)
+		mustOK(t, fmt.Sprintf("queue %d resubmitted write", qi), r, err)
+		if !slices.Contains(k.parked[qi], r.Head) {
+			t.Errorf("queue %d: head %d completed again after the restart", qi, r.Head)
 		}
 	}
-	got, err := os.ReadFile(disk)
+	if _, ok := q.PopUsed(); ok {
+		t.Errorf("queue %d: a request completed twice", qi)
+	}
+}
+
+// checkDisk checks that every write, the parked ones included, is on the
+// disk file.
+func (k *killedMidWrite) checkDisk(t *testing.T) {
+	t.Helper()
+	got, err := os.ReadFile(k.disk)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for sector, data := range want {
+	for sector, data := range k.want {
 		if !bytes.Equal(got[sector*512:sector*512+4096], data) {
 			t.Errorf("sector %d does not hold its write after the restart", sector)
 		}
 	}
+}
+
+func TestBackendKilledWithWritesInFlightResubmitsExactlyTheUnfinishedOnes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts back-end processes")
+	}
+	k := startKilledMidWrite(t, inflightSetup)
+	k.submitAndKill(t)
+	// What the dead back-end left: in each queue the writes it was
+	// executing, and only those, are marked in flight.
+	for qi := range k.f.Queues {
+		region := k.in.QueueRegion(qi, virtqueue.InflightRegionSize(k.o.QueueSize))
+		for h := 0; h < int(k.o.QueueSize); h++ {
+			if marked := region[16+16*h] == 1; marked != slices.Contains(k.parked[qi], uint16(h)) {
+				t.Errorf("queue %d descriptor %d: in flight %t after the kill; the writes being executed have heads %v", qi, h, marked, k.parked[qi])
+			}
+		}
+	}
+
+	k.restart(t)
+	for qi := range k.f.Queues {
+		k.reapResubmitted(t, qi)
+	}
+	k.checkDisk(t)
 	// Every request is completed and none is left marked in flight.
-	for qi := range f.Queues {
-		region := in.QueueRegion(qi, virtqueue.InflightRegionSize(o.QueueSize))
-		for h := 0; h < int(o.QueueSize); h++ {
+	for qi := range k.f.Queues {
+		region := k.in.QueueRegion(qi, virtqueue.InflightRegionSize(k.o.QueueSize))
+		for h := 0; h < int(k.o.QueueSize); h++ {
 			if region[16+16*h] != 0 {
 				t.Errorf("queue %d descriptor %d still in flight", qi, h)
 			}

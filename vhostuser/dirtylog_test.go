@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
@@ -350,7 +351,7 @@ func TestGetVringBaseAfterLoggedRequestsLeavesNothingUnmarked(t *testing.T) {
 func BenchmarkWorkerDirtyLog(b *testing.B) {
 	for _, on := range []bool{false, true} {
 		b.Run(fmt.Sprintf("logging=%t", on), func(b *testing.B) {
-			s := startServerBench(b)
+			s := startServerBench(b, newMemDisk(testDiskSize))
 			f, err := frontend.Dial(s)
 			if err != nil {
 				b.Fatal(err)
@@ -384,9 +385,9 @@ func BenchmarkWorkerDirtyLog(b *testing.B) {
 	}
 }
 
-// startServerBench runs Serve on a fresh socket for a benchmark and
-// returns the socket path.
-func startServerBench(b *testing.B) string {
+// startServerBench runs Serve of d on one queue on a fresh socket for a
+// benchmark and returns the socket path.
+func startServerBench(b *testing.B, d blk.Disk) string {
 	b.Helper()
 	path := b.TempDir() + "/s.sock"
 	ln, err := vhostuser.Listen(path)
@@ -396,7 +397,7 @@ func startServerBench(b *testing.B) string {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: newMemDisk(testDiskSize), NumQueues: 1})
+		done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: d, NumQueues: 1})
 	}()
 	b.Cleanup(func() { cancel(); <-done })
 	return path

@@ -28,7 +28,11 @@ type requestGate struct {
 
 // waitHook, nil outside tests, is called when a drain or a ring stop has
 // to wait for requests in flight ("drain", "stop"), so tests can release a
-// parked request exactly then instead of sleeping (export_test.go).
+// parked request exactly then instead of sleeping (export_test.go). A ring
+// stop also calls it with "stop-check" while it holds the queue's qmu to
+// look at what is still in flight, and a completion with "left" when it
+// found qmu held and left its publication to the holder, so a test can
+// make the two meet.
 var waitHook func(what string)
 
 func newRequestGate() *requestGate {

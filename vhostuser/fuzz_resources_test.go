@@ -219,19 +219,28 @@ func drainReplies(b *net.UnixConn) {
 	oob := make([]byte, unix.CmsgSpace(4*8))
 	for {
 		n, oobn, _, _, err := b.ReadMsgUnix(buf, oob)
-		if oobn > 0 {
-			if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
-				for _, cm := range cms {
-					if fds, err := unix.ParseUnixRights(&cm); err == nil {
-						for _, fd := range fds {
-							unix.Close(fd)
-						}
-					}
-				}
-			}
-		}
+		closeRights(oob[:oobn])
 		if err != nil || n == 0 {
 			return
+		}
+	}
+}
+
+// closeRights closes every fd the SCM_RIGHTS messages in oob carry; oob
+// that does not parse carries none this test could close.
+func closeRights(oob []byte) {
+	if len(oob) == 0 {
+		return
+	}
+	cms, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return
+	}
+	for _, cm := range cms {
+		if fds, err := unix.ParseUnixRights(&cm); err == nil {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
 		}
 	}
 }
@@ -249,17 +258,7 @@ func syncSession(t *testing.T, b *net.UnixConn) {
 	var got []byte
 	for {
 		n, oobn, _, _, err := b.ReadMsgUnix(buf, oob)
-		if oobn > 0 {
-			if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
-				for _, cm := range cms {
-					if fds, err := unix.ParseUnixRights(&cm); err == nil {
-						for _, fd := range fds {
-							unix.Close(fd)
-						}
-					}
-				}
-			}
-		}
+		closeRights(oob[:oobn])
 		if err != nil || n == 0 {
 			t.Fatalf("session ended before the sync reply: %v", err)
 		}

@@ -6,8 +6,6 @@ import (
 	"io"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 )
@@ -68,27 +66,8 @@ func FuzzServeConn(f *testing.F) {
 		defer b.Close()
 		drained := make(chan struct{})
 		go func() {
-			// Read replies and close any fd they carry.
 			defer close(drained)
-			buf := make([]byte, 4096)
-			oob := make([]byte, unix.CmsgSpace(4*8))
-			for {
-				n, oobn, _, _, err := b.ReadMsgUnix(buf, oob)
-				if oobn > 0 {
-					if cms, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
-						for _, cm := range cms {
-							if fds, err := unix.ParseUnixRights(&cm); err == nil {
-								for _, fd := range fds {
-									unix.Close(fd)
-								}
-							}
-						}
-					}
-				}
-				if err != nil || n == 0 {
-					return
-				}
-			}
+			drainReplies(b)
 		}()
 		done := make(chan error, 1)
 		go func() {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
@@ -18,45 +19,15 @@ import (
 func TestDestinationRingsStartOnlyAfterTheSourceStoppedItsRings(t *testing.T) {
 	disk := newMemDisk(testDiskSize)
 	gate := vhostuser.NewRingGate()
-	var paths []string
-	for _, name := range []string{"a.sock", "b.sock"} {
-		path := filepath.Join(t.TempDir(), name)
-		ln, err := vhostuser.Listen(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() {
-			done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: disk, Gate: gate, NumQueues: 2})
-		}()
-		t.Cleanup(func() { cancel(); <-done })
-		paths = append(paths, path)
-	}
-	src, err := frontend.Dial(paths[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	if err := src.Setup(frontend.Options{NumQueues: 2}); err != nil {
-		t.Fatal(err)
-	}
+	paths := serveOnTwoSockets(t, vhostuser.Options{Disk: disk, Gate: gate, NumQueues: 2})
+	src := dialSetUp(t, paths[0])
 	ctx := context.Background()
 	data := bytes.Repeat([]byte("source wrote this "), 512)[:8192]
 	if res, err := src.Queues[1].Write(ctx, 64, data); err != nil || res.Status != 0 {
 		t.Fatalf("source write: %v, status %d", err, res.Status)
 	}
 
-	dst, err := frontend.Dial(paths[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	setup := make(chan error, 1)
-	go func() { setup <- dst.Setup(frontend.Options{NumQueues: 2}) }()
-	for gate.Waiting() == 0 {
-		runtime.Gosched()
-	}
+	dst, setup := dialWaitingAtGate(t, paths[1], gate)
 	select {
 	case err := <-setup:
 		t.Fatalf("destination started a ring while the source's run (Setup: %v)", err)
@@ -90,4 +61,66 @@ func TestDestinationRingsStartOnlyAfterTheSourceStoppedItsRings(t *testing.T) {
 	for gate.Owner() != 0 {
 		runtime.Gosched()
 	}
+}
+
+// serveOnTwoSockets serves one device with opts on two sockets, a.sock and
+// b.sock, as `serve --socket-path A --socket-path B` does, and returns
+// their paths once both Serve goroutines run. The servers stop at cleanup.
+func serveOnTwoSockets(t *testing.T, opts vhostuser.Options) []string {
+	t.Helper()
+	dir := t.TempDir()
+	var paths []string
+	var serving sync.WaitGroup
+	for _, name := range []string{"a.sock", "b.sock"} {
+		path := filepath.Join(dir, name)
+		ln, err := vhostuser.Listen(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		serving.Add(1)
+		go func() {
+			serving.Done()
+			done <- vhostuser.Serve(ctx, ln, opts)
+		}()
+		t.Cleanup(func() { cancel(); <-done })
+		paths = append(paths, path)
+	}
+	serving.Wait()
+	return paths
+}
+
+// dialSetUp connects to path and negotiates two queues; the connection is
+// closed at cleanup.
+func dialSetUp(t *testing.T, path string) *frontend.Frontend {
+	t.Helper()
+	f, err := frontend.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	if err := f.Setup(frontend.Options{NumQueues: 2}); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// dialWaitingAtGate connects to path and negotiates two queues in the
+// background; it returns once the first ring waits at gate, with the
+// channel that will carry Setup's result. The connection is closed at
+// cleanup.
+func dialWaitingAtGate(t *testing.T, path string, gate *vhostuser.RingGate) (*frontend.Frontend, <-chan error) {
+	t.Helper()
+	f, err := frontend.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	setup := make(chan error, 1)
+	go func() { setup <- f.Setup(frontend.Options{NumQueues: 2}) }()
+	for gate.Waiting() == 0 {
+		runtime.Gosched()
+	}
+	return f, setup
 }

@@ -39,23 +39,54 @@ func newGuestReq(t *testing.T, f *frontend.Frontend, typ uint32, sector uint64, 
 	return r
 }
 
+// withData is the usual three-descriptor chain: the 16-byte header, the
+// given data descriptor (chained on to descriptor 2), and the status byte,
+// device-writable.
+func (r *guestReq) withData(data frontend.RawDesc) []frontend.RawDesc {
+	data.Flags, data.Next = data.Flags|fNext, 2
+	return []frontend.RawDesc{
+		{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
+		data,
+		{Addr: r.statusGPA, Len: 1, Flags: fWrite},
+	}
+}
+
+// ownData is withData over r's own data buffer, all dataLen bytes, with
+// the given flags besides NEXT.
+func (r *guestReq) ownData(flags uint16) []frontend.RawDesc {
+	return r.withData(frontend.RawDesc{Addr: r.dataGPA, Len: uint32(r.dataLen), Flags: flags})
+}
+
+// headerStatus is a chain with no data: a header descriptor of hdrLen
+// bytes and the device-writable status byte.
+func (r *guestReq) headerStatus(hdrLen uint32) []frontend.RawDesc {
+	return []frontend.RawDesc{{Addr: r.hdrGPA, Len: hdrLen, Flags: fNext, Next: 1}, {Addr: r.statusGPA, Len: 1, Flags: fWrite}}
+}
+
+// laid returns a case's build: fresh buffers for a request of type typ at
+// sector with n data bytes, the chain lay makes of them written at
+// descriptors 0.., and head 0 made available.
+func laid(typ uint32, sector uint64, n int, lay func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc) func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
+	return func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
+		t.Helper()
+		r := newGuestReq(t, f, typ, sector, n)
+		for i, d := range lay(t, f, r) {
+			q.SetDesc(uint16(i), d)
+		}
+		q.PutAvail(0)
+		return r
+	}
+}
+
 // table writes descs as an indirect table in fresh guest memory, at an
 // address offset by skew bytes from 16-byte alignment.
 func table(t *testing.T, f *frontend.Frontend, skew int, descs ...frontend.RawDesc) uint64 {
 	t.Helper()
-	off, err := f.Alloc(16*len(descs)+skew, 16)
+	gpa, err := f.DescTable(skew, descs...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	off += skew
-	for i, d := range descs {
-		b := f.Mem[off+16*i:]
-		le.PutUint64(b, d.Addr)
-		le.PutUint32(b[8:], d.Len)
-		le.PutUint16(b[12:], d.Flags)
-		le.PutUint16(b[14:], d.Next)
-	}
-	return frontend.GPA(off)
+	return gpa
 }
 
 const (
@@ -86,167 +117,83 @@ func TestHostileGuestRequestGetsErrorAndServerServesNext(t *testing.T) {
 		wantStatus int
 		wantLen    uint32
 	}{
-		{"descriptor address outside guest memory", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: frontend.GPA(64 << 20), Len: 512, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"buffer running past the end of the region", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: frontend.GPA(len(f.Mem) - 256), Len: 512, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"looping chain", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 0})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"next index beyond the ring", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 40000})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"chain longer than the ring (through an indirect table)", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
+		{"descriptor address outside guest memory", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.withData(frontend.RawDesc{Addr: frontend.GPA(64 << 20), Len: 512})
+		}), noStatus, 0},
+		{"buffer running past the end of the region", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.withData(frontend.RawDesc{Addr: frontend.GPA(len(f.Mem) - 256), Len: 512})
+		}), noStatus, 0},
+		{"looping chain", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1}, {Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 0}}
+		}), noStatus, 0},
+		{"next index beyond the ring", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 40000}}
+		}), noStatus, 0},
+		{"chain longer than the ring (through an indirect table)", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
 			descs := []frontend.RawDesc{{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1}}
 			for i := 1; i < 20; i++ {
 				descs = append(descs, frontend.RawDesc{Addr: r.dataGPA, Len: 16, Flags: fNext, Next: uint16(i + 1)})
 			}
 			descs = append(descs, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.SetDesc(0, frontend.RawDesc{Addr: table(t, f, 0, descs...), Len: uint32(16 * len(descs)), Flags: fIndirect})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"nested indirect table", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 0, 512)
-			inner := table(t, f, 0,
-				frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
-				frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
+			return []frontend.RawDesc{{Addr: table(t, f, 0, descs...), Len: uint32(16 * len(descs)), Flags: fIndirect}}
+		}), noStatus, 0},
+		{"nested indirect table", laid(frontend.BlkTIn, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			inner := table(t, f, 0, r.headerStatus(16)...)
 			outer := table(t, f, 0, frontend.RawDesc{Addr: inner, Len: 32, Flags: fIndirect})
-			q.SetDesc(0, frontend.RawDesc{Addr: outer, Len: 16, Flags: fIndirect})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"indirect table length not a multiple of 16", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 0, 512)
-			tb := table(t, f, 0,
-				frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
-				frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.SetDesc(0, frontend.RawDesc{Addr: tb, Len: 24, Flags: fIndirect})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"indirect descriptor with NEXT set too", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 0, 512)
-			tb := table(t, f, 0,
-				frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
-				frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.SetDesc(0, frontend.RawDesc{Addr: tb, Len: 32, Flags: fIndirect | fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"indirect table at an address not 16-aligned is still read correctly", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 0, 512)
-			tb := table(t, f, 8,
-				frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
-				frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext | fWrite, Next: 2},
-				frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.SetDesc(0, frontend.RawDesc{Addr: tb, Len: 48, Flags: fIndirect})
-			q.PutAvail(0)
-			return r
-		}, statusOK, 512 + 1},
-		{"device-readable buffer after a device-writable one", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite | fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.dataGPA, Len: 512})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"request header shorter than 16 bytes", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 0)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 8, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"status byte in a device-readable buffer", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1})
-			q.PutAvail(0)
-			return r
-		}, noStatus, 0},
-		{"IN into device-readable buffers", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 0, 512)
+			return []frontend.RawDesc{{Addr: outer, Len: 16, Flags: fIndirect}}
+		}), noStatus, 0},
+		{"indirect table length not a multiple of 16", laid(frontend.BlkTIn, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{{Addr: table(t, f, 0, r.headerStatus(16)...), Len: 24, Flags: fIndirect}}
+		}), noStatus, 0},
+		{"indirect descriptor with NEXT set too", laid(frontend.BlkTIn, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{
+				{Addr: table(t, f, 0, r.headerStatus(16)...), Len: 32, Flags: fIndirect | fNext, Next: 1},
+				{Addr: r.statusGPA, Len: 1, Flags: fWrite},
+			}
+		}), noStatus, 0},
+		{"indirect table at an address not 16-aligned is still read correctly", laid(frontend.BlkTIn, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{{Addr: table(t, f, 8, r.ownData(fWrite)...), Len: 48, Flags: fIndirect}}
+		}), statusOK, 512 + 1},
+		{"device-readable buffer after a device-writable one", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return []frontend.RawDesc{
+				{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
+				{Addr: r.statusGPA, Len: 1, Flags: fWrite | fNext, Next: 2},
+				{Addr: r.dataGPA, Len: 512},
+			}
+		}), noStatus, 0},
+		{"request header shorter than 16 bytes", laid(frontend.BlkTOut, 0, 0, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.headerStatus(8)
+		}), anyError, lenNoData},
+		{"status byte in a device-readable buffer", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			descs := r.ownData(0)
+			descs[2].Flags = 0
+			return descs
+		}), noStatus, 0},
+		{"IN into device-readable buffers", laid(frontend.BlkTIn, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
 			copy(f.Mem[r.data:], pattern(5, 512))
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
 			r.keep = pattern(5, 512)
-			return r
-		}, anyError, lenNoData},
-		{"OUT data in device-writable buffers", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
+			return r.ownData(0)
+		}), anyError, lenNoData},
+		{"OUT data in device-writable buffers", laid(frontend.BlkTOut, 0, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
 			copy(f.Mem[r.data:], pattern(6, 512))
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext | fWrite, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"write past the capacity", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, capacitySectors-1, 1024)
+			return r.ownData(fWrite)
+		}), anyError, lenNoData},
+		{"write past the capacity", laid(frontend.BlkTOut, capacitySectors-1, 1024, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
 			copy(f.Mem[r.data:], pattern(7, 1024))
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 1024, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"write at a sector near 2^64", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 1<<64-1, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"read whose byte offset wraps 2^64", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTIn, 1<<55, 512)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext | fWrite, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"write of a length not a multiple of 512", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, frontend.BlkTOut, 0, 100)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.dataGPA, Len: 100, Flags: fNext, Next: 2})
-			q.SetDesc(2, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, anyError, lenNoData},
-		{"unknown request type", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
-			r := newGuestReq(t, f, 0x7777, 0, 0)
-			q.SetDesc(0, frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1})
-			q.SetDesc(1, frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.PutAvail(0)
-			return r
-		}, unsupp, lenNoData},
+			return r.ownData(0)
+		}), anyError, lenNoData},
+		{"write at a sector near 2^64", laid(frontend.BlkTOut, 1<<64-1, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.ownData(0)
+		}), anyError, lenNoData},
+		{"read whose byte offset wraps 2^64", laid(frontend.BlkTIn, 1<<55, 512, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.ownData(fWrite)
+		}), anyError, lenNoData},
+		{"write of a length not a multiple of 512", laid(frontend.BlkTOut, 0, 100, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.ownData(0)
+		}), anyError, lenNoData},
+		{"unknown request type", laid(0x7777, 0, 0, func(t *testing.T, f *frontend.Frontend, r *guestReq) []frontend.RawDesc {
+			return r.headerStatus(16)
+		}), unsupp, lenNoData},
 		{"head index beyond the ring in the avail ring", func(t *testing.T, f *frontend.Frontend, q *frontend.Queue) *guestReq {
 			q.PutAvail(300)
 			return nil
@@ -259,11 +206,7 @@ func TestHostileGuestRequestGetsErrorAndServerServesNext(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := frontend.Dial(s.path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f := s.dial(t)
 			if err := f.Setup(smallSetup); err != nil {
 				t.Fatal(err)
 			}

@@ -6,7 +6,6 @@ import (
 	"os"
 	"runtime"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -232,11 +231,7 @@ func (s *testServer) runMalformedCases(t *testing.T, cases []malformedCase, send
 	t.Helper()
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			f, err := frontend.Dial(s.path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
+			f := s.dial(t)
 			if err := negotiate(f, tc.state); err != nil {
 				t.Fatalf("getting to the state under test: %v", err)
 			}
@@ -295,27 +290,13 @@ func TestConnectDisconnectCyclesLeakNoFDsOrGoroutines(t *testing.T) {
 		cycle()
 	}
 	// Settle: goroutines that already signalled completion may still be
-	// unwinding. This loop only waits; the assertion is on counts.
-	fds, g := countFDs(t), runtime.NumGoroutine()
-	for i := 0; i < 200 && (fds > fds0 || g > g0); i++ {
-		time.Sleep(5 * time.Millisecond)
-		fds, g = countFDs(t), runtime.NumGoroutine()
-	}
-	if fds > fds0 {
-		t.Errorf("open fds grew from %d to %d over 100 connections", fds0, fds)
-	}
-	if g > g0 {
-		t.Errorf("goroutines grew from %d to %d over 100 connections", g0, g)
-	}
+	// unwinding. The wait only waits; the assertion is on counts.
+	noFDOrGoroutineGrowth(t, fds0, g0, "100 connections")
 }
 
 func TestMemoryFaultBreaksOnlyThatQueueAndDaemonLives(t *testing.T) {
 	s := startServer(t, 1)
-	f, err := frontend.Dial(s.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := s.dial(t)
 	o := smallSetup
 	o.MemSize = 2 << 20
 	if err := f.Setup(o); err != nil {

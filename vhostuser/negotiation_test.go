@@ -13,6 +13,23 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
 )
 
+// connectNegotiating connects smallSetup to a fresh one-queue server,
+// offering the feature bit (named name) only if on, and fails unless the
+// negotiated features agree.
+func connectNegotiating(t *testing.T, name string, feature uint64, on bool) (*testServer, *frontend.Frontend) {
+	t.Helper()
+	s := startServer(t, 1)
+	o := smallSetup
+	if !on {
+		o.Features = ^feature
+	}
+	f := s.connect(t, o)
+	if got := f.Features&feature != 0; got != on {
+		t.Fatalf("%s negotiated %v, want %v", name, got, on)
+	}
+	return s, f
+}
+
 // An indirect descriptor is followed only when VIRTIO_RING_F_INDIRECT_DESC
 // was negotiated. Without it the chain is malformed: completed with used
 // length 0, no status written, the disk untouched, reported through
@@ -26,23 +43,11 @@ func TestIndirectDescriptorHonouredOnlyWhenNegotiated(t *testing.T) {
 		{"not negotiated", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := startServer(t, 1)
-			o := smallSetup
-			if !tc.negotiated {
-				o.Features = ^uint64(vhostuser.FeatureIndirectDesc)
-			}
-			f := s.connect(t, o)
-			if got := f.Features&vhostuser.FeatureIndirectDesc != 0; got != tc.negotiated {
-				t.Fatalf("INDIRECT_DESC negotiated %v, want %v", got, tc.negotiated)
-			}
+			s, f := connectNegotiating(t, "INDIRECT_DESC", vhostuser.FeatureIndirectDesc, tc.negotiated)
 			q := f.Queues[0]
 			r := newGuestReq(t, f, frontend.BlkTOut, 0, 512)
 			copy(f.Mem[r.data:], pattern(9, 512))
-			tb := table(t, f, 0,
-				frontend.RawDesc{Addr: r.hdrGPA, Len: 16, Flags: fNext, Next: 1},
-				frontend.RawDesc{Addr: r.dataGPA, Len: 512, Flags: fNext, Next: 2},
-				frontend.RawDesc{Addr: r.statusGPA, Len: 1, Flags: fWrite})
-			q.SetDesc(0, frontend.RawDesc{Addr: tb, Len: 48, Flags: fIndirect})
+			q.SetDesc(0, frontend.RawDesc{Addr: table(t, f, 0, r.ownData(0)...), Len: 48, Flags: fIndirect})
 			q.PutAvail(0)
 			ctx := context.Background()
 			u, err := q.WaitUsed(ctx)
@@ -94,15 +99,7 @@ func TestUsedNotificationSuppressionFollowsNegotiatedEventIdx(t *testing.T) {
 		{"event idx: NO_INTERRUPT is ignored", true, true, 0, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := startServer(t, 1)
-			o := smallSetup
-			if !tc.eventIdx {
-				o.Features = ^uint64(vhostuser.FeatureEventIdx)
-			}
-			f := s.connect(t, o)
-			if got := f.Features&vhostuser.FeatureEventIdx != 0; got != tc.eventIdx {
-				t.Fatalf("EVENT_IDX negotiated %v, want %v", got, tc.eventIdx)
-			}
+			_, f := connectNegotiating(t, "EVENT_IDX", vhostuser.FeatureEventIdx, tc.eventIdx)
 			q := f.Queues[0]
 			// A first request, so the ring has signalled once: the first
 			// check after a start always signals (libvhost-user

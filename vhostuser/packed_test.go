@@ -4,9 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -146,81 +143,25 @@ func TestPackedBackendKilledMidWriteIsReplacedWithoutLosingRequests(t *testing.T
 	if testing.Short() {
 		t.Skip("starts back-end processes")
 	}
-	dir := t.TempDir()
-	sock, disk := filepath.Join(dir, "s.sock"), filepath.Join(dir, "disk.raw")
-	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	const perQueue = 5
 	o := inflightSetup
-	o.NumQueues = 2
 	o.Packed = true
-	sectorOf := func(queue, i int) uint64 { return uint64(8 * (queue*perQueue + i)) }
-	// Requests run in parallel inside a queue: the 2nd and 4th write of
-	// each queue park, the others complete around them (their used
-	// descriptors go out of order), then the back-end dies.
-	parked := func(i int) bool { return i == 1 || i == 3 }
-	var blockAt []int64
-	for qi := range 2 {
-		for i := range perQueue {
-			if parked(i) {
-				blockAt = append(blockAt, int64(sectorOf(qi, i)*512))
-			}
-		}
-	}
-	a := startBackend(t, sock, disk, blockAt...)
-	f, err := frontend.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	in, err := f.SetupInflight(o, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer in.Close()
-	if !f.Queues[0].Packed() {
+	// The parked writes' used descriptors go out of order: the others
+	// complete around them before the back-end dies.
+	k := startKilledMidWrite(t, o)
+	if !k.f.Queues[0].Packed() {
 		t.Fatal("packed ring not negotiated")
 	}
-	regionSize := virtqueue.InflightPackedRegionSize(o.QueueSize)
-	if in.Msg.MmapSize != 2*regionSize {
-		t.Fatalf("GET_INFLIGHT_FD mmap_size %d, want 2 packed regions of %d", in.Msg.MmapSize, regionSize)
+	regionSize := virtqueue.InflightPackedRegionSize(k.o.QueueSize)
+	if k.in.Msg.MmapSize != 2*regionSize {
+		t.Fatalf("GET_INFLIGHT_FD mmap_size %d, want 2 packed regions of %d", k.in.Msg.MmapSize, regionSize)
 	}
-	want := map[uint64][]byte{}
-	blocked := make([][]uint16, len(f.Queues))
-	for qi, q := range f.Queues {
-		for i := range perQueue {
-			sector := sectorOf(qi, i)
-			data := pattern(byte(16*qi+i+1), 4096)
-			want[sector] = data
-			h, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTOut, Sector: sector, Data: data})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if parked(i) {
-				blocked[qi] = append(blocked[qi], h)
-			}
-		}
-	}
-	for qi := range blocked {
-		slices.Sort(blocked[qi])
-	}
-	for range blockAt {
-		a.await(t, "blocked")
-	}
-	for qi, q := range f.Queues {
-		for range perQueue - len(blocked[qi]) {
-			r, err := q.Reap(context.Background(), 0)
-			mustOK(t, fmt.Sprintf("queue %d write around the parked ones", qi), r, err)
-		}
-	}
-	a.kill()
+	k.submitAndKill(t)
 	// In each queue's region exactly the chains being executed are in
 	// flight (their entries carry their buffer ids).
 	inFlight := func(qi int) []uint16 {
-		region := in.QueueRegion(qi, regionSize)
+		region := k.in.QueueRegion(qi, regionSize)
 		var ids []uint16
-		for e := 0; e < int(o.QueueSize); e++ {
+		for e := 0; e < int(k.o.QueueSize); e++ {
 			ent := region[32+32*e:]
 			if ent[0] == 1 {
 				ids = append(ids, le.Uint16(ent[16:]))
@@ -228,49 +169,25 @@ func TestPackedBackendKilledMidWriteIsReplacedWithoutLosingRequests(t *testing.T
 		}
 		return ids
 	}
-	for qi := range f.Queues {
+	for qi := range k.f.Queues {
 		ids := inFlight(qi)
 		slices.Sort(ids)
-		if !slices.Equal(ids, blocked[qi]) {
-			t.Errorf("queue %d: chains in flight after the kill %v, want exactly %v", qi, ids, blocked[qi])
+		if !slices.Equal(ids, k.parked[qi]) {
+			t.Errorf("queue %d: chains in flight after the kill %v, want exactly %v", qi, ids, k.parked[qi])
 		}
 	}
-	startBackend(t, sock, disk)
-	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Reattach(c, in, o); err != nil {
-		t.Fatalf("reconnecting: %v", err)
-	}
-	for qi, q := range f.Queues {
-		for range len(blocked[qi]) {
-			r, err := q.Reap(context.Background(), 0)
-			mustOK(t, fmt.Sprintf("queue %d resubmitted write", qi), r, err)
-			if !slices.Contains(blocked[qi], r.Head) {
-				t.Errorf("queue %d: buffer %d completed again after the restart", qi, r.Head)
-			}
-		}
-		if _, ok := q.PopUsed(); ok {
-			t.Errorf("queue %d: a request completed twice", qi)
-		}
+	k.restart(t)
+	for qi, q := range k.f.Queues {
+		k.reapResubmitted(t, qi)
 		// The ring goes on after the recovery.
-		r, err := q.Read(context.Background(), sectorOf(qi, 0), 4096)
+		r, err := q.Read(context.Background(), killSector(qi, 0), 4096)
 		mustOK(t, "read after the restart", r, err)
-		if !bytes.Equal(r.Data, want[sectorOf(qi, 0)]) {
+		if !bytes.Equal(r.Data, k.want[killSector(qi, 0)]) {
 			t.Errorf("queue %d: read after the restart differs", qi)
 		}
 	}
-	got, err := os.ReadFile(disk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for sector, data := range want {
-		if !bytes.Equal(got[sector*512:sector*512+4096], data) {
-			t.Errorf("sector %d does not hold its write after the restart", sector)
-		}
-	}
-	for qi := range f.Queues {
+	k.checkDisk(t)
+	for qi := range k.f.Queues {
 		if ids := inFlight(qi); len(ids) != 0 {
 			t.Errorf("queue %d: chains %v still in flight", qi, ids)
 		}
@@ -351,36 +268,7 @@ func TestPackedMemTableSwapWhileQueuesRun(t *testing.T) {
 			} else {
 				f = s.connect(t, o)
 			}
-			ctx := context.Background()
-			errs := make(chan error, 2)
-			for qi, q := range f.Queues {
-				go func() {
-					for i := 0; i < 100; i++ {
-						data := pattern(byte(i+qi), 512)
-						sector := uint64(qi*1000 + i)
-						if r, err := q.Write(ctx, sector, data); err != nil || r.Status != 0 {
-							errs <- fmt.Errorf("queue %d write %d: %v, status %d", qi, i, err, r.Status)
-							return
-						}
-						r, err := q.Read(ctx, sector, 512)
-						if err != nil || r.Status != 0 || !bytes.Equal(r.Data, data) {
-							errs <- fmt.Errorf("queue %d read %d: %v, status %d", qi, i, err, r.Status)
-							return
-						}
-					}
-					errs <- nil
-				}()
-			}
-			for i := 0; i < 20; i++ {
-				if err := f.SetMemTable(); err != nil {
-					t.Fatalf("SET_MEM_TABLE %d while running: %v", i, err)
-				}
-			}
-			for range f.Queues {
-				if err := <-errs; err != nil {
-					t.Error(err)
-				}
-			}
+			writeReadBackDuringMemTableSwaps(t, f)
 		})
 	}
 }

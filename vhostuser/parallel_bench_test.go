@@ -1,11 +1,9 @@
 package vhostuser_test
 
 import (
-	"context"
 	"testing"
 	"time"
 
-	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
@@ -30,15 +28,7 @@ func (d *syncDisk) Flush() error {
 func BenchmarkQueueReadsWhileFlushing(b *testing.B) {
 	const slots = 32
 	d := &syncDisk{memDisk: newMemDisk(testDiskSize), flushDelay: time.Millisecond}
-	path := b.TempDir() + "/s.sock"
-	ln, err := vhostuser.Listen(path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: d, NumQueues: 1}) }()
-	defer func() { cancel(); <-done }()
+	path := startServerBench(b, d)
 	f, err := frontend.Dial(path)
 	if err != nil {
 		b.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
@@ -64,22 +65,52 @@ func awaitParked(t *testing.T, d *parkDisk, want string) {
 	}
 }
 
+// serveParkDisk serves d on one queue, packed or split, and returns the
+// connected front-end and its queue.
+func serveParkDisk(t *testing.T, d *parkDisk, packed bool) (*frontend.Frontend, *frontend.Queue) {
+	t.Helper()
+	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
+	f := s.connect(t, parallelSetup(packed))
+	return f, f.Queues[0]
+}
+
+// parkFlush submits a FLUSH on q and waits until d holds it parked; it
+// returns the flush's head.
+func parkFlush(t *testing.T, q *frontend.Queue, d *parkDisk) uint16 {
+	t.Helper()
+	head, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
+	if err != nil {
+		t.Fatal(err)
+	}
+	awaitParked(t, d, "flush")
+	return head
+}
+
+// waitingAt returns a channel closed the first time a session has to wait
+// at what ("drain" or "stop", see SetWaitHook) for requests in flight; the
+// hook is removed when the test ends.
+func waitingAt(t *testing.T, what string) <-chan struct{} {
+	t.Helper()
+	reached := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(vhostuser.SetWaitHook(func(w string) {
+		if w == what {
+			once.Do(func() { close(reached) })
+		}
+	}))
+	return reached
+}
+
 // A FLUSH parked in the disk does not hold up the reads queued behind it
 // on the same queue: they complete, with their data, while it waits.
 func TestReadsBehindAParkedFlushComplete(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(3, 64*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(3, 64*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 8 {
 				r, err := q.Read(ctx, uint64(8*i), 4096)
 				mustOK(t, "read behind the parked flush", r, err)
@@ -113,10 +144,8 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 			for _, off := range offs {
 				d.writeGo[off] = make(chan struct{})
 			}
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			copy(d.data, pattern(9, 128*512))
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			copy(d.data, pattern(9, 128*512)) // before the server reads it
+			_, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
 			heads := make([]uint16, n)
 			for i := range n {
@@ -159,22 +188,11 @@ func TestOutOfOrderCompletionsCarryTheirOwnIdsAndLengths(t *testing.T) {
 func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			draining := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "drain" {
-					once.Do(func() { close(draining) })
-				}
-			}))
+			draining := waitingAt(t, "drain")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			parkFlush(t, q, d)
 			replied := make(chan error, 1)
 			go func() { replied <- f.SetMemTable() }()
 			<-draining
@@ -203,23 +221,11 @@ func TestSetMemTableWaitsForRequestsInFlightThenRemaps(t *testing.T) {
 func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 	for _, k := range ringKinds {
 		t.Run(k.name, func(t *testing.T) {
-			stopping := make(chan struct{})
-			var once sync.Once
-			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-				if what == "stop" {
-					once.Do(func() { close(stopping) })
-				}
-			}))
+			stopping := waitingAt(t, "stop")
 			d := newParkDisk(true)
-			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-			f := s.connect(t, parallelSetup(k.packed))
-			q := f.Queues[0]
+			f, q := serveParkDisk(t, d, k.packed)
 			ctx := context.Background()
-			flushHead, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush})
-			if err != nil {
-				t.Fatal(err)
-			}
-			awaitParked(t, d, "flush")
+			flushHead := parkFlush(t, q, d)
 			for i := range 2 {
 				r, err := q.Read(ctx, uint64(i), 512)
 				mustOK(t, "read", r, err)
@@ -259,22 +265,13 @@ func TestGetVringBaseWaitsForRequestsInFlight(t *testing.T) {
 // Monitor.Quiesce called while a request is executing waits for it, and
 // its callback sees the request's completion already published.
 func TestQuiesceWaitsForAParkedRequestAndSeesItPublished(t *testing.T) {
-	draining := make(chan struct{})
-	var once sync.Once
-	t.Cleanup(vhostuser.SetWaitHook(func(what string) {
-		if what == "drain" {
-			once.Do(func() { close(draining) })
-		}
-	}))
+	draining := waitingAt(t, "drain")
 	d := newParkDisk(true)
 	mon := new(vhostuser.Monitor)
 	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, Monitor: mon})
 	f := s.connect(t, parallelSetup(false))
 	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	parkFlush(t, q, d)
 	seen := make(chan uint16, 1)
 	go func() {
 		_ = mon.Quiesce(func() error {
@@ -354,13 +351,8 @@ func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
 // is held across I/O.
 func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	d := newParkDisk(true)
-	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
-	f := s.connect(t, parallelSetup(false))
-	q := f.Queues[0]
-	if _, err := q.Submit(frontend.BlkRequest{Type: frontend.BlkTFlush}); err != nil {
-		t.Fatal(err)
-	}
-	awaitParked(t, d, "flush")
+	f, q := serveParkDisk(t, d, false)
+	parkFlush(t, q, d)
 	// The same call fd again: the reply (REPLY_ACK) comes while the flush
 	// is parked, or this test hangs.
 	if err := f.SetVringFD(vhostuser.ReqSetVringCall, 0, q.CallFD()); err != nil {
@@ -372,4 +364,54 @@ func TestSetVringCallIsAnsweredWhileARequestExecutes(t *testing.T) {
 	close(d.flushGo)
 	r, err := q.Reap(context.Background(), 0)
 	mustOK(t, "the flush", r, err)
+}
+
+// A request that completes exactly while a ring stop holds the queue's lock
+// to count what is still in flight finds the lock taken and leaves its
+// publication to the holder; the stop must publish it (and then see every
+// request back) instead of waiting forever for a request nobody will
+// return. The hooks make the two meet: the parked FLUSH is released inside
+// the stop's look, which goes on only once the completion has found the
+// lock held.
+func TestRingStopPublishesACompletionThatArrivedWhileItLooked(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			d := newParkDisk(true)
+			left := make(chan struct{})
+			var released, leftOnce sync.Once
+			// Installed before the server starts (the hook is a plain
+			// variable its goroutines read).
+			t.Cleanup(vhostuser.SetWaitHook(func(what string) {
+				switch what {
+				case "stop-check":
+					released.Do(func() {
+						close(d.flushGo)
+						<-left
+					})
+				case "left":
+					leftOnce.Do(func() { close(left) })
+				}
+			}))
+			f, q := serveParkDisk(t, d, k.packed)
+			flushHead := parkFlush(t, q, d)
+			replied := make(chan error, 1)
+			go func() {
+				_, err := f.GetVringBase(0)
+				replied <- err
+			}()
+			select {
+			case err := <-replied:
+				if err != nil {
+					t.Fatalf("GET_VRING_BASE: %v", err)
+				}
+			case <-time.After(time.Minute):
+				t.Fatal("GET_VRING_BASE never replied: the completion left to the ring stop was never published")
+			}
+			r, err := q.Reap(context.Background(), 0)
+			mustOK(t, "the flush that completed during the stop", r, err)
+			if r.Head != flushHead {
+				t.Errorf("flush completed with head %d, want %d", r.Head, flushHead)
+			}
+		})
+	}
 }

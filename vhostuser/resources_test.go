@@ -25,6 +25,19 @@ func settled(t *testing.T, fds0, g0 int) (int, int) {
 	return fds, g
 }
 
+// noFDOrGoroutineGrowth waits for the counts to settle (settled) and fails
+// if open fds or goroutines grew beyond fds0 and g0 over what was done.
+func noFDOrGoroutineGrowth(t *testing.T, fds0, g0 int, over string) {
+	t.Helper()
+	fds, g := settled(t, fds0, g0)
+	if fds > fds0 {
+		t.Errorf("open fds grew from %d to %d over %s", fds0, fds, over)
+	}
+	if g > g0 {
+		t.Errorf("goroutines grew from %d to %d over %s", g0, g, over)
+	}
+}
+
 func TestThousandConnectionsOfEveryKindLeakNoFDsOrGoroutines(t *testing.T) {
 	if testing.Short() {
 		t.Skip("1000 connections")
@@ -97,14 +110,8 @@ func TestThousandConnectionsOfEveryKindLeakNoFDsOrGoroutines(t *testing.T) {
 	for i := 1; i <= 1000; i++ {
 		cycle(i)
 	}
-	fds, g := settled(t, fds0, g0)
+	noFDOrGoroutineGrowth(t, fds0, g0, "1000 connections")
 	t.Logf("connections by kind: %v", ran)
-	if fds > fds0 {
-		t.Errorf("open fds grew from %d to %d over 1000 connections", fds0, fds)
-	}
-	if g > g0 {
-		t.Errorf("goroutines grew from %d to %d over 1000 connections", g0, g)
-	}
 }
 
 // A front-end that keeps one connection and re-sends every resource-carrying

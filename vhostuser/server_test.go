@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
@@ -106,33 +105,42 @@ func TestGetConfigReturnsRequestedSliceOrEmptyOnOutOfRange(t *testing.T) {
 func TestTwoQueuesServeRequestsInParallel(t *testing.T) {
 	s := startServer(t, 2)
 	f := s.connect(t, frontend.Options{NumQueues: 2})
+	writeReadBackOnEveryQueue(t, f, 50, 4096, func(qi, i int) uint64 { return uint64(qi)*2048 + uint64(i)*8 }, func(qi, i int) byte { return byte(qi*100 + i) }, nil)
+}
+
+// writeReadBackOnEveryQueue has every queue of f write n blocks of size
+// bytes, reading each back at once, one goroutine per queue: block i of
+// queue qi goes to sector(qi, i) and holds pattern(seed(qi, i), size).
+// during (if not nil) runs on the test goroutine meanwhile. Each queue's
+// first failure is reported.
+func writeReadBackOnEveryQueue(t *testing.T, f *frontend.Frontend, n, size int, sector func(qi, i int) uint64, seed func(qi, i int) byte, during func()) {
+	t.Helper()
 	ctx := context.Background()
-	var wg sync.WaitGroup
-	errs := make(chan error, 2)
+	errs := make(chan error, len(f.Queues))
 	for qi, q := range f.Queues {
-		wg.Add(1)
 		go func() {
-			defer wg.Done()
-			base := uint64(qi) * 2048
-			for i := 0; i < 50; i++ {
-				data := pattern(byte(qi*100+i), 4096)
-				sector := base + uint64(i)*8
-				if r, err := q.Write(ctx, sector, data); err != nil || r.Status != 0 {
-					errs <- fmt.Errorf("queue %d write %d: %v status %d", qi, i, err, r.Status)
+			for i := range n {
+				data := pattern(seed(qi, i), size)
+				if r, err := q.Write(ctx, sector(qi, i), data); err != nil || r.Status != 0 {
+					errs <- fmt.Errorf("queue %d write %d: %v, status %d", qi, i, err, r.Status)
 					return
 				}
-				r, err := q.Read(ctx, sector, len(data))
+				r, err := q.Read(ctx, sector(qi, i), size)
 				if err != nil || r.Status != 0 || !bytes.Equal(r.Data, data) {
-					errs <- fmt.Errorf("queue %d read %d: %v status %d", qi, i, err, r.Status)
+					errs <- fmt.Errorf("queue %d read %d: %v, status %d", qi, i, err, r.Status)
 					return
 				}
 			}
+			errs <- nil
 		}()
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
+	if during != nil {
+		during()
+	}
+	for range f.Queues {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
 	}
 }
 

@@ -1,10 +1,7 @@
 package vhostuser_test
 
 import (
-	"bytes"
 	"context"
-	"errors"
-	"sync"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
@@ -107,39 +104,22 @@ func TestMemTableSwapWhileQueuesRun(t *testing.T) {
 	o := smallSetup
 	o.NumQueues = 2
 	f := s.connect(t, o)
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	errs := make(chan error, 2)
-	for qi, q := range f.Queues {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < 100; i++ {
-				data := pattern(byte(i+qi), 512)
-				if r, err := q.Write(ctx, uint64(qi*1000+i), data); err != nil || r.Status != 0 {
-					errs <- errors.New("write failed during memory table swaps")
-					return
-				}
-				r, err := q.Read(ctx, uint64(qi*1000+i), 512)
-				if err != nil || r.Status != 0 || !bytes.Equal(r.Data, data) {
-					errs <- errors.New("read failed during memory table swaps")
-					return
-				}
+	writeReadBackDuringMemTableSwaps(t, f)
+}
+
+// writeReadBackDuringMemTableSwaps has every queue of f write and read
+// back 100 sectors while SET_MEM_TABLE is sent 20 times with the same
+// memory: every swap quiesces the workers, re-maps and re-translates the
+// started rings.
+func writeReadBackDuringMemTableSwaps(t *testing.T, f *frontend.Frontend) {
+	t.Helper()
+	writeReadBackOnEveryQueue(t, f, 100, 512, func(qi, i int) uint64 { return uint64(qi*1000 + i) }, func(qi, i int) byte { return byte(i + qi) }, func() {
+		for i := 0; i < 20; i++ {
+			if err := f.SetMemTable(); err != nil {
+				t.Fatalf("SET_MEM_TABLE %d while running: %v", i, err)
 			}
-		}()
-	}
-	// The same memory again: every swap quiesces the workers, re-maps and
-	// re-translates the started rings.
-	for i := 0; i < 20; i++ {
-		if err := f.SetMemTable(); err != nil {
-			t.Fatalf("SET_MEM_TABLE %d while running: %v", i, err)
 		}
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	})
 }
 
 func TestStatusIsStoredAndReturned(t *testing.T) {

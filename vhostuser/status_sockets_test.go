@@ -3,15 +3,12 @@ package vhostuser_test
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
-	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
 // frontendOn returns the Frontends entry for socket, failing if there is
@@ -38,26 +35,7 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 	disk := &quiesceDisk{memDisk: newMemDisk(testDiskSize)}
 	gate := vhostuser.NewRingGate()
 	mon := new(vhostuser.Monitor)
-	dir := t.TempDir()
-	var paths []string
-	var serving sync.WaitGroup
-	for _, name := range []string{"a.sock", "b.sock"} {
-		path := filepath.Join(dir, name)
-		ln, err := vhostuser.Listen(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		serving.Add(1)
-		go func() {
-			serving.Done()
-			done <- vhostuser.Serve(ctx, ln, vhostuser.Options{Disk: disk, Gate: gate, Monitor: mon, NumQueues: 2})
-		}()
-		t.Cleanup(func() { cancel(); <-done })
-		paths = append(paths, path)
-	}
-	serving.Wait()
+	paths := serveOnTwoSockets(t, vhostuser.Options{Disk: disk, Gate: gate, Monitor: mon, NumQueues: 2})
 	for len(mon.Status().Frontends) < 2 {
 		runtime.Gosched() // until both Serve calls listed their socket
 	}
@@ -65,26 +43,10 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 		t.Fatalf("status before any front-end: %+v", st)
 	}
 
-	src, err := frontend.Dial(paths[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	if err := src.Setup(frontend.Options{NumQueues: 2}); err != nil {
-		t.Fatal(err)
-	}
+	src := dialSetUp(t, paths[0])
 	// The destination connects and negotiates; its first ring waits for
 	// the source's to stop.
-	dst, err := frontend.Dial(paths[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	setup := make(chan error, 1)
-	go func() { setup <- dst.Setup(frontend.Options{NumQueues: 2}) }()
-	for gate.Waiting() == 0 {
-		runtime.Gosched()
-	}
+	_, setup := dialWaitingAtGate(t, paths[1], gate)
 
 	st := mon.Status()
 	a, b := frontendOn(t, st, paths[0]), frontendOn(t, st, paths[1])
@@ -101,42 +63,14 @@ func TestOneMonitorOnTwoSocketsShowsEachFrontEndAndQuiescesTheRunningOne(t *test
 	// Quiesce holds the source's queues although the destination
 	// connected last.
 	ctx := context.Background()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var writes atomic.Int64
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			r, err := src.Queues[i%2].Write(ctx, uint64(i%64), make([]byte, 512))
-			if err != nil || r.Status != blk.StatusOK {
-				t.Errorf("source write %d: %+v %v", i, r, err)
-				return
-			}
-			writes.Add(1)
+	quiesceDuringWrites(t, mon, disk, 100, 200, func(i int) bool {
+		r, err := src.Queues[i%2].Write(ctx, uint64(i%64), make([]byte, 512))
+		if err != nil || r.Status != blk.StatusOK {
+			t.Errorf("source write %d: %+v %v", i, r, err)
+			return false
 		}
-	}()
-	for i := 0; i < 100 || writes.Load() < 200; i++ {
-		err := mon.Quiesce(func() error {
-			disk.quiet.Store(true)
-			defer disk.quiet.Store(false)
-			if n := disk.inflight.Load(); n != 0 {
-				return fmt.Errorf("%d requests in progress inside Quiesce", n)
-			}
-			runtime.Gosched()
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	close(stop)
-	wg.Wait()
+		return true
+	})
 	if v := disk.violations.Load(); v != 0 {
 		t.Errorf("%d source requests ran while Quiesce's callback ran", v)
 	}

@@ -89,6 +89,54 @@ type quiesceDisk struct {
 	quiet                atomic.Bool
 }
 
+// quiesceDuringWrites runs each writer in a goroutine of its own, calling
+// it with i = 0, 1, ... until it returns false (it reports its own error) or
+// the Quiesce calls are over, and meanwhile calls mon.Quiesce at least
+// rounds times and until minWrites writes have completed. Each callback
+// fails the test unless no request of d is in progress, and marks d quiet
+// while it runs so that a request starting inside counts as a violation
+// (the caller checks d.violations). It returns the writes completed.
+func quiesceDuringWrites(t *testing.T, mon *vhostuser.Monitor, d *quiesceDisk, rounds int, minWrites int64, writers ...func(i int) bool) int64 {
+	t.Helper()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var done atomic.Int64
+	for _, write := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if !write(i) {
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	for i := 0; i < rounds || done.Load() < minWrites; i++ {
+		err := mon.Quiesce(func() error {
+			d.quiet.Store(true)
+			defer d.quiet.Store(false)
+			if n := d.inflight.Load(); n != 0 {
+				return fmt.Errorf("%d requests in progress inside Quiesce", n)
+			}
+			runtime.Gosched()
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	return done.Load()
+}
+
 func (d *quiesceDisk) enter() {
 	d.inflight.Add(1)
 	if d.quiet.Load() {
@@ -120,50 +168,24 @@ func TestQuiesceHoldsEveryQueueOutsideItsCallback(t *testing.T) {
 	o.NumQueues = 2
 	f := s.connect(t, o)
 	ctx := context.Background()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var done atomic.Int64
-	for qi := range 2 {
-		wg.Add(1)
-		go func(q int) {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				r, err := f.Queues[q].Write(ctx, uint64(q*64+i%64), make([]byte, 512))
-				if err != nil || r.Status != blk.StatusOK {
-					t.Errorf("queue %d write %d: %+v %v", q, i, r, err)
-					return
-				}
-				done.Add(1)
+	var writers []func(i int) bool
+	for q := range 2 {
+		writers = append(writers, func(i int) bool {
+			r, err := f.Queues[q].Write(ctx, uint64(q*64+i%64), make([]byte, 512))
+			if err != nil || r.Status != blk.StatusOK {
+				t.Errorf("queue %d write %d: %+v %v", q, i, r, err)
+				return false
 			}
-		}(qi)
+			return true
+		})
 	}
 	// Quiesce over and over until the queues have done plenty of work
 	// between and around the calls.
-	for i := 0; i < 200 || done.Load() < 300; i++ {
-		err := mon.Quiesce(func() error {
-			d.quiet.Store(true)
-			defer d.quiet.Store(false)
-			if n := d.inflight.Load(); n != 0 {
-				return fmt.Errorf("%d requests in progress inside Quiesce", n)
-			}
-			runtime.Gosched()
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	close(stop)
-	wg.Wait()
+	done := quiesceDuringWrites(t, mon, d, 200, 300, writers...)
 	if v := d.violations.Load(); v != 0 {
 		t.Errorf("%d requests ran while Quiesce's callback ran", v)
 	}
-	if done.Load() == 0 {
+	if done == 0 {
 		t.Error("no write completed")
 	}
 }

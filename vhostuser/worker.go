@@ -217,9 +217,18 @@ func (w *worker) finish() {
 // stop is closed (nil: no way out).
 func (w *worker) awaitAllBack(stop chan struct{}) {
 	for {
+		// qmu is released through unlockQ like everywhere else: a
+		// completion that found qmu held here left its publication to us,
+		// and a plain Unlock would strand it (and this wait with it:
+		// nothing else would ever return that request to free).
+		w.s.mu.RLock()
 		w.qmu.Lock()
 		back := len(w.free) == w.nreq
-		w.qmu.Unlock()
+		if !back && waitHook != nil {
+			waitHook("stop-check") // qmu held: a completion now leaves its publication to us
+		}
+		w.unlockQ()
+		w.s.mu.RUnlock()
 		if back {
 			return
 		}
@@ -429,6 +438,8 @@ func (w *worker) complete(req *request) {
 	w.s.mu.RLock()
 	if w.qmu.TryLock() {
 		w.unlockQ()
+	} else if waitHook != nil {
+		waitHook("left") // the holder of qmu publishes it
 	}
 	w.s.mu.RUnlock()
 }

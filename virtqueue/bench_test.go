@@ -98,14 +98,7 @@ func BenchmarkRingPopPush(b *testing.B) {
 		}
 	})
 	b.Run("packed", func(b *testing.B) {
-		d, err := vqt.NewPacked(vqt.Config{Size: 128, RegionSize: 1 << 20, EventIdx: true})
-		if err != nil {
-			b.Fatal(err)
-		}
-		q, err := d.NewQueue()
-		if err != nil {
-			b.Fatal(err)
-		}
+		d, q := newPacked(b, vqt.Config{Size: 128, RegionSize: 1 << 20, EventIdx: true})
 		// The same three buffers every time, at fixed addresses.
 		var descs []vqt.PackedDesc
 		for _, bf := range bufs {

@@ -11,6 +11,46 @@ import (
 
 const fuzzRegionSize = 4096
 
+// brokenForGood fails t unless err, returned by q.Next, is ErrRingBroken
+// and the next Next returns the same error again (a broken ring is sticky).
+func brokenForGood(t *testing.T, q virtqueue.Queue, c *virtqueue.Chain, err error) {
+	t.Helper()
+	if !errors.Is(err, virtqueue.ErrRingBroken) {
+		t.Fatalf("Next error %v is not ErrRingBroken", err)
+	}
+	if ok2, err2 := q.Next(c); ok2 || err2 != err {
+		t.Fatalf("broken queue recovered: %v, %v", ok2, err2)
+	}
+}
+
+// takeFuzz takes the next n bytes of the fuzz input *in, padded with zeros
+// once the input runs out.
+func takeFuzz(in *[]byte, n int) []byte {
+	b := make([]byte, n)
+	k := copy(b, *in)
+	*in = (*in)[k:]
+	return b
+}
+
+// fuzzDescs takes size raw 16-byte descriptors from the fuzz input *in and
+// hands each to set: its address and length, and its last two 16-bit words
+// as fuzzed (split: flags, next; packed: id, flags). Most addresses and
+// lengths are kept near the mock guest memory (memSize bytes) so the walk
+// gets past translation; a set top bit keeps the fuzzed value raw.
+func fuzzDescs(in *[]byte, size uint16, memSize uint64, set func(i uint16, addr uint64, n uint32, w12, w14 uint16)) {
+	for i := uint16(0); i < size; i++ {
+		raw := takeFuzz(in, 16)
+		addr, n := binary.LittleEndian.Uint64(raw[0:]), binary.LittleEndian.Uint32(raw[8:])
+		if addr>>63 == 0 {
+			addr = vqt.GuestPhysBase + addr%(memSize+64)
+		}
+		if n>>31 == 0 {
+			n %= 2 * fuzzRegionSize
+		}
+		set(i, addr, n, binary.LittleEndian.Uint16(raw[12:]), binary.LittleEndian.Uint16(raw[14:]))
+	}
+}
+
 // fuzzInput encodes a queue for FuzzChain: two shape bytes, then size
 // descriptors of 16 bytes, size avail ring entries, the avail index, and
 // bytes for the data area (where indirect tables can point).
@@ -69,49 +109,17 @@ func FuzzChain(f *testing.F) {
 			Start:           uint16(in[0]) << 8,
 		}
 		d, err := vqt.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		q, err := d.NewQueue()
-		if err != nil {
-			t.Fatal(err)
-		}
+		d, q := withQueue(t, d, err)
 		memSize := uint64(len(d.Guest))
 		in = in[2:]
-		take := func(n int) []byte {
-			if len(in) < n {
-				b := make([]byte, n)
-				copy(b, in)
-				in = nil
-				return b
-			}
-			b := in[:n]
-			in = in[n:]
-			return b
-		}
-		for i := uint16(0); i < size; i++ {
-			raw := take(16)
-			desc := vqt.Desc{
-				Addr:  binary.LittleEndian.Uint64(raw[0:]),
-				Len:   binary.LittleEndian.Uint32(raw[8:]),
-				Flags: binary.LittleEndian.Uint16(raw[12:]),
-				Next:  binary.LittleEndian.Uint16(raw[14:]),
-			}
-			// Keep most addresses and lengths near the fake memory so
-			// the walk gets past translation; the top bit keeps them raw.
-			if desc.Addr>>63 == 0 {
-				desc.Addr = vqt.GuestPhysBase + desc.Addr%(memSize+64)
-			}
-			if desc.Len>>31 == 0 {
-				desc.Len %= 2 * fuzzRegionSize
-			}
-			d.SetDesc(i, desc)
-		}
+		fuzzDescs(&in, size, memSize, func(i uint16, addr uint64, n uint32, flags, next uint16) {
+			d.SetDesc(i, vqt.Desc{Addr: addr, Len: n, Flags: flags, Next: next})
+		})
 		ring := d.AvailRing()
 		for i := 0; i < int(size); i++ {
-			copy(ring[4+2*i:], take(2))
+			copy(ring[4+2*i:], takeFuzz(&in, 2))
 		}
-		idx := binary.LittleEndian.Uint16(take(2))
+		idx := binary.LittleEndian.Uint16(takeFuzz(&in, 2))
 		if idx>>15 == 0 {
 			idx = cfg.Start + idx%(size+1)
 		}
@@ -123,12 +131,7 @@ func FuzzChain(f *testing.F) {
 		for i := 0; i <= int(size)+1; i++ {
 			ok, err := q.Next(&c)
 			if err != nil {
-				if !errors.Is(err, virtqueue.ErrRingBroken) {
-					t.Fatalf("Next error %v is not ErrRingBroken", err)
-				}
-				if ok2, err2 := q.Next(&c); ok2 || err2 != err {
-					t.Fatalf("broken queue recovered: %v, %v", ok2, err2)
-				}
+				brokenForGood(t, q, &c, err)
 				return
 			}
 			if !ok {

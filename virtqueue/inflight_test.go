@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
@@ -173,7 +174,7 @@ func TestInflightRecoveryResubmitsUncompletedInPopOrderBeforeNewEntries(t *testi
 	for range 3 {
 		got = append(got, mustNext(t, q, &c))
 	}
-	if want := []uint16{9, 5, 7}; !equalU16(got, want) {
+	if want := []uint16{9, 5, 7}; !slices.Equal(got, want) {
 		t.Fatalf("order after recovery %v, want %v (in-flight by pop order, then new)", got, want)
 	}
 	if ifCounter(region, 7) != 4 {
@@ -274,18 +275,6 @@ func TestInflightCorruptRegionIsRejectedUnchanged(t *testing.T) {
 			}
 		})
 	}
-}
-
-func equalU16(a, b []uint16) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // FuzzInflightRecovery feeds arbitrary region contents, used.idx and

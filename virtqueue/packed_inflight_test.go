@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"testing"
 
 	"github.com/vhost-vhdx/vhost-vhdx/virtqueue"
@@ -63,7 +64,7 @@ func shapeOf(c *virtqueue.Chain) chainShape {
 }
 
 func (s chainShape) equal(o chainShape) bool {
-	return equalInts(s.readable, o.readable) && equalInts(s.writable, o.writable)
+	return slices.Equal(s.readable, o.readable) && slices.Equal(s.writable, o.writable)
 }
 
 func TestPackedInflightFreshRegionIsInitialised(t *testing.T) {

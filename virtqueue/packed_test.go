@@ -3,6 +3,7 @@ package virtqueue_test
 import (
 	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -13,23 +14,7 @@ import (
 func newPacked(t testing.TB, cfg vqt.Config) (*vqt.PackedDriver, *virtqueue.PackedQueue) {
 	t.Helper()
 	d, err := vqt.NewPacked(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	q, err := d.NewQueue()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d, q
-}
-
-func palloc(t testing.TB, d *vqt.PackedDriver, n int) uint64 {
-	t.Helper()
-	gpa, err := d.Alloc(n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return gpa
+	return withQueue(t, d, err)
 }
 
 // mustNext takes one chain and fails the test unless there is one.
@@ -47,11 +32,7 @@ func TestPackedQueueRejectsInvalidConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := d.QueueConfig()
-	tests := []struct {
-		name string
-		edit func(c *virtqueue.QueueConfig)
-		want string
-	}{
+	rejectsEachConfig(t, "NewPackedQueue", d.Mem, good, virtqueue.NewPackedQueue, []configEdit{
 		{"size zero", func(c *virtqueue.QueueConfig) { c.Size = 0 }, "packed size"},
 		{"size too large", func(c *virtqueue.QueueConfig) { c.Size = 40000 }, "packed size"},
 		{"descriptor ring misaligned", func(c *virtqueue.QueueConfig) { c.DescUserAddr += 8 }, "not 16-aligned"},
@@ -62,17 +43,7 @@ func TestPackedQueueRejectsInvalidConfig(t *testing.T) {
 		{"used index out of range", func(c *virtqueue.QueueConfig) { c.NextUsed = 17 }, "not below the queue size"},
 		{"chains in flight without inflight region", func(c *virtqueue.QueueConfig) { c.NextAvail = 1<<15 | 3 }, "no inflight region"},
 		{"wrap counters differ at the same index", func(c *virtqueue.QueueConfig) { c.NextUsed = 0 }, "no inflight region"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			cfg := good
-			tc.edit(&cfg)
-			_, err := virtqueue.NewPackedQueue(d.Mem, cfg)
-			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("err = %v, want ErrInvalidQueue mentioning %q", err, tc.want)
-			}
-		})
-	}
+	})
 	if _, err := virtqueue.NewQueue(d.Mem, good); err != nil {
 		t.Fatalf("good config refused: %v", err)
 	}
@@ -136,16 +107,16 @@ func TestPackedChainWalk(t *testing.T) {
 			}
 		}, chainErr: "not mapped"},
 		{name: "indirect with NEXT", add: func(t *testing.T, d *vqt.PackedDriver) {
-			table := palloc(t, d, 16)
-			d.PutDescs([]vqt.PackedDesc{{Addr: table, Len: 16, Flags: fIndirect}, {Addr: palloc(t, d, 1), Len: 1, ID: 0, Flags: fWrite}})
+			table := alloc(t, d, 16)
+			d.PutDescs([]vqt.PackedDesc{{Addr: table, Len: 16, Flags: fIndirect}, {Addr: alloc(t, d, 1), Len: 1, ID: 0, Flags: fWrite}})
 		}, chainErr: "both INDIRECT and NEXT"},
 		{name: "nested indirect", add: func(t *testing.T, d *vqt.PackedDriver) {
-			table := palloc(t, d, 16)
+			table := alloc(t, d, 16)
 			d.WritePackedTable(table, []vqt.PackedDesc{{Addr: table, Len: 16, Flags: fIndirect}})
 			d.PutDescs([]vqt.PackedDesc{{Addr: table, Len: 16, Flags: fIndirect}})
 		}, chainErr: "forbids nesting"},
 		{name: "indirect table length not a multiple of 16", add: func(t *testing.T, d *vqt.PackedDriver) {
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 24), Len: 24, Flags: fIndirect}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 24), Len: 24, Flags: fIndirect}})
 		}, chainErr: "indirect table length"},
 		{name: "indirect without the feature", noIndirect: true, add: func(t *testing.T, d *vqt.PackedDriver) {
 			if _, err := d.AddIndirectChain(vqt.Buffer{Len: 16}); err != nil {
@@ -183,7 +154,7 @@ func TestPackedChainWalk(t *testing.T) {
 				if ch.Err != nil {
 					t.Fatalf("Chain.Err = %v", ch.Err)
 				}
-				if !equalInts(lens(ch.Readable), c.readable) || !equalInts(lens(ch.Writable), c.writable) {
+				if !slices.Equal(lens(ch.Readable), c.readable) || !slices.Equal(lens(ch.Writable), c.writable) {
 					t.Fatalf("buffers %v / %v, want %v / %v", lens(ch.Readable), lens(ch.Writable), c.readable, c.writable)
 				}
 			}
@@ -191,7 +162,7 @@ func TestPackedChainWalk(t *testing.T) {
 				t.Fatal(err)
 			}
 			takeChain(t, q, &ch)
-			if ch.Err != nil || ch.Head != next || !equalInts(lens(ch.Writable), []int{7}) {
+			if ch.Err != nil || ch.Head != next || !slices.Equal(lens(ch.Writable), []int{7}) {
 				t.Fatalf("chain after it: head %d (want %d), err %v, writable %v", ch.Head, next, ch.Err, lens(ch.Writable))
 			}
 		})
@@ -200,7 +171,7 @@ func TestPackedChainWalk(t *testing.T) {
 
 func TestPackedBuffersAliasGuestMemory(t *testing.T) {
 	d, q := newPacked(t, vqt.Config{Size: 4})
-	data := palloc(t, d, 8)
+	data := alloc(t, d, 8)
 	if _, err := d.AddChain(vqt.Buffer{Addr: data, Len: 8, Write: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -320,38 +291,38 @@ func TestHostilePackedDriverBreaksOnlyThatQueue(t *testing.T) {
 		want string
 	}{
 		{"buffer id out of range", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 1), Len: 1, ID: size, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 1), Len: 1, ID: size, Flags: fWrite}})
 		}, "buffer id 4"},
 		{"buffer id reused while in flight", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 1), Len: 1, ID: 2, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 1), Len: 1, ID: 2, Flags: fWrite}})
 			var c virtqueue.Chain
 			takeChain(t, q, &c)
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 1), Len: 1, ID: 2, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 1), Len: 1, ID: 2, Flags: fWrite}})
 		}, "reuses buffer id 2"},
 		{"flags of a chain's second descriptor not available (changed under us)", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 16), Len: 16}, {Addr: palloc(t, d, 1), Len: 1, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 16), Len: 16}, {Addr: alloc(t, d, 1), Len: 1, Flags: fWrite}})
 			// The driver takes the second descriptor back after
 			// publishing the head.
 			d.SetSlot(1, vqt.PackedDesc{Flags: fWrite | vqt.AvailFlags(false)})
 		}, "not available"},
 		{"wrap counter misuse inside a chain", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
 			// The continuation claims the next lap's wrap counter.
-			d.SetSlot(1, vqt.PackedDesc{Addr: palloc(t, d, 1), Len: 1, Flags: fWrite | vqt.AvailFlags(false)})
-			d.SetSlot(0, vqt.PackedDesc{Addr: palloc(t, d, 16), Len: 16, Flags: fNext | vqt.AvailFlags(true)})
+			d.SetSlot(1, vqt.PackedDesc{Addr: alloc(t, d, 1), Len: 1, Flags: fWrite | vqt.AvailFlags(false)})
+			d.SetSlot(0, vqt.PackedDesc{Addr: alloc(t, d, 16), Len: 16, Flags: fNext | vqt.AvailFlags(true)})
 		}, "wrap counter"},
 		{"chain longer than the queue", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
 			// Every slot says NEXT; after the last one the walk comes back
 			// to slot 0, whose flags are for the previous lap.
 			for i := size - 1; i >= 0; i-- {
-				d.SetSlot(uint16(i), vqt.PackedDesc{Addr: palloc(t, d, 1), Len: 1, Flags: fNext | fWrite | vqt.AvailFlags(true)})
+				d.SetSlot(uint16(i), vqt.PackedDesc{Addr: alloc(t, d, 1), Len: 1, Flags: fNext | fWrite | vqt.AvailFlags(true)})
 			}
 		}, "not available"},
 		{"more descriptors in flight than the ring holds", func(t *testing.T, d *vqt.PackedDriver, q *virtqueue.PackedQueue) {
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 1), Len: 1, ID: 0}, {Addr: palloc(t, d, 1), Len: 1, ID: 0}, {Addr: palloc(t, d, 1), Len: 1, ID: 0, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 1), Len: 1, ID: 0}, {Addr: alloc(t, d, 1), Len: 1, ID: 0}, {Addr: alloc(t, d, 1), Len: 1, ID: 0, Flags: fWrite}})
 			var c virtqueue.Chain
 			takeChain(t, q, &c)
 			// Slots 3 and 0 (next lap) while slot 0's chain is in flight.
-			d.PutDescs([]vqt.PackedDesc{{Addr: palloc(t, d, 1), Len: 1, ID: 1}, {Addr: palloc(t, d, 1), Len: 1, ID: 1, Flags: fWrite}})
+			d.PutDescs([]vqt.PackedDesc{{Addr: alloc(t, d, 1), Len: 1, ID: 1}, {Addr: alloc(t, d, 1), Len: 1, ID: 1, Flags: fWrite}})
 		}, "more than the ring's"},
 	}
 	for _, tc := range tests {
@@ -394,7 +365,7 @@ func TestPackedDescriptorWithWrongWrapCounterIsNotConsumed(t *testing.T) {
 		0,
 	} {
 		d, q := newPacked(t, vqt.Config{Size: 4})
-		d.SetSlot(0, vqt.PackedDesc{Addr: palloc(t, d, 1), Len: 1, Flags: fWrite | flags})
+		d.SetSlot(0, vqt.PackedDesc{Addr: alloc(t, d, 1), Len: 1, Flags: fWrite | flags})
 		before := bytes.Clone(d.Guest)
 		var c virtqueue.Chain
 		if ok, err := q.Next(&c); ok || err != nil {
@@ -502,36 +473,10 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 	d, q := newPacked(t, vqt.Config{Size: 8})
 	bufs := make([]uint64, 8)
 	for i := range bufs {
-		bufs[i] = palloc(t, d, 4)
+		bufs[i] = alloc(t, d, 4)
 	}
-	done := make(chan error, 1)
-	go func() {
-		var c virtqueue.Chain
-		for n := 0; n < total; {
-			ok, err := q.Next(&c)
-			if err != nil || (ok && c.Err != nil) {
-				done <- errors.Join(err, c.Err)
-				return
-			}
-			if !ok {
-				if _, err := q.EnableNotifications(); err != nil {
-					done <- err
-					return
-				}
-				continue
-			}
-			copy(c.Writable[0], []byte{byte(n), 1, 2, 3})
-			if err := q.PushUsed(c.Head, 4); err != nil {
-				done <- err
-				return
-			}
-			q.NeedsNotification()
-			n++
-		}
-		done <- nil
-	}()
+	dev := startRacingDevice(q, total)
 	sent, got := 0, 0
-	deviceDone := false
 	for got < total {
 		if sent < total && sent-got < 8 {
 			if _, err := d.AddChain(vqt.Buffer{Addr: bufs[sent%8], Len: 4, Write: true}); err == nil {
@@ -541,17 +486,7 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		_, n, ok := d.PopUsed()
 		if !ok {
-			if deviceDone {
-				t.Fatalf("device stopped early after %d completions", got)
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("device failed after %d completions: %v", got, err)
-				}
-				deviceDone = true
-			default:
-			}
+			dev.nothingUsed(t, got)
 			continue
 		}
 		if n != 4 {
@@ -559,9 +494,5 @@ func TestPackedDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		got++
 	}
-	if !deviceDone {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	dev.wait(t)
 }

@@ -368,12 +368,7 @@ func (q *SplitQueue) Next(c *Chain) (bool, error) {
 		// marked in the region.
 		head := q.inf.resubmit[0]
 		q.inf.resubmit = q.inf.resubmit[1:]
-		c.Head = head
-		c.Err = q.walk(c, head)
-		if c.Err != nil {
-			c.Readable = c.Readable[:0]
-			c.Writable = c.Writable[:0]
-		}
+		q.build(c, head)
 		return true, nil
 	}
 	if q.shadowAvail == q.nextAvail {
@@ -397,13 +392,19 @@ func (q *SplitQueue) Next(c *Chain) (bool, error) {
 	if q.inf != nil {
 		q.inf.pop(head)
 	}
+	q.build(c, head)
+	return true, nil
+}
+
+// build walks the chain at head into c; a violation sets c.Err and empties
+// the buffers (the resubmitted and the freshly popped chain alike).
+func (q *SplitQueue) build(c *Chain, head uint16) {
 	c.Head = head
 	c.Err = q.walk(c, head)
 	if c.Err != nil {
 		c.Readable = c.Readable[:0]
 		c.Writable = c.Writable[:0]
 	}
-	return true, nil
 }
 
 // descriptor is one decoded struct virtq_desc. It is decoded once from guest

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -20,6 +21,13 @@ const (
 func newDriver(t testing.TB, cfg vqt.Config) (*vqt.Driver, *virtqueue.SplitQueue) {
 	t.Helper()
 	d, err := vqt.New(cfg)
+	return withQueue(t, d, err)
+}
+
+// withQueue fails t unless the mock driver d was made (err) and the device
+// queue on its ring starts, for either ring layout.
+func withQueue[D interface{ NewQueue() (Q, error) }, Q any](t testing.TB, d D, err error) (D, Q) {
+	t.Helper()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,7 +38,9 @@ func newDriver(t testing.TB, cfg vqt.Config) (*vqt.Driver, *virtqueue.SplitQueue
 	return d, q
 }
 
-func alloc(t testing.TB, d *vqt.Driver, n int) uint64 {
+// alloc takes n bytes of the mock guest's data area of either ring's
+// driver.
+func alloc[D interface{ Alloc(n int) (uint64, error) }](t testing.TB, d D, n int) uint64 {
 	t.Helper()
 	gpa, err := d.Alloc(n)
 	if err != nil {
@@ -47,17 +57,38 @@ func lens(bufs [][]byte) []int {
 	return out
 }
 
+// configEdit spoils a good queue config in one way; want is what the
+// error must mention.
+type configEdit struct {
+	name string
+	edit func(c *virtqueue.QueueConfig)
+	want string
+}
+
+// rejectsEachConfig checks, one subtest per edit, that newQueue (named
+// what) on mem refuses good spoiled by the edit with ErrInvalidQueue
+// mentioning the edit's want.
+func rejectsEachConfig[Q any](t *testing.T, what string, mem *virtqueue.Memory, good virtqueue.QueueConfig, newQueue func(*virtqueue.Memory, virtqueue.QueueConfig) (*Q, error), edits []configEdit) {
+	t.Helper()
+	for _, tc := range edits {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := good
+			tc.edit(&cfg)
+			q, err := newQueue(mem, cfg)
+			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%s = (queue %v), %v; want ErrInvalidQueue mentioning %q", what, q != nil, err, tc.want)
+			}
+		})
+	}
+}
+
 func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 	d, err := vqt.New(vqt.Config{Size: 16})
 	if err != nil {
 		t.Fatal(err)
 	}
 	good := d.QueueConfig()
-	tests := []struct {
-		name string
-		edit func(c *virtqueue.QueueConfig)
-		want string
-	}{
+	rejectsEachConfig(t, "NewSplitQueue", d.Mem, good, virtqueue.NewSplitQueue, []configEdit{
 		{"size zero", func(c *virtqueue.QueueConfig) { c.Size = 0 }, "size 0"},
 		{"size not a power of two", func(c *virtqueue.QueueConfig) { c.Size = 12 }, "size 12"},
 		{"size above 32768", func(c *virtqueue.QueueConfig) { c.Size = 65535 }, "size 65535"},
@@ -70,17 +101,7 @@ func TestNewSplitQueueRejectsInvalidConfig(t *testing.T) {
 			c.UsedUserAddr = d.Regions[0].UserAddr + uint64(len(d.Regions[0].Data)) - 64
 		}, "used ring"},
 		{"rings for the larger size do not fit", func(c *virtqueue.QueueConfig) { c.Size = 32768 }, "runs past"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			cfg := good
-			tt.edit(&cfg)
-			q, err := virtqueue.NewSplitQueue(d.Mem, cfg)
-			if !errors.Is(err, virtqueue.ErrInvalidQueue) || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("NewSplitQueue = (queue %v), %v; want ErrInvalidQueue mentioning %q", q != nil, err, tt.want)
-			}
-		})
-	}
+	})
 	if _, err := virtqueue.NewSplitQueue(nil, good); !errors.Is(err, virtqueue.ErrInvalidQueue) {
 		t.Errorf("nil memory: err = %v", err)
 	}
@@ -423,10 +444,10 @@ func TestChainWalk(t *testing.T) {
 				if c.Err != nil {
 					t.Fatalf("c.Err = %v", c.Err)
 				}
-				if g := lens(c.Readable); !equalInts(g, tt.wantReadable) {
+				if g := lens(c.Readable); !slices.Equal(g, tt.wantReadable) {
 					t.Errorf("readable lengths %v, want %v", g, tt.wantReadable)
 				}
-				if g := lens(c.Writable); !equalInts(g, tt.wantWritable) {
+				if g := lens(c.Writable); !slices.Equal(g, tt.wantWritable) {
 					t.Errorf("writable lengths %v, want %v", g, tt.wantWritable)
 				}
 			}
@@ -443,18 +464,6 @@ func TestChainWalk(t *testing.T) {
 			}
 		})
 	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestChainBuffersAliasGuestMemory(t *testing.T) {
@@ -750,37 +759,11 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 	for i := uint16(0); i < 16; i++ {
 		d.SetDesc(i, vqt.Desc{Addr: alloc(t, d, 4), Len: 4, Flags: fWrite})
 	}
-	done := make(chan error, 1)
-	go func() {
-		var c virtqueue.Chain
-		for n := 0; n < total; {
-			ok, err := q.Next(&c)
-			if err != nil || (ok && c.Err != nil) {
-				done <- errors.Join(err, c.Err)
-				return
-			}
-			if !ok {
-				if _, err := q.EnableNotifications(); err != nil {
-					done <- err
-					return
-				}
-				continue
-			}
-			copy(c.Writable[0], []byte{byte(n), 1, 2, 3})
-			if err := q.PushUsed(c.Head, 4); err != nil {
-				done <- err
-				return
-			}
-			q.NeedsNotification()
-			n++
-		}
-		done <- nil
-	}()
+	dev := startRacingDevice(q, total)
 	free := []uint16{}
 	for i := uint16(0); i < 16; i++ {
 		free = append(free, i)
 	}
-	deviceDone := false
 	for sent, got := 0, 0; got < total; {
 		if sent < total && len(free) > 0 {
 			d.PublishHead(free[len(free)-1])
@@ -790,21 +773,7 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 		}
 		id, n, ok := d.PopUsed()
 		if !ok {
-			if deviceDone {
-				// Its last used.idx store happened before it reported
-				// done, so nothing more can arrive.
-				t.Fatalf("device stopped early after %d completions", got)
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("device failed after %d completions: %v", got, err)
-				}
-				// It may have finished after the PopUsed above looked:
-				// drain what it published before giving up.
-				deviceDone = true
-			default:
-			}
+			dev.nothingUsed(t, got)
 			continue
 		}
 		if n != 4 || id >= 16 {
@@ -813,11 +782,7 @@ func TestDriverAndDeviceConcurrently(t *testing.T) {
 		free = append(free, uint16(id))
 		got++
 	}
-	if !deviceDone {
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	dev.wait(t)
 }
 
 func TestChainHostSegmentsAreBounded(t *testing.T) {

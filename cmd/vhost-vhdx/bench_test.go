@@ -73,11 +73,7 @@ func TestBenchVerifiesAVHDXThroughTheServerAndPrintsJSON(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("bench: status %d: %s", code, stderr)
 	}
-	for _, want := range []string{"64 requests (0 reads, 64 writes)", "IOPS", "p99.9", "back-end n/a (no --pid)"} {
-		if !strings.Contains(stdout, want) {
-			t.Errorf("text output lacks %q:\n%s", want, stdout)
-		}
-	}
+	reportHas(t, "text output", stdout, "64 requests (0 reads, 64 writes)", "IOPS", "p99.9", "back-end n/a (no --pid)")
 }
 
 func TestBenchRefusesBadFlagsAsUsageErrors(t *testing.T) {
@@ -121,34 +117,17 @@ func TestBenchReportTakesMediansAndMarksTargets(t *testing.T) {
 	in.WriteString(benchLine("ours", wlSweep, 1, 32, 330000, 20, 2))
 	in.WriteString(benchLine("qsd", wlSweep, 1, 1, 40000, 20, 2))
 	in.WriteString(`{"backend":"dd","workload":"read-1m-qd8-2q","run":1,"mib_per_s":1000}` + "\n")
-	dir := t.TempDir()
-	res := filepath.Join(dir, "r.jsonl")
-	if err := os.WriteFile(res, []byte(in.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	svg := filepath.Join(dir, "p.svg")
-	code, stdout, stderr := runCLI(t, "bench", "report", "--svg", svg, res)
-	if code != 0 {
-		t.Fatalf("report: %d %s", code, stderr)
-	}
-	for _, want := range []string{
+	res, stdout, plot := reportOf(t, in.String(), "--svg")
+	reportHas(t, "report", stdout,
 		"| 4K randread QD32 IOPS ≥ 4× qsd | 12 | 3.30× | **not met** |",
 		"| 4K randread QD1 p50 latency ≤ 0.6× qsd | 12 | 0.91× | **not met** |",
 		"| 4K allocating randwrite QD32, fresh image, IOPS ≥ 8× qsd | 12 | – | not measured |",
 		"| 4K randread QD32, allocated | qsd | 330000 | 100000 | 3.30× |",
 		"| 1M read QD8 × 2 queues against dd of the file | dd | – | – | – | – | 1000.0 |",
 		"| ours | 50000 | 330000 |",
-	} {
-		if !strings.Contains(stdout, want) {
-			t.Errorf("report lacks %q:\n%s", want, stdout)
-		}
-	}
-	b, err := os.ReadFile(svg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s := string(b); !strings.HasPrefix(s, "<svg") || strings.Count(s, "<polyline") != 2 || !strings.Contains(s, "QD32: 330000 IOPS") {
-		t.Errorf("plot:\n%s", s)
+	)
+	if !strings.HasPrefix(plot, "<svg") || strings.Count(plot, "<polyline") != 2 || !strings.Contains(plot, "QD32: 330000 IOPS") {
+		t.Errorf("plot:\n%s", plot)
 	}
 	if err := os.WriteFile(res, []byte("{\"backend\":\"ours\",\"workload\":\"x\"}\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -211,17 +190,8 @@ func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
 			line(benchRecord{Backend: be, Workload: wlChainRead, Run: run, Result: &loadgen.Result{IOPS: iops, BackendCPUPerIO: -1}})
 		}
 	}
-	dir := t.TempDir()
-	res := filepath.Join(dir, "r.jsonl")
-	if err := os.WriteFile(res, []byte(in.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	svg := filepath.Join(dir, "rows.svg")
-	code, stdout, stderr := runCLI(t, "bench", "report", "--rows-svg", svg, res)
-	if code != 0 {
-		t.Fatalf("report: %d %s", code, stderr)
-	}
-	for _, want := range []string{
+	_, stdout, plot := reportOf(t, in.String(), "--rows-svg")
+	reportHas(t, "report", stdout,
 		"| 4K randread QD32 (allocated) while queue 2 allocates | qsd | 200000 | 40000 | 5.00× |",
 		// Only the row that flushed has FLUSH latencies.
 		"| 4K randwrite QD32 + FLUSH every 32, fresh image | qsd | 200.0 | 200.0 | 111.1 | 1000.0 |\n\n",
@@ -232,23 +202,42 @@ func TestBenchReportComparesTheIssue12Rows(t *testing.T) {
 		// Medians of 0.05/0.10/0.15 s and 0.20/0.40/0.60 s.
 		"| qemu-img | 0.100 | 0.400 | 0.25× | 300.0 | 150.0 | 2.00× | 3+3 |",
 		"| info of a 16 TiB / 1 MiB-block image ≤ 0.5× qemu-img info's time | 12 | 0.25× | **met** |",
-	} {
-		if !strings.Contains(stdout, want) {
-			t.Errorf("report lacks %q:\n%s", want, stdout)
-		}
-	}
+	)
 	if n := strings.Count(stdout, "| 4K randread QD32 (allocated) while queue 2 allocates | qsd |"); n != 1 {
 		t.Errorf("the read row appears %d times in the tables, want once (it has no flushes)", n)
+	}
+	reportHas(t, "rows plot", plot, "<svg", "ours: 200000 IOPS", "qsd: 40000 IOPS", "5.00×", "ours-chain: 150000 IOPS",
+		"qemu-img: 0.400 s", "0.25×", "time: lower is better", "not measured")
+}
+
+// reportOf writes records (JSON lines) to a results file and runs
+// `bench report svgFlag PLOT FILE`, failing unless it succeeds; it returns
+// the results file, the report and the plot's text.
+func reportOf(t *testing.T, records, svgFlag string) (res, stdout, plot string) {
+	t.Helper()
+	dir := t.TempDir()
+	res = filepath.Join(dir, "r.jsonl")
+	if err := os.WriteFile(res, []byte(records), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	svg := filepath.Join(dir, "plot.svg")
+	code, stdout, stderr := runCLI(t, "bench", "report", svgFlag, svg, res)
+	if code != 0 {
+		t.Fatalf("report: %d %s", code, stderr)
 	}
 	b, err := os.ReadFile(svg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := string(b)
-	for _, want := range []string{"<svg", "ours: 200000 IOPS", "qsd: 40000 IOPS", "5.00×", "ours-chain: 150000 IOPS",
-		"qemu-img: 0.400 s", "0.25×", "time: lower is better", "not measured"} {
-		if !strings.Contains(s, want) {
-			t.Errorf("rows plot lacks %q:\n%s", want, s)
+	return res, stdout, string(b)
+}
+
+// reportHas fails t for every one of wants that the text named what lacks.
+func reportHas(t *testing.T, what, text string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(text, want) {
+			t.Errorf("%s lacks %q:\n%s", what, want, text)
 		}
 	}
 }

@@ -102,11 +102,7 @@ func TestConvertFlattensAChain(t *testing.T) {
 			sameBytes(t, "7-Zip reading the chain", vhdxtest.ReadWith7zip(t, top), want)
 
 			raw := filepath.Join(dir, "flat.raw")
-			mustRun(t, "convert", "-O", "raw", top, raw)
-			got, err := os.ReadFile(raw)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got := convertToRaw(t, top, raw)
 			sameBytes(t, "convert -O raw of the top", got, want)
 
 			flat := filepath.Join(dir, "flat.vhdx")
@@ -230,11 +226,7 @@ func TestCommitCLIMergesTheChildIntoItsParent(t *testing.T) {
 			sameBytes(t, "libvhdi reading the committed base alone", vhdxtest.ReadWithLibvhdi(t, base), want)
 			sameBytes(t, "7-Zip reading the committed base alone", vhdxtest.ReadWith7zip(t, base), want)
 			raw := filepath.Join(dir, "base.raw")
-			mustRun(t, "convert", "-O", "raw", base, raw)
-			got, err := os.ReadFile(raw)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got := convertToRaw(t, base, raw)
 			sameBytes(t, "convert of the committed base", got, want)
 			sameBytes(t, "7-Zip reading the child after commit", vhdxtest.ReadWith7zip(t, child), want)
 			if out := mustRun(t, "check", child); !strings.Contains(out, "No errors found in the 2 layers") {
@@ -288,9 +280,7 @@ func TestRebaseRepairsAChainWhoseParentMoved(t *testing.T) {
 				t.Errorf("info after rebase: %+v", in)
 			}
 			raw := filepath.Join(dir, "flat.raw")
-			mustRun(t, "convert", "-O", "raw", child, raw)
-			got, _ := os.ReadFile(raw)
-			sameBytes(t, "convert of the rebased chain", got, want)
+			sameBytes(t, "convert of the rebased chain", convertToRaw(t, child, raw), want)
 			sameBytes(t, "libvhdi reading the rebased chain", vhdxtest.ReadWithLibvhdi(t, child, moved), want)
 			if sameDir {
 				sameBytes(t, "7-Zip reading the rebased chain", vhdxtest.ReadWith7zip(t, child), want)

@@ -62,13 +62,8 @@ func TestCheckSpeaksQEMUImgExitCodes(t *testing.T) {
 		{"usage error: 1, as qemu-img check, since 2 means corrupted", nil, []string{"--output", "xml"}, 1, `--output "xml"`, counts{}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "c.vhdx")
-			mustRun(t, "create", "--size", "32M", "--block-size", "1M", path)
-			if tc.setup != nil {
-				tc.setup(t, path)
-			}
 			// A repairing check changes the image: each run gets its own copy.
-			pristine := snapshotFile(t, path)
+			path, pristine := checkSample(t, "c.vhdx", tc.setup)
 
 			code, stdout, stderr := runCLI(t, append(append([]string{"check"}, tc.args...), path)...)
 			if code != tc.wantCode {
@@ -143,12 +138,7 @@ func TestCheckAgreesWithQEMUImg(t *testing.T) {
 		{"a log left by a crash, repaired", dirtySample, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "q.vhdx")
-			mustRun(t, "create", "--size", "32M", "--block-size", "1M", path)
-			if tc.setup != nil {
-				tc.setup(t, path)
-			}
-			pristine := snapshotFile(t, path)
+			path, pristine := checkSample(t, "q.vhdx", tc.setup)
 			args, qargs := []string{"check", "--output", "json"}, []string{"check", "-f", "vhdx", "--output", "json"}
 			if tc.repair {
 				args, qargs = append(args, "--repair"), append(qargs, "-r", "all")
@@ -237,6 +227,18 @@ func holdOpen(t *testing.T, path string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { im.Close() })
+}
+
+// checkSample creates a fresh 32 MiB image named name, spoils it with setup
+// (unless nil) and returns its path and a snapshot of its bytes.
+func checkSample(t *testing.T, name string, setup func(t *testing.T, path string)) (string, []byte) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	mustRun(t, "create", "--size", "32M", "--block-size", "1M", path)
+	if setup != nil {
+		setup(t, path)
+	}
+	return path, snapshotFile(t, path)
 }
 
 func snapshotFile(t *testing.T, path string) []byte {

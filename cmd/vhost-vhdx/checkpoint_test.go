@@ -33,6 +33,23 @@ func readFile(t *testing.T, im *vhdx.Image, off int64) []byte {
 	return b
 }
 
+// queueWrite is a 4 KiB write of byte b at sector on queue q.
+type queueWrite struct {
+	q      int
+	sector uint64
+	b      byte
+}
+
+// writeFilled runs each write on its queue, one after the other, and
+// fails unless each completes OK.
+func writeFilled(t *testing.T, f *frontend.Frontend, writes ...queueWrite) {
+	t.Helper()
+	for _, w := range writes {
+		r, err := f.Queues[w.q].Write(context.Background(), w.sector, fill4K(w.b))
+		mustOK(t, r, err)
+	}
+}
+
 // A checkpoint switches every write to a new child at one instant while
 // the front-end runs: what was written before stays in the old top, which
 // is now read-only and reads as it was at the checkpoint; what is written
@@ -43,14 +60,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 	f := ld.frontEnd(t, 2)
 	ctx := context.Background()
 	const s0, s1, s4 = 0, (1 << 20) / 512, (4 << 20) / 512
-	for _, w := range []struct {
-		q      int
-		sector uint64
-		b      byte
-	}{{0, s0, 'A'}, {1, s1, 'B'}} {
-		r, err := f.Queues[w.q].Write(ctx, w.sector, fill4K(w.b))
-		mustOK(t, r, err)
-	}
+	writeFilled(t, f, queueWrite{0, s0, 'A'}, queueWrite{1, s1, 'B'})
 
 	dir := filepath.Dir(ld.imgPath)
 	cp1 := filepath.Join(dir, "cp1.vhdx")
@@ -59,14 +69,7 @@ func TestCheckpointSwitchesWritesToANewChildAndFreezesTheOldTop(t *testing.T) {
 	if rep.Top != cp1 || rep.Parent != ld.imgPath || rep.Depth != 1 {
 		t.Fatalf("checkpoint reply %+v", rep)
 	}
-	for _, w := range []struct {
-		q      int
-		sector uint64
-		b      byte
-	}{{1, s0, 'C'}, {0, s4, 'D'}} {
-		r, err := f.Queues[w.q].Write(ctx, w.sector, fill4K(w.b))
-		mustOK(t, r, err)
-	}
+	writeFilled(t, f, queueWrite{1, s0, 'C'}, queueWrite{0, s4, 'D'})
 	for _, c := range []struct {
 		sector uint64
 		want   byte

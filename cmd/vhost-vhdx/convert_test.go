@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -49,6 +50,18 @@ func mapJSON(t *testing.T, path string) []mapExtent {
 		t.Fatalf("map --json output does not parse: %v\n%s", err, stdout)
 	}
 	return exts
+}
+
+// convertToRaw converts src (with any further convert flags) to the raw
+// file dst and returns dst's bytes.
+func convertToRaw(t *testing.T, src, dst string, flags ...string) []byte {
+	t.Helper()
+	mustRun(t, append(append([]string{"convert", "-O", "raw"}, flags...), src, dst)...)
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
 }
 
 func mustRun(t *testing.T, args ...string) string {
@@ -128,18 +141,14 @@ func TestCreateInfoConvertMapCheckRoundTrip(t *testing.T) {
 			}
 		}
 	}
-	if !slicesEqual(gotBlocks, wantBlocks) {
+	if !slices.Equal(gotBlocks, wantBlocks) {
 		t.Errorf("map shows data blocks %v, want %v", gotBlocks, wantBlocks)
 	}
 	if table := mustRun(t, "map", conv); !strings.Contains(table, "data") || !strings.Contains(table, "zero") {
 		t.Errorf("map table lacks data/zero rows:\n%s", table)
 	}
 
-	mustRun(t, "convert", "-O", "raw", conv, back)
-	got, err := os.ReadFile(back)
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := convertToRaw(t, conv, back)
 	if !bytes.Equal(got, data) {
 		t.Errorf("raw -> vhdx -> raw differs (len %d vs %d)", len(got), len(data))
 	}
@@ -157,18 +166,6 @@ func TestCreateInfoConvertMapCheckRoundTrip(t *testing.T) {
 			t.Errorf("qemu-img %q: %v\n%s", args, err, out)
 		}
 	}
-}
-
-func slicesEqual(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestConvertRawPadsTheTailToTheLogicalSector(t *testing.T) {
@@ -195,11 +192,7 @@ func TestConvertRawPadsTheTailToTheLogicalSector(t *testing.T) {
 			if tc.wantBlock != 0 && info.BlockSize != tc.wantBlock {
 				t.Errorf("block size %d, want %d", info.BlockSize, tc.wantBlock)
 			}
-			mustRun(t, "convert", "-O", "raw", conv, back)
-			got, err := os.ReadFile(back)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got := convertToRaw(t, conv, back)
 			wantBack := append(bytes.Clone(data), make([]byte, int(tc.wantSize)-len(data))...)
 			if !bytes.Equal(got, wantBack) {
 				t.Errorf("round trip differs: got %d bytes", len(got))
@@ -218,8 +211,7 @@ func TestConvertVHDXToVHDXKeepsTheSourceSectorSizes(t *testing.T) {
 	if info.LogicalSectorSize != 4096 || info.PhysicalSectorSize != 4096 {
 		t.Errorf("sector sizes %d/%d, want 4096/4096", info.LogicalSectorSize, info.PhysicalSectorSize)
 	}
-	mustRun(t, "convert", "-O", "raw", "-f", "vhdx", b, back)
-	if got, _ := os.ReadFile(back); !bytes.Equal(got, data) {
+	if got := convertToRaw(t, b, back, "-f", "vhdx"); !bytes.Equal(got, data) {
 		t.Error("vhdx -> vhdx -> raw differs from the source")
 	}
 }

@@ -23,8 +23,7 @@ func TestCreateParentMakesAChildReadingTheParent(t *testing.T) {
 		t.Errorf("child info %+v", info)
 	}
 	out := filepath.Join(dir, "flat.raw")
-	mustRun(t, "convert", "-O", "raw", child, out)
-	if got, _ := os.ReadFile(out); !bytes.Equal(got, want) {
+	if got := convertToRaw(t, child, out); !bytes.Equal(got, want) {
 		t.Error("the new child does not read its parent's contents")
 	}
 	for _, tc := range []struct {

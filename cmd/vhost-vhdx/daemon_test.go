@@ -139,14 +139,7 @@ func (d *daemonProc) output() string {
 // flushed and closed.
 func (d *daemonProc) stop(t *testing.T, pid int) {
 	t.Helper()
-	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-d.exited; err != nil {
-		t.Fatalf("exit after SIGTERM: %v\n%s", err, d.output())
-	}
-	for range d.lines {
-	}
+	d.stop2(t, pid)
 	if out := d.output(); !strings.Contains(out, "stopped; image flushed and closed") {
 		t.Errorf("no clean stop logged:\n%s", out)
 	}
@@ -499,23 +492,49 @@ func repoRoot(t *testing.T) string {
 	return root
 }
 
+// makeRun is `make run` serving a fresh 64 MiB image, in a process group
+// of its own so that a signal reaches make alone.
+type makeRun struct {
+	cmd       *exec.Cmd
+	d         *daemonProc
+	img, sock string
+}
+
+// startMakeRun starts make run and returns once a front-end has used the
+// disk it serves.
+func startMakeRun(t *testing.T) *makeRun {
+	t.Helper()
+	bin := daemonBinary(t)
+	dir := shortDir(t)
+	m := &makeRun{img: filepath.Join(dir, "run.vhdx"), sock: filepath.Join(dir, "run.sock")}
+	// -o build: use the binary built above instead of rebuilding bin/.
+	m.cmd = exec.Command("make", "-s", "-C", repoRoot(t), "-o", "build", "run",
+		"BIN="+bin, "IMAGE="+m.img, "SOCKET="+m.sock, "SIZE=64M")
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its own group: only make is signalled
+	m.d = startDaemon(t, m.cmd)
+	m.d.waitFor(t, "serving VHDX image")
+	useDisk(t, m.sock)
+	return m
+}
+
+// checkLeftClean checks, after make run ended, that the socket is gone and
+// the image was closed clean.
+func (m *makeRun) checkLeftClean(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat(m.sock); !os.IsNotExist(err) {
+		t.Errorf("the socket is still there after make run stopped: %v", err)
+	}
+	checkClean(t, m.img)
+}
+
 // TestMakeRunStopsCleanlyWhenMakeAloneGetsSIGTERM: make run is a
 // foreground command; a supervisor or `kill PID` signals only make's own
 // process, not its process group. GNU make passes SIGTERM on to the
 // recipe, which is the daemon itself (exec), so the image is closed clean.
 func TestMakeRunStopsCleanlyWhenMakeAloneGetsSIGTERM(t *testing.T) {
-	bin := daemonBinary(t)
-	dir := shortDir(t)
-	img := filepath.Join(dir, "run.vhdx")
-	sock := filepath.Join(dir, "run.sock")
-	// -o build: use the binary built above instead of rebuilding bin/.
-	cmd := exec.Command("make", "-s", "-C", repoRoot(t), "-o", "build", "run",
-		"BIN="+bin, "IMAGE="+img, "SOCKET="+sock, "SIZE=64M")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its own group: only make is signalled
-	d := startDaemon(t, cmd)
-	d.waitFor(t, "serving VHDX image")
-	useDisk(t, sock)
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	m := startMakeRun(t)
+	d := m.d
+	if err := m.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	// make waits for its recipe, then dies of the signal it got.
@@ -528,10 +547,7 @@ func TestMakeRunStopsCleanlyWhenMakeAloneGetsSIGTERM(t *testing.T) {
 	if out := d.output(); !strings.Contains(out, "stopped; image flushed and closed") {
 		t.Errorf("the daemon did not stop cleanly:\n%s", out)
 	}
-	if _, err := os.Stat(sock); !os.IsNotExist(err) {
-		t.Errorf("the socket is still there after make run stopped: %v", err)
-	}
-	checkClean(t, img)
+	m.checkLeftClean(t)
 }
 
 // TestMakeInstallProducesTheServiceTree: make install DESTDIR=... lays out

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -85,17 +84,9 @@ func TestMakeRunStopsCleanlyWhenMakeAloneGetsSIGINT(t *testing.T) {
 	if signal.Ignored(syscall.SIGINT) {
 		t.Skip("SIGINT is ignored in this process (started in the background), so make would ignore it too")
 	}
-	bin := daemonBinary(t)
-	dir := shortDir(t)
-	img := filepath.Join(dir, "run.vhdx")
-	sock := filepath.Join(dir, "run.sock")
-	cmd := exec.Command("make", "-s", "-C", repoRoot(t), "-o", "build", "run",
-		"BIN="+bin, "IMAGE="+img, "SOCKET="+sock, "SIZE=64M")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its own group: only make is signalled
-	d := startDaemon(t, cmd)
-	d.waitFor(t, "serving VHDX image")
-	useDisk(t, sock)
-	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+	m := startMakeRun(t)
+	d := m.d
+	if err := m.cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
 	err := <-d.exited
@@ -108,8 +99,5 @@ func TestMakeRunStopsCleanlyWhenMakeAloneGetsSIGINT(t *testing.T) {
 	if !strings.Contains(out, "stopping with the parent process") || !strings.Contains(out, "stopped; image flushed and closed") {
 		t.Errorf("the daemon did not stop cleanly on make's SIGINT:\n%s", out)
 	}
-	if _, err := os.Stat(sock); !os.IsNotExist(err) {
-		t.Errorf("the socket is still there after make run stopped: %v", err)
-	}
-	checkClean(t, img)
+	m.checkLeftClean(t)
 }

@@ -1,16 +1,13 @@
 package qemu_test
 
 import (
-	"context"
 	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/blk"
-	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // The control socket of a daemon serving a real guest: status shows the
@@ -37,13 +34,8 @@ func TestControlSocketReportsARunningGuestAndCountsItsWrites(t *testing.T) {
 		),
 		during: func(g *guestRun) *backend {
 			g.waitFor("WRITTEN")
-			cl, err := control.Dial(b.ctl)
-			if err != nil {
-				g.failGuest("control socket: " + err.Error())
-			}
-			defer cl.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
+			call, closeCtl := ctlClient(g, b.ctl)
+			defer closeCtl()
 			var st struct {
 				FrontEnd struct {
 					Connected    bool     `json:"connected"`
@@ -56,9 +48,7 @@ func TestControlSocketReportsARunningGuestAndCountsItsWrites(t *testing.T) {
 					AllocatedBytes int64 `json:"allocated_bytes"`
 				} `json:"chain"`
 			}
-			if err := cl.Call(ctx, "status", nil, &st); err != nil {
-				g.failGuest("status: " + err.Error())
-			}
+			call("status", nil, &st)
 			fe := st.FrontEnd
 			if !fe.Connected || len(fe.Queues) < 1 || !fe.Queues[0].Started || !fe.Queues[0].Enabled || !slices.Contains(fe.FeatureNames, "VERSION_1") {
 				g.failGuest(fmt.Sprintf("status with a guest running: %+v", fe))
@@ -69,16 +59,12 @@ func TestControlSocketReportsARunningGuestAndCountsItsWrites(t *testing.T) {
 			var stats struct {
 				Total blk.QueueSnapshot `json:"total"`
 			}
-			if err := cl.Call(ctx, "stats", nil, &stats); err != nil {
-				g.failGuest("stats: " + err.Error())
-			}
+			call("stats", nil, &stats)
 			w := stats.Total.Ops["write"]
 			if w.Bytes < uint64(r.len) || w.Ops < uint64(r.len/(64*1024)) || w.Errors != 0 || w.P50 == 0 {
 				g.failGuest(fmt.Sprintf("stats after the guest wrote %d bytes: %+v", r.len, w))
 			}
-			if err := cl.Call(ctx, "flush", nil, nil); err != nil {
-				g.failGuest("flush: " + err.Error())
-			}
+			call("flush", nil, nil)
 			g.send("CHECKED")
 			return b
 		},
@@ -119,20 +105,11 @@ func TestLiveCheckpointUnderARealGuestSplitsItsWritesAtOneInstant(t *testing.T) 
 		),
 		during: func(g *guestRun) *backend {
 			g.waitFor("WRITTEN")
-			cl, err := control.Dial(b.ctl)
-			if err != nil {
-				g.failGuest("control socket: " + err.Error())
-			}
-			defer cl.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
 			var rep struct {
 				Top, Parent string
 				Depth       int
 			}
-			if err := cl.Call(ctx, "checkpoint", map[string]string{"path": top.path}, &rep); err != nil {
-				g.failGuest("checkpoint: " + err.Error())
-			}
+			ctlCall(g, b.ctl, "checkpoint", map[string]string{"path": top.path}, &rep)
 			if rep.Top != top.path || rep.Depth != 1 {
 				g.failGuest(fmt.Sprintf("checkpoint reply %+v", rep))
 			}
@@ -183,20 +160,11 @@ func TestGuestSeesOnlineResizeAndWritesPastTheOldEnd(t *testing.T) {
 		),
 		during: func(g *guestRun) *backend {
 			g.waitFor("READY")
-			cl, err := control.Dial(b.ctl)
-			if err != nil {
-				g.failGuest("control socket: " + err.Error())
-			}
-			defer cl.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
 			var rep struct {
 				NewSize  uint64 `json:"new_size"`
 				Notified bool   `json:"notified"`
 			}
-			if err := cl.Call(ctx, "resize", map[string]string{"size": fmt.Sprintf("+%d", big-small)}, &rep); err != nil {
-				g.failGuest("resize: " + err.Error())
-			}
+			ctlCall(g, b.ctl, "resize", map[string]string{"size": fmt.Sprintf("+%d", big-small)}, &rep)
 			if rep.NewSize != uint64(big) || !rep.Notified {
 				g.failGuest(fmt.Sprintf("resize reply %+v", rep))
 			}

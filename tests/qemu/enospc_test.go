@@ -1,7 +1,6 @@
 package qemu_test
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhdx/vhdxtest"
-	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/control"
 )
 
 // A real guest fills the host file system under its disk (issue 13 item 2):
@@ -32,6 +30,25 @@ func fullDiskImage(t *testing.T, e *env) (*image, string) {
 	img := &image{path: filepath.Join(dir, "full.vhdx"), size: 64 * mib, logicalSector: 512}
 	e.run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "subformat=dynamic,block_size=1M", img.path, fmt.Sprint(img.size))
 	return img, filepath.Join(dir, "filler")
+}
+
+// fillHostDisk waits until the guest wrote the region before, fills the
+// host file system with filler and tells the guest (FULL).
+func fillHostDisk(t *testing.T, e *env, g *guestRun, filler string) {
+	t.Helper()
+	g.waitFor("WROTE-BEFORE.")
+	n := vhdxtest.FillUp(t, filler)
+	e.note(fmt.Sprintf("# host: filled the file system with %d bytes", n))
+	g.send("FULL")
+}
+
+// freeHostDisk removes the filler, giving the host file system its space
+// back.
+func freeHostDisk(e *env, g *guestRun, filler string) {
+	if err := os.Remove(filler); err != nil {
+		g.failGuest(err.Error())
+	}
+	e.note("# host: removed the filler")
 }
 
 // The regions: before is written while there is space; after needs four
@@ -67,15 +84,9 @@ func TestGuestWriteToAFullHostDiskFailsThenSucceedsOnceSpaceIsFreed(t *testing.T
 			verifies(bs, enospcBefore, enospcAfter),
 		),
 		during: func(g *guestRun) *backend {
-			g.waitFor("WROTE-BEFORE.")
-			n := vhdxtest.FillUp(t, filler)
-			e.note(fmt.Sprintf("# host: filled the file system with %d bytes", n))
-			g.send("FULL")
+			fillHostDisk(t, e, g, filler)
 			g.waitFor("FAILED-AS-EXPECTED.")
-			if err := os.Remove(filler); err != nil {
-				g.failGuest(err.Error())
-			}
-			e.note("# host: removed the filler")
+			freeHostDisk(e, g, filler)
 			g.send("FREED")
 			return b
 		},
@@ -111,15 +122,9 @@ func TestGuestWriteToAFullHostDiskWaitsUntilSpaceIsFreed(t *testing.T) {
 			verifies(bs, enospcBefore, enospcAfter),
 		),
 		during: func(g *guestRun) *backend {
-			g.waitFor("WROTE-BEFORE.")
-			n := vhdxtest.FillUp(t, filler)
-			e.note(fmt.Sprintf("# host: filled the file system with %d bytes", n))
-			g.send("FULL")
-			cl, err := control.Dial(b.ctl)
-			if err != nil {
-				g.failGuest("control socket: " + err.Error())
-			}
-			defer cl.Close()
+			fillHostDisk(t, e, g, filler)
+			call, closeCtl := ctlClient(g, b.ctl)
+			defer closeCtl()
 			var st struct {
 				ENOSPC struct {
 					Policy   string     `json:"policy"`
@@ -130,12 +135,7 @@ func TestGuestWriteToAFullHostDiskWaitsUntilSpaceIsFreed(t *testing.T) {
 			}
 			deadline := time.Now().Add(90 * time.Second)
 			for {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-				err := cl.Call(ctx, "status", nil, &st)
-				cancel()
-				if err != nil {
-					g.failGuest("status: " + err.Error())
-				}
+				call("status", nil, &st)
 				if st.ENOSPC.Waiting > 0 {
 					break
 				}
@@ -150,10 +150,7 @@ func TestGuestWriteToAFullHostDiskWaitsUntilSpaceIsFreed(t *testing.T) {
 			if c, _ := os.ReadFile(g.console); strings.Contains(string(c), "WROTE-AFTER.") {
 				g.failGuest("the guest's write completed while a write was held for space")
 			}
-			if err := os.Remove(filler); err != nil {
-				g.failGuest(err.Error())
-			}
-			e.note("# host: removed the filler")
+			freeHostDisk(e, g, filler)
 			g.waitFor("WROTE-AFTER.")
 			return b
 		},

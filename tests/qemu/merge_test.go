@@ -49,19 +49,30 @@ func (r records) guestStream() string {
 	)
 }
 
-// ctlCall runs one control command for a guest test, failing the guest on
-// an error.
+// ctlCall runs one control command for a guest test on a connection of
+// its own, failing the guest on an error.
 func ctlCall(g *guestRun, sock, name string, args, ret any) {
+	call, closeCtl := ctlClient(g, sock)
+	defer closeCtl()
+	call(name, args, ret)
+}
+
+// ctlClient connects a guest test to the control socket sock: call runs
+// one command on that connection, with a minute to answer, failing the
+// guest on an error; closeCtl closes the connection.
+func ctlClient(g *guestRun, sock string) (call func(name string, args, ret any), closeCtl func()) {
 	cl, err := control.Dial(sock)
 	if err != nil {
 		g.failGuest("control socket: " + err.Error())
 	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if err := cl.Call(ctx, name, args, ret); err != nil {
-		g.failGuest(name + ": " + err.Error())
+	call = func(name string, args, ret any) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := cl.Call(ctx, name, args, ret); err != nil {
+			g.failGuest(name + ": " + err.Error())
+		}
 	}
+	return call, func() { cl.Close() }
 }
 
 // mergeState is the merge part of status.

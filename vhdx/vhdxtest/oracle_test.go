@@ -2,6 +2,7 @@ package vhdxtest
 
 import (
 	"os"
+	"slices"
 	"testing"
 )
 
@@ -47,13 +48,8 @@ func TestSevenZipRefusesSizesWithTheSectorSizeBitSet(t *testing.T) {
 func TestLibvhdiArgsNameTheParentsNearestFirstThenTheSpans(t *testing.T) {
 	got := LibvhdiArgs("py", "top", []string{"mid", "base"}, []Span{{Off: 0, N: 512}, {Off: 4096, N: 8}})
 	want := []string{"py", LibvhdiScript(), "--parent", "mid", "--parent", "base", "top", "0:512", "4096:8"}
-	if len(got) != len(want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("args %q, want %q", got, want)
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("args %q, want %q", got, want)
-		}
 	}
 	if _, err := os.Stat(LibvhdiScript()); err != nil {
 		t.Errorf("the libvhdi script: %v", err)

@@ -86,15 +86,8 @@ func SmallExt4(t testing.TB, size int64) string {
 // space on a SmallFS until removed.
 func Fill(t testing.TB, path string, n int64) {
 	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, buf := createFiller(t, path)
 	defer f.Close()
-	buf := make([]byte, 64<<10)
-	for i := range buf {
-		buf[i] = byte(i*7 + 1)
-	}
 	for n > 0 {
 		c := min(n, int64(len(buf)))
 		if _, err := f.Write(buf[:c]); err != nil {
@@ -109,15 +102,8 @@ func Fill(t testing.TB, path string, n int64) {
 // file is removed.
 func FillUp(t testing.TB, path string) int64 {
 	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, buf := createFiller(t, path)
 	defer f.Close()
-	buf := make([]byte, 64<<10)
-	for i := range buf {
-		buf[i] = byte(i*7 + 1)
-	}
 	var n int64
 	for size := len(buf); size >= 512; {
 		c, err := f.Write(buf[:size])
@@ -131,4 +117,20 @@ func FillUp(t testing.TB, path string) int64 {
 		}
 	}
 	return n
+}
+
+// createFiller creates the file at path for Fill and FillUp and returns it
+// with a 64 KiB buffer of non-zero bytes to write into it (data, so that
+// no file system can keep it as a hole).
+func createFiller(t testing.TB, path string) (*os.File, []byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	return f, buf
 }

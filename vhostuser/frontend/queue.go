@@ -182,7 +182,11 @@ func (q *Queue) AvailIdx() uint16 { return q.availIdx }
 
 // SetDesc writes descriptor i as is.
 func (q *Queue) SetDesc(i uint16, d RawDesc) {
-	b := q.f.Mem[q.descOff+16*int(i%q.Size):]
+	putRawDesc(q.f.Mem[q.descOff+16*int(i%q.Size):], d)
+}
+
+// putRawDesc encodes d as a struct virtq_desc at b[0:16].
+func putRawDesc(b []byte, d RawDesc) {
 	le.PutUint64(b[0:], d.Addr)
 	le.PutUint32(b[8:], d.Len)
 	le.PutUint16(b[12:], d.Flags)

@@ -277,19 +277,30 @@ func chain(q *frontend.Queue, descs ...frontend.RawDesc) {
 	q.PutAvail(0)
 }
 
+// setUp dials path and negotiates setup with its one queue; the caller
+// closes the connection.
+func setUp(path string) (*frontend.Frontend, error) {
+	f, err := frontend.Dial(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Setup(setup); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
 // request builds a case that publishes one hand-made chain. malformed
 // chains must complete with used length 0 and the status byte untouched;
 // bad requests with used length 1 and a status other than OK.
 func request(name string, malformed bool, build func(f *frontend.Frontend, q *frontend.Queue) (*req, error)) Case {
 	return Case{Name: name, run: func(ctx context.Context, path string) error {
-		f, err := frontend.Dial(path)
+		f, err := setUp(path)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		if err := f.Setup(setup); err != nil {
-			return err
-		}
 		q := f.Queues[0]
 		r, err := build(f, q)
 		if err != nil {
@@ -312,154 +323,98 @@ func request(name string, malformed bool, build func(f *frontend.Frontend, q *fr
 	}}
 }
 
-func table(f *frontend.Frontend, skew int, descs ...frontend.RawDesc) (uint64, error) {
-	off, err := f.Alloc(16*len(descs)+skew, 16)
-	if err != nil {
-		return 0, err
-	}
-	off += skew
-	for i, d := range descs {
-		b := f.Mem[off+16*i:]
-		le.PutUint64(b, d.Addr)
-		le.PutUint32(b[8:], d.Len)
-		le.PutUint16(b[12:], d.Flags)
-		le.PutUint16(b[14:], d.Next)
-	}
-	return frontend.GPA(off), nil
-}
+// layout lays a chain out over a request's buffers; it may write indirect
+// tables into guest memory (Frontend.DescTable).
+type layout func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error)
 
-func requestCases() []Case {
-	out := func(f *frontend.Frontend, sector uint64, n int, q *frontend.Queue) (*req, error) {
-		r, err := newReq(f, frontend.BlkTOut, sector, n)
+// laid returns a request case's build: fresh buffers for a request of type
+// typ at sector with n data bytes, and the chain lay makes of them
+// published at head 0.
+func laid(typ uint32, sector uint64, n int, lay layout) func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
+	return func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
+		r, err := newReq(f, typ, sector, n)
 		if err != nil {
 			return nil, err
 		}
-		chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-			frontend.RawDesc{Addr: r.data, Len: uint32(n), Flags: next, Next: 2},
-			frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
+		descs, err := lay(f, r)
+		if err != nil {
+			return nil, err
+		}
+		chain(q, descs...)
 		return r, nil
 	}
+}
+
+// throughData is the usual three-descriptor chain: header, the given data
+// descriptor, then a device-writable status byte.
+func throughData(r *req, data frontend.RawDesc) []frontend.RawDesc {
+	data.Flags, data.Next = next, 2
+	return []frontend.RawDesc{{Addr: r.hdr, Len: 16, Flags: next, Next: 1}, data, {Addr: r.status, Len: 1, Flags: write}}
+}
+
+// headerStatus is a chain with no data descriptor: a header of hdrLen bytes
+// and a device-writable status byte.
+func headerStatus(r *req, hdrLen uint32) []frontend.RawDesc {
+	return []frontend.RawDesc{{Addr: r.hdr, Len: hdrLen, Flags: next, Next: 1}, {Addr: r.status, Len: 1, Flags: write}}
+}
+
+func requestCases() []Case {
+	out := func(sector uint64, n int) func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
+		return laid(frontend.BlkTOut, sector, n, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return throughData(r, frontend.RawDesc{Addr: r.data, Len: uint32(n)}), nil
+		})
+	}
 	return []Case{
-		request("descriptor address outside guest memory", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-				frontend.RawDesc{Addr: 1 << 50, Len: 512, Flags: next, Next: 2},
-				frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			return r, nil
-		}),
-		request("buffer running past the end of its region", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-				frontend.RawDesc{Addr: frontend.GPA(len(f.Mem) - 256), Len: 512, Flags: next, Next: 2},
-				frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			return r, nil
-		}),
-		request("looping chain", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-				frontend.RawDesc{Addr: r.data, Len: 512, Flags: next, Next: 0})
-			return r, nil
-		}),
-		request("chain longer than the ring", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 512)
-			if err != nil {
-				return nil, err
-			}
+		request("descriptor address outside guest memory", true, laid(frontend.BlkTOut, 0, 512, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return throughData(r, frontend.RawDesc{Addr: 1 << 50, Len: 512}), nil
+		})),
+		request("buffer running past the end of its region", true, laid(frontend.BlkTOut, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return throughData(r, frontend.RawDesc{Addr: frontend.GPA(len(f.Mem) - 256), Len: 512}), nil
+		})),
+		request("looping chain", true, laid(frontend.BlkTOut, 0, 512, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return []frontend.RawDesc{{Addr: r.hdr, Len: 16, Flags: next, Next: 1}, {Addr: r.data, Len: 512, Flags: next, Next: 0}}, nil
+		})),
+		request("chain longer than the ring", true, laid(frontend.BlkTOut, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
 			descs := []frontend.RawDesc{{Addr: r.hdr, Len: 16, Flags: next, Next: 1}}
 			for i := 1; i < 20; i++ {
 				descs = append(descs, frontend.RawDesc{Addr: r.data, Len: 16, Flags: next, Next: uint16(i + 1)})
 			}
 			descs = append(descs, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			tb, err := table(f, 0, descs...)
+			tb, err := f.DescTable(0, descs...)
+			return []frontend.RawDesc{{Addr: tb, Len: uint32(16 * len(descs)), Flags: indirect}}, err
+		})),
+		request("nested indirect table", true, laid(frontend.BlkTIn, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			inner, err := f.DescTable(0, headerStatus(r, 16)...)
 			if err != nil {
 				return nil, err
 			}
-			chain(q, frontend.RawDesc{Addr: tb, Len: uint32(16 * len(descs)), Flags: indirect})
-			return r, nil
-		}),
-		request("nested indirect table", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTIn, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			inner, err := table(f, 0, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1}, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			if err != nil {
-				return nil, err
-			}
-			outer, err := table(f, 0, frontend.RawDesc{Addr: inner, Len: 32, Flags: indirect})
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: outer, Len: 16, Flags: indirect})
-			return r, nil
-		}),
-		request("indirect table length not a multiple of 16", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTIn, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			tb, err := table(f, 0, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1}, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: tb, Len: 24, Flags: indirect})
-			return r, nil
-		}),
-		request("status byte in a device-readable buffer", true, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-				frontend.RawDesc{Addr: r.data, Len: 512, Flags: next, Next: 2},
-				frontend.RawDesc{Addr: r.status, Len: 1})
-			return r, nil
-		}),
-		request("request header shorter than 16 bytes", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTOut, 0, 0)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 8, Flags: next, Next: 1}, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			return r, nil
-		}),
-		request("IN into device-readable buffers", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, frontend.BlkTIn, 0, 512)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1},
-				frontend.RawDesc{Addr: r.data, Len: 512, Flags: next, Next: 2},
-				frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			return r, nil
-		}),
+			outer, err := f.DescTable(0, frontend.RawDesc{Addr: inner, Len: 32, Flags: indirect})
+			return []frontend.RawDesc{{Addr: outer, Len: 16, Flags: indirect}}, err
+		})),
+		request("indirect table length not a multiple of 16", true, laid(frontend.BlkTIn, 0, 512, func(f *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			tb, err := f.DescTable(0, headerStatus(r, 16)...)
+			return []frontend.RawDesc{{Addr: tb, Len: 24, Flags: indirect}}, err
+		})),
+		request("status byte in a device-readable buffer", true, laid(frontend.BlkTOut, 0, 512, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			descs := throughData(r, frontend.RawDesc{Addr: r.data, Len: 512})
+			descs[2].Flags = 0
+			return descs, nil
+		})),
+		request("request header shorter than 16 bytes", false, laid(frontend.BlkTOut, 0, 0, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return headerStatus(r, 8), nil
+		})),
+		request("IN into device-readable buffers", false, laid(frontend.BlkTIn, 0, 512, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return throughData(r, frontend.RawDesc{Addr: r.data, Len: 512}), nil
+		})),
 		request("write past the capacity", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
 			capacity := le.Uint64(f.Config) // virtio_blk_config.capacity, 512-byte sectors
-			return out(f, capacity-1, 1024, q)
+			return out(capacity-1, 1024)(f, q)
 		}),
-		request("write at a sector near 2^64", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			return out(f, 1<<64-1, 512, q)
-		}),
-		request("write whose byte offset wraps 2^64", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			return out(f, 1<<55, 512, q)
-		}),
-		request("unknown request type", false, func(f *frontend.Frontend, q *frontend.Queue) (*req, error) {
-			r, err := newReq(f, 0x7777, 0, 0)
-			if err != nil {
-				return nil, err
-			}
-			chain(q, frontend.RawDesc{Addr: r.hdr, Len: 16, Flags: next, Next: 1}, frontend.RawDesc{Addr: r.status, Len: 1, Flags: write})
-			return r, nil
-		}),
+		request("write at a sector near 2^64", false, out(1<<64-1, 512)),
+		request("write whose byte offset wraps 2^64", false, out(1<<55, 512)),
+		request("unknown request type", false, laid(0x7777, 0, 0, func(_ *frontend.Frontend, r *req) ([]frontend.RawDesc, error) {
+			return headerStatus(r, 16), nil
+		})),
 	}
 }
 
@@ -467,14 +422,11 @@ func requestCases() []Case {
 // to signal the queue's SET_VRING_ERR eventfd.
 func ring(name string, breakRing func(q *frontend.Queue)) Case {
 	return Case{Name: name, run: func(ctx context.Context, path string) error {
-		f, err := frontend.Dial(path)
+		f, err := setUp(path)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		if err := f.Setup(setup); err != nil {
-			return err
-		}
 		efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 		if err != nil {
 			return err
