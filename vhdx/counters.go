@@ -20,7 +20,9 @@ type Counters struct {
 	// locator update goes through one (§2.3).
 	JournalCommits uint64 `json:"journal_commits"`
 	// AllocBatches counts the group commits that published allocations
-	// of a base image; Allocations/AllocBatches is the mean batch size.
+	// of a base image, or first writes of a differencing image (some of
+	// which only set bitmap bits); for a base image
+	// Allocations/AllocBatches is the mean batch size.
 	AllocBatches uint64 `json:"alloc_batches"`
 	// Syncs counts fdatasyncs issued on the file, after coalescing
 	// (concurrent flushes and journal commits share one).

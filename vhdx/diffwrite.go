@@ -4,18 +4,21 @@ package vhdx
 //
 // A write into sectors this file does not hold never copies parent data. It
 // gets a payload block (when the block is NOT_PRESENT) and the chunk's
-// sector bitmap block (when the chunk has none) at the end of the file,
-// writes the data there, and then, in one journal entry (§2.3), sets the
-// sectors' bitmap bits (§2.4) and the BAT entries: payload PARTIALLY_PRESENT,
-// bitmap SB_BLOCK_PRESENT (§2.5.1). The journal flushes the data before the
-// entry, so a crash at any point leaves either the old state (bits clear:
-// the sectors still come from the parent) or the new one. A write covering
-// a whole block makes it FULLY_PRESENT instead, with no bitmap.
+// sector bitmap block (when the chunk has none), writes the data there, and
+// then, in a journal entry (§2.3) shared with the other first writes that
+// arrive together (diffgroup.go), sets the sectors' bitmap bits (§2.4) and
+// the BAT entries: payload PARTIALLY_PRESENT, bitmap SB_BLOCK_PRESENT
+// (§2.5.1). The journal flushes the data before the entry, so a crash at
+// any point leaves either the old state (bits clear: the sectors still
+// come from the parent) or the new one. A write covering a whole block
+// makes it FULLY_PRESENT instead, with no bitmap, in an entry of its own.
 //
-// Bitmap and BAT updates are serialised by im.mu; writes into sectors whose
-// bits are already set go straight to the file without it.
+// Bitmap and BAT updates are made by a batch's leader under im.mu; writes
+// into sectors whose bits are already set go straight to the file without
+// it.
 
 import (
+	"errors"
 	"fmt"
 )
 
@@ -36,187 +39,80 @@ func (im *Image) allPresent(pos, n uint64) (bool, error) {
 
 // writeDiff writes p (inside one block, sector aligned) at virtual offset
 // pos of a differencing image, block entry idx, offset in within the block.
-func (im *Image) writeDiff(p []byte, pos, idx, in uint64) error {
+// Writes into sectors the image does not hold join a batch (diffgroup.go);
+// whole-block writes commit an entry of their own, under im.mu, once no
+// batch is being committed and no batch has reserved the block. When the
+// sectors turn out to be present already (another writer's batch published
+// them), it returns inPlace and the file offset to write p at, without a
+// lock (writeChunk).
+func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPlace bool, err error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
-	if im.closed.Load() {
-		return fmt.Errorf("write: %w", ErrClosed)
-	}
-	e := im.bat[idx].Load()
+	ag := im.group()
 	bs := uint64(im.l.blockSize)
 	blockStart := pos - in
 	whole := in == 0 && uint64(len(p)) == min(bs, im.l.size-blockStart)
-	switch batState(e) {
-	case stateFullyPresent: // another writer won the race
-		return im.writePayload(p, batFileOffset(e)+in)
-	case stateNotPresent:
-		if whole {
-			return im.allocateLocked(p, idx, in)
+	for {
+		if im.closed.Load() {
+			return 0, false, fmt.Errorf("write: %w", ErrClosed)
 		}
-	case statePartiallyPresent:
-		off := batFileOffset(e)
-		if whole {
-			if err := im.writePayload(p, off); err != nil {
-				return err
-			}
-			full := makeBATEntry(stateFullyPresent, off)
-			if err := im.growTo(im.fileEnd); err != nil {
-				return err
-			}
-			if err := im.journalBATEntry(idx, full, im.fileEnd); err != nil {
-				return err
-			}
-			im.bat[idx].Store(full)
-			return nil
+		e := im.bat[idx].Load()
+		if b := ag.pendPay[idx]; b != nil && (whole || b != ag.open) {
+			// A batch reserved the block: a whole write would allocate
+			// it a second time, and a batch already taken by its leader
+			// has fixed its bits. Wait for it to finish, then look again.
+			ag.cond.Wait()
+			continue
 		}
-		if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
-			return err
-		} else if ok {
-			return im.writePayload(p, off+in)
+		st := batState(e)
+		switch {
+		case st == stateFullyPresent: // another writer won the race
+			return batFileOffset(e) + in, true, nil
+		case st == statePartiallyPresent && !whole:
+			if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
+				return 0, false, err
+			} else if ok {
+				return batFileOffset(e) + in, true, nil
+			}
+		case st == stateNotPresent && !whole:
+		default:
+			// A whole block (FULLY_PRESENT), or ZERO, UNDEFINED, UNMAPPED,
+			// which read as zeros, not as the parent, so the block becomes
+			// FULLY_PRESENT over fresh (zero) space: an entry of its own,
+			// through the journal once no batch leader owns it.
+			if ag.leading {
+				ag.cond.Wait()
+				continue
+			}
+			return 0, false, im.writeDiffWhole(p, idx, in, e)
 		}
-	default:
-		// ZERO, UNDEFINED, UNMAPPED: the block reads as zeros, not as the
-		// parent, so it becomes FULLY_PRESENT over fresh (zero) space.
-		return im.allocateLocked(p, idx, in)
+		err := im.joinDiffBatch(p, pos, idx, in, e)
+		if errors.Is(err, errDiffRetry) {
+			continue
+		}
+		return 0, false, err
 	}
-	return im.setPresent(p, pos, idx, in, e)
 }
 
-// setPresent is the bitmap path of writeDiff: e is NOT_PRESENT or
-// PARTIALLY_PRESENT and p does not cover the block. Caller holds im.mu.
-func (im *Image) setPresent(p []byte, pos, idx, in, e uint64) error {
-	l := &im.l
-	bs := uint64(l.blockSize)
-	lss := uint64(l.logicalSector)
-	block := pos / bs
-	chunk := block / l.chunkRatio
-	sbi := l.sbIndex(chunk)
-	if sbi >= l.batOnDisk {
-		return fmt.Errorf("write at %#x: the sector bitmap entry %d of chunk %d lies past the BAT region (length %#x): %w",
-			pos, sbi, chunk, l.bat.length, ErrUnsupported)
+// writeDiffWhole is writeDiff for a write covering the block, or into a
+// block in a state that reads as zeros. Caller holds im.mu and no batch
+// leader runs.
+func (im *Image) writeDiffWhole(p []byte, idx, in, e uint64) error {
+	if batState(e) != statePartiallyPresent {
+		return im.allocateLocked(p, idx, in)
 	}
-	sb := im.bat[sbi].Load()
-
-	// Reserve space: the payload block, then the bitmap block, each new.
-	end := im.fileEnd
-	payloadOff := batFileOffset(e)
-	newPayload := batState(e) == stateNotPresent
-	if newPayload {
-		payloadOff = end
-		end += bs
-	}
-	sbOff := batFileOffset(sb)
-	newSB := batState(sb) != stateFullyPresent
-	if newSB {
-		sbOff = end
-		end += bitmapBlockSize
-	}
-	if end > maxFileOffset {
-		return fmt.Errorf("write at %#x: file would exceed %#x bytes: %w", pos, uint64(maxFileOffset), ErrUnsupported)
-	}
-	var spans []ownedSpan // what this write reserved, in file order
-	if newPayload {
-		spans = append(spans, ownedSpan{payloadOff, payloadOff + bs})
-	}
-	if newSB {
-		spans = append(spans, ownedSpan{sbOff, sbOff + bitmapBlockSize})
-	}
-	im.fileEnd = end
-	// Until the journal may have written its entry, a failure gives the
-	// reserved ranges back (nospace.go): a disk that stays full does not
-	// make every retry grow the file.
-	failed := func(err error) error {
-		im.giveBackAll(spans)
+	off := batFileOffset(e)
+	if err := im.writePayload(p, off); err != nil {
 		return err
 	}
-	if err := im.growTo(end); err != nil {
-		return failed(err)
+	full := makeBATEntry(stateFullyPresent, off)
+	if err := im.growTo(im.fileEnd); err != nil {
+		return err
 	}
-	write := im.writePayload // may overwrite sectors already present
-	if newPayload {
-		write = im.writeFreshPayload
+	if err := im.journalBATEntry(idx, full, im.fileEnd); err != nil {
+		return err
 	}
-	if err := write(p, payloadOff+in); err != nil {
-		return failed(err)
-	}
-
-	// The bitmap pages holding the written sectors, with their bits set.
-	// A block that was NOT_PRESENT gets all its other bits cleared too:
-	// the spec does not consult the bitmap of a NOT_PRESENT block, so bits
-	// left over from an earlier life of the block (another writer's
-	// trim or merge) must not expose the fresh block's zeros.
-	perChunk := l.chunkRatio * l.sectorsPerBlock()
-	first := pos / lss
-	last := first + uint64(len(p))/lss - 1
-	clearFirst, clearLast := first, last
-	if newPayload {
-		clearFirst = block * l.sectorsPerBlock()
-		clearLast = clearFirst + l.sectorsPerBlock() - 1
-	}
-	firstPage, lastPage := (clearFirst%perChunk)/bitmapPageBits, (clearLast%perChunk)/bitmapPageBits
-	updates := make([]logUpdate, 0, lastPage-firstPage+3)
-	keys := make([]uint64, 0, lastPage-firstPage+1)
-	for page := firstPage; page <= lastPage; page++ {
-		buf := make([]byte, bitmapPageSize)
-		if !newSB {
-			if err := im.copyBitmapPage(buf, chunk, page, sb); err != nil {
-				return failed(err)
-			}
-		}
-		pageFirst := chunk*perChunk + page*bitmapPageBits
-		pageLast := pageFirst + bitmapPageBits - 1
-		if newPayload && !newSB {
-			clearBits(buf, max(clearFirst, pageFirst)-pageFirst, min(clearLast, pageLast)-pageFirst)
-		}
-		if first <= pageLast && last >= pageFirst {
-			setBits(buf, max(first, pageFirst)-pageFirst, min(last, pageLast)-pageFirst)
-		}
-		updates = append(updates, logUpdate{offset: sbOff + page*bitmapPageSize, data: buf})
-		keys = append(keys, chunk*bitmapPagesPerBlk+page)
-	}
-
-	// The BAT sectors: payload entry PARTIALLY_PRESENT, bitmap entry PRESENT.
-	var set [][2]uint64
-	if newPayload {
-		set = append(set, [2]uint64{idx, makeBATEntry(statePartiallyPresent, payloadOff)})
-	}
-	if newSB {
-		set = append(set, [2]uint64{sbi, makeBATEntry(stateFullyPresent, sbOff)})
-	}
-	if len(set) > 0 {
-		u, err := im.batSectorUpdate(set[0][0], set)
-		if err != nil {
-			return failed(err)
-		}
-		updates = append(updates, u)
-		if len(set) == 2 && set[1][0]*8/batSectorSize != set[0][0]*8/batSectorSize {
-			u, err := im.batSectorUpdate(set[1][0], set)
-			if err != nil {
-				return failed(err)
-			}
-			updates = append(updates, u)
-		}
-	}
-	// Deferred: the in-place bitmap and BAT writes become durable with the
-	// next sync, and replay of this entry redoes them (doc.go, rule 4).
-	if err := im.journal.commitDeferred(updates, im.fileEnd, im.fileEnd); err != nil {
-		im.giveBackAfterCommit(err, spans...)
-		return fmt.Errorf("write at %#x: sector bitmap of chunk %d: commit through the log: %w", pos, chunk, err)
-	}
-
-	// Publish: bitmap pages, then the bitmap entry, then the payload entry,
-	// so a reader that sees PARTIALLY_PRESENT finds the bitmap.
-	for i, k := range keys {
-		im.bitmaps.store(k, updates[i].data)
-	}
-	if newSB {
-		im.bat[sbi].Store(makeBATEntry(stateFullyPresent, sbOff))
-	}
-	if newPayload {
-		im.bat[idx].Store(makeBATEntry(statePartiallyPresent, payloadOff))
-		im.allocated.Add(1)
-		im.counters.allocations.Add(1)
-	}
+	im.bat[idx].Store(full)
 	return nil
 }
 

@@ -132,11 +132,25 @@
 //     released, and publishes the entries under Image.mu. While a leader
 //     commits, every other journal user waits (lockJournal), so the journal
 //     and the BAT snapshot it writes have one owner at a time.
+//   - First writes into sectors a differencing image does not hold use the
+//     same batches (diffgroup.go). Under Image.mu a member records its
+//     sectors and reserves what its block lacks (a payload block, the
+//     chunk's bitmap block) in the open batch — once per batch, shared by
+//     the members that need it — and it writes its payload without the
+//     lock, into sectors whose bits are clear (readers still get the
+//     parent there). The batch (allocBatch.diff), its reservations
+//     (allocGroup.pendPay, pendSB) and the members' records are under
+//     Image.mu; only the leader reads them to build the entry, after every
+//     member's payload write has returned (allocBatch.diff.writing), and
+//     builds each bitmap page from its published contents. A write that
+//     finds its block or bitmap block reserved by a batch already taken by
+//     a leader, and a whole-block write finding its block reserved by any
+//     batch, wait for that batch and look again. Whole-block writes, and
+//     writes into blocks that read as zeros, commit an entry of their own
+//     under Image.mu once no leader runs. Writes into sectors the image
+//     holds, and reads, take no lock and never wait for a sync.
 //   - Concurrent Syncs (Flush, journal commits) share one fdatasync that
 //     started after the last of them arrived (syncGroup in syncLatch).
-//   - Writes into sectors a differencing image does not hold take Image.mu
-//     (serialising bitmap updates, so writers into different sectors of
-//     one block are safe together); writes into sectors it holds do not.
 //   - Discard and WriteZeroes zero parts of blocks lock-free (hole punch or
 //     ZERO_RANGE into the loaded entry's range) and take Image.mu only to
 //     commit a batch of whole-block BAT changes; the ranges those blocks
@@ -168,13 +182,15 @@
 //     except an allocation batch (journal.commitBatch) that reuses no
 //     range: its FlushedFileOffset is the size made durable by the
 //     previous batch's entry sync, and it holds the previous batch's BAT
-//     sectors again (rule 4). A differencing image's commit always syncs
-//     first, which also makes its payload durable before the entry.
+//     sectors again (rule 4). A differencing image's commits always sync
+//     first, which also makes the payload of every member of a batch
+//     durable before the entry that sets its sectors' bitmap bits.
 //  3. The entry itself is flushed before any of its updates is written in
 //     place (§2.3: metadata changes reach their final location only after
 //     their log entry is on stable storage).
-//  4. In-place writes of an allocation batch (and of a child's first write)
-//     are not synced on their own (commitDeferred, commitBatch): the entry
+//  4. In-place writes of an allocation batch (a base image's, or a
+//     differencing image's: bitmap pages and BAT sectors, diffgroup.go) and
+//     of a child's whole-block first write are not synced on their own (commitDeferred, commitBatch): the entry
 //     stays the newest in the log, its own tail (§2.3.2), so a power cut
 //     replays it (§2.3.3) and rewrites those sectors whole, repairing a
 //     torn one. The next entry then either follows a sync or holds the
@@ -190,13 +206,18 @@
 //  6. A base image's payload need not be durable before its batch entry:
 //     a power cut before the next Flush may lose it, and the block then
 //     reads zeros there, which is what it read before (an unallocated
-//     block of a base image, or a reused range, zeroed per rule 2). Only
-//     base images are batched: a differencing image's block shows its
-//     parent until the bitmap says otherwise, so its data must be durable
-//     before its entry, and diffwrite.go commits each first write in an
-//     entry of its own, under Image.mu (sync, entry, sync, apply).
+//     block of a base image, or a reused range, zeroed per rule 2). A
+//     differencing image's sectors show the parent until their bits are
+//     set, so their data must be durable before the entry that sets them:
+//     its batches (diffgroup.go) run every member's payload write, then
+//     one sync, the entry, its sync, the deferred in-place writes, and
+//     publish (bitmap pages, bitmap entries, payload entries) before any
+//     member is acknowledged. A power cut then leaves each sector's bit
+//     clear (the parent) or set over durable data, never set over zeros.
 //  7. Every member of a failed batch gets the error and its entries stay
-//     unpublished; what a failed fdatasync or journal commit means for later
+//     unpublished (a differencing batch's member whose own payload write
+//     failed leaves the batch before its entry is built: it alone gets its
+//     error, its bits are not set, the others commit); what a failed fdatasync or journal commit means for later
 //     ones is in "Host I/O errors" below.
 //
 // Host I/O errors (EIO from the file: storage.go syncLatch, logrecover.go,

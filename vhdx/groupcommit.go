@@ -19,6 +19,9 @@ package vhdx
 // allocBatchMax BAT sectors, so it fits the smallest (1 MiB) log; an
 // allocation finding the open batch full waits for the next one.
 //
+// A differencing image's first writes use the same batches, with an entry
+// that also sets sector bitmap bits and always syncs first (diffgroup.go).
+//
 // A second write into a block whose allocation is still in an uncommitted
 // batch writes into the reserved range and waits for that batch: the block
 // has exactly one range, and neither write returns before its entry is
@@ -60,12 +63,23 @@ type allocGroup struct {
 	// it starts waiting, with the number of blocks in the open batch.
 	beforeLead func()
 	arrived    func(open int)
+
+	// A differencing image's batches (diffgroup.go): the batch that
+	// reserved a payload block (by BAT index) or a chunk's sector bitmap
+	// block (by chunk), until it is done.
+	pendPay map[uint64]*allocBatch
+	pendSB  map[uint64]*allocBatch
+	// Test hook, nil in production: runs under Image.mu when a
+	// differencing batch is built, just before its leader releases the
+	// lock to commit it.
+	beforeDiffCommit func()
 }
 
 // allocBatch is a set of allocations committed by one journal entry.
 type allocBatch struct {
-	items  []batChange // idx and new entry; old is unused
-	reused bool        // some block reuses freed space
+	items  []batChange       // idx and new entry; old is unused
+	reused bool              // some block reuses freed space
+	diff   *diffReservations // a differencing image's members (diffgroup.go)
 	done   bool
 	err    error
 }
@@ -85,6 +99,8 @@ func (im *Image) group() *allocGroup {
 		ag.cond = sync.NewCond(&im.mu)
 		ag.open = &allocBatch{}
 		ag.pending = map[uint64]*pendingAlloc{}
+		ag.pendPay = map[uint64]*allocBatch{}
+		ag.pendSB = map[uint64]*allocBatch{}
 	}
 	return ag
 }
@@ -204,6 +220,19 @@ func (im *Image) leadBatch() {
 	b := ag.open
 	ag.open = &allocBatch{}
 	ag.cond.Broadcast() // allocations waiting for room join the new batch
+	if b.diff != nil {
+		err := im.commitDiffBatch(b) // diffgroup.go
+		for idx := range b.diff.pay {
+			delete(ag.pendPay, idx)
+		}
+		for chunk := range b.diff.sb {
+			delete(ag.pendSB, chunk)
+		}
+		b.done, b.err = true, err
+		ag.leading = false
+		ag.cond.Broadcast()
+		return
+	}
 
 	slices.SortFunc(b.items, func(x, y batChange) int { return cmp.Compare(x.idx, y.idx) })
 	j := im.journal

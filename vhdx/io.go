@@ -157,14 +157,19 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 		}
 	}
 	if im.l.hasParent {
-		return im.writeDiff(p, pos, idx, in)
+		off, inPlace, err := im.writeDiff(p, pos, idx, in)
+		if err != nil || !inPlace {
+			return err
+		}
+		// Present meanwhile (another writer's batch): in place, no lock.
+		return im.writePayload(p, off)
 	}
 	return im.allocate(p, idx, in)
 }
 
 // allocateLocked allocates block idx of a differencing image in a journal
-// entry of its own (groupcommit.go batches base images only), with im.mu
-// held: reserve, write p, journal the BAT sector, publish. A failure before
+// entry of its own (a whole-block write, or one into a block that reads as
+// zeros; diffgroup.go batches the others), with im.mu held: reserve, write p, journal the BAT sector, publish. A failure before
 // the journal wrote anything (a full host disk, nospace.go) gives the
 // reserved range back; after one that may have reached the log, the range
 // is not handed out again this session, so a half-done attempt cannot
