@@ -190,10 +190,10 @@
 //     their log entry is on stable storage).
 //  4. In-place writes of an allocation batch (a base image's, or a
 //     differencing image's: bitmap pages and BAT sectors, diffgroup.go) and
-//     of a child's whole-block first write are not synced on their own (commitDeferred, commitBatch): the entry
-//     stays the newest in the log, its own tail (§2.3.2), so a power cut
-//     replays it (§2.3.3) and rewrites those sectors whole, repairing a
-//     torn one. The next entry then either follows a sync or holds the
+//     of a child's whole-block first write are not synced on their own
+//     (commitDeferred, commitBatch): the entry stays the newest in the
+//     log, its own tail (§2.3.2), so a power cut replays it (§2.3.3) and
+//     rewrites those sectors whole, repairing a torn one. The next entry then either follows a sync or holds the
 //     same sectors again with their current contents: torn, the previous
 //     entry is still the newest valid one; whole, it restores them itself.
 //     Its own sync makes the earlier in-place writes durable. A bridge
