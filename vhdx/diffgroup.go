@@ -176,13 +176,7 @@ func (im *Image) joinDiffBatch(p []byte, pos, idx, in, e uint64) error {
 	// Even a failed member waits for its batch (and leads it if nobody
 	// does): its reservations stay pending until the batch is done, and a
 	// writer waiting for them needs someone to finish it.
-	for !b.done {
-		if !ag.leading {
-			im.leadBatch()
-			continue
-		}
-		ag.cond.Wait()
-	}
+	im.awaitBatch(b)
 	if werr != nil {
 		return werr
 	}

@@ -193,18 +193,25 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 	if ag.arrived != nil {
 		ag.arrived(len(ag.open.items))
 	}
+	im.awaitBatch(b)
+	if werr != nil {
+		return werr
+	}
+	return b.err
+}
+
+// awaitBatch returns once batch b is done, leading it when nobody commits
+// (b is then still the open batch). Caller holds im.mu; it is released
+// while waiting and while leading.
+func (im *Image) awaitBatch(b *allocBatch) {
+	ag := &im.ag
 	for !b.done {
 		if !ag.leading {
-			// Nobody commits, so b is still the open batch: lead it.
 			im.leadBatch()
 			continue
 		}
 		ag.cond.Wait()
 	}
-	if werr != nil {
-		return werr
-	}
-	return b.err
 }
 
 // leadBatch commits the open batch as its leader. Caller holds im.mu and
