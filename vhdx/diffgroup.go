@@ -403,10 +403,6 @@ func (im *Image) commitDiffBatch(b *allocBatch) error {
 	for _, c := range dc.pays {
 		im.bat[c.idx].Store(c.new)
 	}
-	n := uint64(len(dc.pays))
-	im.allocated.Add(n)
-	im.counters.allocations.Add(n)
-	im.counters.allocBatches.Add(1)
-	ag.durableEnd = fileEnd // the entry's sync made the growth durable
+	im.batchCommitted(uint64(len(dc.pays)), fileEnd)
 	return nil
 }

@@ -200,6 +200,16 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 	return b.err
 }
 
+// batchCommitted counts a committed batch's n new blocks and records that
+// its entry's sync made the file growth up to fileEnd durable. Caller holds
+// im.mu, as the batch's leader.
+func (im *Image) batchCommitted(n, fileEnd uint64) {
+	im.allocated.Add(n)
+	im.counters.allocations.Add(n)
+	im.counters.allocBatches.Add(1)
+	im.ag.durableEnd = fileEnd
+}
+
 // awaitBatch returns once batch b is done, leading it when nobody commits
 // (b is then still the open batch). Caller holds im.mu; it is released
 // while waiting and while leading.
@@ -282,12 +292,7 @@ func (im *Image) leadBatch() {
 		for _, it := range b.items {
 			im.bat[it.idx].Store(it.new)
 		}
-		n := uint64(len(b.items))
-		im.allocated.Add(n)
-		im.counters.allocations.Add(n)
-		im.counters.allocBatches.Add(1)
-		// The entry's sync made the file growth up to fileEnd durable.
-		ag.durableEnd = fileEnd
+		im.batchCommitted(uint64(len(b.items)), fileEnd)
 	}
 	if err != nil && untouched {
 		// No entry can name these ranges (a full host disk met before the
