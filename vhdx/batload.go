@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,16 +15,14 @@ import (
 // 512 MiB BAT) must cost O(BAT) time, nothing per entry on the heap, and
 // memory no larger than the BAT itself:
 //
-//   - The entries array is the only per-entry memory. It comes zeroed from
-//     the allocator, and zero (NOT_PRESENT, §2.5.1) is the state of every
-//     block of a fresh image, so zero entries are never stored: pages of the
-//     array that only ever hold zeros are never touched and never resident
-//     (when the array is fresh from the kernel, as in a one-shot `info`;
-//     heap memory Go reuses is zeroed by Go, which makes it resident).
-//   - The BAT is read in 1 MiB chunks straight into the array and validated
-//     where it lies (batBytes); a chunk lying in a hole of a sparse file
-//     (SEEK_DATA, dataSeeker) is not read at all, it reads as zeros, and a
-//     chunk read as all zeros has its pages given back.
+//   - The table's stored pages (battable.go) are the only per-entry memory.
+//     A page whose entries are all NOT_PRESENT, or all PAYLOAD_BLOCK_ZERO
+//     (what qemu-img writes out for a new image), is not stored, so a fresh
+//     image takes a few hundred KiB however large its BAT.
+//   - The BAT is read in 1 MiB chunks into one reused buffer (which stays in
+//     the CPU's cache) and validated there; pages that must be stored are
+//     copied out of it. A chunk lying in a hole of a sparse file (SEEK_DATA,
+//     dataSeeker) is not read at all: it reads as zeros.
 //   - The overlap rule (§2.5.1: blocks overlap nothing) marks the file's
 //     MiBs in a bitmap (one bit per MiB: 8 MiB for a 64 TiB file). Only a
 //     file far larger than the blocks its BAT can reference (a sparse file
@@ -36,9 +33,9 @@ import (
 // batReadChunk is how much of the BAT one read fetches.
 const batReadChunk = 1 * mib
 
-// batInPlace: read the BAT straight into the entries array where batBytes
-// allows. Tests turn it off to compare with decoding entry by entry, the
-// path of big-endian hosts.
+// batInPlace: copy a stored page in one memmove where pageBytes allows.
+// Tests turn it off to compare with decoding entry by entry, the path of
+// big-endian hosts.
 var batInPlace = true
 
 // dataSeeker is implemented by storages that know where a sparse file holds
@@ -77,7 +74,7 @@ func (s *syncLatch) nextData(off int64) (int64, error) {
 
 // batResult is what loadBAT learned beyond the entries themselves.
 type batResult struct {
-	entries   []atomic.Uint64
+	entries   *batTable
 	usedEnd   uint64 // end of the last used structure
 	allocated uint64 // number of FULLY_PRESENT and PARTIALLY_PRESENT payload blocks
 }
@@ -97,16 +94,6 @@ type batLoader struct {
 	retainedEnd  uint64 // end of the blocks UNDEFINED/UNMAPPED entries still point to
 
 	used fileUse
-
-	view []byte // the entries array as bytes (batBytes), nil if unusable
-	bulk bool   // the current chunk was read in place into view: no per-entry stores
-}
-
-// store keeps entry i unless its chunk was read in place already.
-func (ld *batLoader) store(i, e uint64) {
-	if !ld.bulk {
-		ld.res.entries[i].Store(e)
-	}
 }
 
 // refuse reports a broken rule of entry i; when checking (c.hard returns
@@ -115,9 +102,7 @@ func (ld *batLoader) refuse(i uint64, err error) error {
 	if err := ld.c.hard(err); err != nil {
 		return err
 	}
-	if ld.bulk {
-		ld.res.entries[i].Store(0)
-	}
+	ld.res.entries.store(i, 0)
 	return nil
 }
 
@@ -152,20 +137,16 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 	n := l.batOnDisk
 	ld := &batLoader{
 		l: l, c: c, bs: uint64(l.blockSize),
-		res:        &batResult{entries: make([]atomic.Uint64, l.batEntries)},
+		res:        &batResult{entries: newBATTable(l.batEntries, l.chunkRatio)},
 		stride:     l.chunkRatio + 1,
 		nextBitmap: l.chunkRatio,
 	}
 	ld.used = newFileUse(l)
-	if batInPlace {
-		ld.view = batBytes(ld.res.entries)
-	}
 
 	seeker, _ := s.(dataSeeker)
-	var buf []byte // without a view: the chunk, decoded entry by entry
-	if ld.view == nil {
-		buf = make([]byte, min(n*8, batReadChunk))
-	}
+	buf := make([]byte, min(n*8, batReadChunk))
+	// base stays a multiple of batPageEntries: chunks are whole pages but
+	// for the last, and a hole is skipped in whole pages.
 	for base := uint64(0); base < n; {
 		cnt := min(batReadChunk/8, n-base)
 		off := l.bat.offset + base*8
@@ -176,6 +157,9 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 			}
 			if uint64(next) > off { // a hole: entries that read as zero
 				z := min((uint64(next)-off)/8, n-base)
+				if z < n-base {
+					z -= z % batPageEntries
+				}
 				if z > 0 {
 					if err := ld.zeros(base, z); err != nil {
 						return nil, err
@@ -185,26 +169,22 @@ func loadBAT(s Storage, l *layout, c *checker) (*batResult, error) {
 				}
 			}
 		}
-		// With a view the chunk is read in place: the array is filled by
-		// the read itself and validated where it lies.
-		chunk := buf[:min(uint64(len(buf)), cnt*8)]
-		if ld.view != nil {
-			chunk = ld.view[base*8 : (base+cnt)*8]
-		}
+		chunk := buf[:cnt*8]
 		if err := readFull(s, chunk, off, "BAT"); err != nil {
 			return nil, err
 		}
-		if zeroEntries(chunk) {
-			if ld.view != nil {
-				releaseZeroPages(chunk)
-			}
+		if zeroEntries(chunk) { // the pages' implicit state already
 			if err := ld.zeros(base, cnt); err != nil {
 				return nil, err
 			}
 			base += cnt
 			continue
 		}
-		ld.bulk = ld.view != nil
+		for k := uint64(0); k < cnt; k += batPageEntries {
+			ld.res.entries.setPage((base+k)/batPageEntries, chunk[k*8:min(k+batPageEntries, cnt)*8], batInPlace)
+		}
+		// Validated after the pages are set: a refused entry is then
+		// stored as NOT_PRESENT over what was copied.
 		if err := ld.chunk(chunk, base); err != nil {
 			return nil, err
 		}
@@ -254,7 +234,8 @@ func (ld *batLoader) zeros(base, cnt uint64) error {
 // inner loop runs over the payload entries between two sector bitmap
 // entries and handles the two states that need no check (NOT_PRESENT and
 // ZERO, §2.5.1.1: no block, FileOffsetMB reserved) without a call: a fresh
-// qemu-img image has every entry in state ZERO.
+// qemu-img image has every entry in state ZERO. The entries are in the
+// table already (setPage); only a refused one is stored again.
 func (ld *batLoader) chunk(b []byte, base uint64) error {
 	le := binary.LittleEndian
 	for j := uint64(0); j+8 <= uint64(len(b)); {
@@ -270,10 +251,10 @@ func (ld *batLoader) chunk(b []byte, base uint64) error {
 		stop := min(uint64(len(b)), j+(ld.nextBitmap-i)*8) // ld.nextBitmap-i < stride
 		for j+8 <= stop {
 			end := j + 8
-			if ld.bulk && j+64 <= stop {
-				// Already in the array: 8 entries that are all NOT_PRESENT
-				// or ZERO (states 0 and 2, the only ones with bits 0 and 2
-				// clear) pass with one test.
+			if j+64 <= stop {
+				// 8 entries that are all NOT_PRESENT or ZERO (states 0 and
+				// 2, the only ones with bits 0 and 2 clear) pass with one
+				// test.
 				g := b[j : j+64]
 				or := le.Uint64(g[0:]) | le.Uint64(g[8:]) | le.Uint64(g[16:]) | le.Uint64(g[24:]) |
 					le.Uint64(g[32:]) | le.Uint64(g[40:]) | le.Uint64(g[48:]) | le.Uint64(g[56:])
@@ -286,9 +267,6 @@ func (ld *batLoader) chunk(b []byte, base uint64) error {
 			for ; j < end; j += 8 {
 				e := le.Uint64(b[j:])
 				if st := batState(e); st == stateNotPresent || st == stateZero {
-					if e != 0 && !ld.bulk {
-						ld.res.entries[base+j/8].Store(e)
-					}
 					continue
 				}
 				if err := ld.payloadEntry(base+j/8, e); err != nil {
@@ -329,8 +307,8 @@ func (ld *batLoader) bitmapEntry(i, e uint64) error {
 				return err
 			}
 		}
-		// Keep the entry so a journaled BAT sector writes it back unchanged.
-		ld.store(i, e)
+		// The entry is kept as it is, so a journaled BAT sector writes it
+		// back unchanged.
 		return nil
 	}
 	var rule string
@@ -346,9 +324,6 @@ func (ld *batLoader) bitmapEntry(i, e uint64) error {
 	}
 	if rule != "" {
 		return ld.refuse(i, errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule))
-	}
-	if e != 0 {
-		ld.store(i, e)
 	}
 	if st == stateFullyPresent {
 		return ld.used.add(ld, i, batFileOffset(e), 1*mib, true)
@@ -367,10 +342,8 @@ func (ld *batLoader) payloadEntry(i, e uint64) error {
 		if off := batFileOffset(e); off >= headerSectionSize && off < l.fileSize {
 			ld.retainedEnd = max(ld.retainedEnd, min(off+ld.bs, l.fileSize))
 		}
-		ld.store(i, e)
 		return nil
 	case stateNotPresent, stateZero:
-		ld.store(i, e)
 		return nil
 	case stateReserved4:
 		return ld.refuse(i, errAt(ErrCorrupt, eoff, batEntryName(i), "state 4 is reserved"))
@@ -385,14 +358,13 @@ func (ld *batLoader) payloadEntry(i, e uint64) error {
 	if rule := ld.checkBlock(e, ld.bs); rule != "" {
 		return ld.refuse(i, errAt(ErrCorrupt, eoff, batEntryName(i), "%s", rule))
 	}
-	ld.store(i, e)
 	ld.res.allocated++
 	return ld.used.add(ld, i, batFileOffset(e), ld.bs, false)
 }
 
 // blockOf returns the block entry i (as stored) points to, if it owns one.
 func (ld *batLoader) blockOf(i uint64) (off, size uint64, bitmap, ok bool) {
-	e := ld.res.entries[i].Load()
+	e := ld.res.entries.load(i)
 	st := batState(e)
 	if isBitmapIndex(i, ld.l.chunkRatio) {
 		return batFileOffset(e), 1 * mib, true, ld.l.hasParent && st == stateFullyPresent
@@ -520,7 +492,7 @@ func (u *fileUse) finish(ld *batLoader) error {
 	if u.bits != nil || len(u.idx) == 0 {
 		return nil
 	}
-	offOf := func(i uint32) uint64 { return batFileOffset(ld.res.entries[i].Load()) }
+	offOf := func(i uint32) uint64 { return batFileOffset(ld.res.entries.load(uint64(i))) }
 	slices.SortFunc(u.idx, func(a, b uint32) int {
 		return cmp.Or(cmp.Compare(offOf(a), offOf(b)), cmp.Compare(a, b))
 	})

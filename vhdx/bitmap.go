@@ -170,7 +170,7 @@ func (im *Image) bitmapRun(vsec, count uint64) (uint64, bool, error) {
 	chunk, inChunk := vsec/perChunk, vsec%perChunk
 	page, bit := inChunk/bitmapPageBits, inChunk%bitmapPageBits
 	count = min(count, bitmapPageBits-bit)
-	sb := im.bat[im.l.sbIndex(chunk)].Load()
+	sb := im.bat.load(im.l.sbIndex(chunk))
 	c := im.bitmaps
 	c.mu.Lock()
 	defer c.mu.Unlock()

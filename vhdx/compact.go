@@ -82,7 +82,7 @@ func (im *Image) compact(rep *CompactReport, progress CompactProgress) error {
 	}
 	for b := uint64(0); b < total; b++ {
 		progress("scan", b, total)
-		e := im.bat[batIndex(b, cr)].Load()
+		e := im.bat.load(batIndex(b, cr))
 		zero := batState(e) == stateFullyPresent
 		for off := uint64(0); zero && off < bs; off += uint64(len(buf)) {
 			if err := im.readPayload(buf, batFileOffset(e)+off); err != nil {
@@ -126,7 +126,7 @@ func (im *Image) compact(rep *CompactReport, progress CompactProgress) error {
 	var blocks []blk
 	for b := uint64(0); b < total; b++ {
 		idx := batIndex(b, cr)
-		if e := im.bat[idx].Load(); batState(e) == stateFullyPresent || batState(e) == statePartiallyPresent {
+		if e := im.bat.load(idx); batState(e) == stateFullyPresent || batState(e) == statePartiallyPresent {
 			blocks = append(blocks, blk{idx, batFileOffset(e)})
 		}
 	}
@@ -158,7 +158,7 @@ func (im *Image) compact(rep *CompactReport, progress CompactProgress) error {
 					return err
 				}
 			}
-			old := im.bat[src.idx].Load()
+			old := im.bat.load(src.idx)
 			changes = append(changes, batChange{src.idx, old, makeBATEntry(batState(old), dst)})
 			sources = append(sources, ownedSpan{src.off, src.off + bs})
 		}
@@ -170,7 +170,7 @@ func (im *Image) compact(rep *CompactReport, progress CompactProgress) error {
 			return fmt.Errorf("compact: %w", err)
 		}
 		for _, c := range changes {
-			im.bat[c.idx].Store(c.new)
+			im.bat.store(c.idx, c.new)
 		}
 		for _, sp := range sources {
 			if err := punch(im.s, sp.start, sp.end-sp.start); err != nil {

@@ -85,7 +85,7 @@ func (im *Image) joinDiffBatch(p []byte, pos, idx, in, e uint64) error {
 			pos, sbi, chunk, l.bat.length, ErrUnsupported)
 	}
 	b := ag.open
-	sb := im.bat[sbi].Load()
+	sb := im.bat.load(sbi)
 	if batState(sb) != stateFullyPresent {
 		if ob := ag.pendSB[chunk]; ob != nil && ob != b {
 			// The chunk's bitmap block is in a batch being committed:
@@ -249,7 +249,7 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 		if m.failed {
 			continue
 		}
-		cur := im.bat[m.idx].Load()
+		cur := im.bat.load(m.idx)
 		if m.newPay && batState(cur) != stateNotPresent || !m.newPay && cur != m.entry {
 			m.retry = true
 			continue
@@ -302,7 +302,7 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 			}
 			buf := make([]byte, bitmapPageSize)
 			if _, fresh := d.sb[m.chunk]; !fresh {
-				sb := im.bat[l.sbIndex(m.chunk)].Load()
+				sb := im.bat.load(l.sbIndex(m.chunk))
 				if err := im.copyBitmapPage(buf, m.chunk, k%bitmapPagesPerBlk, sb); err != nil {
 					return dc, err
 				}
@@ -334,7 +334,7 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 		chunk, page := k/bitmapPagesPerBlk, k%bitmapPagesPerBlk
 		sbOff, fresh := d.sb[chunk]
 		if !fresh {
-			sbOff = batFileOffset(im.bat[l.sbIndex(chunk)].Load())
+			sbOff = batFileOffset(im.bat.load(l.sbIndex(chunk)))
 		}
 		dc.pages = append(dc.pages, logUpdate{offset: sbOff + page*bitmapPageSize, data: pages[k]})
 		dc.keys = append(dc.keys, k)
@@ -398,10 +398,10 @@ func (im *Image) commitDiffBatch(b *allocBatch) error {
 		im.bitmaps.store(k, dc.pages[i].data)
 	}
 	for _, c := range dc.sbs {
-		im.bat[c.idx].Store(c.new)
+		im.bat.store(c.idx, c.new)
 	}
 	for _, c := range dc.pays {
-		im.bat[c.idx].Store(c.new)
+		im.bat.store(c.idx, c.new)
 	}
 	im.batchCommitted(uint64(len(dc.pays)), fileEnd)
 	return nil

@@ -254,7 +254,7 @@ func TestFailedPayloadWriteFailsOnlyItsMember(t *testing.T) {
 	if got := im.Counters().Allocations - before.Allocations; got != 2 {
 		t.Fatalf("%d blocks allocated, want 2 (block 13 had no member left)", got)
 	}
-	if st := batState(im.bat[batIndex(13, im.l.chunkRatio)].Load()); st != stateNotPresent {
+	if st := batState(im.bat.load(batIndex(13, im.l.chunkRatio))); st != stateNotPresent {
 		t.Fatalf("block 13, whose only write failed, is in state %d", st)
 	}
 	parent := diffParentDisk()
@@ -610,7 +610,7 @@ func TestFailedChildBatchCommitFailsEveryMemberAndPublishesNothing(t *testing.T)
 	im.ag.beforeDiffCommit = nil
 	parent := diffParentDisk()
 	for _, b := range []int64{7, 9} {
-		if st := batState(im.bat[batIndex(uint64(b), im.l.chunkRatio)].Load()); st != stateNotPresent {
+		if st := batState(im.bat.load(batIndex(uint64(b), im.l.chunkRatio))); st != stateNotPresent {
 			t.Fatalf("block %d of the failed batch is in state %d", b, st)
 		}
 	}

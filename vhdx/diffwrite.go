@@ -56,7 +56,7 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPla
 		if im.closed.Load() {
 			return 0, false, fmt.Errorf("write: %w", ErrClosed)
 		}
-		e := im.bat[idx].Load()
+		e := im.bat.load(idx)
 		if b := ag.pendPay[idx]; b != nil && (whole || b != ag.open) {
 			// A batch reserved the block: a whole write would allocate
 			// it a second time, and a batch already taken by its leader
@@ -112,7 +112,7 @@ func (im *Image) writeDiffWhole(p []byte, idx, in, e uint64) error {
 	if err := im.journalBATEntry(idx, full, im.fileEnd); err != nil {
 		return err
 	}
-	im.bat[idx].Store(full)
+	im.bat.store(idx, full)
 	return nil
 }
 

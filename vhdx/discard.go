@@ -187,7 +187,7 @@ func (im *Image) trimBlocks(mode trimMode, b0, b1 uint64) error {
 	if mode == trimZeroKeep || im.l.leaveAllocated {
 		for b := b0; b < b1; b++ {
 			idx := batIndex(b, im.l.chunkRatio)
-			e := im.bat[idx].Load()
+			e := im.bat.load(idx)
 			if batState(e) != stateFullyPresent {
 				continue
 			}
@@ -259,12 +259,12 @@ func (im *Image) trimBatch(mode trimMode, b0, b1 uint64) error {
 		var dropped uint64
 		for b := b0; b < b1; b++ {
 			idx := batIndex(b, im.l.chunkRatio)
-			e := im.bat[idx].Load()
+			e := im.bat.load(idx)
 			ne, ok := im.targetEntry(mode, e)
 			if !ok {
 				continue
 			}
-			im.bat[idx].Store(ne)
+			im.bat.store(idx, ne)
 			if batState(e) == stateFullyPresent || batState(e) == statePartiallyPresent {
 				dropped++
 			}

@@ -457,7 +457,7 @@ func TestDiscardOnAChildNeverShowsTheParentsOldData(t *testing.T) {
 	clear(want[1*bs : 5*bs])
 	check("after discarding whole blocks")
 	for b := 1; b <= 4; b++ {
-		if e := im.bat[batIndex(uint64(b), im.l.chunkRatio)].Load(); batState(e) != stateZero {
+		if e := im.bat.load(batIndex(uint64(b), im.l.chunkRatio)); batState(e) != stateZero {
 			t.Fatalf("block %d is in state %d after a whole-block discard on a child; want ZERO", b, batState(e))
 		}
 	}

@@ -93,16 +93,19 @@
 //	Info.HostAllocatedBytes                                         // st_blocks*512, -1 unknown
 //
 // Opening (batload.go) costs O(BAT) time and nothing per entry on the
-// heap: the BAT is read in 1 MiB chunks straight into the entries array,
-// holes of a sparse file are not read and zero entries never stored (a
-// fresh 64 TiB image opens with a few MiB resident), and overlaps are found
-// with a bitmap of the file's MiBs. ChainFiles and Resize's refusal of a
-// differencing image read no BAT (openMetadata).
+// heap: the BAT is read in 1 MiB chunks through one buffer, holes of a
+// sparse file are not read, and a 4 KiB page of entries that are all
+// NOT_PRESENT or all PAYLOAD_BLOCK_ZERO is not stored (battable.go), so a
+// fresh 64 TiB image, ours or qemu-img's, opens with a few MiB resident.
+// Overlaps are found with a bitmap of the file's MiBs. ChainFiles and
+// Resize's refusal of a differencing image read no BAT (openMetadata).
 //
 // Concurrency. An Image is shared by the queues that serve it:
 //
-//   - The BAT (Image.bat) is an array of atomics. Readers and writers into
-//     sectors already present load entries without a lock. Entries change
+//   - The BAT (Image.bat) is a table of pages of atomics (battable.go); a
+//     page is stored, with a compare-and-swap, on its first change.
+//     Readers and writers into sectors already present load entries
+//     without a lock. Entries change
 //     only under Image.mu (allocation, bitmap updates), after the journal
 //     commit that makes the change durable, and are published in an order
 //     that keeps readers consistent: sector bitmap pages, then the bitmap

@@ -141,7 +141,7 @@ func (im *Image) allocate(p []byte, idx, in uint64) error {
 		if im.closed.Load() {
 			return fmt.Errorf("write: %w", ErrClosed)
 		}
-		if e := im.bat[idx].Load(); batState(e) == stateFullyPresent {
+		if e := im.bat.load(idx); batState(e) == stateFullyPresent {
 			// Another writer's batch published the block: an ordinary
 			// overwrite, which needs no lock.
 			im.mu.Unlock()
@@ -290,7 +290,7 @@ func (im *Image) leadBatch() {
 	im.mu.Lock()
 	if err == nil {
 		for _, it := range b.items {
-			im.bat[it.idx].Store(it.new)
+			im.bat.store(it.idx, it.new)
 		}
 		im.batchCommitted(uint64(len(b.items)), fileEnd)
 	}

@@ -62,7 +62,7 @@ type Image struct {
 	closed   atomic.Bool
 
 	l           layout
-	bat         []atomic.Uint64 // indexed by BAT entry index; read without locks
+	bat         *batTable // indexed by BAT entry index; read without locks (battable.go)
 	logReplayed bool
 	allocated   atomic.Uint64 // FULLY_PRESENT payload blocks, for Info
 	counters    counters      // for Counters (counters.go)

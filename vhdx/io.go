@@ -37,7 +37,7 @@ func (im *Image) locate(pos uint64) (idx, entry, in, left uint64) {
 	b := pos >> im.l.blockShift
 	idx = b + b>>im.l.chunkShift
 	in = pos & (bs - 1)
-	return idx, im.bat[idx].Load(), in, bs - in
+	return idx, im.bat.load(idx), in, bs - in
 }
 
 // readPayload reads from an allocated block, turning a short read into an
@@ -175,7 +175,7 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 // is not handed out again this session, so a half-done attempt cannot
 // alias a later block.
 func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
-	e := im.bat[idx].Load()
+	e := im.bat.load(idx)
 	if batState(e) == stateFullyPresent { // another writer won the race
 		return im.writePayload(p, batFileOffset(e)+in)
 	}
@@ -193,7 +193,7 @@ func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
 		im.giveBackAfterCommit(err, span)
 		return err
 	}
-	im.bat[idx].Store(newEntry)
+	im.bat.store(idx, newEntry)
 	im.allocated.Add(1)
 	im.counters.allocations.Add(1)
 	return nil
@@ -254,7 +254,7 @@ func (im *Image) batSectorImage(sec uint64, readAlways bool) (logUpdate, error) 
 		}
 	}
 	for j := uint64(0); j < perSector && first+j < im.l.batOnDisk; j++ {
-		binary.LittleEndian.PutUint64(buf[j*8:], im.bat[first+j].Load())
+		binary.LittleEndian.PutUint64(buf[j*8:], im.bat.load(first+j))
 	}
 	return logUpdate{offset: secOff, data: buf}, nil
 }

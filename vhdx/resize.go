@@ -89,7 +89,7 @@ func (im *Image) resize(newSize uint64, shrink bool) error {
 	if newSize < l.size {
 		for b := newPB; b < oldPB; b++ {
 			idx := batIndex(b, cr)
-			e := im.bat[idx].Load()
+			e := im.bat.load(idx)
 			if _, owns := im.ownedRange(idx, e); owns && !l.leaveAllocated {
 				return bad("the block at virtual offset %#x past the new end %#x holds data (discard it first)", b*bs, newSize)
 			}
@@ -102,15 +102,15 @@ func (im *Image) resize(newSize uint64, shrink bool) error {
 	// The new BAT contents, entries [0, n) by the spec's count (§2.5).
 	n := newPB + (newPB+cr-1)/cr
 	newBAT := make([]uint64, n)
-	for i := uint64(0); i < min(n, uint64(len(im.bat))); i++ {
-		newBAT[i] = im.bat[i].Load()
+	for i := uint64(0); i < min(n, im.bat.len()); i++ {
+		newBAT[i] = im.bat.load(i)
 	}
 	var freed []ownedSpan
 	if newSize < l.size {
 		// Entries past the new end go: a fixed image's blocks are freed.
 		for b := newPB; b < oldPB; b++ {
 			idx := batIndex(b, cr)
-			if sp, ok := im.ownedRange(idx, im.bat[idx].Load()); ok {
+			if sp, ok := im.ownedRange(idx, im.bat.load(idx)); ok {
 				freed = append(freed, sp)
 			}
 		}

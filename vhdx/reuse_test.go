@@ -44,7 +44,7 @@ func pausedIO(t *testing.T, im *Image, fileOff uint64, fn func() error) (resume 
 }
 
 func blockOffset(im *Image, b uint64) uint64 {
-	return batFileOffset(im.bat[batIndex(b, im.l.chunkRatio)].Load())
+	return batFileOffset(im.bat.load(batIndex(b, im.l.chunkRatio)))
 }
 
 // TestFreedRangeIsNotReusedWhileAnIOHoldsItsOldEntry: a read and a write
@@ -214,8 +214,8 @@ func TestConcurrentDiscardWriteReadKeepEachBlockOwn(t *testing.T) {
 func assertNoSharedRanges(t *testing.T, im *Image) {
 	t.Helper()
 	owner := map[uint64]uint64{} // 1 MiB unit → entry index
-	for i := range im.bat {
-		sp, ok := im.ownedRange(uint64(i), im.bat[i].Load())
+	for i := range im.bat.len() {
+		sp, ok := im.ownedRange(i, im.bat.load(i))
 		if !ok {
 			continue
 		}

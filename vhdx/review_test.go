@@ -141,7 +141,7 @@ func TestCheckRepairKeepsSpaceOfBlocksThatRetainTheirOffset(t *testing.T) {
 			if _, err := im.WriteAt(pattern(9, 4096), 2*mib); err != nil {
 				t.Fatal(err)
 			}
-			got := im.bat[batIndex(2, im.l.chunkRatio)].Load()
+			got := im.bat.load(batIndex(2, im.l.chunkRatio))
 			if err := im.Close(); err != nil {
 				t.Fatal(err)
 			}

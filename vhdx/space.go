@@ -170,11 +170,12 @@ func (im *Image) initSpace() {
 	for _, r := range im.l.regions {
 		mark(r.offset, r.end())
 	}
-	for i := range im.bat {
-		if sp, ok := im.ownedRange(uint64(i), im.bat[i].Load()); ok {
+	// Entries of pages not stored own nothing (battable.go).
+	im.bat.forEachStored(func(i, e uint64) {
+		if sp, ok := im.ownedRange(i, e); ok {
 			mark(sp.start, sp.end)
 		}
-	}
+	})
 	// Trimmed blocks whose BAT change is not committed yet still own
 	// their ranges on disk (discard.go: pendingTrims).
 	for _, sp := range im.trims.freed {
