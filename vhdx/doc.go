@@ -196,11 +196,12 @@
 //     of a child's whole-block first write are not synced on their own
 //     (commitDeferred, commitBatch): the entry stays the newest in the
 //     log, its own tail (§2.3.2), so a power cut replays it (§2.3.3) and
-//     rewrites those sectors whole, repairing a torn one. The next entry then either follows a sync or holds the
-//     same sectors again with their current contents: torn, the previous
+//     rewrites those sectors whole, repairing a torn one. The next entry
+//     then either follows a sync or holds the same sectors again with
+//     their current contents: torn, the previous
 //     entry is still the newest valid one; whole, it restores them itself.
 //     Its own sync makes the earlier in-place writes durable. A bridge
-//     entry (log.go) holds nothing, so a sync precedes it. Flush and Close
+//     entry (journal.go) holds nothing, so a sync precedes it. Flush and Close
 //     sync too.
 //  5. Flush returns after an fdatasync that started after Flush was called
 //     (syncGroup), after committing queued trims (discard.go): every write

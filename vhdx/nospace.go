@@ -27,7 +27,7 @@ package vhdx
 //     written: the commit fails cleanly, wraps errLogUntouched, and the
 //     journal stays usable. Without that, ENOSPC while applying an entry
 //     that already reached the log would leave the journal refusing every
-//     later commit until a reopen (log.go: a failure after the entry may
+//     later commit until a reopen (journal.go: a failure after the entry may
 //     be on disk is sticky).
 //   - The in-memory BAT changes only after a successful commit, as for any
 //     other failure, so nothing acknowledged is lost and the next attempt
