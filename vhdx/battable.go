@@ -149,7 +149,8 @@ func (t *batTable) uniformFill(first uint64, b []byte) (uint8, bool) {
 	le := binary.LittleEndian
 	stride := t.chunkRatio + 1
 	nextBitmap := first + t.chunkRatio - first%stride // the first bitmap entry at or after first
-	fill := uint64(1)                                 // no payload entry seen yet: 1 is never a fill
+	var fill uint64
+	seen := false // a payload entry has set fill
 	i := first
 	for k := 0; k+8 <= len(b); k, i = k+8, i+1 {
 		e := le.Uint64(b[k:])
@@ -159,15 +160,15 @@ func (t *batTable) uniformFill(first uint64, b []byte) (uint8, bool) {
 			if e != 0 {
 				return 0, false
 			}
-		case e == fill:
-		case fill == 1 && (e == stateNotPresent || e == stateZero):
-			fill = e
+		case seen:
+			if e != fill {
+				return 0, false
+			}
+		case e == stateNotPresent || e == stateZero:
+			fill, seen = e, true
 		default:
 			return 0, false
 		}
-	}
-	if fill == 1 {
-		fill = 0 // only bitmap entries, or none
 	}
 	// Entries past b in this page that lie in the table read 0 while the
 	// page is implicit: with a fill of ZERO they must all be bitmap entries.

@@ -30,6 +30,12 @@ var batPatterns = []batPattern{
 		}
 		return makeBATEntry(stateFullyPresent, (i+8)*mib)
 	}},
+	{"UNDEFINED without offset", func(_ uint64, bitmap bool, _ *rand.Rand) uint64 {
+		if bitmap {
+			return 0
+		}
+		return stateUndefined // 1: no fill, however uniform
+	}},
 	{"UNMAPPED without offset", func(_ uint64, bitmap bool, _ *rand.Rand) uint64 {
 		if bitmap {
 			return 0
