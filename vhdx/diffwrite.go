@@ -74,6 +74,9 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPla
 			// fixed its change; a write making the block FULLY_PRESENT
 			// cannot share a bitmap member's fresh block. Wait for it to
 			// finish, then look again.
+			if ag.reservedWait != nil {
+				ag.reservedWait(idx)
+			}
 			ag.cond.Wait()
 			continue
 		case fb != nil: // the open batch makes the block FULLY_PRESENT: join it

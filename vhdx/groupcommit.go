@@ -76,6 +76,10 @@ type allocGroup struct {
 	// differencing batch is built, just before its leader releases the
 	// lock to commit it.
 	beforeDiffCommit func()
+	// Test hook, nil in production: runs under Image.mu when a
+	// differencing write finds its block reserved by a batch it cannot
+	// join (writeDiff) and starts waiting for that batch.
+	reservedWait func(idx uint64)
 }
 
 // allocBatch is a set of allocations committed by one journal entry.
