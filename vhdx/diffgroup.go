@@ -12,11 +12,21 @@ package vhdx
 // into the sectors of the PARTIALLY_PRESENT block, whose bits stay clear,
 // so readers still see the parent there) and waits for the batch.
 //
+// A write that makes its block FULLY_PRESENT (it covers the block, or the
+// block reads as zeros: ZERO, UNDEFINED, UNMAPPED) joins the same batches
+// (joinFullBatch): it reserves a fresh block, zeroed if reused (a
+// PARTIALLY_PRESENT block keeps its range, whose sectors with clear bits
+// are not read until the entry), writes its payload without the lock and
+// waits; the entry sets the block's BAT entry FULLY_PRESENT, with no
+// bitmap (§2.5.1). Later writes into that block while the batch is open
+// write into the same range and join it; once a leader has taken it they
+// wait for it (writeDiff).
+//
 // The leader takes the batch, waits until every member's payload write has
 // returned (allocBatch.writing), and builds the entry under Image.mu: each
 // bitmap page once, from its published contents, with the fresh blocks'
 // bits cleared and every member's bits set, then the BAT sectors (payload
-// PARTIALLY_PRESENT, bitmap present). It commits with Image.mu released:
+// PARTIALLY_PRESENT or FULLY_PRESENT, bitmap present). It commits with Image.mu released:
 // sync (every member's payload durable, doc.go rule 2), entry, sync,
 // in-place writes deferred (rule 4). Then, under Image.mu, it publishes
 // bitmap pages, bitmap entries, payload entries, in that order, and wakes
