@@ -501,7 +501,8 @@ func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
 
 // TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData: many
 // writers issue first writes into distinct 4 KiB pieces of a few child
-// blocks (fresh ones and partial ones, some sharing bitmap pages) while
+// blocks (fresh ones and partial ones, some sharing bitmap pages, one the
+// child discarded) and whole-block writes into two others while
 // readers read those blocks throughout: every sector a reader sees is the
 // parent's or the write's data, never zeros of a block whose bit was
 // published before its data; at the end every write reads back.
@@ -512,12 +513,23 @@ func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testi
 		t.Fatal(err)
 	}
 	defer im.Close()
-	blocks := []int64{0, 1, 2, 17, 30}
+	// Block 13 is discarded first (ZERO): its 4 KiB writes make it
+	// FULLY_PRESENT, joining or waiting for each other; blocks 3 and 12
+	// (one partial first) are written whole by one write each.
+	blocks := []int64{0, 1, 2, 17, 30, 13}
 	if _, err := im.WriteAt(pattern(70, 4096), 17*mib+mib-4096); err != nil { // block 17 partial
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(71, 4096), 12*mib+4096); err != nil { // block 12 partial
+		t.Fatal(err)
+	}
+	if err := im.Discard(13*mib, mib); err != nil {
 		t.Fatal(err)
 	}
 	want := diffParentDisk()
 	copy(want[17*mib+mib-4096:], pattern(70, 4096))
+	copy(want[12*mib+4096:], pattern(71, 4096))
+	clear(want[13*mib : 14*mib])
 	parent := bytes.Clone(want)
 	var ws []imageWrite
 	for i, b := range blocks {
@@ -526,6 +538,12 @@ func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testi
 			ws = append(ws, w)
 			copy(want[w.off:], w.data)
 		}
+	}
+	for i, b := range []int64{3, 12} {
+		w := imageWrite{b * mib, pattern(int64(400+i), mib)}
+		ws = append(ws, w)
+		copy(want[w.off:], w.data)
+		blocks = append(blocks, b)
 	}
 	const writers = 8
 	var wg sync.WaitGroup
