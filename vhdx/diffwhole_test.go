@@ -438,3 +438,66 @@ func TestDiscardDuringAWholeBlockChildWriteStartsItOver(t *testing.T) {
 	want := childWant([]int64{5}, w)
 	checkAcrossReopen(t, mc, ms, im, func(im *Image) { checkChild(t, im, want, []int64{5}, "after the discard and the write") })
 }
+
+// segments splits p into pieces of n bytes, as a guest's request arrives.
+func segments(p []byte, n int) [][]byte {
+	var bufs [][]byte
+	for len(p) > 0 {
+		k := min(n, len(p))
+		bufs = append(bufs, p[:k])
+		p = p[k:]
+	}
+	return bufs
+}
+
+// TestMultiSegmentFirstWritesIntoAChildAreOneMemberPerBlock: a request in
+// 4 KiB segments covering a NOT_PRESENT block of a child makes it
+// FULLY_PRESENT in one journal entry (seen whole, not as 256 bitmap
+// members each waiting for its own batch), a segmented run into fresh
+// sectors of a partial block is one entry too, and a segmented rewrite of
+// sectors the child holds stays an in-place write that allocates nothing.
+func TestMultiSegmentFirstWritesIntoAChildAreOneMemberPerBlock(t *testing.T) {
+	mc := newDiffChain(t)
+	ms := newMemStorage(bytes.Clone(mc.child))
+	im, err := mc.openChild(t, ms, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pre := imageWrite{3 * mib, pattern(140, 4096)}
+	if _, err := im.WriteAt(pre.data, pre.off); err != nil { // session start; block 3 partial
+		t.Fatal(err)
+	}
+	ws := []imageWrite{
+		{2 * mib, pattern(141, mib)},            // NOT_PRESENT, whole
+		{3*mib + 64*kib, pattern(142, 64*kib)},  // PARTIALLY_PRESENT, fresh sectors
+		{7*mib + 1020*kib, pattern(143, 8*kib)}, // across blocks 7 and 8: one member each
+	}
+	for _, w := range ws {
+		before := im.Counters().JournalCommits
+		if err := im.WriteVec(segments(w.data, 4096), w.off); err != nil {
+			t.Fatal(err)
+		}
+		want := uint64(1)
+		if w.off/mib != (w.off+int64(len(w.data))-1)/mib {
+			want = 2
+		}
+		if got := im.Counters().JournalCommits - before; got != want {
+			t.Fatalf("write at %#x in %d segments: %d journal entries, want %d", w.off, len(w.data)/4096, got, want)
+		}
+	}
+	if st := im.blockState(2); st != stateFullyPresent {
+		t.Fatalf("block 2 written whole in segments is in state %d, want FULLY_PRESENT", st)
+	}
+	held := imageWrite{3*mib + 64*kib, pattern(144, 64*kib)}
+	bufs := segments(held.data, 4096)
+	if n := testing.AllocsPerRun(20, func() {
+		if err := im.WriteVec(bufs, held.off); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Fatalf("a segmented rewrite of held sectors: %.1f allocations per call", n)
+	}
+	ws = append([]imageWrite{pre}, append(ws, held)...)
+	want := childWant(nil, ws...)
+	checkAcrossReopen(t, mc, ms, im, func(im *Image) { checkChild(t, im, want, []int64{2, 3, 7, 8}, "after the segmented writes") })
+}

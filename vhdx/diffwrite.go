@@ -39,6 +39,28 @@ func (im *Image) allPresent(pos, n uint64) (bool, error) {
 	return true, nil
 }
 
+// holdsAll reports whether the image holds every sector of [pos, pos+n)
+// (FULLY_PRESENT blocks, or set bits of PARTIALLY_PRESENT ones), so that a
+// write there is an in-place overwrite; false also when a bitmap page
+// cannot be read (the write path then reports the error).
+func (im *Image) holdsAll(pos, n uint64) bool {
+	for n > 0 {
+		_, e, _, left := im.locate(pos)
+		k := min(n, left)
+		switch batState(e) {
+		case stateFullyPresent:
+		case statePartiallyPresent:
+			if ok, err := im.allPresent(pos, k); err != nil || !ok {
+				return false
+			}
+		default:
+			return false
+		}
+		pos, n = pos+k, n-k
+	}
+	return true
+}
+
 // writeDiff writes p (inside one block, sector aligned) at virtual offset
 // pos of a differencing image, block entry idx, offset in within the block.
 // Writes into sectors the image does not hold join a batch (diffgroup.go):

@@ -269,10 +269,15 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	if vecLen(bufs) == 0 {
 		return nil // nothing to write: no session, no header update
 	}
-	if im.l.hasParent && !sectorSized(bufs, uint64(im.l.logicalSector)) {
+	if im.l.hasParent && (!sectorSized(bufs, uint64(im.l.logicalSector)) ||
+		len(bufs) > 1 && !im.holdsAll(uint64(off), vecLen(bufs))) {
 		// A sector split across buffers would get its bitmap bit set
 		// with half its data written; gather it first (rare: guests send
-		// sector-sized segments).
+		// sector-sized segments). A first write into a child is gathered
+		// too: it then joins a batch once per block, not once per
+		// segment, each waiting for its own batch, and a write covering a
+		// block is seen whole (FULLY_PRESENT, no bitmap; diffgroup.go).
+		// The copy costs far less than the batch's syncs.
 		flat := make([]byte, 0, vecLen(bufs))
 		for _, b := range bufs {
 			flat = append(flat, b...)
