@@ -155,7 +155,12 @@
 //     change: a write that finds its block (or bitmap block) reserved by a
 //     batch already taken by a leader, or by the open batch for the other
 //     kind (a fresh block for a bitmap, where it would make the block
-//     FULLY_PRESENT), waits for that batch and looks again. No writer
+//     FULLY_PRESENT), waits for that batch and looks again. (Bitmap
+//     members in a block the image holds partially reserve nothing: a
+//     write making that block FULLY_PRESENT may be in the next batch while
+//     theirs commits; its entry comes later and covers their data, synced
+//     before it.) WriteVec gathers a first write's segments, so it joins
+//     once per block. No writer
 //     holds Image.mu across an fdatasync. Writes into sectors the image
 //     holds, and reads, take no lock and never wait for a sync.
 //   - Concurrent Syncs (Flush, journal commits) share one fdatasync that
