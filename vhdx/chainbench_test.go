@@ -103,19 +103,31 @@ func BenchmarkChildFirstWrite(b *testing.B) {
 	}
 	// Parallel writers (group commit): each case's offsets continue across
 	// runs, in a range of the child apart from the sequential cases' (1..32
-	// GiB and the first GiB).
+	// GiB and the first GiB). wholeblock: writes covering a fresh block
+	// (NOT_PRESENT → FULLY_PRESENT, no bitmap), as a guest copying large
+	// files into a checkpoint issues them.
 	for _, c := range []struct {
 		name  string
 		off   func(i int64) int64
 		limit int64
+		size  int
+		zero  bool // discard the range first: its blocks are ZERO
 	}{
-		{"child/newblock", func(i int64) int64 { return 32*gib + i*mib }, 24 * gib / mib},
-		{"child/partialblock", func(i int64) int64 { return 56*gib + 8*kib*(i%128) + (i/128)*mib }, 8 * gib / (8 * kib)},
+		{"child/newblock", func(i int64) int64 { return 32*gib + i*mib }, 12 * gib / mib, 4 * kib, false},
+		{"child/wholeblock", func(i int64) int64 { return 44*gib + i*mib }, 12 * gib / mib, mib, false},
+		{"child/partialblock", func(i int64) int64 { return 56*gib + 8*kib*(i%128) + (i/128)*mib }, 8 * gib / (8 * kib), 4 * kib, false},
+		// zeroblock: 4 KiB writes into blocks the child discarded (ZERO:
+		// they read as zeros, not the parent), each making its block
+		// FULLY_PRESENT, as a guest writing after a trim does.
+		{"child/zeroblock", func(i int64) int64 { return 1*gib + i*mib }, 31 * gib / mib, 4 * kib, true},
 	} {
 		var next atomic.Int64
+		if c.zero {
+			next.Store(c.limit / 2) // apart from the sequential child/newblock case's writes
+		}
 		for _, g := range []int{1, 8, 32} {
 			b.Run(fmt.Sprintf("%s/G=%d", c.name, g), func(b *testing.B) {
-				benchChildParallel(b, paths, g, c.off, &next, c.limit)
+				benchChildParallel(b, paths, g, c.off, &next, c.limit, c.size, c.zero)
 			})
 		}
 	}
@@ -123,10 +135,10 @@ func BenchmarkChildFirstWrite(b *testing.B) {
 
 // benchChildParallel: G goroutines issue 4 KiB first writes into a child
 // on the real disk (parallel variants of BenchmarkChildFirstWrite; fresh
-// blocks, or fresh sectors of blocks the child holds partially), and it
-// reports the fdatasyncs per write that reached the file, as
+// blocks, or fresh sectors of blocks the child holds partially; size bytes
+// each; zero: into blocks discarded first), and it reports the fdatasyncs per write that reached the file, as
 // BenchmarkAllocatingWrites does for a base image.
-func benchChildParallel(b *testing.B, paths []string, goroutines int, off func(i int64) int64, next *atomic.Int64, limit int64) {
+func benchChildParallel(b *testing.B, paths []string, goroutines int, off func(i int64) int64, next *atomic.Int64, limit int64, size int, zero bool) {
 	parent, err := Open(paths[0], OpenOptions{ReadOnly: true})
 	if err != nil {
 		b.Fatal(err)
@@ -142,12 +154,20 @@ func benchChildParallel(b *testing.B, paths []string, goroutines int, off func(i
 		b.Fatal(err)
 	}
 	defer im.Close()
-	buf := pattern(2, 4*kib)
+	if first := off(next.Load()); zero {
+		if err := im.Discard(first, off(limit)-first); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if size > int(im.BlockSize()) || size == mib && im.BlockSize() != mib {
+		b.Fatalf("writes of %d bytes are not what the case means in the child's %d-byte blocks", size, im.BlockSize())
+	}
+	buf := pattern(2, size)
 	if _, err := im.WriteAt(buf, off(next.Add(1)-1)); err != nil { // the session's header updates
 		b.Fatal(err)
 	}
 	syncs0 := cs.syncs.Load()
-	b.SetBytes(4 * kib)
+	b.SetBytes(int64(size))
 	b.ResetTimer()
 	var done atomic.Int64
 	var wg sync.WaitGroup

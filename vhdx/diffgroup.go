@@ -12,11 +12,21 @@ package vhdx
 // into the sectors of the PARTIALLY_PRESENT block, whose bits stay clear,
 // so readers still see the parent there) and waits for the batch.
 //
+// A write that makes its block FULLY_PRESENT (it covers the block, or the
+// block reads as zeros: ZERO, UNDEFINED, UNMAPPED) joins the same batches
+// (joinFullBatch): it reserves a fresh block, zeroed if reused (a
+// PARTIALLY_PRESENT block keeps its range, whose sectors with clear bits
+// are not read until the entry), writes its payload without the lock and
+// waits; the entry sets the block's BAT entry FULLY_PRESENT, with no
+// bitmap (§2.5.1). Later writes into that block while the batch is open
+// write into the same range and join it; once a leader has taken it they
+// wait for it (writeDiff).
+//
 // The leader takes the batch, waits until every member's payload write has
 // returned (allocBatch.writing), and builds the entry under Image.mu: each
 // bitmap page once, from its published contents, with the fresh blocks'
 // bits cleared and every member's bits set, then the BAT sectors (payload
-// PARTIALLY_PRESENT, bitmap present). It commits with Image.mu released:
+// PARTIALLY_PRESENT or FULLY_PRESENT, bitmap present). It commits with Image.mu released:
 // sync (every member's payload durable, doc.go rule 2), entry, sync,
 // in-place writes deferred (rule 4). Then, under Image.mu, it publishes
 // bitmap pages, bitmap entries, payload entries, in that order, and wakes
@@ -51,22 +61,36 @@ type diffMember struct {
 	entry       uint64 // the entry when it joined (NOT_PRESENT: newPay)
 	newPay      bool   // the batch reserved the payload block
 	first, last uint64 // the virtual sectors whose bits it sets
+	full        bool   // it makes its block FULLY_PRESENT (diffReservations.full)
 	failed      bool   // its payload write failed: not committed
 	retry       bool   // its block changed: not committed, start over
+}
+
+// fullBlock is a block a batch makes FULLY_PRESENT: a whole-block write
+// (NOT_PRESENT or PARTIALLY_PRESENT before), or any write into a block
+// that reads as zeros (ZERO, UNDEFINED, UNMAPPED). No bitmap is involved
+// (§2.5.1: a FULLY_PRESENT block's bitmap is not consulted).
+type fullBlock struct {
+	off   uint64 // the block's range: reserved, or the PARTIALLY_PRESENT block's own
+	entry uint64 // the block's entry when it was reserved
+	fresh bool   // off was reserved by the batch (zeroed, or past the old file end)
 }
 
 // diffReservations is what a batch reserved for a differencing image.
 type diffReservations struct {
 	members []*diffMember
-	writing int               // members whose payload write is in flight
-	pay     map[uint64]uint64 // payload entry index → reserved block
-	sb      map[uint64]uint64 // chunk → reserved sector bitmap block
-	pages   map[uint64]bool   // bitmap page keys touched
+	writing int                   // members whose payload write is in flight
+	pay     map[uint64]uint64     // payload entry index → reserved block
+	sb      map[uint64]uint64     // chunk → reserved sector bitmap block
+	pages   map[uint64]bool       // bitmap page keys touched
+	full    map[uint64]*fullBlock // payload entry index → block made FULLY_PRESENT
 }
 
 // units bounds the 4 KiB sectors the batch's entry may hold: one per page
 // and one per BAT entry changed.
-func (d *diffReservations) units() int { return len(d.pages) + len(d.pay) + len(d.sb) }
+func (d *diffReservations) units() int {
+	return len(d.pages) + len(d.pay) + len(d.sb) + len(d.full)
+}
 
 // joinDiffBatch is the bitmap path of writeDiff: p lies inside block idx
 // (entry e, NOT_PRESENT or PARTIALLY_PRESENT) and does not cover it. Caller
@@ -165,6 +189,62 @@ func (im *Image) joinDiffBatch(p []byte, pos, idx, in, e uint64) error {
 		werr = im.writePayload(p, payOff+in)
 	}
 	im.mu.Lock()
+	return im.finishMember(b, m, werr)
+}
+
+// joinFullBatch is the FULLY_PRESENT path of writeDiff: p lies inside
+// block idx (entry e) and covers it, or the block reads as zeros (ZERO,
+// UNDEFINED, UNMAPPED), or a member of the open batch already makes the
+// block FULLY_PRESENT and p joins it (writing into the same range). The
+// first such member reserves a fresh block (zeroed if reused, so the rest
+// of a partial write's block reads zeros, as the state did) unless the
+// block is PARTIALLY_PRESENT, whose own range then fills: sectors whose
+// bits are clear are not read from it until the entry, after the batch's
+// sync, makes the block FULLY_PRESENT. Caller holds im.mu, and no batch
+// but the open one reserved the block (writeDiff); im.mu is released while
+// p is written and while the batch commits. errDiffRetry: look again.
+func (im *Image) joinFullBatch(p []byte, idx, in, e uint64) error {
+	ag := &im.ag
+	b := ag.open
+	d := b.diffRes()
+	fb := d.full[idx]
+	if fb == nil {
+		if d.units()+1+len(b.items) > allocBatchMax {
+			ag.cond.Wait() // until a leader takes the open batch
+			return errDiffRetry
+		}
+		fb = &fullBlock{off: batFileOffset(e), entry: e}
+		if batState(e) != statePartiallyPresent {
+			off, err := im.reserveBlock(idx) // space.go: reused (zeroed) or fresh
+			if err != nil {
+				return err
+			}
+			fb.off, fb.fresh = off, true
+		}
+		d.full[idx] = fb
+		ag.pendFull[idx] = b
+	}
+	m := &diffMember{idx: idx, entry: fb.entry, full: true}
+	d.members = append(d.members, m)
+	d.writing++
+	im.mu.Unlock()
+	var werr error
+	if fb.fresh {
+		werr = im.writeFreshPayload(p, fb.off+in)
+	} else {
+		// Sectors whose bits are set are the guest's: an in-place write.
+		werr = im.writePayload(p, fb.off+in)
+	}
+	im.mu.Lock()
+	return im.finishMember(b, m, werr)
+}
+
+// finishMember is the end of a member's turn, its payload write returned
+// with werr: it waits for batch b (leading it if nobody does) and returns
+// the member's result. Caller holds im.mu.
+func (im *Image) finishMember(b *allocBatch, m *diffMember, werr error) error {
+	ag := &im.ag
+	d := b.diff
 	d.writing--
 	if werr != nil {
 		m.failed = true // the leader leaves it out and gives back what only it used
@@ -220,7 +300,8 @@ func (m *diffMember) clearRange(l *layout) (lo, hi uint64) {
 // use.
 func (b *allocBatch) diffRes() *diffReservations {
 	if b.diff == nil {
-		b.diff = &diffReservations{pay: map[uint64]uint64{}, sb: map[uint64]uint64{}, pages: map[uint64]bool{}}
+		b.diff = &diffReservations{pay: map[uint64]uint64{}, sb: map[uint64]uint64{},
+			pages: map[uint64]bool{}, full: map[uint64]*fullBlock{}}
 	}
 	return b.diff
 }
@@ -232,7 +313,9 @@ type diffCommit struct {
 	pages   []logUpdate // bitmap pages, also the first len(pages) updates
 	keys    []uint64    // their cache keys
 	sbs     []batChange // bitmap entries to publish
-	pays    []batChange // payload entries to publish
+	pays    []batChange // payload entries to publish (PARTIALLY_PRESENT)
+	fulls   []batChange // payload entries to publish (FULLY_PRESENT)
+	fresh   int         // blocks of fulls the batch reserved
 	spans   []ownedSpan // reservations the entry names, in file order
 }
 
@@ -244,17 +327,29 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 	l := &im.l
 	livePay := map[uint64]bool{}
 	liveSB := map[uint64]bool{}
-	var live []*diffMember
+	liveFull := map[uint64]bool{}
+	var live, bitMembers []*diffMember
 	for _, m := range d.members {
 		if m.failed {
 			continue
 		}
 		cur := im.bat.load(m.idx)
+		if m.full {
+			// A discard changed the block meanwhile: start over.
+			if cur != d.full[m.idx].entry {
+				m.retry = true
+				continue
+			}
+			live = append(live, m)
+			liveFull[m.idx] = true
+			continue
+		}
 		if m.newPay && batState(cur) != stateNotPresent || !m.newPay && cur != m.entry {
 			m.retry = true
 			continue
 		}
 		live = append(live, m)
+		bitMembers = append(bitMembers, m)
 		if m.newPay {
 			livePay[m.idx] = true
 		}
@@ -281,6 +376,18 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 			dead = append(dead, sp)
 		}
 	}
+	for idx, fb := range d.full {
+		switch {
+		case liveFull[idx]:
+			dc.fulls = append(dc.fulls, batChange{idx: idx, new: makeBATEntry(stateFullyPresent, fb.off)})
+			if fb.fresh {
+				dc.spans = append(dc.spans, im.blockSpan(fb.off))
+				dc.fresh++
+			}
+		case fb.fresh:
+			dead = append(dead, im.blockSpan(fb.off))
+		}
+	}
 	byStart := func(x, y ownedSpan) int { return cmp.Compare(x.start, y.start) }
 	slices.SortFunc(dead, byStart)
 	slices.SortFunc(dc.spans, byStart)
@@ -295,7 +402,7 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 	perChunk := l.chunkRatio * l.sectorsPerBlock()
 	pages := map[uint64][]byte{}
 	var keys []uint64
-	for _, m := range live {
+	for _, m := range bitMembers {
 		for _, k := range im.memberPages(m) {
 			if _, ok := pages[k]; ok {
 				continue
@@ -320,13 +427,13 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 			}
 		}
 	}
-	for _, m := range live {
+	for _, m := range bitMembers {
 		if m.newPay {
 			lo, hi := m.clearRange(l)
 			bits(m, lo, hi, clearBits)
 		}
 	}
-	for _, m := range live {
+	for _, m := range bitMembers {
 		bits(m, m.first, m.last, setBits)
 	}
 	slices.Sort(keys)
@@ -340,8 +447,9 @@ func (im *Image) buildDiffBatch(d *diffReservations) (*diffCommit, error) {
 		dc.keys = append(dc.keys, k)
 	}
 
-	// BAT sectors: payload PARTIALLY_PRESENT, bitmap present.
-	changes := append(slices.Clone(dc.pays), dc.sbs...)
+	// BAT sectors: payload PARTIALLY_PRESENT or FULLY_PRESENT, bitmap
+	// present.
+	changes := slices.Concat(dc.pays, dc.fulls, dc.sbs)
 	slices.SortFunc(changes, func(x, y batChange) int { return cmp.Compare(x.idx, y.idx) })
 	bat, err := im.batchUpdates(changes, nil)
 	if err != nil {
@@ -380,8 +488,8 @@ func (im *Image) commitDiffBatch(b *allocBatch) error {
 		_, err = j.commitBatch(dc.updates, fileEnd, fileEnd, true)
 		if err != nil {
 			untouched = errors.Is(err, errLogUntouched)
-			err = fmt.Errorf("differencing batch of %d sector bitmap pages, %d new blocks: commit through the log: %w",
-				len(dc.pages), len(dc.pays), err)
+			err = fmt.Errorf("differencing batch of %d sector bitmap pages, %d new partial blocks, %d blocks made whole: commit through the log: %w",
+				len(dc.pages), len(dc.pays), len(dc.fulls), err)
 		}
 		im.mu.Lock()
 	}
@@ -400,9 +508,9 @@ func (im *Image) commitDiffBatch(b *allocBatch) error {
 	for _, c := range dc.sbs {
 		im.bat.store(c.idx, c.new)
 	}
-	for _, c := range dc.pays {
+	for _, c := range slices.Concat(dc.pays, dc.fulls) {
 		im.bat.store(c.idx, c.new)
 	}
-	im.batchCommitted(uint64(len(dc.pays)), fileEnd)
+	im.batchCommitted(uint64(len(dc.pays)+dc.fresh), fileEnd)
 	return nil
 }

@@ -289,8 +289,11 @@ func TestFailedPayloadWriteFailsOnlyItsMember(t *testing.T) {
 // TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData: phases
 // of concurrent child first writes (fresh blocks, two in one block, one
 // bitmap page, a second page, partial blocks, sectors whose bits are
-// already set), some followed by a Flush, cut by a crash before every
-// storage operation in turn. After each crash mode: the chain opens; after
+// already set; mixed in the same batches, writes covering a NOT_PRESENT
+// and a PARTIALLY_PRESENT block and writes into blocks the child
+// discarded, which become FULLY_PRESENT), some after a Discard and some
+// followed by a Flush, cut by a crash before every storage operation in
+// turn. After each crash mode: the chain opens; after
 // a SIGKILL (the page cache kept) every acknowledged write reads back;
 // after a power loss every flushed write reads back; and every sector
 // reads the data of a state the workload passed through or a later one —
@@ -301,13 +304,15 @@ func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.
 		{
 			{0, pattern(50, 4096)}, {64 * kib, pattern(51, 4096)}, // block 0 twice
 			{mib + 512, pattern(52, 512)},      // block 1, same page
+			{2 * mib, pattern(150, mib)},       // block 2, whole: FULLY_PRESENT
 			{17*mib + 4096, pattern(53, 8192)}, // block 17, page 1
 		},
 		{
-			{8192, pattern(54, 4096)},          // block 0: bits only
-			{mib + 512, pattern(55, 512)},      // present: in place
-			{mib + 256*kib, pattern(56, 4096)}, // block 1: bits only
-			{30 * mib, pattern(57, 4096)},      // block 30, fresh
+			{8192, pattern(54, 4096)},           // block 0: bits only
+			{mib + 512, pattern(55, 512)},       // present: in place
+			{mib + 256*kib, pattern(56, 4096)},  // block 1: bits only
+			{30 * mib, pattern(57, 4096)},       // block 30, fresh
+			{40*mib + 4096, pattern(151, 4096)}, // block 40 (discarded): ZERO → FULLY_PRESENT
 		},
 		{
 			// Page 0, page 1 and BAT sector 0 again, after a batch with no
@@ -315,14 +320,21 @@ func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.
 			// unsynced (rule 4), so only the rule that a child's batch
 			// syncs its payloads first keeps their bits from becoming
 			// durable without their data.
-			{17 * mib, pattern(58, 4096)},     // block 17: bits only
-			{3*mib + 4096, pattern(59, 4096)}, // block 3, fresh
+			{17 * mib, pattern(58, 4096)},           // block 17: bits only
+			{3*mib + 4096, pattern(59, 4096)},       // block 3, fresh
+			{mib, pattern(152, mib)},                // block 1, partial: whole
+			{11*mib + mib - 512, pattern(153, 512)}, // block 11 (discarded): ZERO → FULLY_PRESENT
+			{11 * mib, pattern(154, 4096)},          // block 11 again: the same reservation
 		},
 	}
+	discardBefore := [][]int64{{40}, nil, {11}} // whole blocks, before the phase's writes
 	flushAfter := []bool{true, false, true}
 	states := [][]byte{diffParentDisk()}
-	for _, ph := range phases {
+	for i, ph := range phases {
 		s := bytes.Clone(states[len(states)-1])
+		for _, b := range discardBefore[i] {
+			clear(s[b*mib : (b+1)*mib])
+		}
 		for _, w := range ph {
 			copy(s[w.off:], w.data)
 		}
@@ -336,6 +348,12 @@ func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.
 		}
 		d := driveBatches(im)
 		for i, ph := range phases {
+			for _, b := range discardBefore[i] {
+				if err := im.Discard(b*mib, mib); err != nil {
+					im.Close()
+					return acked, flushed, err
+				}
+			}
 			for _, err := range d.batch(im, ph) {
 				if err != nil {
 					im.Close()
@@ -483,7 +501,8 @@ func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
 
 // TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData: many
 // writers issue first writes into distinct 4 KiB pieces of a few child
-// blocks (fresh ones and partial ones, some sharing bitmap pages) while
+// blocks (fresh ones and partial ones, some sharing bitmap pages, one the
+// child discarded) and whole-block writes into two others while
 // readers read those blocks throughout: every sector a reader sees is the
 // parent's or the write's data, never zeros of a block whose bit was
 // published before its data; at the end every write reads back.
@@ -494,12 +513,23 @@ func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testi
 		t.Fatal(err)
 	}
 	defer im.Close()
-	blocks := []int64{0, 1, 2, 17, 30}
+	// Block 13 is discarded first (ZERO): its 4 KiB writes make it
+	// FULLY_PRESENT, joining or waiting for each other; blocks 3 and 12
+	// (one partial first) are written whole by one write each.
+	blocks := []int64{0, 1, 2, 17, 30, 13}
 	if _, err := im.WriteAt(pattern(70, 4096), 17*mib+mib-4096); err != nil { // block 17 partial
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(pattern(71, 4096), 12*mib+4096); err != nil { // block 12 partial
+		t.Fatal(err)
+	}
+	if err := im.Discard(13*mib, mib); err != nil {
 		t.Fatal(err)
 	}
 	want := diffParentDisk()
 	copy(want[17*mib+mib-4096:], pattern(70, 4096))
+	copy(want[12*mib+4096:], pattern(71, 4096))
+	clear(want[13*mib : 14*mib])
 	parent := bytes.Clone(want)
 	var ws []imageWrite
 	for i, b := range blocks {
@@ -508,6 +538,12 @@ func TestConcurrentChildFirstWritesAndReadersNeverSeeZerosForParentData(t *testi
 			ws = append(ws, w)
 			copy(want[w.off:], w.data)
 		}
+	}
+	for i, b := range []int64{3, 12} {
+		w := imageWrite{b * mib, pattern(int64(400+i), mib)}
+		ws = append(ws, w)
+		copy(want[w.off:], w.data)
+		blocks = append(blocks, b)
 	}
 	const writers = 8
 	var wg sync.WaitGroup

@@ -10,8 +10,10 @@ package vhdx
 // the BAT entries: payload PARTIALLY_PRESENT, bitmap SB_BLOCK_PRESENT
 // (§2.5.1). The journal flushes the data before the entry, so a crash at
 // any point leaves either the old state (bits clear: the sectors still
-// come from the parent) or the new one. A write covering a whole block
-// makes it FULLY_PRESENT instead, with no bitmap, in an entry of its own.
+// come from the parent) or the new one. A write covering a whole block, or
+// any write into a block that reads as zeros (ZERO, UNDEFINED, UNMAPPED),
+// makes the block FULLY_PRESENT instead, with no bitmap, in the same
+// batches and with the same order: data, sync, entry.
 //
 // Bitmap and BAT updates are made by a batch's leader under im.mu; writes
 // into sectors whose bits are already set go straight to the file without
@@ -37,14 +39,40 @@ func (im *Image) allPresent(pos, n uint64) (bool, error) {
 	return true, nil
 }
 
+// holdsAll reports whether the image holds every sector of [pos, pos+n)
+// (FULLY_PRESENT blocks, or set bits of PARTIALLY_PRESENT ones), so that a
+// write there is an in-place overwrite; false also when a bitmap page
+// cannot be read (the write path then reports the error).
+func (im *Image) holdsAll(pos, n uint64) bool {
+	for n > 0 {
+		_, e, _, left := im.locate(pos)
+		k := min(n, left)
+		switch batState(e) {
+		case stateFullyPresent:
+		case statePartiallyPresent:
+			if ok, err := im.allPresent(pos, k); err != nil || !ok {
+				return false
+			}
+		default:
+			return false
+		}
+		pos, n = pos+k, n-k
+	}
+	return true
+}
+
 // writeDiff writes p (inside one block, sector aligned) at virtual offset
 // pos of a differencing image, block entry idx, offset in within the block.
-// Writes into sectors the image does not hold join a batch (diffgroup.go);
-// whole-block writes commit an entry of their own, under im.mu, once no
-// batch is being committed and no batch has reserved the block. When the
-// sectors turn out to be present already (another writer's batch published
-// them), it returns inPlace and the file offset to write p at, without a
-// lock (writeChunk).
+// Writes into sectors the image does not hold join a batch (diffgroup.go):
+// as bitmap members, or as members that make the block FULLY_PRESENT (a
+// write covering the block, or any write into a block that reads as zeros).
+// A block is reserved by one batch at a time, for one kind of change: a
+// writer finding it reserved by a batch already taken by its leader waits
+// for that batch; in the open batch, it joins the reservation, unless it
+// would make the block FULLY_PRESENT where the batch gives it a bitmap (then
+// it waits too). When the sectors turn out to be present already (another
+// writer's batch published them), it returns inPlace and the file offset to
+// write p at, without a lock (writeChunk).
 func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPlace bool, err error) {
 	im.mu.Lock()
 	defer im.mu.Unlock()
@@ -57,63 +85,43 @@ func (im *Image) writeDiff(p []byte, pos, idx, in uint64) (fileOff uint64, inPla
 			return 0, false, fmt.Errorf("write: %w", ErrClosed)
 		}
 		e := im.bat.load(idx)
-		if b := ag.pendPay[idx]; b != nil && (whole || b != ag.open) {
-			// A batch reserved the block: a whole write would allocate
-			// it a second time, and a batch already taken by its leader
-			// has fixed its bits. Wait for it to finish, then look again.
+		st := batState(e)
+		// ZERO, UNDEFINED and UNMAPPED read as zeros, not as the parent:
+		// any write makes the block FULLY_PRESENT over fresh (zero) space.
+		full := whole || st != stateNotPresent && st != statePartiallyPresent && st != stateFullyPresent
+		var err error
+		switch fb, pb := ag.pendFull[idx], ag.pendPay[idx]; {
+		case fb != nil && fb != ag.open, pb != nil && (full || pb != ag.open):
+			// A batch reserved the block: once taken by its leader it has
+			// fixed its change; a write making the block FULLY_PRESENT
+			// cannot share a bitmap member's fresh block. Wait for it to
+			// finish, then look again.
+			if ag.reservedWait != nil {
+				ag.reservedWait(idx)
+			}
 			ag.cond.Wait()
 			continue
-		}
-		st := batState(e)
-		switch {
+		case fb != nil: // the open batch makes the block FULLY_PRESENT: join it
+			err = im.joinFullBatch(p, idx, in, e)
 		case st == stateFullyPresent: // another writer won the race
 			return batFileOffset(e) + in, true, nil
-		case st == statePartiallyPresent && !whole:
-			if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
-				return 0, false, err
-			} else if ok {
-				return batFileOffset(e) + in, true, nil
+		case full:
+			err = im.joinFullBatch(p, idx, in, e)
+		default: // NOT_PRESENT or PARTIALLY_PRESENT, not whole
+			if st == statePartiallyPresent {
+				if ok, err := im.allPresent(pos, uint64(len(p))); err != nil {
+					return 0, false, err
+				} else if ok {
+					return batFileOffset(e) + in, true, nil
+				}
 			}
-		case st == stateNotPresent && !whole:
-		default:
-			// A whole block (FULLY_PRESENT), or ZERO, UNDEFINED, UNMAPPED,
-			// which read as zeros, not as the parent, so the block becomes
-			// FULLY_PRESENT over fresh (zero) space: an entry of its own,
-			// through the journal once no batch leader owns it.
-			if ag.leading {
-				ag.cond.Wait()
-				continue
-			}
-			return 0, false, im.writeDiffWhole(p, idx, in, e)
+			err = im.joinDiffBatch(p, pos, idx, in, e)
 		}
-		err := im.joinDiffBatch(p, pos, idx, in, e)
 		if errors.Is(err, errDiffRetry) {
 			continue
 		}
 		return 0, false, err
 	}
-}
-
-// writeDiffWhole is writeDiff for a write covering the block, or into a
-// block in a state that reads as zeros. Caller holds im.mu and no batch
-// leader runs.
-func (im *Image) writeDiffWhole(p []byte, idx, in, e uint64) error {
-	if batState(e) != statePartiallyPresent {
-		return im.allocateLocked(p, idx, in)
-	}
-	off := batFileOffset(e)
-	if err := im.writePayload(p, off); err != nil {
-		return err
-	}
-	full := makeBATEntry(stateFullyPresent, off)
-	if err := im.growTo(im.fileEnd); err != nil {
-		return err
-	}
-	if err := im.journalBATEntry(idx, full, im.fileEnd); err != nil {
-		return err
-	}
-	im.bat.store(idx, full)
-	return nil
 }
 
 // growTo extends the file to end (1 MiB aligned) if it is shorter: a

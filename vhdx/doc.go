@@ -145,12 +145,23 @@
 //     (allocGroup.pendPay, pendSB) and the members' records are under
 //     Image.mu; only the leader reads them to build the entry, after every
 //     member's payload write has returned (allocBatch.diff.writing), and
-//     builds each bitmap page from its published contents. A write that
-//     finds its block or bitmap block reserved by a batch already taken by
-//     a leader, and a whole-block write finding its block reserved by any
-//     batch, wait for that batch and look again. Whole-block writes, and
-//     writes into blocks that read as zeros, commit an entry of their own
-//     under Image.mu once no leader runs. Writes into sectors the image
+//     builds each bitmap page from its published contents. Writes that make
+//     a block FULLY_PRESENT — covering the block, or into a block that
+//     reads as zeros (ZERO, UNDEFINED, UNMAPPED) — are members of the same
+//     batches (allocBatch.diff.full, allocGroup.pendFull): the first
+//     reserves a fresh block (or keeps a PARTIALLY_PRESENT block's range),
+//     later writes into that block in the same open batch write into it
+//     too. A block is reserved by one batch at a time, for one kind of
+//     change: a write that finds its block (or bitmap block) reserved by a
+//     batch already taken by a leader, or by the open batch for the other
+//     kind (a fresh block for a bitmap, where it would make the block
+//     FULLY_PRESENT), waits for that batch and looks again. (Bitmap
+//     members in a block the image holds partially reserve nothing: a
+//     write making that block FULLY_PRESENT may be in the next batch while
+//     theirs commits; its entry comes later and covers their data, synced
+//     before it.) WriteVec gathers a first write's segments, so it joins
+//     once per block. No writer
+//     holds Image.mu across an fdatasync. Writes into sectors the image
 //     holds, and reads, take no lock and never wait for a sync.
 //   - Concurrent Syncs (Flush, journal commits) share one fdatasync that
 //     started after the last of them arrived (syncGroup in syncLatch).
@@ -187,21 +198,21 @@
 //     previous batch's entry sync, and it holds the previous batch's BAT
 //     sectors again (rule 4). A differencing image's commits always sync
 //     first, which also makes the payload of every member of a batch
-//     durable before the entry that sets its sectors' bitmap bits.
+//     durable before the entry that sets its sectors' bitmap bits or
+//     makes its block FULLY_PRESENT.
 //  3. The entry itself is flushed before any of its updates is written in
 //     place (§2.3: metadata changes reach their final location only after
 //     their log entry is on stable storage).
 //  4. In-place writes of an allocation batch (a base image's, or a
-//     differencing image's: bitmap pages and BAT sectors, diffgroup.go) and
-//     of a child's whole-block first write are not synced on their own
-//     (commitDeferred, commitBatch): the entry stays the newest in the
-//     log, its own tail (§2.3.2), so a power cut replays it (§2.3.3) and
-//     rewrites those sectors whole, repairing a torn one. The next entry
-//     then either follows a sync or holds the same sectors again with
-//     their current contents: torn, the previous
-//     entry is still the newest valid one; whole, it restores them itself.
-//     Its own sync makes the earlier in-place writes durable. A bridge
-//     entry (journal.go) holds nothing, so a sync precedes it. Flush and Close
+//     differencing image's: bitmap pages and BAT sectors, diffgroup.go)
+//     are not synced on their own (commitBatch): the entry stays the
+//     newest in the log, its own tail (§2.3.2), so a power cut replays it
+//     (§2.3.3) and rewrites those sectors whole, repairing a torn one. The
+//     next entry then either follows a sync or holds the same sectors
+//     again with their current contents: torn, the previous entry is still
+//     the newest valid one; whole, it restores them itself. Its own sync
+//     makes the earlier in-place writes durable. A bridge entry
+//     (journal.go) holds nothing, so a sync precedes it. Flush and Close
 //     sync too.
 //  5. Flush returns after an fdatasync that started after Flush was called
 //     (syncGroup), after committing queued trims (discard.go): every write
@@ -212,16 +223,22 @@
 //     reads zeros there, which is what it read before (an unallocated
 //     block of a base image, or a reused range, zeroed per rule 2). A
 //     differencing image's sectors show the parent until their bits are
-//     set, so their data must be durable before the entry that sets them:
-//     its batches (diffgroup.go) run every member's payload write, then
-//     one sync, the entry, its sync, the deferred in-place writes, and
-//     publish (bitmap pages, bitmap entries, payload entries) before any
-//     member is acknowledged. A power cut then leaves each sector's bit
-//     clear (the parent) or set over durable data, never set over zeros.
+//     set, or until the entry that makes their block FULLY_PRESENT (a
+//     ZERO block shows zeros until then), so their data must be durable
+//     before that entry: its batches (diffgroup.go) run every member's
+//     payload write, then one sync, the entry, its sync, the deferred
+//     in-place writes, and publish (bitmap pages, bitmap entries, payload
+//     entries) before any member is acknowledged. A power cut then leaves
+//     each sector's bit clear (the parent) or set over durable data, and
+//     each block made whole in its old state or FULLY_PRESENT over
+//     durable data, never showing zeros where the parent had data.
 //  7. Every member of a failed batch gets the error and its entries stay
-//     unpublished (a differencing batch's member whose own payload write
-//     failed leaves the batch before its entry is built: it alone gets its
-//     error, its bits are not set, the others commit); what a failed fdatasync or journal commit means for later
+//     unpublished, and the space it reserved is given back when no entry
+//     can name it (nospace.go). A differencing batch's member whose own
+//     payload write failed leaves the batch before its entry is built: it
+//     alone gets its error, its bits are not set (or its block is not made
+//     FULLY_PRESENT, and a fresh block nobody else wrote is given back),
+//     the others commit. What a failed fdatasync or journal commit means for later
 //     ones is in "Host I/O errors" below.
 //
 // Host I/O errors (EIO from the file: storage.go syncLatch, logrecover.go,

@@ -69,10 +69,17 @@ type allocGroup struct {
 	// block (by chunk), until it is done.
 	pendPay map[uint64]*allocBatch
 	pendSB  map[uint64]*allocBatch
+	// The batch that makes a payload block FULLY_PRESENT (by BAT index;
+	// diffReservations.full), until it is done.
+	pendFull map[uint64]*allocBatch
 	// Test hook, nil in production: runs under Image.mu when a
 	// differencing batch is built, just before its leader releases the
 	// lock to commit it.
 	beforeDiffCommit func()
+	// Test hook, nil in production: runs under Image.mu when a
+	// differencing write finds its block reserved by a batch it cannot
+	// join (writeDiff) and starts waiting for that batch.
+	reservedWait func(idx uint64)
 }
 
 // allocBatch is a set of allocations committed by one journal entry.
@@ -101,6 +108,7 @@ func (im *Image) group() *allocGroup {
 		ag.pending = map[uint64]*pendingAlloc{}
 		ag.pendPay = map[uint64]*allocBatch{}
 		ag.pendSB = map[uint64]*allocBatch{}
+		ag.pendFull = map[uint64]*allocBatch{}
 	}
 	return ag
 }
@@ -244,6 +252,9 @@ func (im *Image) leadBatch() {
 		}
 		for chunk := range b.diff.sb {
 			delete(ag.pendSB, chunk)
+		}
+		for idx := range b.diff.full {
+			delete(ag.pendFull, idx)
 		}
 		b.done, b.err = true, err
 		ag.leading = false

@@ -167,56 +167,9 @@ func (im *Image) writeChunk(p []byte, pos, idx, e, in uint64) error {
 	return im.allocate(p, idx, in)
 }
 
-// allocateLocked allocates block idx of a differencing image in a journal
-// entry of its own (a whole-block write, or one into a block that reads as
-// zeros; diffgroup.go batches the others), with im.mu held: reserve, write p, journal the BAT sector, publish. A failure before
-// the journal wrote anything (a full host disk, nospace.go) gives the
-// reserved range back; after one that may have reached the log, the range
-// is not handed out again this session, so a half-done attempt cannot
-// alias a later block.
-func (im *Image) allocateLocked(p []byte, idx, in uint64) error {
-	e := im.bat.load(idx)
-	if batState(e) == stateFullyPresent { // another writer won the race
-		return im.writePayload(p, batFileOffset(e)+in)
-	}
-	newOff, err := im.reserveBlock(idx) // space.go: reused (zeroed) or fresh
-	if err != nil {
-		return err
-	}
-	span := im.blockSpan(newOff)
-	if err := im.writeFreshPayload(p, newOff+in); err != nil {
-		im.giveBack(span.start, span.len()) // nospace.go
-		return err
-	}
-	newEntry := makeBATEntry(stateFullyPresent, newOff)
-	if err := im.journalBATEntry(idx, newEntry, im.fileEnd); err != nil {
-		im.giveBackAfterCommit(err, span)
-		return err
-	}
-	im.bat.store(idx, newEntry)
-	im.allocated.Add(1)
-	im.counters.allocations.Add(1)
-	return nil
-}
-
 // maxFileOffset keeps file offsets representable as int64 and in the 44-bit
 // FileOffsetMB field (§2.5.1).
 const maxFileOffset = 1 << 62
-
-// journalBATEntry commits the 4 KiB BAT sector holding entry idx, with idx
-// set to newEntry, through the log; the in-place write is made durable by
-// the next sync (doc.go, durability rule 4). Caller holds im.mu, so no other
-// BAT update races with this one.
-func (im *Image) journalBATEntry(idx, newEntry, fileEnd uint64) error {
-	u, err := im.batSectorUpdate(idx, [][2]uint64{{idx, newEntry}})
-	if err != nil {
-		return err
-	}
-	if err := im.journal.commitDeferred([]logUpdate{u}, fileEnd, fileEnd); err != nil {
-		return fmt.Errorf("BAT entry %d at offset %#x: commit through the log: %w", idx, im.l.bat.offset+idx*8, err)
-	}
-	return nil
-}
 
 // batSectorUpdate builds the journal update of the 4 KiB BAT sector holding
 // entry idx, with the entries in set ({index, value} pairs) changed. The
@@ -316,10 +269,15 @@ func (im *Image) WriteVec(bufs [][]byte, off int64) error {
 	if vecLen(bufs) == 0 {
 		return nil // nothing to write: no session, no header update
 	}
-	if im.l.hasParent && !sectorSized(bufs, uint64(im.l.logicalSector)) {
+	if im.l.hasParent && (!sectorSized(bufs, uint64(im.l.logicalSector)) ||
+		len(bufs) > 1 && !im.holdsAll(uint64(off), vecLen(bufs))) {
 		// A sector split across buffers would get its bitmap bit set
 		// with half its data written; gather it first (rare: guests send
-		// sector-sized segments).
+		// sector-sized segments). A first write into a child is gathered
+		// too: it then joins a batch once per block, not once per
+		// segment, each waiting for its own batch, and a write covering a
+		// block is seen whole (FULLY_PRESENT, no bitmap; diffgroup.go).
+		// The copy costs far less than the batch's syncs.
 		flat := make([]byte, 0, vecLen(bufs))
 		for _, b := range bufs {
 			flat = append(flat, b...)
