@@ -28,8 +28,8 @@ type logUpdate struct {
 //
 // Each commit writes one entry whose Tail points to itself. That is correct
 // because the entry's updates are applied and flushed before the next entry
-// is written: commit flushes them before returning, commitDeferred leaves
-// that to the sync every commit starts with (doCommit). When the next entry
+// is written: commit flushes them before returning, commitBatch leaves
+// that to the sync every commit starts with (doCommit), or holds them again. When the next entry
 // is written no earlier entry has updates "yet to be written and flushed"
 // (§2.3.2), so every sequence is that single entry.
 // Replay after a crash therefore applies at most the last entry, which holds
@@ -89,7 +89,7 @@ type journal struct {
 	preList []logUpdate   // the updates restoring them, reused
 
 	// deferred: the sectors the last commit wrote in place without a sync
-	// (commitDeferred, commitBatch), by file offset, as written;
+	// (commitBatch), by file offset, as written;
 	// deferredZero: it also zeroed a range. Cleared by every sync the
 	// journal issues after them.
 	deferred     map[uint64][]byte
@@ -116,17 +116,11 @@ func (j *journal) commit(updates []logUpdate, flushedFileOffset, lastFileOffset 
 	return err
 }
 
-// commitDeferred is commit without the final sync: the updates are written
-// in place but not flushed. That is safe because the entry is durable and
-// is the newest in the log, so replay after a crash writes them again; the
-// next commit's entry either holds them again or follows a sync (see
-// commitBatch), and a Flush or Close syncs too.
-func (j *journal) commitDeferred(updates []logUpdate, flushedFileOffset, lastFileOffset uint64) error {
-	_, err := j.commitMode(updates, flushedFileOffset, lastFileOffset, false, true)
-	return err
-}
-
-// commitBatch is commitDeferred that may skip the sync before the entry
+// commitBatch is commit without the final sync: the updates are written in
+// place but not flushed. That is safe because the entry is durable and is
+// the newest in the log, so replay after a crash writes them again; the
+// next commit's entry either holds them again or follows a sync, and a
+// Flush or Close syncs too. It may also skip the sync before the entry
 // (presync false): the caller vouches that the entry depends on nothing
 // unsynced (its FlushedFileOffset is a durable size, no range it points to
 // needs zeroing to be durable first). The updates left unsynced by the
