@@ -69,9 +69,12 @@ func TestHotpluggedRegionServesIOAndIsNeverTouchedAfterRemoval(t *testing.T) {
 	if n, err := f.GetMaxMemSlots(); err != nil || n != vhostuser.MaxMemSlots {
 		t.Fatalf("GET_MAX_MEM_SLOTS = %d, %v; want %d", n, err, vhostuser.MaxMemSlots)
 	}
-	for i := range 4096 {
-		s.disk.data[8*512+i] = byte(i*7 + 1)
+	// Through WriteVec (the disk's lock): the ring's worker is running.
+	fill := make([]byte, 4096)
+	for i := range fill {
+		fill[i] = byte(i*7 + 1)
 	}
+	must(t, s.disk.WriteVec([][]byte{fill}, 8*512))
 	want := s.disk.bytes(8*512, 4096)
 	d := newDimm(t, dimmGPA, 1<<20)
 	if err := f.AddMemReg(d.reg, d.fd); err != nil {
@@ -120,9 +123,12 @@ func TestNoRequestTouchesARegionAfterRemMemRegIsAnswered(t *testing.T) {
 	if err := f.AddMemReg(d.reg, d.fd); err != nil {
 		t.Fatal(err)
 	}
-	for i := range 4096 {
-		s.disk.data[i] = byte(i + 3)
+	// Through WriteVec (the disk's lock): the ring's worker is running.
+	fill := make([]byte, 4096)
+	for i := range fill {
+		fill[i] = byte(i + 3)
 	}
+	must(t, s.disk.WriteVec([][]byte{fill}, 0))
 	q := f.Queues[0]
 	stop := make(chan struct{})
 	done := make(chan int)
