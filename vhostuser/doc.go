@@ -226,8 +226,12 @@
 // blocks in write-back mode), and up to 16 executor goroutines for every
 // other request (worker.go), so requests of one queue run in parallel (at
 // most 64 in flight) and nothing quick waits behind a FLUSH or an
-// allocating write. The kick eventfd is made non-blocking and wrapped with os.NewFile, so a
-// parked Read costs no thread and Close unblocks it. SET_VRING_KICK, _CALL and
+// allocating write. With Options.PollWindow the owner, having found the
+// ring empty, keeps looking at it for that long before it sleeps
+// (pollRing: adaptive polling; on a VM whose idle vCPUs halt, each sleep
+// costs a wake-up through the hypervisor). The kick eventfd is made
+// non-blocking and wrapped with os.NewFile, so a parked Read costs no
+// thread and Close unblocks it. SET_VRING_KICK, _CALL and
 // _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file
 // type, and for anonymous inodes the /proc/self/fd link, which must be
 // "anon_inode:[eventfd]"); anything else ends the connection with

@@ -59,6 +59,10 @@ func (NopEvents) ConnClosed(uint64, error)         {}
 func (NopEvents) QueueBroken(uint64, int, error)   {}
 func (NopEvents) RequestFailed(uint64, int, error) {}
 
+// MaxPollWindow bounds Options.PollWindow: a longer window only burns a
+// core after the guest went quiet.
+const MaxPollWindow = 10 * time.Millisecond
+
 // Options configure a server.
 type Options struct {
 	// Disk is the storage served; it must be safe for concurrent use by
@@ -88,6 +92,10 @@ type Options struct {
 	// Stats, if set, counts every request per queue (blk.Stats); queue
 	// i counts into Stats.Queue(i).
 	Stats *blk.Stats
+	// PollWindow, if positive, is how long a ring's owner keeps looking
+	// at the avail ring after it found it empty, before it sleeps until
+	// a kick (worker.go: adaptive polling). 0: sleep at once.
+	PollWindow time.Duration
 }
 
 func (o Options) normalize() (Options, error) {
@@ -96,6 +104,9 @@ func (o Options) normalize() (Options, error) {
 	}
 	if o.NumQueues == 0 {
 		o.NumQueues = MaxQueues
+	}
+	if o.PollWindow < 0 || o.PollWindow > MaxPollWindow {
+		return o, fmt.Errorf("PollWindow %v not in 0..%v: %w", o.PollWindow, MaxPollWindow, ErrInvalidOptions)
 	}
 	if o.NumQueues < 1 || o.NumQueues > MaxQueues {
 		return o, fmt.Errorf("NumQueues %d not in 1..%d: %w", o.NumQueues, MaxQueues, ErrInvalidOptions)

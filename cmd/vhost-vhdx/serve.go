@@ -29,6 +29,12 @@ import (
 // starts.
 const maxQueues = vhostuser.MaxQueues
 
+// defaultPollUS is --poll-us's default: long enough to catch the next
+// request of a guest at queue depth 1 (its own round trip through the
+// kernel takes about 10 to 25 µs here), short enough that a quiet guest
+// costs nothing (docs/benchmarks/profile.md, "adaptive polling").
+const defaultPollUS = 50
+
 // capabilities is what --print-capabilities prints, per the vhost-user
 // "Backend program conventions" (type "block", the optional features we
 // support).
@@ -75,6 +81,10 @@ Options:
                         holds it and retries (100 ms to 1 s apart) until space
                         is freed, as QEMU's werror=enospc; logged once per
                         episode and shown by 'ctl status'
+  --poll-us N           after a queue runs empty, keep looking at it for N µs
+                        before sleeping until the guest's next kick (default
+                        50; 0: sleep at once). Saves the wake-up of a halted
+                        vCPU per request; costs at most N µs of CPU per burst
   --control-socket PATH a unix socket (mode 0600) for live operations:
                         status, stats, flush, resize, checkpoint
                         (see 'vhost-vhdx ctl')
@@ -102,6 +112,7 @@ type serveConfig struct {
 	control                 string // --control-socket
 	stopWithParent          bool   // --stop-with-parent (serve_parent.go)
 	onENOSPC                string // --on-enospc
+	pollUS                  int    // --poll-us
 	noSpace                 blk.NoSpacePolicy
 }
 
@@ -123,6 +134,7 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	fs.StringVar(&cfg.control, "control-socket", "", "")
 	fs.BoolVar(&cfg.stopWithParent, "stop-with-parent", false, "")
 	fs.StringVar(&cfg.onENOSPC, "on-enospc", "report", "")
+	fs.IntVar(&cfg.pollUS, "poll-us", defaultPollUS, "")
 	pos, err := parseArgs(fs, args, serveUsage, stdout, 0, 1)
 	if err != nil {
 		return cfg, err
@@ -148,6 +160,9 @@ func parseServeFlags(args []string, stdout io.Writer) (serveConfig, error) {
 	}
 	if cfg.numQueues < 1 || cfg.numQueues > maxQueues {
 		return cfg, usagef("serve", "--num-queues %d out of range 1..%d", cfg.numQueues, maxQueues)
+	}
+	if cfg.pollUS < 0 || time.Duration(cfg.pollUS)*time.Microsecond > vhostuser.MaxPollWindow {
+		return cfg, usagef("serve", "--poll-us %d out of range 0..%d", cfg.pollUS, vhostuser.MaxPollWindow/time.Microsecond)
 	}
 	if len(cfg.serial) > 20 {
 		return cfg, usagef("serve", "--serial %q is longer than the 20 bytes virtio-blk GET_ID returns", cfg.serial)
@@ -269,6 +284,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	opts := d.vhostOptions(blk.Options{Serial: serial}, cfg.numQueues, newLogEvents(entry))
+	opts.PollWindow = time.Duration(cfg.pollUS) * time.Microsecond
 	if len(lns) > 1 {
 		// One device on several sockets: one front-end's queues at a
 		// time (vhostuser.RingGate); the daemon's one write cache mode
