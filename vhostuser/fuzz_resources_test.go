@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"net"
 	"os"
+	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -298,18 +299,53 @@ func TestResourceSeedsTakeWhatTheFuzzTargetCounts(t *testing.T) {
 	a, b := socketpair(t) // start the poller before the baseline
 	a.Close()
 	b.Close()
-	fds0, maps0 := countFDs(t), memfdMappings(t)
+	// The fds are compared as sets (number and what it names), not
+	// counted: an fd an earlier test's goroutine closes meanwhile would
+	// make a count fall and hide a leak, or fail a test that leaked
+	// nothing.
+	fds0, maps0 := openFDs(t), memfdMappings(t)
 	serveFuzzRecords(t, in, func() {
 		if maps := memfdMappings(t); maps < maps0+2 {
 			t.Errorf("%d memfd mappings during the session, want at least %d (guest memory and inflight)", maps, maps0+2)
 		}
 		// The memfds are closed once mapped (memory.go): the session holds
 		// the socket pair and the call eventfd.
-		if fds := countFDs(t); fds < fds0+3 {
-			t.Errorf("%d fds during the session, want at least %d (two sockets, the call eventfd)", fds, fds0+3)
+		if added := newFDs(fds0, openFDs(t)); len(added) < 3 {
+			t.Errorf("%d new fds during the session (%v), want at least 3 (two sockets, the call eventfd)", len(added), added)
 		}
 	})
-	if fds, maps := countFDs(t), memfdMappings(t); fds != fds0 || maps != maps0 {
-		t.Fatalf("after the connection: %d fds (before: %d), %d memfd mappings (before: %d)", fds, fds0, maps, maps0)
+	if added, maps := newFDs(fds0, openFDs(t)), memfdMappings(t); len(added) != 0 || maps != maps0 {
+		t.Fatalf("after the connection: fds left open %v, %d memfd mappings (before: %d)", added, maps, maps0)
 	}
+}
+
+// openFDs lists this process's open fds and what each names.
+func openFDs(t *testing.T) map[string]string {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc/self/fd: %v", err)
+	}
+	fds := make(map[string]string, len(ents))
+	for _, e := range ents {
+		target, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil {
+			continue // closed since the directory was read
+		}
+		fds[e.Name()] = target
+	}
+	return fds
+}
+
+// newFDs lists the fds of now that were not open, naming the same thing,
+// in before.
+func newFDs(before, now map[string]string) []string {
+	var added []string
+	for fd, target := range now {
+		if before[fd] != target {
+			added = append(added, fd+" -> "+target)
+		}
+	}
+	slices.Sort(added)
+	return added
 }
