@@ -451,23 +451,20 @@ func (f *pausingPayload) WriteAt(p []byte, off int64) (int, error) {
 	return f.Storage.WriteAt(p, off)
 }
 
-// TestDiscardDuringAChildFirstWriteNeverShowsTheParent: a whole-block
-// Discard of a block the child holds partially lands while a first write
-// into other sectors of that block is writing its payload (in a batch not
-// yet committed). The write's batch does not set its bits over the
-// discarded block; the write starts over and the block reads the write's
-// data and zeros elsewhere (discard, then write) — never the parent's
-// data, which the discard hid. Also after a reopen.
-func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
-	mc := newDiffChain(t)
-	w := imageWrite{5*mib + 64*kib, pattern(60, 4096)}
+// discardDuringPausedChildWrite opens mc's child over fresh storage, makes
+// block 5 PARTIALLY_PRESENT with partial (which must lie in block 5),
+// starts w (into block 5) and, while w's payload write is held, discards
+// block 5 whole; it returns once w has completed without error, with the
+// open image and its storage for the caller's checks.
+func discardDuringPausedChildWrite(t *testing.T, mc memChain, partial, w imageWrite) (*Image, *memStorage) {
+	t.Helper()
 	ms := newMemStorage(bytes.Clone(mc.child))
 	ps := &pausingPayload{Storage: ms, marker: w.data[:64], started: make(chan struct{}), release: make(chan struct{})}
 	im, err := mc.openChild(t, ps, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := im.WriteAt(pattern(61, 4096), 5*mib); err != nil { // block 5 partial
+	if _, err := im.WriteAt(partial.data, partial.off); err != nil {
 		t.Fatal(err)
 	}
 	errc := make(chan error, 1)
@@ -483,6 +480,20 @@ func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
 	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
+	return im, ms
+}
+
+// TestDiscardDuringAChildFirstWriteNeverShowsTheParent: a whole-block
+// Discard of a block the child holds partially lands while a first write
+// into other sectors of that block is writing its payload (in a batch not
+// yet committed). The write's batch does not set its bits over the
+// discarded block; the write starts over and the block reads the write's
+// data and zeros elsewhere (discard, then write) — never the parent's
+// data, which the discard hid. Also after a reopen.
+func TestDiscardDuringAChildFirstWriteNeverShowsTheParent(t *testing.T) {
+	mc := newDiffChain(t)
+	w := imageWrite{5*mib + 64*kib, pattern(60, 4096)}
+	im, ms := discardDuringPausedChildWrite(t, mc, imageWrite{5 * mib, pattern(61, 4096)}, w)
 	want := make([]byte, mib)
 	copy(want[w.off-5*mib:], w.data)
 	check := func(im *Image) {

@@ -410,28 +410,7 @@ func TestFailingMembersThatMakeBlocksWholeFailAloneOrFailTheBatch(t *testing.T) 
 func TestDiscardDuringAWholeBlockChildWriteStartsItOver(t *testing.T) {
 	mc := newDiffChain(t)
 	w := imageWrite{5 * mib, pattern(130, mib)}
-	ms := newMemStorage(bytes.Clone(mc.child))
-	ps := &pausingPayload{Storage: ms, marker: w.data[:64], started: make(chan struct{}), release: make(chan struct{})}
-	im, err := mc.openChild(t, ps, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := im.WriteAt(pattern(131, 4096), 5*mib+8192); err != nil { // block 5 partial
-		t.Fatal(err)
-	}
-	errc := make(chan error, 1)
-	go func() {
-		_, err := im.WriteAt(w.data, w.off)
-		errc <- err
-	}()
-	<-ps.started
-	if err := im.Discard(5*mib, mib); err != nil {
-		t.Fatal(err)
-	}
-	close(ps.release)
-	if err := <-errc; err != nil {
-		t.Fatal(err)
-	}
+	im, ms := discardDuringPausedChildWrite(t, mc, imageWrite{5*mib + 8192, pattern(131, 4096)}, w)
 	if st := im.blockState(5); st != stateFullyPresent {
 		t.Fatalf("block in state %d, want FULLY_PRESENT", st)
 	}
