@@ -149,10 +149,10 @@ func FuzzServeConnReleasesResources(f *testing.F) {
 		if len(in) > 1<<16 {
 			return
 		}
-		fds0, maps0 := countFDs(t), memfdMappings(t)
+		fds0, maps0 := openFDs(t), memfdMappings(t)
 		serveFuzzRecords(t, in, nil)
-		if fds := countFDs(t); fds != fds0 {
-			t.Fatalf("%d fds open after the connection ended, %d before it began", fds, fds0)
+		if added := newFDs(fds0, openFDs(t)); len(added) > 0 {
+			t.Fatalf("fds left open after the connection ended: %v", added)
 		}
 		if maps := memfdMappings(t); maps != maps0 {
 			t.Fatalf("%d memfd mappings after the connection ended, %d before it began", maps, maps0)

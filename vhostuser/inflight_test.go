@@ -54,7 +54,7 @@ func TestGetInflightFDReturnsSealedZeroedBufferOfSplitLayout(t *testing.T) {
 		}
 	}
 	roundTrip("after the first GET_INFLIGHT_FD")
-	fds0 := countFDs(t)
+	fds0 := openFDs(t)
 	for range 50 {
 		in, err := f.GetInflightFD(1, 256)
 		if err != nil {
@@ -63,8 +63,8 @@ func TestGetInflightFDReturnsSealedZeroedBufferOfSplitLayout(t *testing.T) {
 		in.Close()
 	}
 	roundTrip("after 50 GET_INFLIGHT_FD")
-	if fds := countFDs(t); fds > fds0 {
-		t.Errorf("open fds grew from %d to %d over 50 GET_INFLIGHT_FD", fds0, fds)
+	if added := newFDs(fds0, openFDs(t)); len(added) > 0 {
+		t.Errorf("fds opened over 50 GET_INFLIGHT_FD and still open: %v", added)
 	}
 }
 

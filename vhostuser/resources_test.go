@@ -13,25 +13,29 @@ import (
 )
 
 // settled waits for goroutines that already reported completion to
-// finish unwinding, then returns the fd and goroutine counts. The loop
-// only waits; callers assert on the counts.
-func settled(t *testing.T, fds0, g0 int) (int, int) {
+// finish unwinding, then returns the open fds not in fds0 (newFDs) and the
+// goroutine count. The loop only waits; callers assert on what it returns.
+// The fds are compared as sets, not counted: an fd an earlier test's
+// goroutine closes meanwhile would make a count fall and hide a leak, or
+// fail a test that leaked nothing.
+func settled(t *testing.T, fds0 map[string]string, g0 int) ([]string, int) {
 	t.Helper()
-	fds, g := countFDs(t), runtime.NumGoroutine()
-	for i := 0; i < 200 && (fds > fds0 || g > g0); i++ {
+	added, g := newFDs(fds0, openFDs(t)), runtime.NumGoroutine()
+	for i := 0; i < 200 && (len(added) > 0 || g > g0); i++ {
 		time.Sleep(5 * time.Millisecond)
-		fds, g = countFDs(t), runtime.NumGoroutine()
+		added, g = newFDs(fds0, openFDs(t)), runtime.NumGoroutine()
 	}
-	return fds, g
+	return added, g
 }
 
-// noFDOrGoroutineGrowth waits for the counts to settle (settled) and fails
-// if open fds or goroutines grew beyond fds0 and g0 over what was done.
-func noFDOrGoroutineGrowth(t *testing.T, fds0, g0 int, over string) {
+// noFDOrGoroutineGrowth waits for fds and goroutines to settle (settled)
+// and fails if an fd not in fds0 is open, or goroutines grew beyond g0,
+// over what was done.
+func noFDOrGoroutineGrowth(t *testing.T, fds0 map[string]string, g0 int, over string) {
 	t.Helper()
-	fds, g := settled(t, fds0, g0)
-	if fds > fds0 {
-		t.Errorf("open fds grew from %d to %d over %s", fds0, fds, over)
+	added, g := settled(t, fds0, g0)
+	if len(added) > 0 {
+		t.Errorf("fds opened over %s and still open: %v", over, added)
 	}
 	if g > g0 {
 		t.Errorf("goroutines grew from %d to %d over %s", g0, g, over)
@@ -106,7 +110,7 @@ func TestThousandConnectionsOfEveryKindLeakNoFDsOrGoroutines(t *testing.T) {
 		<-s.ev.opened // the recorder's buffer holds only 1000
 	}
 	cycle(0) // warm up lazily created runtime state (poller, timers)
-	fds0, g0 := countFDs(t), runtime.NumGoroutine()
+	fds0, g0 := openFDs(t), runtime.NumGoroutine()
 	for i := 1; i <= 1000; i++ {
 		cycle(i)
 	}
@@ -166,13 +170,12 @@ func TestChurningFrontEndKeepsFDsAndHeapBounded(t *testing.T) {
 	var m0, m runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&m0)
-	fds0 := countFDs(t)
+	fds0 := openFDs(t)
 	for range 1000 {
 		churn()
 	}
-	fds, _ := settled(t, fds0, runtime.NumGoroutine())
-	if fds > fds0 {
-		t.Errorf("open fds grew from %d to %d over 1000 rounds", fds0, fds)
+	if added, _ := settled(t, fds0, runtime.NumGoroutine()); len(added) > 0 {
+		t.Errorf("fds opened over 1000 rounds and still open: %v", added)
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&m)
