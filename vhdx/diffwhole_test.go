@@ -406,7 +406,10 @@ func TestFailingMembersThatMakeBlocksWholeFailAloneOrFailTheBatch(t *testing.T) 
 // covering that block writes its payload (its batch not yet committed):
 // the batch does not make the discarded block FULLY_PRESENT over the
 // range the discard freed; the write starts over and the block reads the
-// write's data, also after a reopen.
+// write's data, also after a reopen. Blocks allocated after the discard
+// is durable (and its space reusable) keep their own data: committed over
+// the discard, the write would leave block 5 on a payload the next
+// allocation takes.
 func TestDiscardDuringAWholeBlockChildWriteStartsItOver(t *testing.T) {
 	mc := newDiffChain(t)
 	w := imageWrite{5 * mib, pattern(130, mib)}
@@ -414,8 +417,23 @@ func TestDiscardDuringAWholeBlockChildWriteStartsItOver(t *testing.T) {
 	if st := im.blockState(5); st != stateFullyPresent {
 		t.Fatalf("block in state %d, want FULLY_PRESENT", st)
 	}
-	want := childWant([]int64{5}, w)
-	checkAcrossReopen(t, mc, ms, im, func(im *Image) { checkChild(t, im, want, []int64{5}, "after the discard and the write") })
+	// The space the discard gave back is free for the next allocations:
+	// had the write committed over the discard, a block now allocated
+	// would share its payload with block 5, and one would overwrite the
+	// other.
+	later := []imageWrite{{6 * mib, pattern(132, mib)}, {7 * mib, pattern(133, mib)}, {9*mib + 4096, pattern(134, 4096)}}
+	if err := im.Flush(); err != nil { // freed space is reused once the discard is durable
+		t.Fatal(err)
+	}
+	for _, lw := range later {
+		if _, err := im.WriteAt(lw.data, lw.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := childWant(nil, append([]imageWrite{w}, later...)...)
+	checkAcrossReopen(t, mc, ms, im, func(im *Image) {
+		checkChild(t, im, want, []int64{5, 6, 7, 9}, "after the discard, the write and later allocations")
+	})
 }
 
 // segments splits p into pieces of n bytes, as a guest's request arrives.
