@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser"
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
@@ -129,9 +130,13 @@ func startServer(t *testing.T, numQueues int) *testServer {
 	return startServerOpts(t, vhostuser.Options{NumQueues: numQueues})
 }
 
+// testPollWindow is serve's default --poll-us: the tests run the owners
+// as the daemon does, polling an empty ring before they sleep.
+const testPollWindow = 50 * time.Microsecond
+
 // startServerOpts is startServer with options: Disk defaults to a memDisk
 // (s.disk, nil when opts.Disk is set), Blk.Serial to testSerial, Events to a
-// recorder.
+// recorder, PollWindow to testPollWindow.
 func startServerOpts(t *testing.T, opts vhostuser.Options) *testServer {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "vu")
@@ -152,6 +157,9 @@ func startServerOpts(t *testing.T, opts vhostuser.Options) *testServer {
 	}
 	if opts.Blk.Serial == "" {
 		opts.Blk.Serial = testSerial
+	}
+	if opts.PollWindow == 0 {
+		opts.PollWindow = testPollWindow
 	}
 	opts.Events = s.ev
 	go func() { s.done <- vhostuser.Serve(ctx, ln, opts) }()
