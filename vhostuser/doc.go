@@ -223,7 +223,8 @@
 //
 // Each started ring has one owner goroutine, which pops chains and runs
 // the quick ones itself (blk.Quick: reads, and overwrites of allocated
-// blocks in write-back mode), and up to 16 executor goroutines for every
+// blocks in write-back mode), publishing them in runs of 16 so the
+// front-end refills the ring while it goes on, and up to 16 executor goroutines for every
 // other request (worker.go), so requests of one queue run in parallel (at
 // most 64 in flight) and nothing quick waits behind a FLUSH or an
 // allocating write. With Options.PollWindow the owner, having found the

@@ -12,3 +12,6 @@ func SetWaitHook(f func(what string)) (restore func()) {
 
 // MaxExecutors is the executor goroutines a queue may start.
 const MaxExecutors = maxExecutors
+
+// QuickRun is how many quick requests the owner publishes at a time.
+const QuickRun = quickRun

@@ -11,21 +11,33 @@ import (
 	"github.com/vhost-vhdx/vhost-vhdx/vhostuser/frontend"
 )
 
-// parkDisk is a memDisk whose Flush, and writes at chosen byte offsets,
-// park until the test releases them. Each parked call reports itself on
+// parkDisk is a memDisk whose Flush, and reads and writes at chosen byte
+// offsets, park until the test releases them. Each parked call reports itself on
 // parked first, so a test knows the request is executing.
 type parkDisk struct {
 	*memDisk
 	parkFlush bool
 	flushGo   chan struct{}           // closed: parked flushes return
 	writeGo   map[int64]chan struct{} // offset → closed: that write goes on
-	parked    chan string             // "flush" or "write"
+	readGo    map[int64]chan struct{} // offset → closed: that read goes on
+	parked    chan string             // "flush", "write" or "read"
 	mu        sync.Mutex              // guards the map lookups against the test
 }
 
 func newParkDisk(parkFlush bool) *parkDisk {
 	return &parkDisk{memDisk: newMemDisk(testDiskSize), parkFlush: parkFlush, flushGo: make(chan struct{}),
-		writeGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
+		writeGo: map[int64]chan struct{}{}, readGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
+}
+
+func (d *parkDisk) ReadVec(b [][]byte, off int64) error {
+	d.mu.Lock()
+	ch := d.readGo[off]
+	d.mu.Unlock()
+	if ch != nil {
+		d.parked <- "read"
+		<-ch
+	}
+	return d.memDisk.ReadVec(b, off)
 }
 
 func (d *parkDisk) Flush() error {

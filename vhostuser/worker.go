@@ -287,26 +287,44 @@ func (w *worker) awaitAllBack(stop chan struct{}) {
 func (w *worker) batch() popState {
 	st := w.popBatch()
 	// Quick requests (reads, overwrites: blk.Quick) popped in this batch
-	// run here, with no lock held, and are published together (one used
-	// index store, one notification), as a queue of them was before
-	// requests ran in parallel.
+	// run here, with no lock held, and are published in runs of
+	// quickRun (one used index store, at most one notification each).
 	if len(w.local) > 0 {
-		for _, req := range w.local {
-			w.handle(w.h, req)
+		for start := 0; start < len(w.local); start += quickRun {
+			run := w.local[start:min(start+quickRun, len(w.local))]
+			for _, req := range run {
+				w.handle(w.h, req)
+			}
+			w.publishRun(run)
 		}
-		w.doneMu.Lock()
-		w.completed = append(w.completed, w.local...) // capacity nreq
-		w.doneMu.Unlock()
-		w.pending.Add(int32(len(w.local)))
 		clear(w.local)
 		w.local = w.local[:0]
-		w.s.mu.RLock()
-		if w.qmu.TryLock() {
-			w.unlockQ()
-		}
-		w.s.mu.RUnlock()
 	}
 	return st
+}
+
+// quickRun is how many quick requests the owner runs before it publishes
+// them. Publishing a whole batch at its end left the front-end idle while
+// the owner worked through it and the owner idle while the front-end
+// refilled the ring; runs let the front-end reap and refill while the
+// owner goes on (docs/benchmarks/profile.md, "Publishing quick requests in
+// runs"). A run that needs no notification (EVENT_IDX: the driver is
+// still reaping) costs one used index store. 16 measured best of 4, 8
+// and 16 at QD32: shorter runs wake the front-end more often for little.
+const quickRun = 16
+
+// publishRun queues the completions of run and publishes them unless
+// another goroutine holds qmu (which then publishes them: unlockQ).
+func (w *worker) publishRun(run []*request) {
+	w.doneMu.Lock()
+	w.completed = append(w.completed, run...) // capacity nreq
+	w.doneMu.Unlock()
+	w.pending.Add(int32(len(run)))
+	w.s.mu.RLock()
+	if w.qmu.TryLock() {
+		w.unlockQ()
+	}
+	w.s.mu.RUnlock()
 }
 
 // popBatch pops under the dispatch read lock and qmu.
