@@ -1,6 +1,7 @@
 package vhdx
 
 import (
+	"bytes"
 	"encoding/binary"
 	"sync/atomic"
 )
@@ -120,6 +121,15 @@ func (t *batTable) forEachStored(fn func(i, e uint64)) {
 	}
 }
 
+// notPresentPage and zeroStatePage are a page of payload entries of each
+// implicit fill, as they lie in the file (uniformFill compares with them).
+var notPresentPage, zeroStatePage = func() (np, zs [batPageEntries * 8]byte) {
+	for k := 0; k < len(zs); k += 8 {
+		binary.LittleEndian.PutUint64(zs[k:], stateZero)
+	}
+	return np, zs
+}()
+
 // setPage is how loadBAT fills page p from b, the page's entries as they
 // lie in the file (up to batPageEntries of them, little-endian; entries
 // past b stay 0): a page of one fill is left implicit, any other is
@@ -145,30 +155,42 @@ func (t *batTable) setPage(p uint64, b []byte, inPlace bool) {
 // one value, 0 or PAYLOAD_BLOCK_ZERO, every bitmap entry 0. A short b (the
 // end of the BAT region) counts the entries past it as 0, so its fill must
 // be 0 unless they are all bitmap entries.
+//
+// It runs for every page of a BAT while it loads, so it compares each run
+// of payload entries between two bitmap entries with one bytes.Equal
+// against a page of the fill (vectorised) instead of entry by entry: a
+// 16 TiB image's 128 MiB BAT spent half of `info` here.
 func (t *batTable) uniformFill(first uint64, b []byte) (uint8, bool) {
 	le := binary.LittleEndian
 	stride := t.chunkRatio + 1
 	nextBitmap := first + t.chunkRatio - first%stride // the first bitmap entry at or after first
 	var fill uint64
-	seen := false // a payload entry has set fill
-	i := first
-	for k := 0; k+8 <= len(b); k, i = k+8, i+1 {
-		e := le.Uint64(b[k:])
-		switch {
-		case i == nextBitmap:
+	var pattern []byte // a page of fill entries, once a payload entry set fill
+	i, end := first, first+uint64(len(b)/8)
+	for i < end {
+		if i == nextBitmap {
+			if le.Uint64(b[(i-first)*8:]) != 0 {
+				return 0, false
+			}
 			nextBitmap += stride
-			if e != 0 {
+			i++
+			continue
+		}
+		run := b[(i-first)*8 : (min(nextBitmap, end)-first)*8] // payload entries only
+		if pattern == nil {
+			switch fill = le.Uint64(run); fill {
+			case stateNotPresent:
+				pattern = notPresentPage[:]
+			case stateZero:
+				pattern = zeroStatePage[:]
+			default:
 				return 0, false
 			}
-		case seen:
-			if e != fill {
-				return 0, false
-			}
-		case e == stateNotPresent || e == stateZero:
-			fill, seen = e, true
-		default:
+		}
+		if !bytes.Equal(run, pattern[:len(run)]) {
 			return 0, false
 		}
+		i += uint64(len(run) / 8)
 	}
 	// Entries past b in this page that lie in the table read 0 while the
 	// page is implicit: with a fill of ZERO they must all be bitmap entries.
