@@ -50,6 +50,10 @@ for t in qemu-img qemu-io qemu-storage-daemon dd; do
 done
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+# What is measured is the tree as it is now, before this script writes its
+# own outputs (which would otherwise always count as uncommitted changes).
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " (with uncommitted changes)" || true)
 START=$(date +%s)
 log "building $BIN"
 go build -o "$BIN" ./cmd/vhost-vhdx
@@ -352,8 +356,6 @@ tables=$("$BIN" bench report --svg "$OUT/iops-vs-qd.svg" --rows-svg "$OUT/issue1
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 mem=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 qsdv=$(qemu-storage-daemon --version | head -1)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " (with uncommitted changes)" || true)
 fs=$(df -T "$BENCH_DIR" | awk 'NR == 2 { print $2 }')
 
 cat >"$OUT/README.md" <<EOF
