@@ -29,14 +29,20 @@ func newParkDisk(parkFlush bool) *parkDisk {
 		writeGo: map[int64]chan struct{}{}, readGo: map[int64]chan struct{}{}, parked: make(chan string, 64)}
 }
 
-func (d *parkDisk) ReadVec(b [][]byte, off int64) error {
+// park holds a read or write at off while gates has a channel for it:
+// it reports what on parked, then waits until the test closes it.
+func (d *parkDisk) park(gates map[int64]chan struct{}, off int64, what string) {
 	d.mu.Lock()
-	ch := d.readGo[off]
+	ch := gates[off]
 	d.mu.Unlock()
 	if ch != nil {
-		d.parked <- "read"
+		d.parked <- what
 		<-ch
 	}
+}
+
+func (d *parkDisk) ReadVec(b [][]byte, off int64) error {
+	d.park(d.readGo, off, "read")
 	return d.memDisk.ReadVec(b, off)
 }
 
@@ -49,13 +55,7 @@ func (d *parkDisk) Flush() error {
 }
 
 func (d *parkDisk) WriteVec(b [][]byte, off int64) error {
-	d.mu.Lock()
-	ch := d.writeGo[off]
-	d.mu.Unlock()
-	if ch != nil {
-		d.parked <- "write"
-		<-ch
-	}
+	d.park(d.writeGo, off, "write")
 	return d.memDisk.WriteVec(b, off)
 }
 
