@@ -271,8 +271,19 @@ func (s *session) handle(m *message) ([]byte, error) {
 		if st.Num > 1 {
 			return nil, fmt.Errorf("%s: ring %d num %d not 0 or 1: %w", name, st.Index, st.Num, ErrInvalidMessage)
 		}
-		r.enabled.Store(st.Num == 1)
-		if st.Num == 1 && r.w != nil {
+		if st.Num == 0 {
+			// Under the write lock: an owner that saw the ring enabled
+			// pops under the read lock, so once this returns (and the
+			// front-end has its REPLY_ACK) no chain is taken from the
+			// disabled ring. A polling owner would otherwise take a
+			// request published right after the ack.
+			s.mu.Lock()
+			r.enabled.Store(false)
+			s.mu.Unlock()
+			return nil, nil
+		}
+		r.enabled.Store(true)
+		if r.w != nil {
 			r.w.wake()
 		}
 		return nil, nil
