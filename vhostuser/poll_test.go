@@ -73,9 +73,11 @@ func TestRequestPublishedWhileTheOwnerPollsIsFoundByPolling(t *testing.T) {
 			}
 			r, err = q.Reap(context.Background(), 0)
 			mustOK(t, "the write published while the owner polled", r, err)
+			// The owner reports what its poll found after the batch that
+			// ran (and may have published) the write: wait for the report.
 			select {
 			case <-found:
-			default:
+			case <-time.After(10 * time.Second):
 				t.Fatal("the write published inside the poll loop was not found by the poll")
 			}
 			if got := s.disk.bytes(64*512, 4096); string(got) != string(fill) {
