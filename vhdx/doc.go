@@ -177,6 +177,13 @@
 //     when handed out, so a late write of such an I/O never shows in the
 //     new block. Close (which must not race with I/O) cuts a free tail off
 //     the file after LogGuid is cleared.
+//   - The file view (fileview.go): ReadVec copies runs of up to 4 KiB of
+//     allocated payload out of a read-only MAP_SHARED mapping of the file
+//     instead of a preadv. The first reader maps it (sync.Once); readers
+//     only load the slice; Close unmaps it. A page past the file's end or
+//     one the disk cannot read faults (SIGBUS); the copy recovers that
+//     fault (debug.SetPanicOnFault) and the run is read again with preadv,
+//     which reports the error as it always did.
 //
 // Durability order. virtio-blk promises durability at FLUSH only (and after
 // every write in write-through mode, where a Flush follows it); a SIGKILL of

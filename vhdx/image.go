@@ -58,6 +58,7 @@ type Image struct {
 	latch    *syncLatch // s for read-write opens (storage.go); nil read-only
 	hostIO   hostIOCounters
 	f        *os.File // nil for OpenStorage
+	view     fileView // small payload reads copied from a mapping of f (fileview.go)
 	readOnly bool
 	closed   atomic.Bool
 
@@ -510,6 +511,9 @@ func (im *Image) Close() error {
 				err = im.truncateFreeTail() // space.go
 			}
 		}
+	}
+	if verr := im.view.close(); err == nil && verr != nil { // fileview.go
+		err = fmt.Errorf("close: unmap: %w", verr)
 	}
 	if im.f != nil {
 		if cerr := im.f.Close(); err == nil && cerr != nil {

@@ -167,6 +167,10 @@ func (im *Image) readRun(vs vectorStorage, r *fileRun) error {
 		return nil
 	}
 	want := r.end - r.off
+	if mem := im.view.bytes(im.f, im.l.size); viewRun(mem, r) && copyFromView(mem, r) { // fileview.go
+		r.bufs = r.bufs[:0]
+		return nil
+	}
 	n, err := vs.ReadvAt(r.bufs, int64(r.off))
 	r.bufs = r.bufs[:0]
 	if uint64(n) == want && err == nil {
