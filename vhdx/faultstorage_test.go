@@ -68,8 +68,8 @@ const faultTearSector = 512
 // newFaultStorage starts from img, which is durable.
 func newFaultStorage(img []byte) *faultStorage {
 	return &faultStorage{
-		durable: bytes.Clone(img),
-		cur:     bytes.Clone(img),
+		durable: cloneImage(img),
+		cur:     cloneImage(img),
 		maxSize: 256 << 20, // a hostile LastFileOffset must not exhaust memory
 	}
 }
@@ -185,7 +185,7 @@ func (f *faultStorage) current() []byte {
 func (f *faultStorage) crashImage(mode crashMode) []byte {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	img := bytes.Clone(f.durable)
+	img := cloneImage(f.durable)
 	for i, op := range f.pending {
 		switch mode {
 		case crashDrop:
@@ -215,18 +215,42 @@ func (f *faultStorage) crashImage(mode crashMode) []byte {
 func applyFaultOp(img []byte, op faultOp) []byte {
 	if op.truncate {
 		if op.off <= int64(len(img)) {
-			return img[:op.off:op.off]
+			return img[:op.off] // growImage zeroes the capacity it reuses
 		}
-		return append(img, make([]byte, op.off-int64(len(img)))...)
+		return growImage(img, op.off)
 	}
 	if len(op.data) == 0 {
 		return img
 	}
 	if end := op.off + int64(len(op.data)); end > int64(len(img)) {
-		img = append(img, make([]byte, end-int64(len(img)))...)
+		img = growImage(img, end)
 	}
 	copy(img[op.off:], op.data)
 	return img
+}
+
+// growImage extends img to n bytes, the new ones zero. A new array gets
+// half as much again as room: an image grows a block at a time, and under
+// -race every fresh array costs far more than its copy (the race
+// detector's shadow of fresh memory), which made a crash sweep spend most
+// of its time growing images.
+func growImage(img []byte, n int64) []byte {
+	if n <= int64(cap(img)) {
+		old := len(img)
+		img = img[:n]
+		clear(img[old:]) // bytes a truncate cut off must come back as zeros
+		return img
+	}
+	grown := make([]byte, n, n+n/2)
+	copy(grown, img)
+	return grown
+}
+
+// cloneImage copies img into an array with room to grow (growImage).
+func cloneImage(img []byte) []byte {
+	c := make([]byte, len(img), len(img)+len(img)/2)
+	copy(c, img)
+	return c
 }
 
 func TestFaultStorageCrashKeepsOnlyWhatTheModeAllows(t *testing.T) {
@@ -292,4 +316,49 @@ func TestFaultStorageCrashAtStopsThatOperationAndAllLater(t *testing.T) {
 	if img := f.crashImage(crashDrop); img[0] != 0 {
 		t.Errorf("drop image starts %x, want 00: operation 1 was never synced", img[:1])
 	}
+}
+
+func TestFaultStorageBytesCutByATruncateComeBackAsZeros(t *testing.T) {
+	f := newFaultStorage(bytes.Repeat([]byte{0xEE}, 8192))
+	if err := f.Truncate(1024); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0xAB}, 6000); err != nil { // regrows past the cut
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(512); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(8192); err != nil { // regrows by truncate
+		t.Fatal(err)
+	}
+	want := make([]byte, 8192)
+	copy(want, bytes.Repeat([]byte{0xEE}, 512))
+	if got := f.current(); !bytes.Equal(got, want) {
+		t.Errorf("current image: %d bytes differ from the 512 kept bytes and zeros", countDiff(got, want))
+	}
+	synced := make([]byte, 6001)
+	copy(synced, bytes.Repeat([]byte{0xEE}, 1024))
+	synced[6000] = 0xAB
+	if got := f.crashImage(crashDrop); !bytes.Equal(got, synced) {
+		t.Errorf("crash image (drop): %d bytes differ from the synced state", countDiff(got, synced))
+	}
+	if got := f.crashImage(crashKeep); !bytes.Equal(got, want) {
+		t.Errorf("crash image (keep): %d bytes differ from the current state", countDiff(got, want))
+	}
+}
+
+// countDiff counts the positions where a and b differ, and the length
+// difference.
+func countDiff(a, b []byte) int {
+	n := max(len(a), len(b)) - min(len(a), len(b))
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			n++
+		}
+	}
+	return n
 }
