@@ -177,9 +177,9 @@
 //     when handed out, so a late write of such an I/O never shows in the
 //     new block. Close (which must not race with I/O) cuts a free tail off
 //     the file after LogGuid is cleared.
-//   - The file view (fileview.go): ReadVec copies runs of up to 4 KiB of
-//     allocated payload out of a read-only MAP_SHARED mapping of the file
-//     instead of a preadv. The first reader maps it (sync.Once); readers
+//   - The file view (fileview.go): reads of up to 4 KiB of allocated
+//     payload (ReadVec's runs, each layer's payload reads) are copied out
+//     of a read-only MAP_SHARED mapping of the file instead of a pread. The first reader maps it (sync.Once); readers
 //     only load the slice; Close unmaps it. A page past the file's end or
 //     one the disk cannot read faults (SIGBUS); the copy recovers that
 //     fault (debug.SetPanicOnFault) and the run is read again with preadv,

@@ -10,7 +10,9 @@ import (
 )
 
 // The file view: small reads of allocated payload are copied out of a
-// read-only shared mapping of the image file instead of read with preadv.
+// read-only shared mapping of the image file instead of read with preadv
+// or pread: ReadVec's runs (vector.go) and every payload read of a layer
+// (readPayload: differencing chains, ReadAt).
 //
 // Why: a 4 KiB read served from the page cache spends most of its time in
 // the kernel around the copy: syscall entry and exit, and the page-cache
@@ -42,9 +44,13 @@ import (
 // Faults: a page past the end of the file (a file truncated by another
 // program, or corrupt) or a page the disk cannot read raises SIGBUS.
 // copyFromView runs with debug.SetPanicOnFault, recovers that fault and
-// reports it; readRun then reads the run with preadv, which gives the
+// reports it; the caller then reads the run from the Storage, which gives the
 // precise answer (the file ends: ErrCorrupt, as without the view; the disk
 // fails: EIO). No fault ever reaches the runtime as a crash.
+//
+// Only an image whose Storage is its file uses the view: a read-only open
+// that replays a dirty log in memory reads through an overlay the file
+// does not hold.
 //
 // Concurrency: the mapping is made once (sync.Once) by whichever reader
 // comes first; after that readers only load the slice. Close unmaps it, and
@@ -116,17 +122,27 @@ func (v *fileView) close() error {
 	return err
 }
 
-// viewRun reports whether r can be copied from mem: a run of at most
-// viewMaxCopy bytes inside the mapping.
-func viewRun(mem []byte, r *fileRun) bool {
-	return r.end-r.off <= viewMaxCopy && r.end <= uint64(len(mem))
+// readFromView copies the file's bytes [off, end) into bufs from the view,
+// and reports whether it did. It does not when the run is larger than
+// viewMaxCopy, lies past the mapping, or the Storage is not the file itself
+// (an in-memory log replay overlay, a test's fault-injecting storage: the
+// mapping would bypass what they add); nor when a page faulted: the buffers
+// may then hold part of the data, and the caller reads the run from the
+// Storage, which reports the error.
+func (im *Image) readFromView(bufs [][]byte, off, end uint64) bool {
+	if end-off > viewMaxCopy || vectorOf(im.s) == nil {
+		return false
+	}
+	mem := im.view.bytes(im.f, im.l.size)
+	if end > uint64(len(mem)) {
+		return false
+	}
+	return copyFromView(mem[off:end], bufs)
 }
 
-// copyFromView copies r's bytes from mem into r's buffers. It returns false
-// when a page faulted (the file ends before it, or the disk failed to read
-// it); the buffers may then hold part of the data, and the caller reads the
-// run again with preadv.
-func copyFromView(mem []byte, r *fileRun) (ok bool) {
+// copyFromView copies src into bufs, recovering a fault of the mapping
+// (false).
+func copyFromView(src []byte, bufs [][]byte) (ok bool) {
 	old := debug.SetPanicOnFault(true)
 	defer debug.SetPanicOnFault(old)
 	defer func() {
@@ -137,8 +153,7 @@ func copyFromView(mem []byte, r *fileRun) (ok bool) {
 			ok = false
 		}
 	}()
-	src := mem[r.off:r.end]
-	for _, b := range r.bufs {
+	for _, b := range bufs {
 		src = src[copy(b, src):]
 	}
 	return true

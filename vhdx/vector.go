@@ -167,7 +167,7 @@ func (im *Image) readRun(vs vectorStorage, r *fileRun) error {
 		return nil
 	}
 	want := r.end - r.off
-	if mem := im.view.bytes(im.f, im.l.size); viewRun(mem, r) && copyFromView(mem, r) { // fileview.go
+	if im.readFromView(r.bufs, r.off, r.end) { // fileview.go
 		r.bufs = r.bufs[:0]
 		return nil
 	}
