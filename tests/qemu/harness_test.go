@@ -745,7 +745,11 @@ func (e *env) boot(t *testing.T, b *backend, name string, o vmOpts) string {
 		t.Fatal(err)
 	}
 	initrd := filepath.Join(dir, "initrd")
-	if err := e.writeInitrd(initrd, o.script); err != nil {
+	script := o.script
+	if o.control {
+		script = "open_host\n" + script // testlib.sh: before the host can send
+	}
+	if err := e.writeInitrd(initrd, script); err != nil {
 		t.Fatal(err)
 	}
 	console := filepath.Join(dir, "console.log")

@@ -84,7 +84,8 @@ func TestGuestMigratesMidStreamBetweenTwoQEMUsOnOneImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	initrd := filepath.Join(dir, "initrd")
-	if err := e.writeInitrd(initrd, guest); err != nil {
+	// Both QEMUs have a control port: open it first, as boot does.
+	if err := e.writeInitrd(initrd, "open_host\n"+guest); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*e.timeout)
