@@ -31,6 +31,9 @@
 //	func (im *Image) WriteVec(bufs [][]byte, off int64) error  // (vector.go: one preadv/pwritev per run
 //	                                                           // back to back in the file when the Storage
 //	                                                           // has ReadvAt/WritevAt, as a file does)
+//	func (im *Image) ReadVecCached(bufs [][]byte, off int64) (bool, error) // preadv2(RWF_NOWAIT): false when
+//	                                                           // not all in the page cache (cachedread.go)
+//	func (im *Image) ReadVecCold(bufs [][]byte, off int64) error // preadv, never the file view
 //	func (im *Image) Flush() error // data then metadata durable (fdatasync)
 //	func (im *Image) Close() error // flushes, clears the log GUID, unlocks
 //	func (im *Image) Size() int64

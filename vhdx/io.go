@@ -246,7 +246,7 @@ func (im *Image) ReadVec(bufs [][]byte, off int64) error {
 	pos := uint64(off)
 	if im.parent == nil {
 		if vs := vectorOf(im.s); vs != nil {
-			return im.readVecv(vs, bufs, pos) // vector.go: one preadv per run
+			return im.readVecv(vs, bufs, pos, readAny) // vector.go: one preadv per run
 		}
 	}
 	for _, buf := range bufs {

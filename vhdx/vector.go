@@ -129,8 +129,9 @@ func (r *fileRun) add(p []byte, fo uint64) {
 
 // readVecv is ReadVec of an image without a parent on a vectored storage:
 // one preadv per run of FULLY_PRESENT pieces contiguous in the file;
-// other pieces read as zeros (as in ReadAt).
-func (im *Image) readVecv(vs vectorStorage, bufs [][]byte, pos uint64) error {
+// other pieces read as zeros (as in ReadAt). mode says how runs are read
+// (cachedread.go).
+func (im *Image) readVecv(vs vectorStorage, bufs [][]byte, pos uint64, mode readMode) error {
 	sp := iovPool.Get().(*[][]byte)
 	r := fileRun{bufs: (*sp)[:0]}
 	defer func() {
@@ -145,7 +146,7 @@ func (im *Image) readVecv(vs vectorStorage, bufs [][]byte, pos uint64) error {
 			if batState(e) == stateFullyPresent {
 				fo := batFileOffset(e) + in
 				if len(r.bufs) > 0 && !r.adds(fo) {
-					if err := im.readRun(vs, &r); err != nil {
+					if err := im.readRun(vs, &r, mode); err != nil {
 						return err
 					}
 				}
@@ -157,29 +158,33 @@ func (im *Image) readVecv(vs vectorStorage, bufs [][]byte, pos uint64) error {
 			pos += n
 		}
 	}
-	return im.readRun(vs, &r)
+	return im.readRun(vs, &r, mode)
 }
 
 // readRun reads r and empties it; a file ending inside it is corruption,
-// as in readPayload.
-func (im *Image) readRun(vs vectorStorage, r *fileRun) error {
+// as in readPayload. With readCached, a run not all in the page cache is
+// errNotCached (cachedread.go).
+func (im *Image) readRun(vs vectorStorage, r *fileRun, mode readMode) error {
 	if len(r.bufs) == 0 {
 		return nil
 	}
 	want := r.end - r.off
-	if im.readFromView(r.bufs, r.off, r.end) { // fileview.go
-		r.bufs = r.bufs[:0]
-		return nil
+	switch mode {
+	case readCached:
+		if nw, ok := vs.(noWaitStorage); ok {
+			err := nw.readvAtNoWait(r.bufs, int64(r.off), want)
+			r.bufs = r.bufs[:0]
+			return err
+		}
+	case readAny:
+		if im.readFromView(r.bufs, r.off, r.end) { // fileview.go
+			r.bufs = r.bufs[:0]
+			return nil
+		}
 	}
 	n, err := vs.ReadvAt(r.bufs, int64(r.off))
 	r.bufs = r.bufs[:0]
-	if uint64(n) == want && err == nil {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		return errAt(ErrCorrupt, r.off, "payload block data", "file ends after %d of %d bytes", n, want)
-	}
-	return fmt.Errorf("read payload at offset %#x: %w", r.off, err)
+	return runResult(uint64(n), want, r.off, err) // cachedread.go
 }
 
 // writeVecv is WriteVec's loop on a vectored storage: pieces landing in
