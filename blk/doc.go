@@ -20,6 +20,10 @@
 //	type QuickWriter interface{ QuickWrite(off, n int64) bool } // hint: range allocated, no sync (classify.go)
 //	func IsRead(readable [][]byte) bool                       // IN or GET_ID
 //	func Quick(d Disk, o Options, readable [][]byte) bool     // read, or write-back overwrite the disk calls quick
+//	type CachedReader interface {                             // reads that must not wait for the disk (coldread.go)
+//	    ReadVecCached(bufs [][]byte, off int64) (bool, error) // false: not all in memory, nothing read
+//	    ReadVecCold(bufs [][]byte, off int64) error           // read where waiting is fine
+//	}
 //	type Options struct {
 //	    ReadOnly  bool
 //	    Serial    string // GET_ID, at most 20 bytes (longer is truncated)
@@ -42,6 +46,10 @@
 //	    // parses, executes, writes the status byte; written counts bytes written
 //	    // to the guest including the status byte; 0 when there is no writable
 //	    // byte to carry a status (complete the chain with used length 0)
+//	func (h *Handler) TryHandle(readable, writable [][]byte) (written uint32, done bool)
+//	    // Handle for a ring owner: done false (no status, nothing counted) for a
+//	    // read of a CachedReader whose data is not in memory
+//	func (h *Handler) HandleCold(readable, writable [][]byte) uint32 // such a read, elsewhere
 //	func (h *Handler) Err() error // why the last Handle did not complete OK; for logging
 //	func Status(err error) uint8 // the only error -> VIRTIO_BLK_S_* mapping
 //

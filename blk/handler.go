@@ -49,6 +49,10 @@ type Handler struct {
 
 	stop <-chan struct{} // closed when the queue stops (SetStop)
 
+	cached   CachedReader // nil: the Disk is not one (coldread.go)
+	readMode readMode     // how the request being handled reads IN data
+	probe    coldProbe    // which inline reads ask whether data is cached
+
 	stats    *QueueStats // nil: not counting (CountInto)
 	reqType  uint32      // type of the request being handled, for stats
 	reqBytes uint64      // data bytes it moved, for stats
@@ -60,6 +64,7 @@ type Handler struct {
 func NewHandler(d Disk, o Options) *Handler {
 	o = o.withDefaults()
 	h := &Handler{disk: d, opts: o, logical: sectorSizeOf(d)}
+	h.cached, _ = d.(CachedReader)
 	if !o.ReadOnly {
 		h.discard = discarderOf(d)
 		h.zeroes = writeZeroerOf(d)
@@ -88,6 +93,13 @@ func (h *Handler) Err() error { return h.err }
 // space when the queue stopped (nospace.go): the caller must not complete
 // that one.
 func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
+	h.readMode = readPlain
+	written, _ = h.run(readable, writable)
+	return written
+}
+
+// run is Handle; done is false only for a read TryHandle leaves undone.
+func (h *Handler) run(readable, writable [][]byte) (written uint32, done bool) {
 	h.err = nil
 	// The status byte is the last byte of the device-writable part
 	// (QEMU virtio-blk-handler.c: iov_discard_back of in_iov).
@@ -97,7 +109,7 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	}
 	if si < 0 {
 		h.err = fmt.Errorf("%w: no device-writable byte for the status", ErrBadRequest)
-		return 0
+		return 0, true
 	}
 	last := writable[si]
 	status := &last[len(last)-1]
@@ -117,6 +129,11 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 		}
 	}
 	n, err := h.execute(readable, in, inTail)
+	if errors.Is(err, errNotCached) {
+		clear(h.data)
+		h.data = h.data[:0]
+		return 0, false
+	}
 	if h.stats != nil {
 		var d time.Duration
 		if weight != 0 {
@@ -131,15 +148,15 @@ func (h *Handler) Handle(readable, writable [][]byte) (written uint32) {
 	if errors.Is(err, ErrStopped) {
 		// Held for space and its queue stopped (nospace.go): no status,
 		// the request stays in flight.
-		return 0
+		return 0, true
 	}
 	*status = Status(err)
 	if err != nil {
 		// Data bytes may have been partly written; only the status is
 		// promised. VIRTIO 1.2 §2.7.8: the device writes at least len bytes.
-		return 1
+		return 1, true
 	}
-	return uint32(n) + 1 // n <= maxDataBytes, so this cannot wrap
+	return uint32(n) + 1, true // n <= maxDataBytes, so this cannot wrap
 }
 
 // execute runs the request and returns the number of data bytes written to
@@ -278,7 +295,10 @@ func (h *Handler) readWrite(typ uint32, sector uint64) (uint64, error) {
 		return 0, nil
 	}
 	if typ == TypeIn {
-		if err := h.disk.ReadVec(h.data, off); err != nil {
+		if err := h.read(off); err != nil { // coldread.go
+			if errors.Is(err, errNotCached) {
+				return 0, err
+			}
 			return 0, fmt.Errorf("blk: IN sector %d, %d bytes: %w", sector, n, err)
 		}
 		return n, nil
