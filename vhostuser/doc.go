@@ -224,10 +224,13 @@
 // Each started ring has one owner goroutine, which pops chains and runs
 // the quick ones itself (blk.Quick: reads, and overwrites of allocated
 // blocks in write-back mode), publishing them in runs of 16 so the
-// front-end refills the ring while it goes on, and up to 16 executor goroutines for every
-// other request (worker.go), so requests of one queue run in parallel (at
-// most 64 in flight) and nothing quick waits behind a FLUSH or an
-// allocating write. With Options.PollWindow the owner, having found the
+// front-end refills the ring while it goes on, and up to 32 executor
+// goroutines for every other request (worker.go), so requests of one queue
+// run in parallel (at most 64 in flight) and nothing quick waits behind a
+// FLUSH or an allocating write. Nor behind a read of data on the disk: the
+// owner runs reads with blk.Handler.TryHandle, and a read whose data is not
+// in the page cache goes to an executor (request.cold), which reads it
+// with HandleCold (blk coldread.go). With Options.PollWindow the owner, having found the
 // ring empty, keeps looking at it for that long before it sleeps
 // (pollRing: adaptive polling; on a VM whose idle vCPUs halt, each sleep
 // costs a wake-up through the hypervisor). The kick eventfd is made
@@ -319,7 +322,7 @@
 // Nothing is sized by a length the front-end or the guest sends without a
 // cap. Per connection: one fixed message buffer (12 + 4096 bytes) and
 // control buffer for 8 fds; a slot per offered queue (Options.NumQueues,
-// fixed at Serve) and ring state for each ring a message named; per started ring one owner goroutine, up to 16 executor goroutines (started on demand, ended with the ring), its kick fd and
+// fixed at Serve) and ring state for each ring a message named; per started ring one owner goroutine, up to 32 executor goroutines (started on demand, ended with the ring), its kick fd and
 // at most one call and one err fd (a new one closes the old); at most one
 // back-end channel socket (likewise), one dirty log mapping (≤ MaxLogSize,
 // 1 GiB, replaced on each SET_LOG_BASE) and one log fd; per ring

@@ -311,7 +311,7 @@ func TestWritesBeyondTheExecutorLimitWaitForAFreeExecutor(t *testing.T) {
 	}
 	s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1})
 	o := parallelSetup(false)
-	o.QueueSize, o.MaxInflight = 64, parked+2
+	o.QueueSize, o.MaxInflight = 128, parked+2 // 3 descriptors a request
 	f := s.connect(t, o)
 	q := f.Queues[0]
 	ctx := context.Background()
