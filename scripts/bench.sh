@@ -405,6 +405,10 @@ re-run \`make bench\`. Profiling notes and proposed server changes are in
   those ${MIXED_MB} MiB; at the same time queue 1: 4K randwrite QD32, each write into a new 1 MiB
   block after them. The run ends at $RUNTIME or when either stream is done; the read row is
   queue 0, the row below it queue 1. p99 is the read latency's.
+- Cold reads: a ${COLD_GB} GiB dynamic VHDX of random data (scripts/bench.d/cold.sh), one copy
+  per back-end. Before each run the copy is dropped from the page cache (\`dd iflag=nocache
+  count=0\`, POSIX_FADV_DONTNEED) and a fresh back-end is started (vhost-vhdx \`--read-only\`);
+  4K randread QD32 over the whole disk for $RUNTIME, so nearly every read goes to the disk.
 - Differencing chain: qemu-storage-daemon cannot open VHDX differencing images, so the chain
   row compares vhost-vhdx reading a $((CHAIN_LAYERS + 1))-layer chain (the random-filled base and ${CHAIN_LAYERS}
   layers made by \`vhost-vhdx create --parent\`, each given ${CHAIN_WRITES} random 64K writes by

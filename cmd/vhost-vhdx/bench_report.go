@@ -31,6 +31,7 @@ type benchRecord struct {
 const (
 	wlRandRead1     = "randread-4k-qd1"
 	wlRandRead32    = "randread-4k-qd32"
+	wlColdRead32    = "randread-4k-qd32-cold" // scripts/bench.d/cold.sh
 	wlRandWrite32   = "randwrite-4k-qd32"
 	wlAllocWrite    = "randwrite-4k-qd32-fresh"
 	wlAllocFlush    = "randwrite-4k-qd32-fresh-flush32"
@@ -88,6 +89,7 @@ const bgSuffix = "#background"
 var benchRows = []benchRow{
 	{workload: wlRandRead1, title: "4K randread QD1, allocated"},
 	{workload: wlRandRead32, title: "4K randread QD32, allocated"},
+	{workload: wlColdRead32, title: "4K randread QD32, allocated, data not in the page cache"},
 	{workload: wlRandWrite32, title: "4K randwrite QD32, allocated"},
 	{workload: wlAllocWrite, title: "4K randwrite QD32, fresh image (each write allocates)", plot: true},
 	{workload: wlAllocFlush, title: "4K randwrite QD32 + FLUSH every 32, fresh image", plot: true},
