@@ -21,9 +21,11 @@ import (
 // hand a miss to a goroutine that may block, which reads it with
 // ReadVecCold. ReadVecCold never uses the file view: a thread blocked in
 // a system call lets the Go scheduler run other goroutines on its P, and
-// one blocked in a page fault of the view does not, so cold reads through
-// the view run at most GOMAXPROCS at a time (measured: 18–22 k against
-// 15 k, where preadv in the same goroutines reaches the disk's depth).
+// one blocked in a page fault of the view does not, so on a host with
+// fewer cores than waiting readers, cold reads through the view would run
+// at most GOMAXPROCS at a time. (On this 2-core machine's disk the two
+// measured the same, 23–35 k through the view against 30–35 k with
+// preadv, 32 readers: the disk, not the Ps, was the limit there.)
 
 // readMode says how readRun reads a run of payload.
 type readMode uint8
