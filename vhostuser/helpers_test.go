@@ -83,6 +83,8 @@ type recorder struct {
 	failed chan error
 	// recovered gets {queue, n} for every QueueRecovered.
 	recovered chan [2]int
+	// messages gets "NAME" or "NAME: error" for every MessageHandled.
+	messages chan string
 }
 
 func newRecorder() *recorder {
@@ -93,6 +95,7 @@ func newRecorder() *recorder {
 		failed: make(chan error, 1000),
 
 		recovered: make(chan [2]int, 100),
+		messages:  make(chan string, 1000),
 	}
 }
 
@@ -103,6 +106,15 @@ func (r *recorder) QueueBroken(_ uint64, q int, err error) {
 }
 func (r *recorder) QueueRecovered(_ uint64, q int, n int) {
 	r.recovered <- [2]int{q, n}
+}
+func (r *recorder) MessageHandled(_ uint64, request string, err error) {
+	if err != nil {
+		request += ": " + err.Error()
+	}
+	select {
+	case r.messages <- request:
+	default:
+	}
 }
 func (r *recorder) RequestFailed(_ uint64, _ int, err error) {
 	select {

@@ -43,6 +43,15 @@ type RecoveryEvents interface {
 	QueueRecovered(conn uint64, queue int, n int)
 }
 
+// MessageEvents is an optional extension of Events, found by type
+// assertion: MessageHandled reports every front-end message once it was
+// handled (err is what handling it returned; a non-nil err other than a
+// refusal ends the connection). For a trace of the control channel: a
+// front-end that stops half-way through a start sequence shows where.
+type MessageEvents interface {
+	MessageHandled(conn uint64, request string, err error)
+}
+
 // CacheEvents is an optional extension of Events, found by type assertion:
 // WriteCacheChanged reports that the front-end switched the device's write
 // cache (SET_CONFIG of writeback): writeThrough true means every write is

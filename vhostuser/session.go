@@ -117,6 +117,9 @@ func (s *session) run() error {
 			return err
 		}
 		reply, err := s.handle(m)
+		if me, ok := s.ev.(MessageEvents); ok {
+			me.MessageHandled(s.id, m.spec.name, err)
+		}
 		s.publish()
 		m.closeFDs()
 		fd := s.replyFD

@@ -73,7 +73,8 @@ Options:
                         a worker runs only for each queue QEMU starts
   --serial S            GET_ID serial, at most 20 bytes (default: from the
                         image's Virtual Disk ID)
-  --log-level L         debug, info, warn or error (default info)
+  --log-level L         debug, info, warn or error (default info); debug also
+                        logs every vhost-user message the front-end sends
   --log-file F          append the log to F instead of stderr; SIGHUP reopens it
   --on-enospc report|wait
                         when the host file system is full: report fails the
@@ -355,6 +356,7 @@ func (f socketPathsFlag) Set(v string) error {
 
 var _ vhostuser.RecoveryEvents = logEvents{}
 var _ vhostuser.CacheEvents = logEvents{}
+var _ vhostuser.MessageEvents = logEvents{}
 
 // logEvents turns vhostuser's events into log lines with connection and
 // queue fields; it is the only place the daemon's data path logs.
@@ -397,6 +399,19 @@ func (e logEvents) WriteCacheChanged(conn uint64, writeThrough bool) {
 // requests a previous daemon (or connection) took but never completed.
 func (e logEvents) QueueRecovered(conn uint64, queue int, n int) {
 	e.log.WithFields(logrus.Fields{"conn": conn, "queue": queue, "requests": n}).Info("resubmitting requests left in flight by the previous back-end")
+}
+
+// MessageHandled traces the control channel at debug level: one line per
+// vhost-user message, so a start sequence that stopped half-way shows where.
+func (e logEvents) MessageHandled(conn uint64, request string, err error) {
+	if !e.log.Logger.IsLevelEnabled(logrus.DebugLevel) {
+		return
+	}
+	l := e.log.WithFields(logrus.Fields{"conn": conn, "request": request})
+	if err != nil {
+		l = l.WithError(err)
+	}
+	l.Debug("vhost-user message handled")
 }
 
 // RequestFailed is rate-limited: a guest can fail requests as fast as it

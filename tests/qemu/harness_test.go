@@ -535,7 +535,10 @@ func (e *env) startBackend(t *testing.T, img *image, o backendOpts) *backend {
 			b.args = append(b.args, "--export", strings.Replace(strings.Replace(export, "id=e0", "id=e1", 1), b.sock, b.sock2, 1))
 		}
 	case backendVhostVHDX:
-		b.args = []string{e.daemon, "serve", "--socket", b.sock}
+		// Debug level traces every vhost-user message (one line each, none
+		// per I/O): a failed test's backend log then shows how far the
+		// front-end got, above all after a reconnect.
+		b.args = []string{e.daemon, "serve", "--socket", b.sock, "--log-level", "debug"}
 		if o.readOnly {
 			b.args = append(b.args, "--read-only")
 		}
