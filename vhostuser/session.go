@@ -678,9 +678,30 @@ func (s *session) setVringKick(m *message) error {
 	}
 	s.mu.Lock()
 	r.q = q
+	call := r.callFD
 	s.mu.Unlock()
 	r.w = startWorker(s, r, kick)
+	// A previous back-end may have put completions in the used ring and
+	// died before it notified the driver (recovery then finishes them
+	// instead of redoing them), and QEMU 7.2 sends SET_VRING_CALL before
+	// SET_VRING_KICK, so the notification below in setVringFD never comes
+	// after a start there. Notify once per start, as libvhost-user does
+	// for every new call fd "in case of I/O hang after reconnecting"; a
+	// spurious interrupt is harmless (VIRTIO 1.2 §2.7.10), a lost one
+	// hangs the driver.
+	if call >= 0 {
+		notifyCall(call)
+	}
 	return nil
+}
+
+// notifyCall writes one used-buffer notification to a call eventfd. The
+// fd is non-blocking (setVringFD); a failed write is a dropped
+// notification, which the driver tolerates.
+func notifyCall(fd int) {
+	var one [8]byte
+	le.PutUint64(one[:], 1)
+	_, _ = unix.Write(fd, one[:])
 }
 
 func (s *session) setVringFD(m *message) error {
@@ -716,15 +737,12 @@ func (s *session) setVringFD(m *message) error {
 	if old >= 0 {
 		unix.Close(old)
 	}
-	// QEMU sends SET_VRING_CALL after SET_VRING_KICK (vhost-user.md §1.13
-	// item 5), so a started ring may already have completed requests whose
-	// notification had no fd to go to. Signal the new fd once, as
-	// libvhost-user does; a spurious interrupt is harmless (VIRTIO 1.2
-	// §2.7.10), a lost one hangs the driver.
+	// Newer QEMU sends SET_VRING_CALL after SET_VRING_KICK (vhost-user.md
+	// §1.13 item 5), so a started ring may already have completed requests
+	// whose notification had no fd to go to. Signal the new fd once, as
+	// libvhost-user does; setVringKick does the same for the other order.
 	if m.hdr.Request == ReqSetVringCall && fd >= 0 && r.w != nil {
-		var one [8]byte
-		le.PutUint64(one[:], 1)
-		_, _ = unix.Write(fd, one[:])
+		notifyCall(fd)
 	}
 	return nil
 }

@@ -63,6 +63,12 @@ type Frontend struct {
 	// (SetBackendReqFD), nil until then.
 	Backend *net.UnixConn
 
+	// CallBeforeKick makes every queue start send SET_VRING_CALL before
+	// SET_VRING_KICK, the order QEMU 7.2's vhost-user-blk uses (it
+	// unmasks the call notifiers before vhost_dev_start); newer QEMU
+	// sends CALL after KICK.
+	CallBeforeKick bool
+
 	out []byte
 }
 
@@ -500,7 +506,8 @@ func (f *Frontend) Setup(o Options) error {
 }
 
 // StartQueue sends the per-queue start sequence: SET_VRING_NUM, BASE, ADDR,
-// KICK, CALL, then ENABLE if PROTOCOL_FEATURES was negotiated.
+// KICK, CALL (CALL, KICK with CallBeforeKick), then ENABLE if
+// PROTOCOL_FEATURES was negotiated.
 func (f *Frontend) StartQueue(q *Queue) error {
 	idx := uint32(q.Index)
 	if err := f.SetVringNum(idx, uint32(q.Size)); err != nil {
@@ -522,11 +529,18 @@ func (f *Frontend) startWithBase(q *Queue, base uint32) error {
 	if err := f.SetVringAddr(q.Addr()); err != nil {
 		return err
 	}
-	if err := f.SetVringFD(vhostuser.ReqSetVringKick, idx, int(q.kick.Fd())); err != nil {
-		return err
+	order := []vhostuser.Request{vhostuser.ReqSetVringKick, vhostuser.ReqSetVringCall}
+	if f.CallBeforeKick {
+		order[0], order[1] = order[1], order[0]
 	}
-	if err := f.SetVringFD(vhostuser.ReqSetVringCall, idx, int(q.call.Fd())); err != nil {
-		return err
+	for _, req := range order {
+		fd := q.kick
+		if req == vhostuser.ReqSetVringCall {
+			fd = q.call
+		}
+		if err := f.SetVringFD(req, idx, int(fd.Fd())); err != nil {
+			return err
+		}
 	}
 	if f.Features&vhostuser.FeatureProtocolFeatures != 0 {
 		return f.SetVringEnable(idx, true)

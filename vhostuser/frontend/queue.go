@@ -252,6 +252,19 @@ func (q *Queue) Publish(chain []Desc) (uint16, error) {
 	return head, nil
 }
 
+// PutUsed writes a used element for buffer id and moves used.idx past it,
+// as a device does: for tests that stand in for a back-end that completed
+// a request and died before it said so.
+func (q *Queue) PutUsed(id uint16, written uint32) {
+	used := load16(q.f.Mem, q.usedOff+2)
+	e := q.f.Mem[q.usedOff+4+8*int(used%q.Size):]
+	le.PutUint32(e, uint32(id))
+	le.PutUint32(e[4:], written)
+	// Element first, then idx (VIRTIO 1.2 §2.7.8.2): store16 is a
+	// sequentially consistent atomic.
+	store16(q.f.Mem, q.usedOff+2, used+1)
+}
+
 // PopUsed returns the next used element, if any, and frees its chain.
 func (q *Queue) PopUsed() (Used, bool) {
 	if q.packed {
@@ -284,6 +297,10 @@ func (q *Queue) WaitUsed(ctx context.Context) (Used, error) {
 		}
 	}
 }
+
+// WaitCall waits for the next used-buffer notification on the call
+// eventfd, whatever the used ring holds.
+func (q *Queue) WaitCall(ctx context.Context) error { return waitFile(ctx, q.call) }
 
 // BlkRequest is one virtio-blk request for Submit/Do.
 type BlkRequest struct {
