@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -93,7 +94,7 @@ func TestGuestMigratesMidStreamBetweenTwoQEMUsOnOneImage(t *testing.T) {
 	type vm struct {
 		name, console, ctl, qmp string
 		cmd                     *exec.Cmd
-		out                     bytes.Buffer
+		out                     lockedBuffer
 		done                    chan error
 	}
 	start := func(name, sock string, extra ...string) *vm {
@@ -286,4 +287,25 @@ func (q *qmpConn) cmd(name string, args map[string]any) (json.RawMessage, error)
 			return resp.Return, nil
 		}
 	}
+}
+
+// lockedBuffer collects a QEMU's output. exec copies the output from a
+// goroutine of its own until Wait returns, and a failing test reads it
+// right after killing QEMU, maybe before that copy ended: the mutex keeps
+// the two apart (a data race under -race otherwise).
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
