@@ -50,6 +50,11 @@ for t in qemu-img qemu-io qemu-storage-daemon dd; do
 done
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+# cpu_times: all CPU time and the time stolen by the hypervisor (ticks,
+# the "cpu" line of /proc/stat). A busy neighbour on the host shows as
+# steal, and slows both back-ends in ways a load average does not show.
+cpu_times() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9 }' /proc/stat; }
+read -r CPU0 STEAL0 < <(cpu_times)
 # What is measured is the tree as it is now, before this script writes its
 # own outputs (which would otherwise always count as uncommitted changes).
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -357,6 +362,8 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 mem=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 qsdv=$(qemu-storage-daemon --version | head -1)
 fs=$(df -T "$BENCH_DIR" | awk 'NR == 2 { print $2 }')
+read -r CPU1 STEAL1 < <(cpu_times)
+steal=$(awk -v c=$((CPU1 - CPU0)) -v s=$((STEAL1 - STEAL0)) 'BEGIN { printf "%.0f", c > 0 ? 100 * s / c : 0 }')
 
 cat >"$OUT/README.md" <<EOF
 # Benchmarks: vhost-vhdx serve against qemu-storage-daemon
@@ -428,7 +435,10 @@ re-run \`make bench\`. Profiling notes and proposed server changes are in
 - The machine has $(nproc) cores shared by the bench and the back-end: at high queue depth the
   two compete for CPU, which is part of what is measured.
 - Load average when the run started: $LOAD0; when it ended: $(cut -d' ' -f1-3 /proc/loadavg);
-  the whole run took $((($(date +%s) - START) / 60)) min.
+  the whole run took $((($(date +%s) - START) / 60)) min. The hypervisor took ${steal} % of the
+  VM's CPU time during the run (steal in /proc/stat): the share the VM's vCPUs were
+  ready to run and another guest of the host ran instead. It slows both back-ends; ratios
+  from runs with much steal move more than usual.
 
 ## Results
 
