@@ -308,7 +308,7 @@ func (w *worker) batch() popState {
 					w.dispatch(req)
 				}
 			}
-			w.publishRun(done)
+			w.complete(done...)
 		}
 		clear(w.local)
 		w.local = w.local[:0]
@@ -325,20 +325,6 @@ func (w *worker) batch() popState {
 // still reaping) costs one used index store. 16 measured best of 4, 8
 // and 16 at QD32: shorter runs wake the front-end more often for little.
 const quickRun = 16
-
-// publishRun queues the completions of run and publishes them unless
-// another goroutine holds qmu (which then publishes them: unlockQ).
-func (w *worker) publishRun(run []*request) {
-	w.doneMu.Lock()
-	w.completed = append(w.completed, run...) // capacity nreq
-	w.doneMu.Unlock()
-	w.pending.Add(int32(len(run)))
-	w.s.mu.RLock()
-	if w.qmu.TryLock() {
-		w.unlockQ()
-	}
-	w.s.mu.RUnlock()
-}
 
 // popBatch pops under the dispatch read lock and qmu.
 func (w *worker) popBatch() popState {
@@ -535,25 +521,30 @@ func (w *worker) noteResult(h *blk.Handler, req *request) {
 	}
 }
 
-// complete queues req's completion and publishes it, with any others
-// waiting, unless another goroutine holds qmu: that one publishes it
-// before letting go (unlockQ).
-func (w *worker) complete(req *request) {
-	w.addDone(req)
+// complete queues the completions of reqs (one request from an executor,
+// or a run of quick ones from the owner) and publishes them, with any
+// others waiting, unless another goroutine holds qmu: that one publishes
+// them before letting go (unlockQ).
+func (w *worker) complete(reqs ...*request) {
+	w.addDone(reqs...)
 	w.s.mu.RLock()
 	if w.qmu.TryLock() {
 		w.unlockQ()
 	} else if waitHook != nil {
-		waitHook("left") // the holder of qmu publishes it
+		waitHook("left") // the holder of qmu publishes them
 	}
 	w.s.mu.RUnlock()
 }
 
-func (w *worker) addDone(req *request) {
+// addDone queues completions for the next publishLocked.
+func (w *worker) addDone(reqs ...*request) {
+	if len(reqs) == 0 {
+		return
+	}
 	w.doneMu.Lock()
-	w.completed = append(w.completed, req) // capacity nreq
+	w.completed = append(w.completed, reqs...) // capacity nreq
 	w.doneMu.Unlock()
-	w.pending.Add(1)
+	w.pending.Add(int32(len(reqs)))
 }
 
 // unlockQ publishes the completions waiting in completed and releases qmu. A
