@@ -363,7 +363,7 @@ mem=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 qsdv=$(qemu-storage-daemon --version | head -1)
 fs=$(df -T "$BENCH_DIR" | awk 'NR == 2 { print $2 }')
 read -r CPU1 STEAL1 < <(cpu_times)
-steal=$(awk -v c=$((CPU1 - CPU0)) -v s=$((STEAL1 - STEAL0)) 'BEGIN { printf "%.0f", c > 0 ? 100 * s / c : 0 }')
+steal=$(awk -v c=$((CPU1 - CPU0)) -v s=$((STEAL1 - STEAL0)) 'BEGIN { printf "%.0f", (c > 0 ? 100 * s / c : 0) }')
 
 cat >"$OUT/README.md" <<EOF
 # Benchmarks: vhost-vhdx serve against qemu-storage-daemon
