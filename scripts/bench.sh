@@ -134,14 +134,18 @@ record() {
 }
 
 # --- images -----------------------------------------------------------------
+# random_vhdx PATH MIB: unless PATH exists, a dynamic VHDX of MIB MiB filled
+# with random data (every block allocated), made by qemu-img.
+random_vhdx() {
+	[ -s "$1" ] && return 0
+	log "making a $2 MiB dynamic VHDX filled with random data (every block allocated): $1"
+	head -c $(($2 << 20)) /dev/urandom >"$1.raw"
+	qemu-img convert -f raw -O vhdx -o subformat=dynamic "$1.raw" "$1.tmp"
+	rm -f "$1.raw"
+	mv "$1.tmp" "$1"
+}
 BASE="$BENCH_DIR/base.vhdx"
-if [ ! -s "$BASE" ]; then
-	log "making a ${SIZE_MB} MiB dynamic VHDX filled with random data (every block allocated)"
-	head -c $((SIZE_MB << 20)) /dev/urandom >"$BENCH_DIR/random.raw"
-	qemu-img convert -f raw -O vhdx -o subformat=dynamic "$BENCH_DIR/random.raw" "$BASE.tmp"
-	rm -f "$BENCH_DIR/random.raw"
-	mv "$BASE.tmp" "$BASE"
-fi
+random_vhdx "$BASE" "$SIZE_MB"
 qemu-img check -q "$BASE" || die "$BASE fails qemu-img check"
 
 # FRESH: empty, large enough that no run of the allocating rows writes a

@@ -9,13 +9,7 @@
 
 COLD_GB=${COLD_GB:-4}
 COLD_BASE="$BENCH_DIR/cold-base.vhdx"
-if [ ! -s "$COLD_BASE" ]; then
-	log "making a ${COLD_GB} GiB dynamic VHDX filled with random data for the cold-read row"
-	head -c $((COLD_GB << 30)) /dev/urandom >"$BENCH_DIR/cold.raw"
-	qemu-img convert -f raw -O vhdx -o subformat=dynamic "$BENCH_DIR/cold.raw" "$COLD_BASE.tmp"
-	rm -f "$BENCH_DIR/cold.raw"
-	mv "$COLD_BASE.tmp" "$COLD_BASE"
-fi
+random_vhdx "$COLD_BASE" $((COLD_GB << 10))
 for be in ours qsd; do
 	[ -s "$BENCH_DIR/cold-$be.vhdx" ] || cp --sparse=always "$COLD_BASE" "$BENCH_DIR/cold-$be.vhdx"
 done
