@@ -529,16 +529,15 @@ func (f *Frontend) startWithBase(q *Queue, base uint32) error {
 	if err := f.SetVringAddr(q.Addr()); err != nil {
 		return err
 	}
-	order := []vhostuser.Request{vhostuser.ReqSetVringKick, vhostuser.ReqSetVringCall}
+	fds := []struct {
+		req vhostuser.Request
+		fd  *os.File
+	}{{vhostuser.ReqSetVringKick, q.kick}, {vhostuser.ReqSetVringCall, q.call}}
 	if f.CallBeforeKick {
-		order[0], order[1] = order[1], order[0]
+		fds[0], fds[1] = fds[1], fds[0]
 	}
-	for _, req := range order {
-		fd := q.kick
-		if req == vhostuser.ReqSetVringCall {
-			fd = q.call
-		}
-		if err := f.SetVringFD(req, idx, int(fd.Fd())); err != nil {
+	for _, m := range fds {
+		if err := f.SetVringFD(m.req, idx, int(m.fd.Fd())); err != nil {
 			return err
 		}
 	}
