@@ -1,7 +1,6 @@
 package vhdx
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -106,7 +105,7 @@ func TestJournalCrashAtEveryBoundaryYieldsOldOrNewMetadata(t *testing.T) {
 
 // equalOutsideLog compares two images, ignoring the log region.
 func equalOutsideLog(a, b []byte) bool {
-	return len(a) == len(b) && bytes.Equal(a[:tLogOff], b[:tLogOff]) && bytes.Equal(a[tLogOff+tLogLen:], b[tLogOff+tLogLen:])
+	return len(a) == len(b) && sameBytes(a[:tLogOff], b[:tLogOff]) && sameBytes(a[tLogOff+tLogLen:], b[tLogOff+tLogLen:])
 }
 
 // imageWrite is one guest write in the image-level workload.
@@ -193,7 +192,7 @@ func TestImageCrashAtEveryBoundaryKeepsFlushedWrites(t *testing.T) {
 				if _, err := im.ReadAt(got, w.off); err != nil {
 					t.Fatalf("%s: read back write %d: %v", where, i, err)
 				}
-				if !bytes.Equal(got, w.data) {
+				if !sameBytes(got, w.data) {
 					t.Fatalf("%s: flushed write %d at %#x lost", where, i, w.off)
 				}
 			}

@@ -406,13 +406,13 @@ func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.
 				}
 				whole := false
 				for k := floor; k < len(states) && !whole; k++ {
-					whole = bytes.Equal(blk, states[k][b*mib:(b+1)*mib])
+					whole = sameBytes(blk, states[k][b*mib:(b+1)*mib])
 				}
 				for sec := int64(0); !whole && sec < mib; sec += 512 {
 					g := blk[sec : sec+512]
 					ok := false
 					for k := floor; k < len(states) && !ok; k++ {
-						ok = bytes.Equal(g, states[k][b*mib+sec:b*mib+sec+512])
+						ok = sameBytes(g, states[k][b*mib+sec:b*mib+sec+512])
 					}
 					if !ok {
 						t.Fatalf("%s: sector at %#x reads neither the data of phase %d nor of a later one", where, b*mib+sec, floor)

@@ -384,7 +384,7 @@ func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
 
 	isOwnOrZero := func(got []byte, want []byte) bool {
 		for i := 0; i < len(got); i += 512 {
-			if !isZeros(got[i:i+512]) && !bytes.Equal(got[i:i+512], want[i:i+512]) {
+			if !isZeros(got[i:i+512]) && !sameBytes(got[i:i+512], want[i:i+512]) {
 				return false
 			}
 		}
@@ -407,7 +407,7 @@ func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
 			assertNoSharedRanges(t, im)
 			read := blockReader(t, im, bs, where)
 			for _, b := range []int64{0, 3} {
-				if !bytes.Equal(read(b), old[b]) {
+				if !sameBytes(read(b), old[b]) {
 					t.Fatalf("%s: untouched block %d changed", where, b)
 				}
 			}
@@ -423,7 +423,7 @@ func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
 					copy(want[w.off-b*bs:], w.data)
 					got := read(b)
 					if flushed >= 2+k {
-						if !bytes.Equal(got, want) {
+						if !sameBytes(got, want) {
 							t.Fatalf("%s: flushed write into block %d lost or shows other data", where, b)
 						}
 					} else if !isOwnOrZero(got, want) {

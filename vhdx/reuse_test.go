@@ -287,22 +287,22 @@ func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
 			}
 			assertNoSharedRanges(t, im)
 			read := blockReader(t, im, bs, where)
-			if !bytes.Equal(read(0), old[0]) {
+			if !sameBytes(read(0), old[0]) {
 				t.Fatalf("%s: untouched block 0 changed", where)
 			}
 			for _, b := range []int64{1, 2} {
 				got := read(b)
-				if !isZeros(got) && (durable >= 1 || !bytes.Equal(got, old[b])) {
+				if !isZeros(got) && (durable >= 1 || !sameBytes(got, old[b])) {
 					t.Fatalf("%s: discarded block %d reads neither zeros nor (before the flush) its old data", where, b)
 				}
 			}
 			got3 := read(3)
-			if !bytes.Equal(got3[bs/2:], old[3][bs/2:]) {
+			if !sameBytes(got3[bs/2:], old[3][bs/2:]) {
 				t.Fatalf("%s: the kept half of block 3 changed", where)
 			}
 			for i := 0; i < bs/2; i += 512 {
 				sec := got3[i : i+512]
-				if !isZeros(sec) && (durable >= 1 || !bytes.Equal(sec, old[3][i:i+512])) {
+				if !isZeros(sec) && (durable >= 1 || !sameBytes(sec, old[3][i:i+512])) {
 					t.Fatalf("%s: discarded sector at +%#x of block 3 reads neither zeros nor its old data", where, i)
 				}
 			}
@@ -310,7 +310,7 @@ func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
 				got := read(b)
 				want := make([]byte, bs)
 				copy(want, fresh[b])
-				if !bytes.Equal(got, want) && (durable >= 2+k || !isZeros(got)) {
+				if !sameBytes(got, want) && (durable >= 2+k || !isZeros(got)) {
 					t.Fatalf("%s: new block %d reads neither its data with zeros around it nor (before the flush) zeros", where, b)
 				}
 			}
@@ -323,7 +323,7 @@ func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
 				}
 				want := make([]byte, bs)
 				copy(want[4096:], d)
-				if !bytes.Equal(read(b), want) {
+				if !sameBytes(read(b), want) {
 					t.Fatalf("%s: block %d written after recovery shows stale data", where, b)
 				}
 			}
@@ -353,7 +353,7 @@ func (f *faultStorage) zeroRange(off, n int64) error {
 // byte loop is slow under -race): every byte equals its predecessor and the
 // first is zero.
 func isZeros(b []byte) bool {
-	return len(b) == 0 || b[0] == 0 && bytes.Equal(b[1:], b[:len(b)-1])
+	return len(b) == 0 || b[0] == 0 && sameBytes(b[1:], b[:len(b)-1])
 }
 
 // TestUnflushedDiscardNeverFreesARangeTheDiskStillReferences: a discard's
