@@ -32,7 +32,9 @@ type requestGate struct {
 // stop also calls it with "stop-check" while it holds the queue's qmu to
 // look at what is still in flight, and a completion with "left" when it
 // found qmu held and left its publication to the holder, so a test can
-// make the two meet.
+// make the two meet. A ring's owner calls it with "poll" before each look
+// of a poll window, "poll-found" when the window found work, and "sleep"
+// just before it waits for a kick.
 var waitHook func(what string)
 
 func newRequestGate() *requestGate {

@@ -101,3 +101,94 @@ func TestPollWindowOutOfRangeIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// hookLog records the wait hook's calls in order, for tests that look at
+// what a ring's owner did between two points.
+type hookLog struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (l *hookLog) add(what string) {
+	l.mu.Lock()
+	l.events = append(l.events, what)
+	l.mu.Unlock()
+}
+
+// mark is the index the next event will have.
+func (l *hookLog) mark() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.events)
+}
+
+// since returns the events from index from on.
+func (l *hookLog) since(from int) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.events[from:]...)
+}
+
+// awaitFrom waits until an event what has an index ≥ from.
+func (l *hookLog) awaitFrom(t *testing.T, from int, what string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		for _, e := range l.since(from) {
+			if e == what {
+				return
+			}
+		}
+		time.Sleep(time.Millisecond)
+	}
+	evs := l.since(0)
+	t.Fatalf("no %q from event %d on; the last events: %v", what, from, evs[max(0, len(evs)-20):])
+}
+
+// TestOwnerSleepsInsteadOfPollingWhileARequestWaitsForTheDisk: a poll
+// window only pays when the guest's next request may come at any moment.
+// While a request of the queue is at an executor (here a FLUSH parked in
+// the disk) the next one mostly waits for that completion, so a ring's
+// owner that runs the ring empty then goes to sleep until a kick without
+// polling, also when a kick wakes it meanwhile. Once the flush is back it
+// polls again.
+func TestOwnerSleepsInsteadOfPollingWhileARequestWaitsForTheDisk(t *testing.T) {
+	for _, k := range ringKinds {
+		t.Run(k.name, func(t *testing.T) {
+			var log hookLog
+			t.Cleanup(vhostuser.SetWaitHook(log.add))
+			d := newParkDisk(true)
+			// The longest window: an owner that polled after the flush went
+			// to its executor would still be polling when the flush parks.
+			s := startServerOpts(t, vhostuser.Options{Disk: d, NumQueues: 1, PollWindow: vhostuser.MaxPollWindow})
+			release := sync.OnceFunc(func() { close(d.flushGo) })
+			t.Cleanup(release) // a failed check must not leave the flush parked
+			f := s.connect(t, parallelSetup(k.packed))
+			q := f.Queues[0]
+			head := parkFlush(t, q, d)
+			parked := log.mark()
+			// Whether or not the owner slept already, a kick makes it run
+			// the (empty) ring again and decide again: a sleep comes after
+			// the mark taken before the kick.
+			kicked := log.mark()
+			q.Kick()
+			log.awaitFrom(t, kicked, "sleep")
+			for i, e := range log.since(parked) {
+				if e == "poll" {
+					t.Fatalf("the owner polled (event %d after the flush parked: %v) while the flush was in the disk", i, log.since(parked))
+				}
+			}
+			release()
+			r, err := q.Reap(context.Background(), 0)
+			mustOK(t, "the flush", r, err)
+			if r.Head != head {
+				t.Fatalf("reaped head %d, want the flush's %d", r.Head, head)
+			}
+			// Nothing at an executor: a read's owner polls after it again.
+			back := log.mark()
+			r, err = q.Read(context.Background(), 0, 512)
+			mustOK(t, "a read after the flush", r, err)
+			log.awaitFrom(t, back, "poll")
+		})
+	}
+}
