@@ -55,6 +55,14 @@ LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 # steal, and slows both back-ends in ways a load average does not show.
 cpu_times() { awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9 }' /proc/stat; }
 read -r CPU0 STEAL0 < <(cpu_times)
+# steal_pct CPU STEAL: the percentage of the CPU time since that reading of
+# cpu_times the hypervisor took. Each run's record carries it: a row whose
+# runs met a busy neighbour shows it in the report.
+steal_pct() {
+	local c s
+	read -r c s < <(cpu_times)
+	awk -v c=$((c - $1)) -v s=$((s - $2)) 'BEGIN { printf "%.1f", (c > 0 ? 100 * s / c : 0) }'
+}
 # What is measured is the tree as it is now, before this script writes its
 # own outputs (which would otherwise always count as uncommitted changes).
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -124,12 +132,15 @@ record() {
 	# Write back what earlier runs left dirty, so that no run (above all
 	# one that flushes) pays for another's writes.
 	sync
+	local c0 s0 steal
+	read -r c0 s0 < <(cpu_times)
 	res=$("$BIN" bench --json "$@") || die "bench $be $wl run $run failed: $*"
-	printf '{"backend":"%s","workload":"%s","run":%d,"result":%s}\n' "$be" "$wl" "$run" "$res" >>"$RESULTS"
-	awk -v be="$be" -v wl="$wl" -v run="$run" '{
+	steal=$(steal_pct "$c0" "$s0")
+	printf '{"backend":"%s","workload":"%s","run":%d,"steal_pct":%s,"result":%s}\n' "$be" "$wl" "$run" "$steal" "$res" >>"$RESULTS"
+	awk -v be="$be" -v wl="$wl" -v run="$run" -v steal="$steal" '{
 		n = split("iops mib_per_s p50_us p99_us backend_cpu_us_per_io", k, " ")
 		for (i = 1; i <= n; i++) if (match($0, "\"" k[i] "\":-?[0-9.e+]+")) v[i] = substr($0, RSTART + length(k[i]) + 3, RLENGTH - length(k[i]) - 3)
-		printf "  %-10s %-33s run %d: %8.0f IOPS %8.1f MiB/s  p50 %7.1f us  p99 %8.1f us  back-end %6.2f us/IO\n", be, wl, run, v[1], v[2], v[3], v[4], v[5]
+		printf "  %-10s %-33s run %d: %8.0f IOPS %8.1f MiB/s  p50 %7.1f us  p99 %8.1f us  back-end %6.2f us/IO  steal %4.1f %%\n", be, wl, run, v[1], v[2], v[3], v[4], v[5], steal
 	}' <<<"$res" >&2
 }
 
@@ -366,8 +377,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 mem=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
 qsdv=$(qemu-storage-daemon --version | head -1)
 fs=$(df -T "$BENCH_DIR" | awk 'NR == 2 { print $2 }')
-read -r CPU1 STEAL1 < <(cpu_times)
-steal=$(awk -v c=$((CPU1 - CPU0)) -v s=$((STEAL1 - STEAL0)) 'BEGIN { printf "%.0f", (c > 0 ? 100 * s / c : 0) }')
+steal=$(steal_pct "$CPU0" "$STEAL0")
 
 cat >"$OUT/README.md" <<EOF
 # Benchmarks: vhost-vhdx serve against qemu-storage-daemon
@@ -442,7 +452,8 @@ re-run \`make bench\`. Profiling notes and proposed server changes are in
   the whole run took $((($(date +%s) - START) / 60)) min. The hypervisor took ${steal} % of the
   VM's CPU time during the run (steal in /proc/stat): the share the VM's vCPUs were
   ready to run and another guest of the host ran instead. It slows both back-ends; ratios
-  from runs with much steal move more than usual.
+  from runs with much steal move more than usual. Steal comes in bursts: the spread list
+  below gives, per row, the most any one of its runs lost.
 
 ## Results
 

@@ -25,6 +25,9 @@ type benchRecord struct {
 	Result   *loadgen.Result `json:"result,omitempty"`
 	Exec     *execResult     `json:"exec,omitempty"`
 	MiBps    float64         `json:"mib_per_s,omitempty"` // dd only
+	// StealPct is the share of the VM's CPU time the hypervisor took
+	// during the run (steal in /proc/stat), when the script measured it.
+	StealPct *float64 `json:"steal_pct,omitempty"`
 }
 
 // Workload names scripts/bench.sh uses.
@@ -217,6 +220,10 @@ type stats struct {
 	seconds, rssMiB  float64 // bench exec records
 	// Medians of the runs' FLUSH latency percentiles (NaN: no flushes).
 	flushP50, flushP99 float64
+	// maxStealPct is the most steal any one run saw (NaN: not measured).
+	// Steal comes in bursts, so one row can meet a busy neighbour that a
+	// whole bench run's average hides.
+	maxStealPct float64
 }
 
 // metric is one of the medians by name (benchTarget.metric).
@@ -255,7 +262,7 @@ func median(v []float64) float64 {
 
 func summarizeRecords(recs []benchRecord) benchSummary {
 	type key struct{ wl, be string }
-	type acc struct{ iops, mibps, p50, p99, cpu, seconds, rss, fp50, fp99 []float64 }
+	type acc struct{ iops, mibps, p50, p99, cpu, seconds, rss, fp50, fp99, steal []float64 }
 	groups := map[key]*acc{}
 	sweep := map[string]map[int][]float64{}
 	for _, r := range recs {
@@ -272,6 +279,9 @@ func summarizeRecords(recs []benchRecord) benchSummary {
 			if a == nil {
 				a = &acc{}
 				groups[k] = a
+			}
+			if r.StealPct != nil {
+				a.steal = append(a.steal, *r.StealPct)
 			}
 			switch {
 			case r.Exec != nil:
@@ -302,7 +312,10 @@ func summarizeRecords(recs []benchRecord) benchSummary {
 	for k, a := range groups {
 		st := &stats{runs: max(len(a.iops), len(a.mibps), len(a.seconds)), iops: median(a.iops), mibps: median(a.mibps),
 			p50: median(a.p50), p99: median(a.p99), beCPU: -1, seconds: median(a.seconds), rssMiB: median(a.rss),
-			flushP50: median(a.fp50), flushP99: median(a.fp99)}
+			flushP50: median(a.fp50), flushP99: median(a.fp99), maxStealPct: math.NaN()}
+		if len(a.steal) > 0 {
+			st.maxStealPct = slices.Max(a.steal)
+		}
 		if len(a.cpu) > 0 {
 			st.beCPU = median(a.cpu)
 		}
@@ -331,6 +344,17 @@ func ratio(a, b float64) float64 {
 		return math.NaN()
 	}
 	return a / b
+}
+
+// maxKnown is the larger of a and b, ignoring one that is NaN (unknown).
+func maxKnown(a, b float64) float64 {
+	switch {
+	case math.IsNaN(a):
+		return b
+	case math.IsNaN(b):
+		return a
+	}
+	return max(a, b)
 }
 
 func fmtNum(v float64, prec int) string {
@@ -371,7 +395,8 @@ func (s benchSummary) get(wl, be string) *stats {
 		return st
 	}
 	return &stats{iops: math.NaN(), mibps: math.NaN(), p50: math.NaN(), p99: math.NaN(), beCPU: -1,
-		seconds: math.NaN(), rssMiB: math.NaN(), iopsSpreadPct: math.NaN(), flushP50: math.NaN(), flushP99: math.NaN()}
+		seconds: math.NaN(), rssMiB: math.NaN(), iopsSpreadPct: math.NaN(), flushP50: math.NaN(), flushP99: math.NaN(),
+		maxStealPct: math.NaN()}
 }
 
 // pair returns the medians a row compares.
@@ -464,14 +489,19 @@ func writeBenchTables(w io.Writer, s benchSummary) {
 			fmtNum(o.rssMiB, 1), fmtNum(q.rssMiB, 1), fmtRatio(ratio(o.rssMiB, q.rssMiB)), o.runs, q.runs)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Run-to-run spread of IOPS ((max−min)/median):")
+	fmt.Fprintln(w, "Run-to-run spread of IOPS ((max−min)/median), and the most CPU time the hypervisor took")
+	fmt.Fprintln(w, "from the VM (steal) during any one run of the row:")
 	fmt.Fprintln(w)
 	for _, r := range benchRows {
 		if r.exec || r.baseLabel() == "dd" {
 			continue
 		}
 		o, q := s.pair(r)
-		fmt.Fprintf(w, "- %s: %s %s %%, %s %s %%\n", r.title, r.oursLabel(), fmtNum(o.iopsSpreadPct, 0), r.baseLabel(), fmtNum(q.iopsSpreadPct, 0))
+		line := fmt.Sprintf("- %s: %s %s %%, %s %s %%", r.title, r.oursLabel(), fmtNum(o.iopsSpreadPct, 0), r.baseLabel(), fmtNum(q.iopsSpreadPct, 0))
+		if steal := maxKnown(o.maxStealPct, q.maxStealPct); !math.IsNaN(steal) {
+			line += fmt.Sprintf("; steal up to %.0f %%", steal)
+		}
+		fmt.Fprintln(w, line)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| Target | issue | measured | status |")

@@ -137,6 +137,36 @@ func TestBenchReportTakesMediansAndMarksTargets(t *testing.T) {
 	}
 }
 
+// TestBenchReportShowsTheWorstStealOfEachRow: steal comes in bursts, so
+// the report gives per row the most any one run lost, from either
+// back-end; a row whose records carry no steal says nothing about it.
+func TestBenchReportShowsTheWorstStealOfEachRow(t *testing.T) {
+	withSteal := func(line string, pct float64) string {
+		var rec benchRecord
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatal(err)
+		}
+		rec.StealPct = &pct
+		b, _ := json.Marshal(rec)
+		return string(b) + "\n"
+	}
+	var in strings.Builder
+	for run, steal := range []float64{0.4, 21.6, 3} {
+		in.WriteString(withSteal(benchLine("ours", wlRandWrite32, run, 32, 120000, 200, 8), steal))
+		in.WriteString(withSteal(benchLine("qsd", wlRandWrite32, run, 32, 60000, 400, 23), steal/2))
+	}
+	in.WriteString(withSteal(benchLine("ours", wlRandRead32, 1, 32, 500000, 50, 2), 0))
+	in.WriteString(withSteal(benchLine("qsd", wlRandRead32, 1, 32, 80000, 300, 14), 26.2))
+	in.WriteString(benchLine("ours", wlRandRead1, 1, 1, 100000, 10, 10))
+	in.WriteString(benchLine("qsd", wlRandRead1, 1, 1, 20000, 45, 33))
+	_, stdout, _ := reportOf(t, in.String(), "--svg")
+	reportHas(t, "report", stdout,
+		"- 4K randwrite QD32, allocated: ours 0 %, qsd 0 %; steal up to 22 %\n",
+		"- 4K randread QD32, allocated: ours 0 %, qsd 0 %; steal up to 26 %\n",
+		"- 4K randread QD1, allocated: ours 0 %, qsd 0 %\n",
+	)
+}
+
 // TestBenchHostileRunsEveryCaseAndTheServerSurvives: `bench --hostile`
 // against a served VHDX passes every case (each ends in an error status or a
 // clean disconnect, and a normal connection works afterwards).
