@@ -87,7 +87,7 @@ func childWorkload() []imageWrite {
 }
 
 func TestChildCrashAtEveryBoundaryReadsOldOrNewSectors(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	o := CreateOptions{Size: 16 * mib, BlockSize: mib}
 	mc := newMemChain(t, o, []imageWrite{{0, pattern(1, 12*mib)}})
 	work := childWorkload()

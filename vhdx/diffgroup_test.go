@@ -299,7 +299,7 @@ func TestFailedPayloadWriteFailsOnlyItsMember(t *testing.T) {
 // reads the data of a state the workload passed through or a later one —
 // never zeros where the parent had data.
 func TestChildBatchesCrashAtEveryBoundaryNeverShowZerosForParentData(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	mc := newDiffChain(t)
 	phases := [][]imageWrite{
 		{

@@ -259,7 +259,7 @@ func runEIOWorkload(t *testing.T, created []byte, kind ioKind, n int) eioRun {
 //   - what a power loss would keep opens, checks clean (leaked space aside)
 //     and holds every write acknowledged before a successful flush.
 func TestEveryStorageCallSiteFailingWithEIORecoversOrSaysWhy(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	base := newFaultStorage(nil)
 	if err := CreateStorage(base, CreateOptions{Size: eioImageSize, BlockSize: mib}); err != nil {
 		t.Fatal(err)

@@ -334,7 +334,7 @@ func sweepEIO(t *testing.T, sc eioScenario) map[string]bool {
 // reading the source) was reached with a fault, or is listed in
 // notInjected with the reason.
 func TestEveryStorageCallSiteIsReachedByAnEIOWorkload(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	seen := map[string]bool{}
 	for _, sc := range eioScenarios() {
 		t.Run(strings.ReplaceAll(sc.name, " ", "_"), func(t *testing.T) {

@@ -323,7 +323,7 @@ func TestBatchHoldsAtMostAllocBatchMaxBlocks(t *testing.T) {
 // reads its own data or zeros sector by sector (never another block's,
 // never the discarded blocks' old data), and untouched blocks are intact.
 func TestBatchedAllocationsCrashAtEveryBoundary(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	const bs = 1 * mib
 	start, old := imageWithOldBlocks(t, 1*gib, bs)
 	batchA := []imageWrite{{5 * bs, pattern(20, 4096)}, {6*bs + 8192, pattern(21, 4096)}, {7 * bs, pattern(22, 8192)}}
@@ -564,7 +564,7 @@ func TestLoneAllocationCostsOneSyncAndFlushOne(t *testing.T) {
 // the previous one's sectors again, with their current contents, as
 // allocation batches do, or does not, and then the journal must sync first.
 func TestBatchCommitsWithoutSyncCrashAtEveryBoundaryYieldOldOrNewMetadata(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	for _, holdAgain := range []bool{true, false} {
 		t.Run(fmt.Sprintf("holdAgain=%v", holdAgain), func(t *testing.T) {
 			rng := rand.New(rand.NewSource(5))

@@ -28,18 +28,16 @@ func (m *memStorage) max() int64 {
 
 func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
 
-// longTestInParallel marks t as one of the package's long tests (the
-// crash, EIO and no-space sweeps, minutes each under -race, and the tests
-// that read our images through libvhdi, 7-Zip and qemu-img) and lets it
-// run beside the others. Go starts parallel top-level tests only after
-// every sequential one has returned, and then two at a time on this
-// machine's two cores; the package's tests otherwise run one after
-// another and leave a core idle. A test may run in parallel only if it
-// builds its own storages, images and files (t.TempDir) and touches no
-// package-level variable: the hooks and switches tests set (batInPlace,
-// batPageBuiltHook, bitmapCachePages, commitHook, maxChainDepth) are set
-// only by tests that stay sequential.
-func longTestInParallel(t *testing.T) {
+// parallelSweep marks t as one of the package's long sweeps (a crash, EIO
+// or no-space sweep: minutes each under -race) and lets it run beside the
+// others. Go starts parallel top-level tests only after every sequential
+// one has returned, and then two at a time on this machine's two cores;
+// the package's tests otherwise run one after another and leave a core
+// idle. A sweep may run in parallel only if it builds its own storages and
+// images and touches no package-level variable: the hooks and switches
+// tests set (batInPlace, batPageBuiltHook, bitmapCachePages, commitHook,
+// maxChainDepth) are set only by tests that stay sequential.
+func parallelSweep(t *testing.T) {
 	t.Helper()
 	t.Parallel()
 }

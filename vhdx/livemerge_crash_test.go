@@ -151,7 +151,7 @@ func (r *mergeCrashRun) run(mc memChain, c *crashClock) error {
 // a read-write open of the child runs (replayLinkedParent). The same for
 // an I/O error at each operation.
 func TestLiveMergeCrashAtEveryStorageBoundaryReadsTheSame(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	o := CreateOptions{Size: 16 * mib, BlockSize: mib}
 	mc := newMemChain(t, o, []imageWrite{{0, pattern(1, 12*mib)}})
 	// The child's own data, written before the merge.

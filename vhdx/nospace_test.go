@@ -485,7 +485,7 @@ func verifyKilledImage(t *testing.T, c noSpaceCase, img, want []byte, failed ima
 // after the failure would leave it opens, reads what was acknowledged
 // (every write is flushed) and checks clean.
 func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	for _, c := range noSpaceCases(t) {
 		t.Run(c.name, func(t *testing.T) {
 			want := bytes.Clone(c.base)

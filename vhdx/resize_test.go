@@ -138,7 +138,7 @@ func TestResizeShrinkRefusesDataPastTheNewEnd(t *testing.T) {
 // leaves, in every crash mode, an image that opens with the old size or the
 // new one, the data intact, and no two BAT entries sharing a range.
 func TestResizeCrashAtEveryBoundaryLeavesOldOrNewSize(t *testing.T) {
-	longTestInParallel(t)
+	parallelSweep(t)
 	for _, tc := range []struct {
 		name     string
 		from, to uint64
