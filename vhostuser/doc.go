@@ -234,8 +234,8 @@
 // ring empty, keeps looking at it for that long before it sleeps
 // (pollRing: adaptive polling; on a VM whose idle vCPUs halt, each sleep
 // costs a wake-up through the hypervisor), unless a request of the queue
-// is at an executor (worker.atExec, an atomic the owner and executors
-// count): then the next request mostly waits for that one. The kick eventfd is made
+// is at an executor (worker.atExecutors, derived from the executors
+// started and those idle): then the next request mostly waits for that one. The kick eventfd is made
 // non-blocking and wrapped with os.NewFile, so a parked Read costs no
 // thread and Close unblocks it. SET_VRING_KICK, _CALL and
 // _ERR accept only an eventfd, a pipe or a socket (fdkind.go: fstat's file

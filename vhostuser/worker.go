@@ -86,7 +86,6 @@ type worker struct {
 	nreq   int           // requests allocated (min(maxInflight, queue size))
 	execs  int           // executors started; owner only
 	idle   atomic.Int32  // executors committed to receive from todo, not yet claimed
-	atExec atomic.Int32  // requests handed to executors, not yet executed (pollRing)
 	execWG sync.WaitGroup
 }
 
@@ -239,7 +238,7 @@ func (w *worker) run() {
 // 20.8 µs without those windows (docs/benchmarks/profile.md).
 func (w *worker) pollRing() bool {
 	win := w.s.opts.PollWindow
-	if win <= 0 || w.atExec.Load() > 0 {
+	if win <= 0 || w.atExecutors() > 0 {
 		return false
 	}
 	deadline := time.Now().Add(win)
@@ -441,6 +440,15 @@ func (w *worker) pop(q virtqueue.Queue) (st popState, err error) {
 	return popMore, nil
 }
 
+// atExecutors is the number of requests handed to executors and not yet
+// back from them: each started executor is either committed in idle, or busy
+// with one, and idle owes one for each request waiting in todo (dispatch),
+// so execs − idle counts the busy ones and the waiting requests. Only the
+// owner calls it (execs is the owner's), never inside dispatch.
+func (w *worker) atExecutors() int32 {
+	return int32(w.execs) - w.idle.Load()
+}
+
 // dispatch hands req to an executor. Only the owner calls it.
 func (w *worker) dispatch(req *request) {
 	// While executors can still be started, every request sent has one
@@ -453,7 +461,6 @@ func (w *worker) dispatch(req *request) {
 		w.execWG.Add(1)
 		go w.exec()
 	}
-	w.atExec.Add(1)
 	w.todo <- req // capacity nreq: never blocks
 }
 
@@ -472,7 +479,6 @@ func (w *worker) exec() {
 			return
 		}
 		w.handle(h, req)
-		w.atExec.Add(-1)
 		// Committed to take the next request before req's slot can be
 		// seen free: with every executor started, a free slot thus
 		// always finds one in idle.
