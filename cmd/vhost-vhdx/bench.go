@@ -15,6 +15,7 @@ import (
 const benchUsage = `Usage: vhost-vhdx bench --socket PATH [OPTIONS]
        vhost-vhdx bench report [--svg FILE] [--rows-svg FILE] RESULTS.jsonl
        vhost-vhdx bench exec [--json] [--ok-exit LIST] -- COMMAND [ARGS]
+       vhost-vhdx bench pwrite [--json] [--bs SIZE] [--runtime DUR] [--seed N] FILE
 
 Drive a vhost-user-blk back-end (vhost-vhdx serve, qemu-storage-daemon, ...)
 with no guest: the bench is the front-end, with memfd guest memory, split
@@ -64,6 +65,10 @@ for issue 12's rows.
 "bench exec" runs COMMAND and prints its wall time and maximum RSS (for the
 open-time rows: vhost-vhdx info against qemu-img info); see
 'vhost-vhdx bench exec --help'.
+
+"bench pwrite" overwrites FILE with random 4K pwrite(2)s from one thread:
+the ceiling of random overwrites of a cached file, whatever the back-end
+(see 'vhost-vhdx bench pwrite --help').
 `
 
 type benchFlags struct {
@@ -221,6 +226,9 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "exec" {
 		return runBenchExec(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "pwrite" {
+		return runBenchPwrite(args[1:], stdout)
 	}
 	c, out, err := parseBenchFlags(args, stdout)
 	if err != nil {
