@@ -24,9 +24,9 @@ const (
 	bitmapPagesPerBlk = bitmapBlockSize / bitmapPageSize
 )
 
-// bitmapCachePages caps each image's cache (1 MiB of pages by default).
-// Tests lower it to drive eviction.
-var bitmapCachePages = 256
+// bitmapCachePages caps each image's cache (1 MiB of pages). Tests lower
+// the cap of their own images to drive eviction (shrinkBitmapCaches).
+const bitmapCachePages = 256
 
 type bitmapPage struct {
 	key        uint64 // chunk*bitmapPagesPerBlk + page within the bitmap block
@@ -50,7 +50,7 @@ type bitmapCache struct {
 }
 
 func newBitmapCache() *bitmapCache {
-	return &bitmapCache{pages: make(map[uint64]*bitmapPage), max: max(bitmapCachePages, 1)}
+	return &bitmapCache{pages: make(map[uint64]*bitmapPage), max: bitmapCachePages}
 }
 
 func (c *bitmapCache) unlink(p *bitmapPage) {

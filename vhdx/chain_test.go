@@ -170,6 +170,7 @@ func compareChain(t *testing.T, im *Image, m sparseModel, where string) {
 // and chunk boundaries, whole blocks, rewrites of sectors already present),
 // read exactly as a flat byte model where later layers win.
 func TestChainReadsWhatAFlatModelReads(t *testing.T) {
+	parallelSweep(t)
 	type w = imageWrite
 	const gb4 = 4 * gib
 	tests := []struct {
@@ -239,21 +240,21 @@ func TestChainReadsWhatAFlatModelReads(t *testing.T) {
 			compareChain(t, im, model, "top")
 			// A second pass over a cache too small for the bitmaps
 			// evicts pages on every lookup and must read the same.
-			defer func(n int) { bitmapCachePages = n }(bitmapCachePages)
-			bitmapCachePages = 1
 			im2, err := Open(paths[tc.depth], OpenOptions{ReadOnly: true, NoLock: true})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer im2.Close()
+			shrinkBitmapCaches(im2, 1)
 			compareChain(t, im2, model, "one-page cache")
+			for l := im2; l != nil; l = l.parent {
+				if c := l.bitmaps; c != nil && len(c.pages) > 1 {
+					t.Errorf("layer %d's bitmap cache holds %d pages after the pass, want at most 1", l.depth, len(c.pages))
+				}
+			}
 		})
 	}
 }
-
-var _ = errors.Is
-var _ = os.Remove
-var _ = strings.Contains
 
 // TestChildWriteLaysOutBitmapPerSpec decodes a child's file by hand after
 // one-sector writes: the payload entry is PARTIALLY_PRESENT (7), the chunk's
@@ -921,5 +922,18 @@ func TestReadWriteOpenRefreshesStaleLocatorPaths(t *testing.T) {
 	}
 	if child.l.hdr.dataWriteGUID != dw {
 		t.Fatal("refreshing the locator changed DataWriteGuid")
+	}
+}
+
+// shrinkBitmapCaches caps the sector-bitmap cache of every layer of im's
+// chain at pages, for a test that wants evictions on every lookup without
+// touching the package's default (other tests run beside it).
+func shrinkBitmapCaches(im *Image, pages int) {
+	for l := im; l != nil; l = l.parent {
+		if c := l.bitmaps; c != nil {
+			c.mu.Lock()
+			c.max = pages
+			c.mu.Unlock()
+		}
 	}
 }

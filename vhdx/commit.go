@@ -35,11 +35,12 @@ package vhdx
 import (
 	"fmt"
 	"os"
+	"sync"
 
 	"github.com/google/uuid"
 )
 
-// commitStep names the points of Commit at which commitHook is called.
+// commitStep names the points of Commit at which a hook of commitHooks is called.
 type commitStep int
 
 const (
@@ -69,11 +70,13 @@ func (s commitStep) String() string {
 	return fmt.Sprintf("commitStep(%d)", int(s))
 }
 
-// commitHook, when set (tests only), is called at each step of Commit while
-// the files are in the state the step names: the crash tests copy the files
-// there. An error from it makes Commit fail at that point, as an I/O error
-// would (the files are then closed).
-var commitHook func(step commitStep) error
+// commitHooks maps the child path a Commit was given to a function (tests
+// only) called at each step of that Commit while the files are in the
+// state the step names: the crash tests copy the files there. An error
+// from it makes Commit fail at that point, as an I/O error would (the
+// files are then closed). Keyed by path so that tests committing other
+// files may run beside one that hooks its own.
+var commitHooks sync.Map // string → func(commitStep) error
 
 // commitPiece is the largest read and write of the copy.
 const commitPiece = 4 * mib
@@ -112,10 +115,10 @@ type committer struct {
 }
 
 func (c *committer) hook(step commitStep) error {
-	if commitHook == nil {
-		return nil
+	if f, ok := commitHooks.Load(c.childPath); ok {
+		return f.(func(commitStep) error)(step)
 	}
-	return commitHook(step)
+	return nil
 }
 
 func (c *committer) run() error {

@@ -169,6 +169,7 @@ func copyFiles(t *testing.T, paths []string) []string {
 // merge. The same for a Commit that fails at each step (an I/O error) and
 // is run again.
 func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
+	parallelSweep(t)
 	for _, depth := range []int{1, 2} {
 		t.Run(fmt.Sprintf("depth%d", depth), func(t *testing.T) {
 			// Pieces of 4 MiB: a child holding ~10 MiB is copied in
@@ -191,16 +192,14 @@ func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
 			ref := copyFiles(t, paths)
 			var snaps [][]string
 			var steps []commitStep
-			commitHook = func(step commitStep) error {
+			setCommitHook(t, ref[child], func(step commitStep) error {
 				snaps = append(snaps, copyFiles(t, ref))
 				steps = append(steps, step)
 				return nil
-			}
-			defer func() { commitHook = nil }()
+			})
 			if err := Commit(ref[child], nil); err != nil {
 				t.Fatal(err)
 			}
-			commitHook = nil
 			copied := 0
 			for _, s := range steps {
 				if s == commitCopied {
@@ -242,15 +241,15 @@ func TestCommitCrashAtEveryStepLeavesAChainThatReadsTheSame(t *testing.T) {
 			for k := range steps {
 				files := copyFiles(t, paths)
 				n := 0
-				commitHook = func(commitStep) error {
+				setCommitHook(t, files[child], func(commitStep) error {
 					n++
 					if n == k+1 {
 						return errInjected
 					}
 					return nil
-				}
+				})
 				err := Commit(files[child], nil)
-				commitHook = nil
+				commitHooks.Delete(files[child])
 				if !errors.Is(err, errInjected) {
 					t.Fatalf("failure at step %d (%v): Commit returned %v", k, steps[k], err)
 				}
@@ -316,4 +315,12 @@ func TestCommitFindsTheParentLikeOpen(t *testing.T) {
 	if after, _ := os.ReadFile(decoy); !bytes.Equal(after, decoyBefore) {
 		t.Error("Commit wrote to the decoy its relative_path names")
 	}
+}
+
+// setCommitHook has hook called at each step of a Commit of childPath, until
+// the test ends (commitHooks).
+func setCommitHook(t *testing.T, childPath string, hook func(commitStep) error) {
+	t.Helper()
+	commitHooks.Store(childPath, hook)
+	t.Cleanup(func() { commitHooks.Delete(childPath) })
 }

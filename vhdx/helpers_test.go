@@ -34,9 +34,11 @@ func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
 // one has returned, and then two at a time on this machine's two cores;
 // the package's tests otherwise run one after another and leave a core
 // idle. A sweep may run in parallel only if it builds its own storages and
-// images and touches no package-level variable: the hooks and switches
-// tests set (batInPlace, batPageBuiltHook, bitmapCachePages, commitHook,
-// maxChainDepth) are set only by tests that stay sequential.
+// images and touches no package-level variable: the switches tests set
+// (batInPlace, batPageBuiltHook, maxChainDepth) are set only by tests that
+// stay sequential. What is per image or per file may be set by a parallel
+// test on its own: a chain's bitmap caches (shrinkBitmapCaches), Commit's
+// hooks (commitHooks, keyed by the child's path).
 func parallelSweep(t *testing.T) {
 	t.Helper()
 	t.Parallel()
