@@ -221,14 +221,15 @@ func (g *bgFlags) stream(c loadgen.Config) (*loadgen.Stream, error) {
 }
 
 func runBench(args []string, stdout, stderr io.Writer) error {
-	if len(args) > 0 && args[0] == "report" {
-		return runBenchReport(args[1:], stdout)
-	}
-	if len(args) > 0 && args[0] == "exec" {
-		return runBenchExec(args[1:], stdout, stderr)
-	}
-	if len(args) > 0 && args[0] == "pwrite" {
-		return runBenchPwrite(args[1:], stdout)
+	if len(args) > 0 {
+		switch args[0] {
+		case "report":
+			return runBenchReport(args[1:], stdout)
+		case "exec":
+			return runBenchExec(args[1:], stdout, stderr)
+		case "pwrite":
+			return runBenchPwrite(args[1:], stdout)
+		}
 	}
 	c, out, err := parseBenchFlags(args, stdout)
 	if err != nil {
