@@ -59,6 +59,11 @@ type daemon struct {
 	mergeMu  sync.Mutex
 	mergeJob *mergeJob    // the current or last merge (merge.go); under mergeMu
 	nospace  *blk.NoSpace // --on-enospc state; nil: report, not counted
+
+	// beforeMergeCopy is a test hook, nil in production: the merge's
+	// goroutine runs it before the copy starts, so a test can hold a
+	// merge running for as long as it needs.
+	beforeMergeCopy func()
 }
 
 // image is the image served now (the top of the chain; during a merge

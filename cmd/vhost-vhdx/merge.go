@@ -169,6 +169,9 @@ func (d *daemon) merge(_ context.Context, c *control.Call) (any, error) {
 // runMerge copies, then finishes or abandons the merge (steps 2-4).
 func (d *daemon) runMerge(ctx context.Context, j *mergeJob, log *logrus.Entry) {
 	defer close(j.done)
+	if d.beforeMergeCopy != nil {
+		d.beforeMergeCopy()
+	}
 	err := j.m.Run(ctx)
 	d.opMu.Lock()
 	defer d.opMu.Unlock()

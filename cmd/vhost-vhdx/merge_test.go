@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -74,8 +75,13 @@ func TestMergeCommandFoldsTheTopIntoItsParentWhileTheFrontEndWrites(t *testing.T
 	write(0, s0, 'C')
 	write(1, s4, 'X')
 
-	// Slow enough (1 MiB/s, about three blocks to copy) that the refusals
-	// below meet a running merge.
+	// The copy is held until the refusals and writes below are done, so
+	// they meet a running merge whatever the host's speed (at 1 MiB/s the
+	// child's 12 KiB alone would be copied in about 12 ms).
+	release := make(chan struct{})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce) // before the daemon stops, which waits for the merge
+	ld.d.beforeMergeCopy = func() { <-release }
 	var rep MergeReply
 	ld.call(t, "merge", map[string]any{"rate": "1M"}, &rep)
 	if rep.Top != cp1 || rep.Parent != ld.imgPath || rep.Rate != 1<<20 || rep.Total == 0 {
@@ -95,6 +101,7 @@ func TestMergeCommandFoldsTheTopIntoItsParentWhileTheFrontEndWrites(t *testing.T
 	if code != 0 || !strings.Contains(out, "merge:") {
 		t.Errorf("ctl status during a merge: %d %q %q", code, out, stderr)
 	}
+	releaseOnce()
 	m := ld.waitMergeEnd(t)
 	if m.State != vhdx.MergeDone || m.Done != m.Total {
 		t.Fatalf("merge ended %+v", m)
