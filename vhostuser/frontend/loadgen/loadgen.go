@@ -296,3 +296,12 @@ type Result struct {
 	// run (nil without one).
 	Background *Result `json:"background,omitempty"`
 }
+
+// setRates sets IOPS and MiBps from the counts over secs of running (left
+// zero when no time passed).
+func (r *Result) setRates(secs float64) {
+	if secs > 0 {
+		r.IOPS = float64(r.IOs) / secs
+		r.MiBps = float64(r.Bytes) / (1 << 20) / secs
+	}
+}

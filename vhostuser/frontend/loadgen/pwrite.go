@@ -96,10 +96,7 @@ func Pwrite(ctx context.Context, c PwriteConfig) (*Result, error) {
 		Seconds: secs, IOs: n, Writes: n, Bytes: n * uint64(c.BS),
 		Latency: summarize(&h),
 	}
-	if secs > 0 {
-		res.IOPS = float64(n) / secs
-		res.MiBps = float64(res.Bytes) / (1 << 20) / secs
-	}
+	res.setRates(secs)
 	res.BackendCPUPerIO = -1
 	if n > 0 {
 		res.BackendCPUPerIO = float64(cpu.Nanoseconds()) / 1e3 / float64(n)

@@ -385,9 +385,8 @@ func collect(c *Config, s *Stream, ws []*worker, d *device) *Result {
 		fl := summarize(&fh)
 		res.FlushLatency = &fl
 	}
+	res.setRates(elapsed.Seconds())
 	if n := res.IOs + res.Flushes; n > 0 && elapsed > 0 {
-		res.IOPS = float64(res.IOs) / elapsed.Seconds()
-		res.MiBps = float64(res.Bytes) / (1 << 20) / elapsed.Seconds()
 		res.KicksPerIO = float64(kicks) / float64(n)
 		res.WaitsPerIO = float64(waits) / float64(n)
 	}
