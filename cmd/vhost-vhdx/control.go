@@ -61,9 +61,10 @@ type daemon struct {
 	nospace  *blk.NoSpace // --on-enospc state; nil: report, not counted
 
 	// beforeMergeCopy is a test hook, nil in production: the merge's
-	// goroutine runs it before the copy starts, so a test can hold a
-	// merge running for as long as it needs.
-	beforeMergeCopy func()
+	// goroutine runs it before the copy starts, with the merge's context
+	// (cancelled by merge-cancel), so a test can hold a merge running for
+	// as long as it needs.
+	beforeMergeCopy func(context.Context)
 }
 
 // image is the image served now (the top of the chain; during a merge

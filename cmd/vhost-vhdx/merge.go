@@ -170,7 +170,7 @@ func (d *daemon) merge(_ context.Context, c *control.Call) (any, error) {
 func (d *daemon) runMerge(ctx context.Context, j *mergeJob, log *logrus.Entry) {
 	defer close(j.done)
 	if d.beforeMergeCopy != nil {
-		d.beforeMergeCopy()
+		d.beforeMergeCopy(ctx)
 	}
 	err := j.m.Run(ctx)
 	d.opMu.Lock()

@@ -81,7 +81,7 @@ func TestMergeCommandFoldsTheTopIntoItsParentWhileTheFrontEndWrites(t *testing.T
 	release := make(chan struct{})
 	releaseOnce := sync.OnceFunc(func() { close(release) })
 	t.Cleanup(releaseOnce) // before the daemon stops, which waits for the merge
-	ld.d.beforeMergeCopy = func() { <-release }
+	ld.d.beforeMergeCopy = func(context.Context) { <-release }
 	var rep MergeReply
 	ld.call(t, "merge", map[string]any{"rate": "1M"}, &rep)
 	if rep.Top != cp1 || rep.Parent != ld.imgPath || rep.Rate != 1<<20 || rep.Total == 0 {
@@ -153,7 +153,10 @@ func TestMergeCancelKeepsTheChainAndALaterMergeCompletes(t *testing.T) {
 		r, err := f.Queues[0].Write(ctx, uint64(i)<<11, fill4K(byte('a'+i)))
 		mustOK(t, r, err)
 	}
-	ld.call(t, "merge", map[string]any{"rate": 4096}, nil) // slow: still copying at the cancel
+	// The copy is held until the merge is cancelled, so the cancel meets
+	// a running merge whatever the host's speed.
+	ld.d.beforeMergeCopy = func(ctx context.Context) { <-ctx.Done() }
+	ld.call(t, "merge", map[string]any{"rate": 4096}, nil)
 	var m MergeStatus
 	ld.call(t, "merge-cancel", nil, &m)
 	if m.State != vhdx.MergeAbandoned || m.Running {
@@ -172,6 +175,7 @@ func TestMergeCancelKeepsTheChainAndALaterMergeCompletes(t *testing.T) {
 			t.Fatalf("after a cancelled merge, sector %d reads %q...", i<<11, got[:4])
 		}
 	}
+	ld.d.beforeMergeCopy = nil
 	code, out, stderr := runCLI(t, "ctl", ld.ctl, "merge", "--rate", "0", "--wait") // 0: unbounded
 	if code != 0 || !strings.Contains(out, "merge:       done") {
 		t.Fatalf("ctl merge --wait: %d %q %q", code, out, stderr)
