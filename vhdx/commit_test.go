@@ -51,6 +51,7 @@ func commitChain(t *testing.T, o CreateOptions, depth int) []string {
 // files check clean. Committing the middle layer of a deeper chain keeps
 // the layers above it valid.
 func TestCommitMakesTheParentReadWhatTheChainRead(t *testing.T) {
+	parallelSweep(t)
 	tests := []struct {
 		name   string
 		opts   CreateOptions

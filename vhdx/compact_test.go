@@ -98,6 +98,7 @@ func TestCompactUnmapsZeroBlocksMovesBlocksIntoHolesAndTruncates(t *testing.T) {
 // opens, reads exactly as before, and has no two BAT entries sharing a
 // range.
 func TestCompactCrashAtEveryBoundaryKeepsEveryBlock(t *testing.T) {
+	parallelSweep(t)
 	base := newFaultStorage(nil)
 	if err := CreateStorage(base, CreateOptions{Size: 64 * mib, BlockSize: 1 * mib}); err != nil {
 		t.Fatal(err)

@@ -49,6 +49,7 @@ func journalWorkload() [][]logUpdate {
 // leaves the file outside the log exactly as after the last commit that
 // returned, or as after the one in flight; never a mix of the two.
 func TestJournalCrashAtEveryBoundaryYieldsOldOrNewMetadata(t *testing.T) {
+	parallelSweep(t)
 	work := journalWorkload()
 
 	// Reference states and the operation count of a run without a crash.
@@ -150,6 +151,7 @@ func runImageWorkload(s Storage, work []imageWrite) (int, error) {
 // operation, a read-write open (which replays the log) succeeds, every write
 // whose Flush returned reads back, and QEMU agrees the image is consistent.
 func TestImageCrashAtEveryBoundaryKeepsFlushedWrites(t *testing.T) {
+	parallelSweep(t)
 	work := imageWorkload()
 	base := newFaultStorage(nil)
 	if err := CreateStorage(base, CreateOptions{Size: 64 << 20, BlockSize: 1 << 20}); err != nil {

@@ -150,6 +150,7 @@ func (g *gatedSync) Sync() error {
 // block FULLY_PRESENT, and nothing else of the block changed, also after
 // a reopen.
 func TestPartialAndWholeWritersOnOneChildBlockNeverShareItWrongly(t *testing.T) {
+	parallelSweep(t)
 	const blk = 9
 	whole := imageWrite{blk * mib, pattern(100, mib)}
 	zeroW := imageWrite{blk*mib + 128*kib, pattern(101, 4096)}
@@ -244,6 +245,7 @@ func TestPartialAndWholeWritersOnOneChildBlockNeverShareItWrongly(t *testing.T) 
 // for a ZERO one — and once the write returns, the new data (and zeros
 // around a write into a ZERO block).
 func TestReaderOfAChildBlockMadeWholeSeesTheOldStateUntilPublish(t *testing.T) {
+	parallelSweep(t)
 	for _, c := range []struct {
 		name  string
 		blk   int64

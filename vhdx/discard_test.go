@@ -143,6 +143,7 @@ func (m trimMode) String() string {
 // reuse the freed space without the file growing and without showing old
 // data; qemu-img check accepts the result (512-byte sectors).
 func TestDiscardAndWriteZeroesReadZerosAtEveryAlignmentThenReuse(t *testing.T) {
+	parallelSweep(t)
 	for _, lss := range []uint32{512, 4096} {
 		bs := int64(1 * mib)
 		cr := int64(chunkRatio(lss, uint32(bs)))

@@ -615,6 +615,7 @@ func randomCommit(rng *rand.Rand, n int, withZero bool) []logUpdate {
 // the committed image byte for byte, as recovery after a crash between
 // "entry flushed" and "updates applied" would.
 func TestJournalRoundTrip(t *testing.T) {
+	parallelSweep(t)
 	rng := rand.New(rand.NewSource(1))
 	s := newLogFixture()
 	j := newJournal(s, tLR)

@@ -566,6 +566,7 @@ func TestNoSpaceAtEveryGrowthCallFailsCleanlyAndRetrySucceeds(t *testing.T) {
 // still reads back, and once space is freed the same image (no reopen)
 // takes the failed write and more.
 func TestFullDiskRetriesNeitherGrowTheFileNorWedgeTheImage(t *testing.T) {
+	parallelSweep(t)
 	for _, c := range noSpaceCases(t) {
 		t.Run(c.name, func(t *testing.T) {
 			d := newFullDisk(c.img)

@@ -236,6 +236,7 @@ func assertNoSharedRanges(t *testing.T, im *Image) {
 // its own data or zeros (never another block's), and new writes after the
 // recovery, reusing whatever was left free, read zeros around their data.
 func TestDiscardAndReuseCrashAtEveryBoundary(t *testing.T) {
+	parallelSweep(t)
 	const bs = 1 * mib
 	start, old := imageWithOldBlocks(t, 16*mib, bs)
 	fresh := map[int64][]byte{5: pattern(20, 4096), 6: pattern(21, 4096)}
