@@ -81,6 +81,7 @@ var oracleGeometries = []oracleGeometry{
 // ranges into images of every geometry and has libvhdi, 7-Zip and (for
 // 512-byte sectors) QEMU read them back.
 func TestOtherReadersReadEveryGeometryAsWritten(t *testing.T) {
+	parallelSweep(t)
 	for _, g := range oracleGeometries {
 		t.Run(g.String(), func(t *testing.T) {
 			if g.size > 4*gib && testing.Short() {

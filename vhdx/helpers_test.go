@@ -28,9 +28,10 @@ func (m *memStorage) max() int64 {
 
 func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
 
-// parallelSweep marks t as one of the package's long sweeps (a crash, EIO,
-// no-space or every-alignment sweep: seconds to minutes each under -race)
-// and lets it run beside the others. Go starts parallel top-level tests only after every sequential
+// parallelSweep marks t as one of the package's long tests (a crash, EIO,
+// no-space or every-alignment sweep: seconds to minutes each under -race;
+// or an oracle test, which mostly waits for another reader's process) and
+// lets it run beside the others. Go starts parallel top-level tests only after every sequential
 // one has returned, and then two at a time on this machine's two cores;
 // the package's tests otherwise run one after another and leave a core
 // idle. A sweep may run in parallel only if it builds its own storages and

@@ -91,6 +91,7 @@ func TestReadsQEMUWrittenImages(t *testing.T) {
 // TestQEMUAcceptsImagesWeWrite: images we create and write pass qemu-img
 // check and compare equal to a raw file holding the same writes.
 func TestQEMUAcceptsImagesWeWrite(t *testing.T) {
+	parallelSweep(t)
 	vhdxtest.NeedQEMU(t)
 	if testing.Short() {
 		t.Skip("qemu-img compare reads the whole 6 GiB disks (about 30 s)")
@@ -119,6 +120,7 @@ func TestQEMUAcceptsImagesWeWrite(t *testing.T) {
 
 // TestReadsHyperVSampleLikeQEMU compares every byte of the Hyper-V image.
 func TestReadsHyperVSampleLikeQEMU(t *testing.T) {
+	parallelSweep(t)
 	vhdxtest.NeedQEMU(t)
 	img := sample(t, "iotest-dynamic-1G.vhdx")
 	raw := toRaw(t, img)

@@ -44,6 +44,7 @@ func chainLayerWrites(size uint64, bs, lss uint32, layer int) diskModel {
 // locator) and us; and what we read is what was written, later layers
 // winning.
 func TestLibvhdiAnd7ZipReadChainsWeWrite(t *testing.T) {
+	parallelSweep(t)
 	tests := []struct {
 		lss   uint32
 		bs    uint32

@@ -55,6 +55,7 @@ func spansAround(ws diskModel, size, ctx int64) []vhdxtest.Span {
 // sectors. Before this only qemu-img checked our writes, and only for
 // 512-byte sectors.
 func TestLibvhdiAnd7ZipReadImagesWeWrite(t *testing.T) {
+	parallelSweep(t)
 	tests := []struct {
 		typ  ImageType
 		lss  uint32
@@ -119,6 +120,7 @@ func TestLibvhdiAnd7ZipReadImagesWeWrite(t *testing.T) {
 // every data extent (and the start of each zero run) through libvhdi, whose
 // Python binding reads slowly.
 func TestLibvhdiAnd7ZipReadHyperVSampleLikeUs(t *testing.T) {
+	parallelSweep(t)
 	p := sample(t, "iotest-dynamic-1G.vhdx")
 	im, err := Open(p, OpenOptions{ReadOnly: true})
 	if err != nil {
