@@ -31,11 +31,13 @@ func newMemStorage(b []byte) *memStorage { return &memStorage{data: b} }
 // parallelSweep marks t as one of the package's long tests (a crash, EIO,
 // no-space or every-alignment sweep: seconds to minutes each under -race;
 // or an oracle test, which mostly waits for another reader's process) and
-// lets it run beside the others. Go starts parallel top-level tests only after every sequential
-// one has returned, and then two at a time on this machine's two cores;
-// the package's tests otherwise run one after another and leave a core
-// idle. A sweep may run in parallel only if it builds its own storages and
-// images and touches no package-level variable: the switches tests set
+// lets it run beside the others. Go starts parallel top-level tests only
+// after every sequential one has returned, and then two at a time on this
+// machine's two cores; the package's tests otherwise run one after another
+// and leave a core idle. A test may run in parallel only if it builds its
+// own storages and images (the samples it only reads), counts nothing
+// process-wide (TestOpenAllocationsDoNotGrowWithTheBAT stays sequential)
+// and touches no package-level variable: the switches tests set
 // (batInPlace, batPageBuiltHook, maxChainDepth) are set only by tests that
 // stay sequential. What is per image or per file may be set by a parallel
 // test on its own: a chain's bitmap caches (shrinkBitmapCaches), Commit's
